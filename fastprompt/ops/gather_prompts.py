@@ -1,0 +1,96 @@
+"""gather_prompts: hard selection of prompt-pool entries, out[b, s] = pool[index[b, s]] (-1 -> zeros).
+
+The backward scatter-adds into the pool gradient (index_add semantics) and never builds a [B, N, ...] broadcast.
+Registered as the torch.library custom ops fastprompt::gather_prompts / fastprompt::gather_prompts_backward so it
+traces under torch.compile (fake impls) and has autograd. CUDA extension interface (optional module
+fastprompt/ops/gather_mix_cuda.py), flattened layout: gather_forward(pool [N, F], index [M] int64) -> [M, F];
+gather_backward(grad_out [M, F], index [M], num_entries) -> [num_entries, F].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._select_backend import check_index, check_pool, load_cuda_backend, load_triton_kernels, resolve_backend
+
+__all__ = ["gather_prompts"]
+
+
+def _torch_forward(pool: Tensor, index: Tensor) -> Tensor:
+    live = index >= 0
+    out = pool.index_select(0, index.clamp_min(0))
+    return out.masked_fill(~live[:, None], 0)
+
+
+def _torch_backward(grad_out: Tensor, index: Tensor, num_entries: int) -> Tensor:
+    acc_dtype = grad_out.dtype if grad_out.dtype in (torch.float32, torch.float64) else torch.float32
+    live = (index >= 0)[:, None]
+    # Empty slots add zeros into entry 0 instead of being filtered out: no host sync on CUDA.
+    src = grad_out.masked_fill(~live, 0).to(acc_dtype)
+    dpool = torch.zeros((num_entries, grad_out.shape[1]), dtype=acc_dtype, device=grad_out.device)
+    dpool.index_add_(0, index.clamp_min(0), src)
+    return dpool.to(grad_out.dtype)
+
+
+@torch.library.custom_op("fastprompt::gather_prompts", mutates_args=())
+def _gather_op(pool: Tensor, index: Tensor, backend: str) -> Tensor:
+    if backend == "cuda":
+        return load_cuda_backend().gather_forward(pool, index)
+    if backend == "triton":
+        return load_triton_kernels().gather_forward(pool, index)
+    return _torch_forward(pool, index)
+
+
+@_gather_op.register_fake
+def _(pool, index, backend):
+    return pool.new_empty((index.shape[0], pool.shape[1]))
+
+
+@torch.library.custom_op("fastprompt::gather_prompts_backward", mutates_args=())
+def _gather_backward_op(grad_out: Tensor, index: Tensor, num_entries: int, backend: str) -> Tensor:
+    if backend == "cuda":
+        return load_cuda_backend().gather_backward(grad_out, index, num_entries)
+    if backend == "triton":
+        return load_triton_kernels().gather_backward(grad_out, index, num_entries)
+    return _torch_backward(grad_out, index, num_entries)
+
+
+@_gather_backward_op.register_fake
+def _(grad_out, index, num_entries, backend):
+    return grad_out.new_empty((num_entries, grad_out.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    pool, index, backend = inputs
+    ctx.save_for_backward(index)
+    ctx.num_entries = pool.shape[0]
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    (index,) = ctx.saved_tensors
+    return _gather_backward_op(grad_out.contiguous(), index, ctx.num_entries, ctx.backend), None, None
+
+
+_gather_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Tensor:
+    """Select pool entries by index.
+
+    pool: [N, ...] floating; index: [B] or [B, S] integer in [-1, N) (-1 = empty slot, gives zeros).
+    Returns [B, ...] or [B, S, ...] in pool's dtype. Gradient flows to pool only (scatter-add per entry).
+    backend: "auto" | "cuda" | "triton" | "torch" | "reference".
+    """
+    check_pool(pool)
+    check_index(index, pool, "index", (1, 2))
+    backend = resolve_backend(backend, pool, index)
+    if backend == "reference":
+        from fastprompt.reference_prompts import gather_prompts as reference
+
+        return reference(pool, index)
+    entry_shape = pool.shape[1:]
+    flat_pool = pool.reshape(pool.shape[0], -1)
+    out = _gather_op(flat_pool, index.reshape(-1).long().contiguous(), backend)
+    return out.reshape(*index.shape, *entry_shape)
