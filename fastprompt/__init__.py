@@ -1,0 +1,35 @@
+"""fastprompt: fused prefix-attention kernels and drop-in acceleration for prompt learning."""
+from pathlib import Path as _Path
+
+# In a source checkout the Triton kernels sit in the top-level kernels/ folder; installed, they are the
+# subpackage fastprompt.kernels. Let the checkout resolve `fastprompt.kernels` the same way.
+_checkout_root = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).resolve().parent / "kernels").is_dir() and (_checkout_root / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_checkout_root))  # noqa: F821 - the package's own __path__
+
+from . import ops, reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "patch_model": ("fastprompt.patching", "patch_model"),
+    "unpatch_model": ("fastprompt.patching", "unpatch_model"),
+    "load_prompt": ("fastprompt.prompts.io", "load_prompt"),
+    "PromptTuning": ("fastprompt.prompts", "PromptTuning"),
+    "PTuning": ("fastprompt.prompts", "PTuning"),
+    "PrefixTuning": ("fastprompt.prompts", "PrefixTuning"),
+    "PTuningV2": ("fastprompt.prompts", "PTuningV2"),
+    "PromptPool": ("fastprompt.prompts", "PromptPool"),
+    "MultiTaskPrompt": ("fastprompt.prompts", "MultiTaskPrompt"),
+}
+
+__all__ = ["ops", "reference", "__version__", *_LAZY]
+
+
+def __getattr__(name):  # transformers/peft integration and prompt modules import on first use
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")

@@ -1,0 +1,159 @@
+"""`fastprompt.ops.prefix_attention`: attention over `[prefix; sequence]` keys without building them.
+
+This module is the op's front door: argument checks (prefix_attention_inputs), backend choice, and the
+`torch.library` registration that makes the op opaque to `torch.compile` and differentiable. The math lives in
+one module per backend (`prefix_attention_{torch,triton,cuda,reference}`), all behind the interface written down
+in BACKEND_INTERFACE.md.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs, check_prefix_attention_args
+
+BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
+_BACKEND_MODULES = {name: f"fastprompt.ops.prefix_attention_{name}" for name in ("cuda", "triton", "torch")}
+
+
+def backend_module(name: str):
+    """The module implementing backend `name`, or raise ImportError saying why it is unavailable."""
+    try:
+        return importlib.import_module(_BACKEND_MODULES[name])
+    except ImportError as exc:  # e.g. triton not installed, or the CUDA extension not built
+        raise ImportError(f"prefix_attention backend {name!r} is not available: {exc}") from exc
+
+
+def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool) -> Optional[str]:
+    """None when backend `name` can run these (normalized) arguments, else a one-line reason."""
+    try:
+        module = backend_module(name)
+    except ImportError as exc:
+        return str(exc)
+    return module.supports(args.q, args.k, args.v, args.prefix_k, args.prefix_index, args.prefix_mode,
+                           args.key_padding_mask, args.causal, args.softcap, args.window, needs_grad)
+
+
+def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        reason = backend_unsupported_reason(backend, args, needs_grad)
+        if reason is not None:
+            raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
+        return backend
+    # On a GPU: the CUDA kernels where they cover the case, Triton otherwise, the exact torch path last.
+    # On the CPU the torch path is the fast one (the Triton interpreter is for tests only).
+    candidates = ("cuda", "triton") if args.q.is_cuda else ()
+    for name in candidates:
+        if backend_unsupported_reason(name, args, needs_grad) is None:
+            return name
+    return "torch"
+
+
+@torch.library.custom_op("fastprompt::prefix_attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+                prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
+                scale: float, softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor]:
+    out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
+                                               key_padding_mask, causal, scale, softcap, window)
+    return out.contiguous(), lse.contiguous()
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
+                  window, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fastprompt::prefix_attention_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
+                 prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], prefix_mode: int,
+                 key_padding_mask: Optional[Tensor], lse: Tensor, delta: Tensor, causal: bool, scale: float,
+                 softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dpk, dpv = backend_module(backend).backward(
+        grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
+        scale, softcap, window)
+    if dpk is None:  # custom ops return tensors only: an empty one stands for "no prefix"
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous(), dpv.contiguous()
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
+                   causal, scale, softcap, window, backend):
+    if prefix_k is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpk, dpv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window, \
+        backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
+    ctx.params = (prefix_mode, causal, scale, softcap, window, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse = ctx.saved_tensors
+    prefix_mode, causal, scale, softcap, window, backend = ctx.params
+    # delta = rowsum(dO * O) - dlse: the FlashAttention backward's row term, with the lse output's gradient
+    # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(lse.dtype)
+    dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
+                                        key_padding_mask, lse, delta, causal, scale, softcap, window, backend)
+    if prefix_mode == PREFIX_NONE:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastprompt::prefix_attention_forward", _backward, setup_context=_setup_context)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
+                     prefix_v: Optional[Tensor] = None, *, prefix_index: Optional[Tensor] = None,
+                     key_padding_mask: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
+                     softcap: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
+                     return_lse: bool = False):
+    """Attention of `q` over the keys `[prefix; k]` and values `[prefix; v]`, read where they live.
+
+    q `[B, Hq, Lq, D]`; k, v `[B, Hkv, Lk, D]` with `Hq % Hkv == 0`. The prefix is `[Hkv, P, D]` shared by the
+    batch, `[B, Hkv, P, D]` per sample, or a pool `[N, Hkv, P, D]` read through `prefix_index` `[B]` or `[B, S]`
+    (S entries laid end to end; -1 = empty slot); None for no prefix. Prefix keys are always visible;
+    `key_padding_mask [B, Lk]` (True = real token), bottom-right `causal`, sliding `window` and `softcap` apply as
+    in DESIGN.md §1. Returns out `[B, Hq, Lq, D]` (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32.
+    """
+    args = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
+                                       softcap, window)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (args.q, args.k, args.v, args.prefix_k, args.prefix_v))
+    if not isinstance(backend, str):
+        raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
+    name = resolve_backend(backend, args, needs_grad)
+    if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
+        out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
+                                              key_padding_mask=args.key_padding_mask, causal=args.causal,
+                                              scale=args.scale, softcap=args.softcap or None,
+                                              window=None if args.window < 0 else args.window, return_lse=True)
+        return (out, lse.float()) if return_lse else out
+    out, lse = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                           args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
+                           args.window, name)
+    if return_lse:
+        return out, lse.float()
+    return out

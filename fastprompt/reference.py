@@ -1,0 +1,94 @@
+"""The oracle: prefix attention written the obvious way.
+
+Everything the fast paths avoid happens here on purpose: the prefix is copied once per batch row, concatenated
+in front of the sequence keys/values, GQA heads are repeated, and a dense `[B, Hq, Lq, P + Lk]` visibility mask
+is built. Run it in float64 to get a reference that the kernels are measured against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["prefix_attention", "expand_prefix", "sequence_visibility", "gather_prompts", "mix_prompts"]
+
+
+def expand_prefix(prefix: Optional[Tensor], prefix_index: Optional[Tensor], batch: int):
+    """Per-row prefix keys or values `[B, Hkv, S*P, D]` and their visibility `[B, S*P]` (False = empty pool slot)."""
+    if prefix is None:
+        return None, None
+    if prefix_index is not None:
+        index = prefix_index.reshape(batch, -1)
+        rows = prefix[index.clamp(min=0)]  # [B, S, Hkv, P, D]
+        b, s, h, p, d = rows.shape
+        rows = rows.permute(0, 2, 1, 3, 4).reshape(b, h, s * p, d)
+        visible = (index >= 0).repeat_interleave(p, dim=1)
+        return rows, visible
+    if prefix.dim() == 3:  # shared by the batch
+        prefix = prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+    return prefix, torch.ones(batch, prefix.shape[2], dtype=torch.bool, device=prefix.device)
+
+
+def sequence_visibility(lq: int, lk: int, *, causal: bool, window: Optional[int], device) -> Tensor:
+    """`[Lq, Lk]` bool: which sequence keys each query may see (bottom-right causal, sliding window)."""
+    qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    kpos = torch.arange(lk, device=device)[None, :]
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        visible &= kpos <= qpos
+    if window is not None:
+        visible &= (qpos - kpos) < window
+        if not causal:
+            visible &= (kpos - qpos) < window
+    return visible
+
+
+def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None, key_padding_mask=None,
+                     causal=True, scale=None, softcap=None, window=None, return_lse=False):
+    """Same contract as `fastprompt.ops.prefix_attention` (DESIGN.md §1), computed in q's dtype."""
+    batch, hq, lq, dim = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+
+    pk, prefix_visible = expand_prefix(prefix_k, prefix_index, batch)
+    pv, _ = expand_prefix(prefix_v, prefix_index, batch)
+    seq_visible = sequence_visibility(lq, lk, causal=causal, window=window, device=q.device)
+    seq_visible = seq_visible.expand(batch, lq, lk)
+    if key_padding_mask is not None:
+        seq_visible = seq_visible & key_padding_mask[:, None, :].bool()
+    if pk is not None:
+        keys, values = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+        visible = torch.cat([prefix_visible[:, None, :].expand(batch, lq, -1), seq_visible], dim=2)
+    else:
+        keys, values, visible = k, v, seq_visible
+
+    group = hq // hkv
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isinf(lse)
+    probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    out = torch.matmul(probs, values)
+    out = out.masked_fill(empty[..., None], 0.0)
+    if return_lse:
+        return out, lse.float()
+    return out
+
+
+def gather_prompts(pool, index):  # re-exported here so every oracle lives in one namespace
+    from .reference_prompts import gather_prompts as _gather
+
+    return _gather(pool, index)
+
+
+def mix_prompts(pool, weights, index=None):
+    from .reference_prompts import mix_prompts as _mix
+
+    return _mix(pool, weights, index)
