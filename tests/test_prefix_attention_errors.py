@@ -1,0 +1,84 @@
+"""Bad input to prefix_attention gets an error naming the argument and what was expected."""
+import pytest
+import torch
+
+import fastprompt as fp
+
+
+def _inputs(b=2, hq=4, hkv=2, lq=3, lk=5, d=8, p=2):
+    return dict(q=torch.randn(b, hq, lq, d), k=torch.randn(b, hkv, lk, d), v=torch.randn(b, hkv, lk, d),
+                prefix_k=torch.randn(hkv, p, d), prefix_v=torch.randn(hkv, p, d))
+
+
+def _call(**changes):
+    inputs = _inputs()
+    kwargs = {}
+    for key, value in changes.items():
+        if key in inputs:
+            inputs[key] = value
+        else:
+            kwargs[key] = value
+    return fp.ops.prefix_attention(inputs.pop("q"), inputs.pop("k"), inputs.pop("v"), inputs.pop("prefix_k"),
+                                   inputs.pop("prefix_v"), **kwargs)
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    (dict(q=torch.randn(2, 4, 8)), ValueError, "`q` must be 4-D"),
+    (dict(q=[1.0]), TypeError, "`q` must be a torch.Tensor"),
+    (dict(q=torch.randint(0, 3, (2, 4, 3, 8))), TypeError, "`q` must be float16"),
+    (dict(k=torch.randn(3, 2, 5, 8)), ValueError, "`k` must be [B=2"),
+    (dict(k=torch.randn(2, 2, 5, 4)), ValueError, "`k` must be [B=2, Hkv, Lk, D=8]"),
+    (dict(v=torch.randn(2, 2, 6, 8)), ValueError, "`v` must have the shape of k"),
+    (dict(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), ValueError, "must be a multiple"),
+    (dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float64)), TypeError, "`k` must have q's dtype"),
+    (dict(prefix_k=torch.randn(2, 8)), ValueError, "`prefix_k` must be [Hkv, P, D]"),
+    (dict(prefix_k=torch.randn(3, 2, 8), prefix_v=torch.randn(3, 2, 8)), ValueError, "[Hkv=2, P, D=8]"),
+    (dict(prefix_v=torch.randn(2, 3, 8)), ValueError, "`prefix_v` must have the shape of prefix_k"),
+    (dict(prefix_v=None), ValueError, "`prefix_v` is None"),
+    (dict(prefix_k=torch.randn(2, 0, 8), prefix_v=torch.randn(2, 0, 8)), ValueError, "P = 0"),
+    (dict(prefix_k=torch.randn(5, 2, 2, 8), prefix_v=torch.randn(5, 2, 2, 8)), ValueError, "per sample and must be [B=2"),
+    (dict(prefix_index=torch.tensor([0, 1])), ValueError, "must be a pool [N, Hkv, P, D]"),
+    (dict(prefix_k=torch.randn(4, 2, 2, 8), prefix_v=torch.randn(4, 2, 2, 8), prefix_index=torch.tensor([0, 4])),
+     ValueError, "entries must be in [-1, N=4)"),
+    (dict(prefix_k=torch.randn(4, 2, 2, 8), prefix_v=torch.randn(4, 2, 2, 8), prefix_index=torch.tensor([[0, -2]] * 2)),
+     ValueError, "entries must be in [-1, N=4)"),
+    (dict(prefix_k=torch.randn(4, 2, 2, 8), prefix_v=torch.randn(4, 2, 2, 8), prefix_index=torch.tensor([0.0, 1.0])),
+     TypeError, "`prefix_index` must be an integer tensor"),
+    (dict(prefix_k=torch.randn(4, 2, 2, 8), prefix_v=torch.randn(4, 2, 2, 8), prefix_index=torch.tensor([0, 1, 2])),
+     ValueError, "`prefix_index` must be [B=2]"),
+    (dict(prefix_k=None, prefix_v=None, prefix_index=torch.tensor([0, 1])), ValueError, "`prefix_index` was given"),
+    (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "`key_padding_mask` must be [B=2, Lk=5]"),
+    (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "`key_padding_mask` must be bool"),
+    (dict(scale=-1.0), ValueError, "`scale` must be a positive"),
+    (dict(softcap=-2.0), ValueError, "`softcap` must be a positive"),
+    (dict(window=0), ValueError, "`window` must be a positive int"),
+    (dict(window=2.5), ValueError, "`window` must be a positive int"),
+    (dict(causal="yes"), TypeError, "`causal` must be a bool"),
+    (dict(backend="fast"), ValueError, "`backend` must be one of"),
+    (dict(backend=3), TypeError, "`backend` must be a string"),
+])
+def test_bad_input_names_the_argument(changes, error, words):
+    with pytest.raises(error) as info:
+        _call(**changes)
+    assert words in str(info.value)
+
+
+def test_integer_padding_mask_is_accepted_as_bool():
+    inputs = _inputs()
+    mask = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out_int = fp.ops.prefix_attention(*inputs.values(), key_padding_mask=mask)
+    out_bool = fp.ops.prefix_attention(*inputs.values(), key_padding_mask=mask.bool())
+    torch.testing.assert_close(out_int, out_bool)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises((ValueError, ImportError)) as info:
+        _call(backend="triton")
+    assert "triton" in str(info.value).lower()
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises((ValueError, ImportError)) as info:
+        _call(backend="cuda")
+    assert "cuda" in str(info.value).lower()
