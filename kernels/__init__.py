@@ -1,0 +1,21 @@
+"""Triton kernels, installed as `fastprompt.kernels` (never import this folder as a top-level `kernels`).
+
+Submodules import triton when loaded; this package itself does not, so `import fastprompt.kernels` stays cheap
+and the TRITON_INTERPRET switch (read when kernels are decorated) is honoured whenever a kernel module loads.
+"""
+import importlib
+
+_LAZY = {
+    "prefix_attention_forward": "prefix_attention_fwd",
+    "prefix_attention_backward": "prefix_attention_bwd",
+    "FWD_CONFIGS": "prefix_attention_common",
+    "BWD_DKDV_CONFIGS": "prefix_attention_common",
+    "BWD_DQ_CONFIGS": "prefix_attention_common",
+    "BWD_DPREFIX_CONFIGS": "prefix_attention_common",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,425 @@
+"""Prefix-attention backward, FA2 style: probabilities are recomputed from the saved lse, never stored.
+
+Three kernels:
+- dK/dV over sequence key tiles: each program keeps its K/V tile resident and streams the query tiles of every
+  query head in its GQA group, so dk/dv come out already summed over the group (no repeat_kv).
+- dQ over query tiles: prefix tiles then sequence tiles, mirroring the forward pass.
+- dPrefix over (prefix tile, kv head, batch row x slot): each program computes what sample b's slot s adds to
+  entry prefix_index[b, s] and adds it into an fp32 [E, Hkv, P, D] buffer with atomics (FA3's approach), so a
+  shared or pooled prefix's gradient is reduced over the batch without a B-fold copy. Per-sample prefixes
+  (each entry used exactly once) store directly in the prefix dtype instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E, block_d,
+                                      dot_precision, mma, pick_config, score_log2, sequence_key_range,
+                                      sequence_visible, split_range)
+from .prefix_attention_fwd import _last_dim_contiguous, score_constants
+
+
+@triton.jit
+def _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok, stride_qm, stride_dom, Lq):
+    """q, dO, lse (log2 domain) and delta for a query tile. Rows past Lq and rows with no visible key get
+    lse = +inf, so every probability recomputed for them is exactly 0 and they need no further masking."""
+    row_ok = offs_m < Lq
+    q = tl.load(Q + q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    do = tl.load(DO + do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    lse = tl.load(LSE + l_base + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + l_base + offs_m, mask=row_ok, other=0.0)
+    return q, do.to(q.dtype), lse, delta
+
+
+@triton.jit
+def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale,
+                  APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK/dV contribution of one query tile, in key-major [N, M] orientation. `vis_t` read only if APPLY_MASK."""
+    qk_t = mma(k, tl.trans(q), None, DOT_PRECISION)
+    s_t, tanh_t = score_log2(qk_t, score_scale, cap_scale, HAS_SOFTCAP)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if APPLY_MASK:
+        p_t = tl.where(vis_t, p_t, 0.0)
+    dv = mma(p_t.to(q.dtype), do, dv, DOT_PRECISION)
+    dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+    dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale,
+                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ contribution of one key tile, query-major [M, N]. `vis` read only if APPLY_MASK."""
+    qk = mma(q, tl.trans(k), None, DOT_PRECISION)
+    s, tanh_s = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
+    p = tl.math.exp2(s - lse[:, None])
+    if APPLY_MASK:
+        p = tl.where(vis, p, 0.0)
+    dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - tanh_s * tanh_s)
+    return mma(ds.to(q.dtype), k, dq, DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    Lq, Lk, G, window,
+    score_scale, cap_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h_kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    kv_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+
+    # Query rows that see some key of this tile: [lo, hi); rows that see all of it: [full_lo, full_hi).
+    j_first = start_n
+    j_last = tl.minimum(start_n + BLOCK_N, Lk) - 1
+    shift = Lk - Lq  # query i sits at key position i + shift (bottom-right alignment)
+    lo = j_first * 0
+    hi = lo + Lq
+    full_lo = lo
+    full_hi = lo + Lq
+    if CAUSAL:
+        lo = tl.maximum(lo, j_first - shift)
+        full_lo = tl.maximum(full_lo, j_last - shift)
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, j_last + window - shift)
+        full_hi = tl.minimum(full_hi, j_first + window - shift)
+        if not CAUSAL:
+            lo = tl.maximum(lo, j_first - window + 1 - shift)
+            full_lo = tl.maximum(full_lo, j_last - window + 1 - shift)
+    if HAS_KPM:
+        # A padding key has zero probability for every query, hence zero dk/dv: a tile of padding is skipped.
+        kpm = tl.load(KPM + b * stride_mb + offs_n * stride_mn, mask=offs_n < Lk, other=0)
+        hi = tl.where(tl.max(kpm.to(tl.int32), 0) > 0, hi, 0)
+    lo, full_lo, full_hi, hi = split_range(lo, full_lo, full_hi, hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, G):
+        h = h_kv * G + g
+        q_base = b * stride_qb + h * stride_qh
+        do_base = b * stride_dob + h * stride_doh
+        l_base = b * stride_lb + h * stride_lh
+        for start_m in range(lo, full_lo, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
+                                                 stride_qm, stride_dom, Lq)
+            vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
+                                   HAS_SOFTCAP, DOT_PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
+                                                 stride_qm, stride_dom, Lq)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, score_scale, cap_scale, False,
+                                   HAS_SOFTCAP, DOT_PRECISION)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
+                                                 stride_qm, stride_dom, Lq)
+            vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
+                                   HAS_SOFTCAP, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    if HAS_KPM:
+        # Padding keys were not masked per element above (their rows may hold garbage): zero them here.
+        real = (kpm != 0)[:, None]
+        dk = tl.where(real, dk, 0.0)
+        dv = tl.where(real, dv, 0.0)
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _prefix_attention_bwd_dq_kernel(
+    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pke, stride_pkh, stride_pkn,
+    stride_pve, stride_pvh, stride_pvn,
+    stride_ib, stride_is,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm,
+    Lq, Lk, P, S, G, window,
+    score_scale, cap_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h_kv = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, b * stride_qb + h * stride_qh,
+                                         b * stride_dob + h * stride_doh, b * stride_lb + h * stride_lh,
+                                         offs_m, offs_d, d_ok, stride_qm, stride_dom, Lq)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PREFIX:
+        P_full = (P // BLOCK_N) * BLOCK_N
+        for s in range(0, S):
+            entry = tl.load(PIDX + b * stride_ib + s * stride_is)
+            p_full = tl.where(entry >= 0, P_full, 0)
+            p_end = tl.where(entry >= 0, P, 0)
+            entry = tl.maximum(entry, 0)
+            pk_base = PK + entry * stride_pke + h_kv * stride_pkh
+            pv_base = PV + entry * stride_pve + h_kv * stride_pvh
+            for start_n in range(0, p_full, BLOCK_N):
+                offs = start_n + offs_n0
+                k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), None, score_scale, cap_scale,
+                                  False, HAS_SOFTCAP, DOT_PRECISION)
+            for start_n in range(p_full, p_end, BLOCK_N):
+                offs = start_n + offs_n0
+                kv_mask = (offs[:, None] < P) & d_ok[None, :]
+                k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
+                vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
+                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), vis, score_scale, cap_scale,
+                                  True, HAS_SOFTCAP, DOT_PRECISION)
+
+    m_last = tl.minimum(start_m + BLOCK_M, Lq) - 1
+    lo, full_lo, full_hi, hi = sequence_key_range(start_m, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    a = offs_m + (Lk - Lq)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
+                               stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                               True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
+                               stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                               False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
+                               stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                               True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+
+
+@triton.jit
+def _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
+                      stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                      EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs = start_n + offs_n0
+    if EDGE:
+        kv_mask = (offs[:, None] < Lk) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    vis = offs[None, :] >= 0
+    if EDGE:
+        vis = sequence_visible(a[:, None], offs[None, :], Lk, window, CAUSAL, HAS_WINDOW)
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_mb + offs * stride_mn, mask=offs < Lk, other=0)
+        vis = vis & (kpm != 0)[None, :]
+    return _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, EDGE or HAS_KPM, HAS_SOFTCAP,
+                        DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attention_bwd_dprefix_kernel(
+    Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV,
+    stride_qb, stride_qh, stride_qm,
+    stride_pke, stride_pkh, stride_pkn,
+    stride_pve, stride_pvh, stride_pvn,
+    stride_ib, stride_is,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_dpke, stride_dpkh, stride_dpkn,
+    stride_dpve, stride_dpvh, stride_dpvn,
+    Lq, P, G, num_p_tiles,
+    score_scale, cap_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid0 = tl.program_id(0)
+    s = pid0 // num_p_tiles
+    pid_p = pid0 % num_p_tiles
+    h_kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    entry = tl.load(PIDX + b * stride_ib + s * stride_is)
+    used = entry >= 0
+    entry = tl.maximum(entry, 0)
+    offs_n = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    kv_mask = (offs_n[:, None] < P) & d_ok[None, :]
+    k = tl.load(PK + entry * stride_pke + h_kv * stride_pkh + offs_n[:, None] * stride_pkn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(PV + entry * stride_pve + h_kv * stride_pvh + offs_n[:, None] * stride_pvn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Prefix keys are visible to every query: no masks. Keys past P only touch rows that are never stored.
+    m_end = tl.where(used, Lq, 0)
+    for g in range(0, G):
+        h = h_kv * G + g
+        q_base = b * stride_qb + h * stride_qh
+        do_base = b * stride_dob + h * stride_doh
+        l_base = b * stride_lb + h * stride_lh
+        for start_m in range(0, m_end, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
+                                                 stride_qm, stride_dom, Lq)
+            dk, dv = _kv_grad_tile(dk, dv, k.to(q.dtype), v.to(q.dtype), q, do, lse, delta, None, score_scale,
+                                   cap_scale, False, HAS_SOFTCAP, DOT_PRECISION)
+    dk = dk * sm_scale
+
+    dpk_ptrs = DPK + entry * stride_dpke + h_kv * stride_dpkh + offs_n[:, None] * stride_dpkn + offs_d[None, :]
+    dpv_ptrs = DPV + entry * stride_dpve + h_kv * stride_dpvh + offs_n[:, None] * stride_dpvn + offs_d[None, :]
+    if ATOMIC:
+        out_mask = kv_mask & used
+        tl.atomic_add(dpk_ptrs, dk, mask=out_mask, sem="relaxed")
+        tl.atomic_add(dpv_ptrs, dv, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(dpk_ptrs, dk.to(DPK.dtype.element_ty), mask=kv_mask)
+        tl.store(dpv_ptrs, dv.to(DPV.dtype.element_ty), mask=kv_mask)
+
+
+def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode: int,
+                              key_padding_mask, lse, delta, causal: bool, scale: float, softcap: float, window: int):
+    """Launch the three backward kernels on the normalized layout. Returns (dq, dk, dv, dprefix_k, dprefix_v)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    do = _last_dim_contiguous(grad_out)
+    lse = lse.contiguous()
+    delta = delta.contiguous()  # same [B, Hq, Lq] layout as lse: the kernels share lse's strides for it
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
+    score_scale, cap_scale = score_constants(scale, softcap)
+    flags = dict(HEAD_D=D, BLOCK_D=block_d(D), HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype))
+    seq_flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0)
+
+    dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=q.device)
+
+    if Lk > 0:
+        cfg = pick_config(BWD_DKDV_CONFIGS, D)
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
+            q, k, v, do, lse, delta, kpm, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            Lq, Lk, G, window,
+            score_scale, cap_scale, scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **seq_flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    has_prefix = prefix_k is not None
+    if has_prefix:
+        prefix_k, prefix_v = _last_dim_contiguous(prefix_k), _last_dim_contiguous(prefix_v)
+        P, S = prefix_k.shape[2], prefix_index.shape[1]
+        pk, pv, pidx = prefix_k, prefix_v, prefix_index
+    else:
+        P, S = 0, 0
+        pk, pv, pidx = q, q, q
+    cfg = pick_config(BWD_DQ_CONFIGS, D)
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+        q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pk.stride(0) if has_prefix else 0, pk.stride(1) if has_prefix else 0, pk.stride(2) if has_prefix else 0,
+        pv.stride(0) if has_prefix else 0, pv.stride(1) if has_prefix else 0, pv.stride(2) if has_prefix else 0,
+        pidx.stride(0) if has_prefix else 0, pidx.stride(1) if has_prefix else 0,
+        kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+        do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Lq, Lk, P, S, G, window,
+        score_scale, cap_scale, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PREFIX=has_prefix, **flags, **seq_flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    if not has_prefix:
+        return dq, dk, dv, None, None
+
+    # Per-sample entries are each used by exactly one batch row: plain stores, no fp32 buffer.
+    atomic = prefix_mode != 2
+    if atomic:
+        dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)
+        dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
+    else:
+        dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
+        dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
+    cfg = pick_config(BWD_DPREFIX_CONFIGS, D)
+    num_p_tiles = triton.cdiv(P, cfg.block_n)
+    _prefix_attention_bwd_dprefix_kernel[(num_p_tiles * S, Hkv, B)](
+        q, pk, pv, pidx, do, lse, delta, dpk, dpv,
+        q.stride(0), q.stride(1), q.stride(2),
+        pk.stride(0), pk.stride(1), pk.stride(2),
+        pv.stride(0), pv.stride(1), pv.stride(2),
+        pidx.stride(0), pidx.stride(1),
+        do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        dpk.stride(0), dpk.stride(1), dpk.stride(2),
+        dpv.stride(0), dpv.stride(1), dpv.stride(2),
+        Lq, P, G, num_p_tiles,
+        score_scale, cap_scale, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC=atomic, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

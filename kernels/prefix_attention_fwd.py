@@ -1,0 +1,202 @@
+"""Prefix-attention forward: one pass per query tile over the prefix tiles, then the sequence tiles.
+
+The prefix is read where it lives: `[E, Hkv, P, D]` entries chosen per sample by `prefix_index[b, s]` (shared,
+per-sample and pool layouts all arrive this way), so no `[prefix; seq]` concatenation, B-fold prefix copy or mask
+tensor is ever built. One online softmax (running max m, sum l, fp32 accumulator) spans both key sets.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .prefix_attention_common import (FWD_CONFIGS, LN2, LOG2E, block_d, dot_precision, mma, pick_config,
+                                      score_log2, sequence_key_range, sequence_visible)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale,
+                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the online softmax state. `vis` [M, N] is only read when APPLY_MASK."""
+    qk = mma(q, tl.trans(k), None, DOT_PRECISION)
+    s, _ = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
+    if APPLY_MASK:
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if APPLY_MASK:
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefix_attention_fwd_kernel(
+    Q, K, V, PK, PV, PIDX, KPM, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pke, stride_pkh, stride_pkn,
+    stride_pve, stride_pvh, stride_pvn,
+    stride_ib, stride_is,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    Lq, Lk, P, S, G, window,
+    score_scale, cap_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h_kv = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PREFIX:
+        P_full = (P // BLOCK_N) * BLOCK_N
+        for s in range(0, S):
+            entry = tl.load(PIDX + b * stride_ib + s * stride_is)
+            # An empty pool slot (-1) contributes no keys: both loops below get an empty range.
+            p_full = tl.where(entry >= 0, P_full, 0)
+            p_end = tl.where(entry >= 0, P, 0)
+            entry = tl.maximum(entry, 0)
+            pk_base = PK + entry * stride_pke + h_kv * stride_pkh
+            pv_base = PV + entry * stride_pve + h_kv * stride_pvh
+            for start_n in range(0, p_full, BLOCK_N):
+                offs = start_n + offs_n
+                k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), None, score_scale,
+                                             cap_scale, False, HAS_SOFTCAP, DOT_PRECISION)
+            for start_n in range(p_full, p_end, BLOCK_N):  # the one partial tail tile, if P % BLOCK_N
+                offs = start_n + offs_n
+                kv_mask = (offs[:, None] < P) & d_ok[None, :]
+                k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
+                vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), vis, score_scale,
+                                             cap_scale, True, HAS_SOFTCAP, DOT_PRECISION)
+
+    m_last = tl.minimum(start_m + BLOCK_M, Lq) - 1
+    lo, full_lo, full_hi, hi = sequence_key_range(start_m, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    a = offs_m + (Lk - Lq)  # bottom-right aligned query position
+    # Edge tiles (causal diagonal, window edges, the Lk tail) need the causal/window/bounds mask ...
+    for start_n in range(lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
+                                       b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
+                                       cap_scale, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    # ... interior tiles only the padding mask (if any).
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
+                                       b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
+                                       cap_scale, False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
+                                       b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
+                                       cap_scale, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+
+    empty = l_i == 0.0  # no visible key: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b,
+                   stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                   EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs = start_n + offs_n
+    if EDGE:
+        kv_mask = (offs[:, None] < Lk) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    vis = offs[None, :] >= 0
+    if EDGE:
+        vis = sequence_visible(a[:, None], offs[None, :], Lk, window, CAUSAL, HAS_WINDOW)
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_mb + offs * stride_mn, mask=offs < Lk, other=0)
+        vis = vis & (kpm != 0)[None, :]
+    return _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, EDGE or HAS_KPM, HAS_SOFTCAP,
+                        DOT_PRECISION)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def score_constants(scale: float, softcap: float):
+    """(score_scale, cap_scale) for `score_log2`."""
+    if softcap > 0.0:
+        return 2.0 * LOG2E * scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 1.0
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool,
+                             scale: float, softcap: float, window: int):
+    """Launch the forward kernel on the normalized layout (BACKEND_INTERFACE.md). Returns (out, lse fp32)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    has_prefix = prefix_k is not None
+    if has_prefix:
+        prefix_k, prefix_v = _last_dim_contiguous(prefix_k), _last_dim_contiguous(prefix_v)
+        P, S = prefix_k.shape[2], prefix_index.shape[1]
+        pk, pv, pidx = prefix_k, prefix_v, prefix_index
+    else:
+        P, S = 0, 0
+        pk, pv, pidx = q, q, q  # never read (HAS_PREFIX=False); any pointer will do
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
+    cfg = pick_config(FWD_CONFIGS, D)
+    score_scale, cap_scale = score_constants(scale, softcap)
+    grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
+    _prefix_attention_fwd_kernel[grid](
+        q, k, v, pk, pv, pidx, kpm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pk.stride(0) if has_prefix else 0, pk.stride(1) if has_prefix else 0, pk.stride(2) if has_prefix else 0,
+        pv.stride(0) if has_prefix else 0, pv.stride(1) if has_prefix else 0, pv.stride(2) if has_prefix else 0,
+        pidx.stride(0) if has_prefix else 0, pidx.stride(1) if has_prefix else 0,
+        kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        Lq, Lk, P, S, Hq // Hkv, window,
+        score_scale, cap_scale,
+        HEAD_D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_PREFIX=has_prefix, HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
+        HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
