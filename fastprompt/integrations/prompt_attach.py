@@ -1,0 +1,324 @@
+"""Attach one of fastprompt's own prompt modules to a plain transformers model (per instance, reversible).
+
+`attach(model, prompt)` (called by fastprompt.patch_model(model, prompt)):
+- makes the prompt the submodule `model.fastprompt_prompt` (moved to the model's device),
+- freezes the base model's parameters (their requires_grad flags are remembered and restored by detach),
+- replaces THAT INSTANCE's `forward` (an instance attribute; the class is untouched) with one that accepts
+  `task_ids=` (multi-task prompts) and `prompt_query=` (an explicit query for pools / selectors) and
+  * input placement: prepends the prompt embeddings to inputs_embeds (a shared prompt is computed once per step and
+    broadcast with expand), extends attention_mask with ones, token-level labels with -100, token_type_ids with
+    zeros, and shifts explicit position_ids by P (prompt tokens take positions 0..P-1, as an input-level prompt);
+  * prefix placement: hands per-layer prefixes to attention through
+    fastprompt.integrations.transformers_attention (no cache entries, real tokens keep their positions).
+- generate() works for causal LMs: the prompt enters at the prefill step; decode steps extend the mask / positions
+  (input placement) or re-read the same prefixes, with the pool selection made at prefill kept per cache object.
+The query of a pool / selector is the frozen model's own encoding of the input: a first pass without prompts under
+no_grad (mean / [CLS] / last token of the last hidden state), or the masked mean of the input embeddings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from fastprompt.prompts.base import PromptModule, check_task_ids
+
+PROMPT_ATTR = "fastprompt_prompt"
+_STATE_ATTR = "_fastprompt_attach_state"
+_MISSING = object()
+
+__all__ = ["attach", "detach", "attached_prompt", "compute_query"]
+
+
+@dataclass
+class _AttachState:
+    prompt: PromptModule
+    original_forward: Any  # the instance's own `forward` attribute before attach, or _MISSING
+    bound_forward: Any  # the method the wrapper calls
+    signature: inspect.Signature
+    requires_grad: Dict[str, bool]
+    attention_token: Any = None
+    # generate(): the per-row query / task ids chosen at the prefill step, keyed by the cache object
+    by_cache: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
+
+
+def attached_prompt(model) -> Optional[PromptModule]:
+    state = model.__dict__.get(_STATE_ATTR)
+    return None if state is None else state.prompt
+
+
+def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Optional[str] = None):
+    """Attach `prompt` to `model` in place; returns the model."""
+    if not isinstance(prompt, PromptModule):
+        raise TypeError(f"prompt must be a fastprompt prompt module (PromptTuning, ...), got {type(prompt).__name__}")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if _STATE_ATTR in model.__dict__:
+        raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
+    prompt.check_compatible(model)
+    if prompt.placement == "input" and model.get_input_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} has no input embeddings: input-level prompts cannot be placed")
+
+    prompt_params = {id(p) for p in prompt.parameters()}
+    requires_grad = {}
+    for name, p in model.named_parameters():
+        if id(p) not in prompt_params:
+            requires_grad[name] = p.requires_grad
+            if freeze_base:
+                p.requires_grad_(False)
+
+    token = None
+    if prompt.placement == "prefix":
+        from .transformers_attention import enable_fastprompt_attention
+
+        kwargs = {} if backend is None else {"backend": backend}
+        try:
+            token = enable_fastprompt_attention(model, **kwargs)
+        except Exception:
+            _restore_requires_grad(model, requires_grad)
+            raise
+
+    device = _model_device(model)
+    if device is not None:
+        prompt.to(device)
+    model.add_module(PROMPT_ATTR, prompt)
+    original = model.__dict__.get("forward", _MISSING)
+    bound = model.forward
+    state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
+    object.__setattr__(model, _STATE_ATTR, state)
+    model.forward = _make_forward(model, state)
+    return model
+
+
+def detach(model):
+    """Undo attach exactly: original forward, no prompt submodule, requires_grad flags and attention restored.
+    Returns the detached prompt (None when nothing was attached)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
+    if state.original_forward is _MISSING:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = state.original_forward
+    if PROMPT_ATTR in model._modules:
+        del model._modules[PROMPT_ATTR]
+    _restore_requires_grad(model, state.requires_grad)
+    if state.attention_token is not None:
+        from .transformers_attention import disable_fastprompt_attention
+
+        disable_fastprompt_attention(model, state.attention_token)
+    object.__delattr__(model, _STATE_ATTR)
+    return state.prompt
+
+
+def _restore_requires_grad(model, flags: Dict[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+
+
+def _model_device(model):
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
+
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the query
+
+
+def compute_query(model, state: Optional[_AttachState], mode: str, input_ids, attention_mask, inputs_embeds,
+                  token_type_ids=None) -> Tensor:
+    """[B, hidden]: the frozen model's encoding of the input, without prompts, under no_grad."""
+    with torch.no_grad():
+        if mode == "embeddings":
+            embeds = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+            return _masked_mean(embeds, attention_mask)
+        base = getattr(model, "base_model", model)
+        call = state.bound_forward if (base is model and state is not None) else base
+        kwargs = dict(attention_mask=attention_mask)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        params = inspect.signature(call).parameters
+        if token_type_ids is not None and "token_type_ids" in params:
+            kwargs["token_type_ids"] = token_type_ids
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        out = call(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if mode == "mean":
+            return _masked_mean(hidden, attention_mask)
+        if mode == "cls":
+            return hidden[:, 0]
+        if mode == "last":
+            if attention_mask is None:
+                return hidden[:, -1]
+            mask = attention_mask.to(torch.long)
+            length = mask.shape[1]
+            last = length - 1 - torch.argmax(mask.flip(1), dim=1)  # last real token (left or right padding)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        raise ValueError(f"unknown query mode {mode!r}")
+
+
+def _masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the patched forward
+
+
+def _make_forward(model, state: _AttachState):
+    signature = state.signature
+    accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    model_ref = weakref.ref(model)
+
+    def forward(*args, task_ids: Optional[Tensor] = None, prompt_query: Optional[Tensor] = None, **kwargs):
+        model = model_ref()
+        try:
+            bound = signature.bind_partial(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(model).__name__}.forward: {err}") from None
+        kw = dict(bound.arguments)
+        var_kw = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        if var_kw is not None and var_kw in kw:
+            kw.update(kw.pop(var_kw))
+        return _patched_call(model, state, kw, task_ids, prompt_query)
+
+    forward.__signature__ = _wrapped_signature(signature, accepts_var_kwargs)
+    forward.__doc__ = "fastprompt-patched forward: the model's own arguments plus task_ids= and prompt_query=."
+    forward.__wrapped_by_fastprompt__ = True
+    return forward
+
+
+def _wrapped_signature(signature: inspect.Signature, accepts_var_kwargs: bool) -> inspect.Signature:
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [
+        inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("prompt_query", inspect.Parameter.KEYWORD_ONLY, default=None),
+    ]
+    params = [p for p in params if p.name not in ("task_ids", "prompt_query")] + extra
+    var = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=params + var)
+
+
+def _batch_size(kw) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        t = kw.get(name)
+        if t is not None:
+            return t.shape[0]
+    raise ValueError("the patched model needs input_ids or inputs_embeds")
+
+
+def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
+    prompt = state.prompt
+    batch = _batch_size(kw)
+    past = kw.get("past_key_values")
+    prefill = _cache_length(past) == 0
+    device = _model_device(model)
+
+    if prompt.needs_task_ids:
+        task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, device)
+    elif task_ids is not None:
+        raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+
+    query = None
+    if prompt.needs_query and (prefill or prompt.placement == "prefix"):
+        if prefill:
+            if prompt_query is not None:
+                query = prompt_query
+            else:
+                query = compute_query(model, state, prompt.query_mode, kw.get("input_ids"), kw.get("attention_mask"),
+                                      kw.get("inputs_embeds"), kw.get("token_type_ids"))
+            if past is not None:
+                state.by_cache[past] = query
+        else:
+            query = state.by_cache.get(past, prompt_query)
+            if query is None:
+                raise ValueError("decoding step without the query chosen at prefill: pass prompt_query=")
+            if query.shape[0] != batch:
+                raise ValueError(
+                    f"the query chosen at prefill has {query.shape[0]} rows but this step has {batch}; reordering "
+                    "a cache across batch rows is not supported with query-selected prompts"
+                )
+
+    prompt.aux_loss = None
+    if prompt.placement == "input":
+        _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
+        out = state.bound_forward(**kw)
+    else:
+        from .transformers_attention import layer_prefixes
+
+        prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
+        with layer_prefixes(model, prefixes):
+            out = state.bound_forward(**kw)
+
+    aux = prompt.aux_loss
+    if aux is not None and getattr(prompt.config, "add_aux_loss", False) and prefill:
+        loss = out.get("loss") if hasattr(out, "get") else None
+        if loss is not None:
+            out["loss"] = loss + aux.to(loss.dtype)
+    return out
+
+
+def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids) -> None:
+    num = prompt.num_input_tokens()
+    mask = kw.get("attention_mask")
+    if not prefill:
+        # The prompt already sits in the cache: the real-token mask / positions just move past it.
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("input-level prompts need a 2D attention_mask")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + num
+        return
+
+    embeds = kw.get("inputs_embeds")
+    if embeds is None:
+        embeds = model.get_input_embeddings()(kw["input_ids"])
+    prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids).to(embeds.dtype)
+    if prompts.dim() == 2:
+        prompts = prompts.unsqueeze(0).expand(batch, -1, -1)  # shared prompt: a view, not B copies
+    num = prompts.shape[1]
+    length = embeds.shape[1]
+    kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+    kw.pop("input_ids", None)
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError("input-level prompts need a 2D attention_mask [B, L]")
+        kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
+    labels = kw.get("labels")
+    if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:
+        kw["labels"] = torch.cat([labels.new_full((batch, num, *labels.shape[2:]), -100), labels], dim=1)
+    token_types = kw.get("token_type_ids")
+    if token_types is not None:
+        kw["token_type_ids"] = torch.cat([token_types.new_zeros(batch, num), token_types], dim=1)
+    positions = kw.get("position_ids")
+    if positions is not None:
+        if positions.dim() != 2:
+            raise ValueError("input-level prompts take 2D position_ids [B, L] only")
+        head = torch.arange(num, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], num)
+        kw["position_ids"] = torch.cat([head, positions + num], dim=1)

@@ -1,0 +1,26 @@
+"""fastprompt's own prompt methods, one module per method, each with its config dataclass."""
+
+from .base import PromptConfig, PromptModule
+from .multitask import MultiTaskPrompt, MultiTaskPromptConfig
+from .prefix_tuning import PrefixTuning, PrefixTuningConfig
+from .prompt_pool import PromptPool, PromptPoolConfig
+from .prompt_tuning import PromptTuning, PromptTuningConfig
+from .ptuning import PTuning, PTuningConfig
+from .ptuning_v2 import PTuningV2, PTuningV2Config
+
+__all__ = [
+    "PromptConfig",
+    "PromptModule",
+    "PromptTuning",
+    "PromptTuningConfig",
+    "PTuning",
+    "PTuningConfig",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PTuningV2",
+    "PTuningV2Config",
+    "PromptPool",
+    "PromptPoolConfig",
+    "MultiTaskPrompt",
+    "MultiTaskPromptConfig",
+]

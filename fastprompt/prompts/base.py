@@ -1,0 +1,265 @@
+"""Common base for fastprompt's own prompt methods: a JSON-serializable config and a module contract.
+
+A prompt module produces, once per step, either input-level prompt embeddings (`input_prompts`) or per-layer
+prefix K/V (`layer_prefixes`); fastprompt.integrations.prompt_attach feeds them to the model. Shared prompts stay
+[P, d] / [Hkv, P, D] (the integration broadcasts them with expand); per-sample prompts are [B, ...]; pooled prefixes
+stay [N, Hkv, P, D] with an index, read in place by prefix_attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+CONFIG_NAME = "fastprompt_config.json"
+WEIGHTS_NAME = "fastprompt_prompt.safetensors"
+FORMAT_VERSION = 1
+
+PLACEMENTS = ("input", "prefix")
+QUERY_MODES = ("mean", "cls", "last", "embeddings")
+
+_PROMPT_CLASSES: Dict[str, Type["PromptModule"]] = {}
+
+
+def register_prompt(cls):
+    """Class decorator: lets fastprompt.load_prompt rebuild `cls` from its saved config."""
+    _PROMPT_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def prompt_class(name: str) -> Type["PromptModule"]:
+    if name not in _PROMPT_CLASSES:
+        raise ValueError(f"unknown prompt type {name!r}; known: {sorted(_PROMPT_CLASSES)}")
+    return _PROMPT_CLASSES[name]
+
+
+def model_dims(model_or_config) -> Dict[str, Any]:
+    """The sizes a prompt depends on, read from a transformers model or config (GPT-2 names included)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    hidden = get("hidden_size", "n_embd", "d_model")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    heads = get("num_attention_heads", "n_head", "num_heads")
+    if hidden is None or layers is None or heads is None:
+        raise ValueError(
+            f"cannot read hidden_size / num_hidden_layers / num_attention_heads from {type(config).__name__}"
+        )
+    kv_heads = get("num_key_value_heads", "n_head_kv") or heads
+    head_dim = get("head_dim") or hidden // heads
+    return dict(
+        hidden_size=int(hidden),
+        num_layers=int(layers),
+        num_heads=int(heads),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        model_type=str(getattr(config, "model_type", "") or ""),
+    )
+
+
+@dataclass
+class PromptConfig:
+    """Model sizes shared by every method; subclasses add the method's own fields (all JSON-serializable)."""
+
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    model_type: str = ""
+
+    prompt_type: ClassVar[str] = ""
+
+    @classmethod
+    def from_model_config(cls, model_or_config, **kwargs) -> "PromptConfig":
+        dims = model_dims(model_or_config)
+        dims.update(kwargs)
+        return cls(**dims)
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"prompt_type": self.prompt_type, "format_version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PromptConfig":
+        data = dict(data)
+        data.pop("format_version", None)
+        saved_type = data.pop("prompt_type", cls.prompt_type)
+        if cls.prompt_type and saved_type != cls.prompt_type:
+            raise ValueError(f"config is for {saved_type!r}, not {cls.prompt_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name in data and isinstance(data[f.name], list):
+                data[f.name] = tuple(data[f.name])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "PromptConfig":
+        if os.path.exists(text_or_path):
+            with open(text_or_path) as fh:
+                text_or_path = fh.read()
+        return cls.from_dict(json.loads(text_or_path))
+
+
+def normalize_layers(layers: Optional[Iterable[int]], num_layers: int, name: str = "layers") -> Tuple[int, ...]:
+    """None -> every layer; else a sorted tuple of distinct layer indices, negatives counted from the end."""
+    if layers is None:
+        return tuple(range(num_layers))
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must hold ints, got {layer!r}")
+        idx = layer + num_layers if layer < 0 else layer
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"{name} entry {layer} is out of range for a model with {num_layers} layers")
+        out.append(idx)
+    if not out:
+        raise ValueError(f"{name} must name at least one layer")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} has duplicates: {tuple(layers)}")
+    return tuple(sorted(out))
+
+
+def layer_prefix_class():
+    """The attention plumbing's LayerPrefix (imported lazily: prompts work without transformers installed)."""
+    from fastprompt.integrations.transformers_attention import LayerPrefix
+
+    return LayerPrefix
+
+
+def check_task_ids(task_ids: Optional[Tensor], num_tasks: int, batch_size: Optional[int], device) -> Tensor:
+    if task_ids is None:
+        raise ValueError("this prompt needs task_ids: pass task_ids=LongTensor[B] to the model call")
+    if not isinstance(task_ids, torch.Tensor):
+        task_ids = torch.as_tensor(task_ids)
+    if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
+        raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+    if task_ids.dim() == 0:
+        task_ids = task_ids.reshape(1).expand(batch_size or 1)
+    if task_ids.dim() != 1 or (batch_size is not None and task_ids.shape[0] != batch_size):
+        raise ValueError(f"task_ids must be [B] with B = {batch_size}, got shape {tuple(task_ids.shape)}")
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= num_tasks:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"unknown task id {bad}: this prompt has {num_tasks} tasks (ids 0..{num_tasks - 1})")
+    return task_ids.to(device=device, dtype=torch.long)
+
+
+class PromptModule(nn.Module):
+    """Base of every fastprompt prompt method.
+
+    Subclasses set `config_class`, build parameters from `self.config`, and implement `input_prompts` (placement
+    "input") or `layer_prefixes` (placement "prefix").
+    """
+
+    config_class: ClassVar[Type[PromptConfig]] = PromptConfig
+    needs_task_ids: ClassVar[bool] = False
+
+    def __init__(self, config: PromptConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.aux_loss: Optional[Tensor] = None
+
+    @classmethod
+    def _make_config(cls, config, kwargs) -> PromptConfig:
+        if isinstance(config, cls.config_class):
+            return dataclasses.replace(config, **kwargs) if kwargs else config
+        if isinstance(config, PromptConfig):
+            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
+        return cls.config_class.from_model_config(config, **kwargs)
+
+    # ---- what the integration asks -------------------------------------------------------------------------
+    @property
+    def placement(self) -> str:
+        return getattr(self.config, "placement", "input")
+
+    @property
+    def needs_query(self) -> bool:
+        return False
+
+    @property
+    def query_mode(self) -> str:
+        return getattr(self.config, "query", "mean")
+
+    def num_input_tokens(self) -> int:
+        """How many virtual tokens input placement prepends."""
+        raise NotImplementedError
+
+    def input_prompts(self, batch_size: int, *, query: Optional[Tensor] = None,
+                      task_ids: Optional[Tensor] = None) -> Tensor:
+        """[P, d] (shared by the batch) or [B, P, d]."""
+        raise NotImplementedError(f"{type(self).__name__} has no input-level prompts")
+
+    def layer_prefixes(self, batch_size: int, *, query: Optional[Tensor] = None,
+                       task_ids: Optional[Tensor] = None) -> Dict[int, Any]:
+        """{layer index: LayerPrefix}."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-layer prefixes")
+
+    # ---- compatibility -------------------------------------------------------------------------------------
+    def check_compatible(self, model_or_config) -> None:
+        """Raise ValueError when this prompt was built for a model of another shape."""
+        dims = model_dims(model_or_config)
+        keys = ["hidden_size"]
+        if self.placement == "prefix":
+            keys += ["num_layers", "num_kv_heads", "head_dim"]
+        mismatched = [k for k in keys if int(getattr(self.config, k)) != dims[k]]
+        if mismatched:
+            detail = ", ".join(f"{k}: prompt {getattr(self.config, k)} vs model {dims[k]}" for k in mismatched)
+            raise ValueError(
+                f"{type(self).__name__} was built for another model shape ({detail}); build or load a prompt "
+                f"for this model"
+            )
+
+    # ---- persistence ---------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        """Write fastprompt_config.json + fastprompt_prompt.safetensors into the folder `path`."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        self.config.to_json(os.path.join(path, CONFIG_NAME))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"prompt_type": type(self).__name__})
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "PromptModule":
+        from .io import load_prompt
+
+        prompt = load_prompt(path, **kwargs)
+        if not isinstance(prompt, cls):
+            raise TypeError(f"{path} holds a {type(prompt).__name__}, not a {cls.__name__}")
+        return prompt
+
+    def extra_repr(self) -> str:
+        return f"placement={self.placement!r}"
+
+
+def init_normal_(tensor: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    with torch.no_grad():
+        return tensor.normal_(0.0, std, generator=generator)

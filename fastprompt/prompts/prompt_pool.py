@@ -1,0 +1,180 @@
+"""Prompt pool: N prompts with learnable keys, chosen per input by a query from the frozen model.
+
+The query q(x) is the frozen model's own encoding of the input (mean / [CLS] / last token of the last hidden
+state of a first pass WITHOUT prompts, under no_grad; computed by the integration, or passed as
+`prompt_query=`).
+- Hard selection (top_k = k, L2P): cosine(q, key_n), top-k entries per row; the key-pull loss
+  aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys is stored in `self.aux_loss` (and added to
+  outputs.loss by the integration when `add_aux_loss`).
+- Soft mixture (top_k = None, CODA/ATTEMPT style): weights over the whole pool, "softmax" of cosine / temperature,
+  or "cosine" (CODA: cos(q ⊙ A_n, key_n) with learnable attention vectors A_n, no normalization).
+Placement "input": entries [N, length, d]; chosen entries (k·length tokens) or the mixture (length tokens) go
+before the input. Placement "prefix": entries [L_sel, 2, N, Hkv, length, D] per chosen layer; hard selection
+hands the pool itself plus the [B, k] index to attention (read in place, never gathered per row); soft mixing
+builds one per-sample prefix [B, Hkv, length, D] per layer with mix_prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fastprompt.ops.gather_prompts import gather_prompts
+from fastprompt.ops.mix_prompts import mix_prompts
+
+from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, \
+    register_prompt
+
+SOFT_WEIGHTINGS = ("softmax", "cosine")
+
+
+@dataclass
+class PromptPoolConfig(PromptConfig):
+    pool_size: int = 10
+    length: int = 5
+    top_k: Optional[int] = 4  # None = soft mixture over the whole pool
+    placement: str = "input"
+    layers: Optional[Tuple[int, ...]] = None  # prefix placement; None = every layer
+    query: str = "mean"
+    soft_weighting: str = "softmax"
+    temperature: float = 1.0
+    pull_constraint_coeff: float = 0.1
+    add_aux_loss: bool = True
+    prefix_dropout: float = 0.0
+    init_std: float = 0.02
+    seed: int = 0
+
+    prompt_type = "PromptPool"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pool_size < 1 or self.length < 1:
+            raise ValueError(f"pool_size and length must be >= 1, got {self.pool_size}, {self.length}")
+        if self.top_k is not None and not 1 <= self.top_k <= self.pool_size:
+            raise ValueError(f"top_k must be in [1, pool_size={self.pool_size}] or None, got {self.top_k}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.query not in QUERY_MODES:
+            raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
+        if self.soft_weighting not in SOFT_WEIGHTINGS:
+            raise ValueError(f"soft_weighting must be one of {SOFT_WEIGHTINGS}, got {self.soft_weighting!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.layers is not None:
+            if self.placement != "prefix":
+                raise ValueError("layers applies to placement='prefix' only")
+            self.layers = normalize_layers(self.layers, self.num_layers)
+
+
+@register_prompt
+class PromptPool(PromptModule):
+    """`PromptPool(model_or_config, pool_size=10, length=5, top_k=4, placement="input"|"prefix", layers=None,
+    query="mean"|"cls"|"last"|"embeddings", soft_weighting="softmax"|"cosine", pull_constraint_coeff=0.1)`."""
+
+    config_class = PromptPoolConfig
+
+    def __init__(self, config, **kwargs):
+        if kwargs.get("layers") is not None:
+            kwargs["layers"] = tuple(kwargs["layers"])
+        config = self._make_config(config, kwargs)
+        super().__init__(config)
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed)
+        self.keys = nn.Parameter(torch.empty(c.pool_size, c.hidden_size).uniform_(-1, 1, generator=g))
+        if c.placement == "input":
+            self.layers = ()
+            self.pool = nn.Parameter(torch.randn(c.pool_size, c.length, c.hidden_size, generator=g) * c.init_std)
+        else:
+            self.layers = normalize_layers(c.layers, c.num_layers)
+            shape = (len(self.layers), 2, c.pool_size, c.num_kv_heads, c.length, c.head_dim)
+            self.pool = nn.Parameter(torch.randn(shape, generator=g) * c.init_std)
+        if c.top_k is None and c.soft_weighting == "cosine":
+            self.attention_vectors = nn.Parameter(torch.ones(c.pool_size, c.hidden_size))
+        else:
+            self.attention_vectors = None
+
+    @property
+    def needs_query(self) -> bool:
+        return True
+
+    @property
+    def hard(self) -> bool:
+        return self.config.top_k is not None
+
+    def num_input_tokens(self) -> int:
+        if self.placement != "input":
+            return 0
+        return self.config.length * (self.config.top_k or 1)
+
+    # ---- selection -----------------------------------------------------------------------------------------
+    def check_query(self, query: Optional[Tensor], batch_size: Optional[int] = None) -> Tensor:
+        if query is None:
+            raise ValueError("PromptPool needs a query [B, hidden_size] (the integration computes it)")
+        if not isinstance(query, Tensor) or query.dim() != 2:
+            raise ValueError(f"query must be a [B, {self.keys.shape[1]}] tensor, got {getattr(query, 'shape', query)}")
+        if query.shape[1] != self.keys.shape[1]:
+            raise ValueError(
+                f"wrong query width: query is [B, {query.shape[1]}] but the pool keys are {self.keys.shape[1]} wide"
+            )
+        if batch_size is not None and query.shape[0] != batch_size:
+            raise ValueError(f"query has {query.shape[0]} rows, the batch has {batch_size}")
+        return query.to(self.keys.dtype)
+
+    def select(self, query: Tensor):
+        """Hard: (index [B, k], cosine of the chosen keys [B, k]). Soft: (None, weights [B, N])."""
+        c = self.config
+        q = F.normalize(query, dim=-1)
+        if self.hard:
+            sim = q @ F.normalize(self.keys, dim=-1).t()  # [B, N]
+            chosen_sim, index = sim.topk(c.top_k, dim=-1)
+            return index, chosen_sim
+        if c.soft_weighting == "softmax":
+            sim = q @ F.normalize(self.keys, dim=-1).t()
+            return None, torch.softmax(sim / c.temperature, dim=-1)
+        # CODA-Prompt: alpha_n = cos(q ⊙ A_n, K_n)
+        attended = F.normalize(query[:, None, :] * self.attention_vectors[None], dim=-1)  # [B, N, d]
+        weights = (attended * F.normalize(self.keys, dim=-1)[None]).sum(-1)
+        return None, weights
+
+    def _select_and_record(self, query: Tensor):
+        index, values = self.select(query)
+        if index is not None:
+            self.aux_loss = -self.config.pull_constraint_coeff * values.mean()
+            self.last_index = index.detach()
+        else:
+            self.aux_loss = None
+            self.last_index = None
+        return index, values
+
+    # ---- outputs -------------------------------------------------------------------------------------------
+    def input_prompts(self, batch_size, *, query=None, task_ids=None) -> Tensor:
+        if self.placement != "input":
+            raise RuntimeError("this PromptPool has placement='prefix'; use layer_prefixes")
+        query = self.check_query(query, batch_size)
+        index, values = self._select_and_record(query)
+        if index is not None:
+            chosen = gather_prompts(self.pool, index)  # [B, k, length, d]
+            return chosen.reshape(batch_size, -1, self.config.hidden_size)
+        return mix_prompts(self.pool, values.to(self.pool.dtype))  # [B, length, d]
+
+    def layer_prefixes(self, batch_size, *, query=None, task_ids=None) -> Dict[int, object]:
+        if self.placement != "prefix":
+            raise RuntimeError("this PromptPool has placement='input'; use input_prompts")
+        LayerPrefix = layer_prefix_class()
+        query = self.check_query(query, batch_size)
+        index, values = self._select_and_record(query)
+        pool = self.pool
+        if self.training and self.config.prefix_dropout > 0:
+            pool = F.dropout(pool, p=self.config.prefix_dropout, training=True)
+        if index is not None:
+            return {
+                layer: LayerPrefix(key=pool[i, 0], value=pool[i, 1], index=index)
+                for i, layer in enumerate(self.layers)
+            }
+        entries_first = pool.movedim(2, 0)  # [N, L_sel, 2, Hkv, length, D]
+        mixed = mix_prompts(entries_first, values.to(pool.dtype))  # [B, L_sel, 2, Hkv, length, D]
+        return {layer: LayerPrefix(key=mixed[:, i, 0], value=mixed[:, i, 1]) for i, layer in enumerate(self.layers)}
