@@ -1,0 +1,457 @@
+"""fastprompt attention inside Hugging Face transformers models: registration, per-instance switch, prefix plumbing.
+
+A model switched to the "fastprompt" attention implementation runs every self-attention call through
+`fastprompt.ops.prefix_attention`. Learned prefixes reach the attention function of decoder layer i as one
+`LayerPrefix` (K/V stored once, shared / per-sample / pooled), never as cache entries, never concatenated with the
+sequence K/V, never as a 4D mask: the registered mask function hands the attention a 2D key padding mask or None,
+as flash-attention's does.
+
+How a layer finds its prefix: `layer_prefixes(model, prefixes)` stores the mapping on the model instance, and a
+forward pre-hook on that instance passes it down as the `fastprompt_prefixes` keyword, which transformers 5
+forwards through every decoder layer to the attention function (so gradient checkpointing's recompute, generate()
+and torch.compile see the same tensors). Where a family drops the keyword, the attention function falls back to the
+instance state. Nothing here touches a class or module global other than the two interface registrations, which are
+inert for models that did not select "fastprompt".
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+ATTENTION_NAME = "fastprompt"
+PREFIXES_KWARG = "fastprompt_prefixes"
+_STATE_ATTR = "_fastprompt_attention_state"
+_SLOT_ATTR = "_fastprompt_attention_slot"
+
+__all__ = [
+    "ATTENTION_NAME",
+    "LayerPrefix",
+    "ModelLayout",
+    "enable_fastprompt_attention",
+    "disable_fastprompt_attention",
+    "layer_prefixes",
+    "model_layout",
+    "is_fastprompt_enabled",
+    "set_backend",
+    "fastprompt_attention_forward",
+    "fastprompt_attention_mask",
+]
+
+
+@dataclass
+class LayerPrefix:
+    """One layer's learned prefix, stored once.
+
+    key/value: `[Hkv, P, D]` shared by the batch | `[B, Hkv, P, D]` per sample | `[N, Hkv, P, D]` a pool read through
+    `index` (`[B]` or `[B, S]`, -1 = empty slot). Prefix keys are never rotated and always visible.
+    """
+
+    key: Tensor
+    value: Tensor
+    index: Optional[Tensor] = None
+
+
+@dataclass
+class ModelLayout:
+    """What prompt methods need to know about a transformers model to build per-layer prefixes."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    is_causal: bool                     # decoder (causal self-attention) vs encoder (bidirectional)
+    layer_types: tuple                  # per layer: "full_attention" | "sliding_attention"
+    sliding_window: Optional[int]       # window of the sliding layers (None: no sliding layer)
+    softcap: Optional[float]            # attention logit soft-capping (Gemma 2)
+    position_style: str                 # "offset": positions are arange(+past); "roberta": padding-aware from ids
+    shifts_positions: bool              # with a P-token prefix (as a cache), real tokens get positions P.. (PEFT)
+    rotary: bool                        # positions enter through RoPE on q/k (prefix keys never rotated)
+    padding_idx: Optional[int] = None   # RoBERTa-style position ids start after padding_idx
+    layers_path: str = ""               # dotted path of the ModuleList holding the layers
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model inspection
+
+
+def _hf_model(model):
+    """The transformers PreTrainedModel inside `model` (a PeftModel, or the model itself)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional for the plumbing
+        PeftModel = ()
+    if PeftModel and isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
+    config = _text_config(hf.config)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    best = None
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and num_layers:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("layers", "h", "layer", "blocks"):
+                return name, module
+            best = best or (name, module)
+    if best is None:
+        raise ValueError(
+            f"fastprompt: cannot find the {num_layers} transformer layers of {type(hf).__name__} "
+            f"(model_type={getattr(config, 'model_type', '?')!r})"
+        )
+    return best
+
+
+def model_layout(model) -> ModelLayout:
+    """Shapes and family facts of a transformers model (or the base model of a PeftModel)."""
+    hf = _hf_model(model)
+    config = _text_config(hf.config)
+    model_type = getattr(config, "model_type", "")
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    num_layers = config.num_hidden_layers
+    path, _ = _find_layers(hf)
+    encoder = model_type in _ENCODER_TYPES and not getattr(config, "is_decoder", False)
+    is_causal = (not encoder) and getattr(config, "is_causal", True) and not getattr(
+        config, "use_bidirectional_attention", False)
+    sliding = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        uses_sliding = sliding is not None and model_type in ("mistral", "mixtral")
+        layer_types = ["sliding_attention" if uses_sliding else "full_attention"] * num_layers
+    if "sliding_attention" not in layer_types:
+        sliding = None
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    roberta_like = model_type in _ROBERTA_TYPES
+    return ModelLayout(
+        model_type=model_type,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        is_causal=is_causal,
+        layer_types=tuple(layer_types),
+        sliding_window=sliding,
+        softcap=softcap,
+        position_style="roberta" if roberta_like else "offset",
+        shifts_positions=True,
+        rotary=model_type not in _ABSOLUTE_POSITION_TYPES,
+        padding_idx=getattr(config, "pad_token_id", None) if roberta_like else None,
+        layers_path=path,
+    )
+
+
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
+_ROBERTA_TYPES = {"roberta", "xlm-roberta", "camembert"}
+_ABSOLUTE_POSITION_TYPES = {"gpt2", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "opt"}
+
+
+def check_supports_attention_interface(hf) -> None:
+    """Raise TypeError when the model's attention does not go through transformers' AttentionInterface."""
+    config = _text_config(hf.config)
+    model_type = getattr(config, "model_type", type(hf).__name__)
+    cls = type(hf)
+    if not getattr(cls, "_supports_attention_backend", False) or not cls._can_set_attn_implementation():
+        raise TypeError(
+            f"fastprompt: cannot patch {cls.__name__} (model_type={model_type!r}): its attention does not go through "
+            "transformers' AttentionInterface, so a registered attention function would never be called"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration and the per-instance switch
+
+
+class _AttentionState:
+    """Lives on an enabled model instance. `prefixes` is set only inside `layer_prefixes`."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.prefixes: Optional[Mapping[int, LayerPrefix]] = None
+        self.users = 1
+
+
+@dataclass
+class _AttentionSlot:
+    layer_idx: int
+    state: _AttentionState
+
+
+@dataclass
+class _EnableToken:
+    hf_model: Any
+    previous_implementation: Any
+    hook: Any
+    slotted: list
+    nested: bool = False
+    restored: bool = False
+
+
+_registered = False
+
+
+def _register_once() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, fastprompt_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, fastprompt_attention_mask)
+    _registered = True
+
+
+def _inject_prefixes_hook(module, args, kwargs):
+    state = getattr(module, _STATE_ATTR, None)
+    if state is not None and state.prefixes is not None and kwargs.get(PREFIXES_KWARG) is None:
+        kwargs[PREFIXES_KWARG] = state.prefixes
+        return args, kwargs
+    return None
+
+
+def _accepts_var_kwargs(fn) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
+def is_fastprompt_enabled(model) -> bool:
+    return getattr(_hf_model(model), _STATE_ATTR, None) is not None
+
+
+def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken:
+    """Register (once) and switch THIS model instance to the "fastprompt" attention; returns a restore token.
+
+    Enabling an already-enabled model is a no-op whose token restores nothing (the first token owns the state).
+    """
+    hf = _hf_model(model)
+    existing = getattr(hf, _STATE_ATTR, None)
+    if existing is not None:
+        existing.users += 1
+        return _EnableToken(hf, None, None, [], nested=True)
+    check_supports_attention_interface(hf)
+    _register_once()
+    path, layers = _find_layers(hf)
+    previous = hf.config._attn_implementation
+    state = _AttentionState(backend)
+    slotted = []
+    for idx, layer in enumerate(layers):
+        for sub in layer.modules():
+            if "attention" in type(sub).__name__.lower() or hasattr(sub, "is_causal"):
+                setattr(sub, _SLOT_ATTR, _AttentionSlot(idx, state))
+                slotted.append(sub)
+    if not slotted:
+        raise TypeError(f"fastprompt: found no attention module in the layers of {type(hf).__name__}")
+    hf.set_attn_implementation(ATTENTION_NAME)
+    if hf.config._attn_implementation != ATTENTION_NAME:
+        for sub in slotted:
+            delattr(sub, _SLOT_ATTR)
+        raise TypeError(
+            f"fastprompt: {type(hf).__name__} refused the attention implementation switch "
+            f"(still {hf.config._attn_implementation!r})"
+        )
+    hook = None
+    if _accepts_var_kwargs(hf.forward):
+        hook = hf.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True)
+    object.__setattr__(hf, _STATE_ATTR, state)
+    return _EnableToken(hf, previous, hook, slotted)
+
+
+def disable_fastprompt_attention(model, token: _EnableToken) -> None:
+    """Undo `enable_fastprompt_attention`: previous attention implementation, no hook, no per-module state."""
+    if token is None or token.restored:
+        return
+    token.restored = True
+    hf = token.hf_model
+    state = getattr(hf, _STATE_ATTR, None)
+    if token.nested:
+        if state is not None:
+            state.users -= 1
+        return
+    if token.hook is not None:
+        token.hook.remove()
+    for sub in token.slotted:
+        if _SLOT_ATTR in sub.__dict__:
+            delattr(sub, _SLOT_ATTR)
+    if _STATE_ATTR in hf.__dict__:
+        object.__delattr__(hf, _STATE_ATTR)
+    hf.set_attn_implementation(token.previous_implementation)
+
+
+def set_backend(model, backend: str) -> None:
+    """Force the prefix_attention backend ("auto" | "torch" | "triton" | "cuda" | "reference") of an enabled model."""
+    state = getattr(_hf_model(model), _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("fastprompt: set_backend needs a model with fastprompt attention enabled")
+    state.backend = backend
+
+
+def _normalize_prefixes(prefixes) -> dict:
+    if prefixes is None:
+        return {}
+    if isinstance(prefixes, Mapping):
+        items = prefixes.items()
+    else:  # a sequence, one entry per layer (None = no prefix)
+        items = enumerate(prefixes)
+    out = {}
+    for idx, lp in items:
+        if lp is None:
+            continue
+        if isinstance(lp, (tuple, list)):
+            lp = LayerPrefix(*lp)
+        if not isinstance(lp, LayerPrefix):
+            raise TypeError(f"fastprompt: prefixes[{idx}] must be a LayerPrefix, got {type(lp).__name__}")
+        out[int(idx)] = lp
+    return out
+
+
+@contextmanager
+def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
+    """Inside the block, the attention of layer i reads `prefixes[i]`; absent layers get no prefix."""
+    hf = _hf_model(model)
+    state = getattr(hf, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("fastprompt: layer_prefixes needs enable_fastprompt_attention(model) first")
+    previous = state.prefixes
+    state.prefixes = _normalize_prefixes(prefixes)
+    try:
+        yield state.prefixes
+    finally:
+        state.prefixes = previous
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registered functions
+
+
+def fastprompt_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                              attention_mask=None, **kwargs):
+    """A 2D key padding mask `[B, Lk_valid]` (True = real key) or None, never a 4D mask.
+
+    Causality, sliding windows and soft-capping are applied by the attention from the layer's own attributes.
+    A mask shorter than the keys means the trailing keys are empty static-cache slots (flash-attention's contract).
+    """
+    if mask_function is not None:
+        name = getattr(mask_function, "__qualname__", "")
+        # and_masks is how sliding windows arrive (the attention applies the window itself); packed sequences,
+        # chunked attention and or-overlays (image tokens, blocks) cannot be expressed as a key padding mask
+        if "packed_sequence" in name or "chunked" in name or "or_masks" in name:
+            raise ValueError(
+                "fastprompt attention takes 2D padding masks only; this model/input asks for a composite mask "
+                f"({name}) (packed sequences, chunked or multimodal attention), which it does not support"
+            )
+    if attention_mask is None:
+        valid = q_offset + q_length
+        if isinstance(valid, Tensor):
+            valid = int(valid)
+        if isinstance(kv_length, int) and kv_length > valid:  # a static cache not yet full
+            return torch.ones(batch_size, valid, dtype=torch.bool, device=kwargs.get("device"))
+        return None
+    attention_mask = attention_mask.to(torch.bool)[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+_warned_dropout = False
+
+
+def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                                 scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
+    slot = getattr(module, _SLOT_ATTR, None)
+    prefixes = kwargs.get(PREFIXES_KWARG)
+    if prefixes is None and slot is not None:
+        prefixes = slot.state.prefixes
+    layer_idx = slot.layer_idx if slot is not None else getattr(module, "layer_idx", None)
+    prefix = prefixes.get(layer_idx) if prefixes else None
+    backend = slot.state.backend if slot is not None else "auto"
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "fastprompt attention expects a 2D key padding mask (or None); got a "
+                f"{attention_mask.dim()}D mask. Pass a 2D attention_mask to the model."
+            )
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(torch.bool)
+        if attention_mask.shape[1] < key.shape[2]:  # static cache: drop the empty trailing slots
+            key = key[:, :, : attention_mask.shape[1]]
+            value = value[:, :, : attention_mask.shape[1]]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    pk = pv = pidx = None
+    if prefix is not None:
+        pk, pv, pidx = prefix.key, prefix.value, prefix.index
+        if pk.dtype != query.dtype:
+            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+        if pk.device != query.device:
+            pk, pv = pk.to(query.device), pv.to(query.device)
+            pidx = pidx.to(query.device) if pidx is not None else None
+
+    if dropout and dropout > 0.0 and module.training:
+        global _warned_dropout
+        if not _warned_dropout:
+            warnings.warn("fastprompt: attention dropout > 0 in training runs an explicit (unfused) attention path")
+            _warned_dropout = True
+        out = _explicit_attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
+                                               float(scaling), softcap, window, dropout)
+        return out.transpose(1, 2), None
+
+    from fastprompt.ops import prefix_attention
+
+    out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
+                           causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
+                           backend=backend)
+    return out.transpose(1, 2), None
+
+
+def _explicit_attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, softcap, window, p):
+    """The op's semantics written out (the reference), plus dropout on the probabilities. Training with attention
+    dropout only; the fused op has no dropout."""
+    from fastprompt.reference import expand_prefix, sequence_visibility
+
+    batch, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    visible = sequence_visibility(lq, lk, causal=causal, window=window, device=q.device).expand(batch, lq, lk)
+    if kpm is not None:
+        visible = visible & kpm[:, None, :]
+    if pk is not None:
+        pk_b, prefix_visible = expand_prefix(pk, pidx, batch)
+        pv_b, _ = expand_prefix(pv, pidx, batch)
+        k, v = torch.cat([pk_b, k], dim=2), torch.cat([pv_b, v], dim=2)
+        visible = torch.cat([prefix_visible[:, None, :].expand(batch, lq, -1), visible], dim=2)
+    group = hq // hkv
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    probs = torch.nn.functional.dropout(probs, p=p, training=True)
+    return torch.matmul(probs, v)

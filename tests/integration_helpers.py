@@ -1,0 +1,166 @@
+"""Shared helpers for the transformers/PEFT integration tests: tiny model per family, PEFT configs, inputs.
+
+Every model is built from a config (no hub access) small enough for a shared 2-core CPU: hidden 32, 2 layers.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+VOCAB = 97
+PAD = 1
+
+DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
+ENCODER_FAMILIES = ["bert", "roberta"]
+FAMILIES = DECODER_FAMILIES + ENCODER_FAMILIES
+
+
+def tiny_config(family: str):
+    """A fresh tiny config of `family` (its own object: models never share a config)."""
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=2, eos_token_id=3)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       **common)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         sliding_window=64, **common)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       **common)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128, **common)
+    elif family == "gemma":
+        cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                       max_position_embeddings=128, **common)
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                                        final_logit_softcapping=30.0, sliding_window=64,
+                                        max_position_embeddings=128, **common)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    elif family == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    elif family == "roberta":
+        cfg = transformers.RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    else:
+        raise KeyError(family)
+    cfg.num_labels = 3
+    return cfg
+
+
+_AUTO = {
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "FEATURE_EXTRACTION": AutoModel,
+}
+
+
+def tiny_model(family: str, task: str = "CAUSAL_LM", seed: int = 0, attn: str | None = None):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    if attn is None:  # Gemma 2 has no sdpa path in transformers; eager is its reference
+        attn = "eager" if family == "gemma2" else "sdpa"
+    model = _AUTO[task].from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+def peft_config(method: str, task: str, num_virtual_tokens: int = 4, **extra):
+    import peft
+
+    if method == "prefix":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, **extra)
+    if method == "prefix_proj":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, prefix_projection=True,
+                                       encoder_hidden_size=16, **extra)
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, **extra)
+    if method == "ptuning_mlp":
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens,
+                                        encoder_hidden_size=16, encoder_reparameterization_type="MLP", **extra)
+    if method == "ptuning_lstm":
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens,
+                                        encoder_hidden_size=16, encoder_reparameterization_type="LSTM", **extra)
+    if method == "mpt":
+        return peft.MultitaskPromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, num_tasks=3,
+                                                **extra)
+    raise KeyError(method)
+
+
+def randomize_prompt_parameters(model, seed: int = 1):
+    """PEFT zero-inits some prompt parameters (MPT's task factors): make every one of them matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def tiny_peft_pair(family: str, method: str, task: str, num_virtual_tokens: int = 4, seed: int = 0, **extra):
+    """Two identical PEFT models (same base weights, same prompt parameters); patch one, keep one as the oracle."""
+    import peft
+
+    base = tiny_model(family, task, seed=seed)
+    base2 = copy.deepcopy(base)
+    base2.config = copy.deepcopy(base.config)
+    torch.manual_seed(seed + 1)
+    m1 = peft.get_peft_model(base, peft_config(method, task, num_virtual_tokens, **extra))
+    m2 = peft.get_peft_model(base2, peft_config(method, task, num_virtual_tokens, **extra))
+    randomize_prompt_parameters(m1)
+    m2.load_state_dict(m1.state_dict())
+    return m1.eval(), m2.eval()
+
+
+def make_inputs(batch: int = 3, seq: int = 7, padding: str = "left", seed: int = 0):
+    """input_ids [B, S] and attention_mask with `padding` in {"none", "left", "right", "hole"}."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padding == "left":
+        mask[1, :2] = 0
+        mask[2, :3] = 0
+    elif padding == "right":
+        mask[1, -2:] = 0
+        mask[2, -3:] = 0
+    elif padding == "hole":
+        mask[0, 2] = 0
+        mask[2, 1] = 0
+        mask[2, 4] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    return ids, mask
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what=""):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def prompt_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def needs_peft():
+    return pytest.importorskip("peft")
