@@ -36,15 +36,41 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_float32_matches_float64_reference(case, backend):
-    check_against_reference(case, _op(backend), tol=1e-5, grad_tol=1e-4)
+@pytest.mark.parametrize("lse_grad", [True, False], ids=["lse-grad", "out-grad"])
+def test_float32_matches_float64_reference(case, backend, lse_grad):
+    # out-grad takes the fused CPU kernel's backward, lse-grad the explicit one
+    check_against_reference(case, _op(backend), tol=1e-5, grad_tol=1e-4, lse_grad=lse_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["shared", "pool_slots"])
-def test_half_precision_matches_float64_reference(dtype, mode):
+@pytest.mark.parametrize("lse_grad", [True, False], ids=["lse-grad", "out-grad"])
+def test_half_precision_matches_float64_reference(dtype, mode, lse_grad):
     case = Case(mode=mode, padding="holes", dtype=dtype, lq=6, lk=6)
-    check_against_reference(case, _op("torch"), tol=1e-2, grad_tol=3e-2)
+    check_against_reference(case, _op("torch"), tol=1e-2, grad_tol=3e-2, lse_grad=lse_grad)
+
+
+@pytest.mark.parametrize("case", [Case(mode="pool_slots", padding="holes", softcap=2.0),
+                                  Case(mode="shared", window=3, lq=6, lk=6)], ids=str)
+def test_explicit_composition_matches_reference(case):
+    # the path taken off the CPU and under softcap, forced here on the CPU
+    from fastprompt.ops import prefix_attention_torch as torch_backend
+
+    class Explicit:
+        forward = staticmethod(torch_backend.explicit_forward)
+        backward = staticmethod(lambda *args, out=None: torch_backend.explicit_backward(*args))
+        supports = staticmethod(torch_backend.supports)
+
+    import fastprompt.ops.prefix_attention  # noqa: F401
+    import sys
+    op_module = sys.modules["fastprompt.ops.prefix_attention"]
+    original = op_module.backend_module
+    op_module.backend_module = lambda name: Explicit if name == "torch" else original(name)
+    try:
+        for lse_grad in (True, False):
+            check_against_reference(case, _op("torch"), tol=1e-5, grad_tol=1e-4, lse_grad=lse_grad)
+    finally:
+        op_module.backend_module = original
 
 
 def test_float64_is_exact():

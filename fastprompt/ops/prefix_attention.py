@@ -80,10 +80,14 @@ def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_pa
 def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
                  prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], prefix_mode: int,
                  key_padding_mask: Optional[Tensor], lse: Tensor, delta: Tensor, causal: bool, scale: float,
-                 softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 softcap: float, window: int, backend: str,
+                 out: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # `out` is passed only when the lse output carries no gradient: then the torch backend may hand the whole
+    # backward to PyTorch's fused CPU kernel, which recomputes the row term from out (prefix_attention_cpu_flash).
+    extra = {"out": out} if backend == "torch" and out is not None else {}
     dq, dk, dv, dpk, dpv = backend_module(backend).backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-        scale, softcap, window)
+        scale, softcap, window, **extra)
     if dpk is None:  # custom ops return tensors only: an empty one stands for "no prefix"
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous(), dpv.contiguous()
@@ -91,7 +95,7 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-                   causal, scale, softcap, window, backend):
+                   causal, scale, softcap, window, backend, out):
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
@@ -105,6 +109,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
     ctx.params = (prefix_mode, causal, scale, softcap, window, backend)
+    ctx.set_materialize_grads(False)  # an unused lse then arrives as None, not as zeros to be folded in
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -112,11 +117,14 @@ def _backward(ctx, grad_out, grad_lse):
     prefix_mode, causal, scale, softcap, window, backend = ctx.params
     # delta = rowsum(dO * O) - dlse: the FlashAttention backward's row term, with the lse output's gradient
     # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
     delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
     if grad_lse is not None:
         delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                        key_padding_mask, lse, delta, causal, scale, softcap, window, backend)
+                                        key_padding_mask, lse, delta, causal, scale, softcap, window, backend,
+                                        out if grad_lse is None else None)
     if prefix_mode == PREFIX_NONE:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None

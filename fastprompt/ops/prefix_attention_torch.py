@@ -1,5 +1,8 @@
 """Exact PyTorch prefix attention: the CPU path and the fallback for shapes the kernels do not cover.
 
+On the CPU without softcap, forward and backward go to PyTorch's fused flash kernel in two lse-merged parts
+(prefix_attention_cpu_flash). Everywhere else, the explicit composition below:
+
 Prefix scores and sequence scores are computed as two separate blocks and joined by one softmax, so the
 concatenated `[prefix; sequence]` keys never exist. A shared prefix stays `[Hkv, P, D]` (einsum broadcasts it over
 the batch and the GQA group), queries are viewed `[B, Hkv, G, Lq, D]` instead of repeating K/V per query head,
@@ -14,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import prefix_attention_cpu_flash as cpu_flash
 from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
 
 NEG_INF = float("-inf")
@@ -98,6 +102,24 @@ def _row_max(seq: Tensor, pre: Optional[Tensor]) -> Tensor:
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
             window):
+    if cpu_flash.applicable(q, softcap):
+        return cpu_flash.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal,
+                                 scale, window)
+    return explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
+                            softcap, window)
+
+
+def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
+             causal, scale, softcap, window, out=None):
+    if out is not None and cpu_flash.applicable(q, softcap):
+        return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
+                                  key_padding_mask, lse, causal, scale, window)
+    return explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
+                             lse, delta, causal, scale, softcap, window)
+
+
+def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
+                     softcap, window):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     acc = _accumulator_dtype(q.dtype)
@@ -126,8 +148,8 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     return out.reshape(batch, hq, lq, dim).to(q.dtype), lse.reshape(batch, hq, lq)
 
 
-def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-             causal, scale, softcap, window):
+def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse,
+                      delta, causal, scale, softcap, window):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv

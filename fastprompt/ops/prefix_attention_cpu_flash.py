@@ -1,0 +1,138 @@
+"""Prefix attention on the CPU through PyTorch's fused flash-attention kernel, in two parts merged by lse.
+
+PyTorch's CPU flash kernel (`aten::_scaled_dot_product_flash_attention_for_cpu`) is much faster than composing
+matmul + softmax, handles GQA without repeat_kv, and returns the log-sum-exp. Attention over `[prefix; seq]`
+splits exactly into attention over the prefix and attention over the sequence, merged by their lse
+(FlashInfer's cascade merge): out = Σ exp(lse_part - lse) · out_part with lse = logaddexp(lse_prefix, lse_seq).
+For backward, the kernel's backward called with the MERGED out and lse gives each part's exact share of the
+gradient (P = exp(s - lse) are then the global probabilities and rowsum(dO·O) the global row term).
+
+A shared prefix is attended by all B·Lq queries of a head at once (queries folded into one long row block), so
+it is never copied per row; a pool's selected entries are gathered per row (the selection itself). The
+sequence part gets an additive mask of at most `[B, 1, Lq, Lk]` that never spans the prefix.
+Not used with softcap (the kernel has none) or when the lse output itself is differentiated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+NEG_INF = float("-inf")
+
+
+def applicable(q: Tensor, softcap: float) -> bool:
+    return q.device.type == "cpu" and softcap == 0.0 and q.shape[-1] > 0
+
+
+def _sequence_mask(q: Tensor, lk: int, key_padding_mask, causal: bool, window: int):
+    """(additive mask or None, use the kernel's is_causal, rows with no visible sequence key [B, 1, Lq] or None)."""
+    lq = q.shape[2]
+    if key_padding_mask is None and window < 0 and (not causal or lq == lk):
+        return None, causal, None  # top-left is_causal equals bottom-right when Lq == Lk
+    hidden = None
+    if causal or window > 0:
+        qpos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        kpos = torch.arange(lk, device=q.device)[None, :]
+        hidden = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
+        if causal:
+            hidden |= kpos > qpos
+        if window > 0:
+            hidden |= (qpos - kpos) >= window
+            if not causal:
+                hidden |= (kpos - qpos) >= window
+        hidden = hidden[None, None]
+    if key_padding_mask is not None:
+        padded = (~key_padding_mask)[:, None, None, :]
+        hidden = padded if hidden is None else (hidden | padded)
+    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, NEG_INF)
+    return mask, False, hidden.all(dim=-1)
+
+
+def _prefix_problem(q: Tensor, prefix_k, prefix_v, prefix_index, mode):
+    """The prefix part as a plain attention problem: (q, k, v, additive mask, rows with no prefix key [B])."""
+    batch, hq, lq, dim = q.shape
+    if mode == PREFIX_SHARED:  # one problem per head over all B·Lq queries
+        return q.transpose(0, 1).reshape(1, hq, batch * lq, dim), prefix_k, prefix_v, None, None
+    if mode != PREFIX_POOL:
+        return q, prefix_k, prefix_v, None, None
+    index = prefix_index.clamp(min=0)
+    slots, plen = prefix_index.shape[1], prefix_k.shape[2]
+
+    def rows(prefix):  # [B, S, Hkv, P, D] -> [B, Hkv, S*P, D]
+        return prefix[index].permute(0, 2, 1, 3, 4).reshape(batch, prefix.shape[1], slots * plen, dim)
+
+    empty_slot = (prefix_index < 0).repeat_interleave(plen, dim=1)[:, None, None, :]
+    mask = torch.zeros(empty_slot.shape, dtype=q.dtype, device=q.device).masked_fill_(empty_slot, NEG_INF)
+    return q, rows(prefix_k), rows(prefix_v), mask, (prefix_index < 0).all(dim=1)
+
+
+def _unfold_shared(t: Tensor, batch: int) -> Tensor:
+    """[1, Hq, B*Lq, ...] -> [B, Hq, Lq, ...] (a view)."""
+    hq = t.shape[1]
+    return t.reshape(hq, batch, -1, *t.shape[3:]).transpose(0, 1)
+
+
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, window):
+    batch = q.shape[0]
+    mask, is_causal, seq_empty = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
+    out_seq, lse_seq = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if seq_empty is not None:  # the kernel reports lse 0 for a row with every key masked
+        lse_seq = lse_seq.masked_fill(seq_empty, NEG_INF)
+    if prefix_mode == PREFIX_NONE:
+        out, lse = out_seq, lse_seq
+    else:
+        pq, pk, pv, pmask, prefix_empty = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
+        out_pre, lse_pre = _flash(pq, pk, pv, 0.0, False, attn_mask=pmask, scale=scale)
+        if prefix_mode == PREFIX_SHARED:
+            out_pre, lse_pre = _unfold_shared(out_pre, batch), _unfold_shared(lse_pre, batch)
+        if prefix_empty is not None:
+            lse_pre = lse_pre.masked_fill(prefix_empty[:, None, None], NEG_INF)
+        lse = torch.logaddexp(lse_pre, lse_seq)
+        finite = torch.isfinite(lse)
+        safe = torch.where(finite, lse, torch.zeros_like(lse))
+        w_pre = torch.exp(lse_pre - safe).masked_fill(~finite, 0.0)[..., None]
+        w_seq = torch.exp(lse_seq - safe).masked_fill(~finite, 0.0)[..., None]
+        out = out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq
+    empty = torch.isneginf(lse)
+    out = out.masked_fill(empty[..., None], 0.0)
+    return out.to(q.dtype).contiguous(), lse
+
+
+def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, causal,
+             scale, window):
+    """Exact gradients when the lse output carries no gradient (see the module docstring)."""
+    batch = q.shape[0]
+    # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0 instead of NaN.
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf")).to(torch.float64 if q.dtype == torch.float64
+                                                                 else torch.float32)
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    mask, is_causal, _ = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
+    dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    dprefix_k = dprefix_v = None
+    if prefix_mode != PREFIX_NONE:
+        pq, pk, pv, pmask, _ = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
+        if prefix_mode == PREFIX_SHARED:
+            fold = lambda t: t.transpose(0, 1).reshape(1, t.shape[1], -1, *t.shape[3:])  # noqa: E731
+            pgrad, pout, plse = fold(grad_out), fold(out), fold(lse)
+        else:
+            pgrad, pout, plse = grad_out, out, lse
+        dpq, dpk, dpv = _flash_backward(pgrad, pq, pk, pv, pout, plse, 0.0, False, attn_mask=pmask, scale=scale)
+        dq = dq + (_unfold_shared(dpq, batch) if prefix_mode == PREFIX_SHARED else dpq)
+        if prefix_mode == PREFIX_POOL:  # scatter each row's slots back into the pool entries they read
+            slots, plen = prefix_index.shape[1], prefix_k.shape[2]
+
+            def scatter(rows, prefix):
+                per_slot = rows.reshape(batch, prefix.shape[1], slots, plen, prefix.shape[3]).transpose(1, 2)
+                total = torch.zeros(prefix.shape, dtype=torch.float32 if prefix.dtype != torch.float64
+                                    else torch.float64, device=prefix.device)
+                total.index_add_(0, prefix_index.clamp(min=0).reshape(-1), per_slot.flatten(0, 1).to(total.dtype))
+                return total.to(prefix.dtype)
+
+            dpk, dpv = scatter(dpk, prefix_k), scatter(dpv, prefix_v)
+        dprefix_k, dprefix_v = dpk, dpv
+    return dq, dk, dv, dprefix_k, dprefix_v
