@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 VOCAB = 61
 PAD = 0
+EOS = 2
 REF_ATTENTION = "fastprompt_test_concat_reference"
 
 # layer index -> (key [B, Hkv, P, D], value [B, Hkv, P, D]); set by the tests, read by the reference attention.
@@ -23,7 +24,7 @@ REFERENCE_PREFIXES: dict = {}
 
 
 def tiny_config(family: str):
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
     if family == "llama":
         return transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach, detach
 
+import prompts_helpers as H
 from prompts_helpers import make_inputs, positions_from_mask, prompt_grads, reference_copy, tiny_model, zero_grads
 
 
@@ -149,6 +150,7 @@ def test_bert_pool_cls_query_with_token_type_ids():
 
 def _greedy_reference(prompt, twin, ids, mask, steps, task_ids=None):
     tokens, m = ids.clone(), mask.clone()
+    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
     with torch.no_grad():
         rows, _ = _reference_rows(prompt, twin, ids, mask, task_ids)
         P = rows[0].shape[0]
@@ -158,6 +160,8 @@ def _greedy_reference(prompt, twin, ids, mask, steps, task_ids=None):
             ext = torch.cat([torch.ones(tokens.shape[0], P, dtype=m.dtype), m], 1)
             logits = twin(inputs_embeds=full, attention_mask=ext, position_ids=positions_from_mask(ext)).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
+            nxt = nxt.masked_fill(finished, H.PAD)  # generate() pads rows that emitted EOS
+            finished = finished | (nxt == H.EOS)
             tokens = torch.cat([tokens, nxt], 1)
             m = torch.cat([m, torch.ones_like(nxt)], 1)
     return tokens
