@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
 from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs, check_prefix_attention_args
@@ -131,6 +132,28 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fastprompt::prefix_attention_forward", _backward, setup_context=_setup_context)
+
+
+def _keys_per_row(k_shape, prefix_k_shape, prefix_index_shape) -> int:
+    slots = prefix_index_shape[1] if prefix_index_shape is not None else 0
+    prefix_len = prefix_k_shape[2] if prefix_k_shape is not None else 0
+    return k_shape[2] + slots * prefix_len
+
+
+@register_flop_formula(torch.ops.fastprompt.prefix_attention_forward)
+def _forward_flops(q_shape, k_shape, v_shape, prefix_k_shape=None, prefix_v_shape=None, prefix_index_shape=None,
+                   *args, out_shape=None, **kwargs) -> int:
+    # the two matmuls of attention over every key a row can see, counted dense (as FlopCounterMode counts SDPA)
+    batch, heads, lq, dim = q_shape
+    return 4 * batch * heads * lq * _keys_per_row(k_shape, prefix_k_shape, prefix_index_shape) * dim
+
+
+@register_flop_formula(torch.ops.fastprompt.prefix_attention_backward)
+def _backward_flops(grad_out_shape, q_shape, k_shape, v_shape, prefix_k_shape=None, prefix_v_shape=None,
+                    prefix_index_shape=None, *args, out_shape=None, **kwargs) -> int:
+    # recompute QK^T, then dV, dP, dQ, dK: five matmuls, 2.5x the forward
+    batch, heads, lq, dim = q_shape
+    return 10 * batch * heads * lq * _keys_per_row(k_shape, prefix_k_shape, prefix_index_shape) * dim
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
