@@ -83,6 +83,9 @@ class PromptConfig:
         dims.update(kwargs)
         return cls(**dims)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
