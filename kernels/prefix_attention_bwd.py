@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E, block_d,
+from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E_C, block_d,
                                       dot_precision, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, split_range)
 from .prefix_attention_fwd import _last_dim_contiguous, score_constants
@@ -31,7 +31,7 @@ def _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d,
     do = tl.load(DO + do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                  other=0.0)
     lse = tl.load(LSE + l_base + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
     delta = tl.load(DELTA + l_base + offs_m, mask=row_ok, other=0.0)
     return q, do.to(q.dtype), lse, delta
 

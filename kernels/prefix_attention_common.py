@@ -13,6 +13,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The same two numbers for use inside @triton.jit code (compiled kernels only read constexpr globals).
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 
 
 @dataclass(frozen=True)

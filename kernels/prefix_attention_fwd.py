@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (FWD_CONFIGS, LN2, LOG2E, block_d, dot_precision, mma, pick_config,
+from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, mma, pick_config,
                                       score_log2, sequence_key_range, sequence_visible)
 
 
@@ -121,7 +121,7 @@ def _prefix_attention_fwd_kernel(
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < Lq)

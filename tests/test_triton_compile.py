@@ -1,0 +1,169 @@
+"""Ahead-of-time compile of every Triton prefix-attention kernel for sm_80 and sm_90, without a GPU.
+
+Checks that each kernel x tile config compiles, fits the target's shared memory, and lowers its matmuls to
+tensor-core instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90). TRITON_INTERPRET is read when kernels
+are decorated and the test session sets it, so the compiles run in one subprocess with it unset; that process
+(this file run as a script) prints one JSON line per compile.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ARCHS = {80: 166912, 90: 232448}  # compute capability -> max dynamic shared memory per block (bytes)
+REPO = Path(__file__).resolve().parents[1]
+
+# kernel module, kernel name, config list name
+KERNELS = [
+    ("prefix_attention_fwd", "_prefix_attention_fwd_kernel", "FWD_CONFIGS"),
+    ("prefix_attention_bwd", "_prefix_attention_bwd_dkdv_kernel", "BWD_DKDV_CONFIGS"),
+    ("prefix_attention_bwd", "_prefix_attention_bwd_dq_kernel", "BWD_DQ_CONFIGS"),
+    ("prefix_attention_bwd", "_prefix_attention_bwd_dprefix_kernel", "BWD_DPREFIX_CONFIGS"),
+]
+_FP32_POINTERS = {"Lse", "LSE", "DELTA"}
+_FLOAT_SCALARS = {"score_scale", "cap_scale", "sm_scale"}
+_UNIT_STRIDES = {"stride_is", "stride_mn"}  # specialized to 1 at launch, as Triton does for int args equal to 1
+
+
+def _import_kernels():
+    """kernels/ as the package fastprompt.kernels, however the checkout is (or is not) installed."""
+    sys.path.insert(0, str(REPO))
+    import fastprompt.kernels  # noqa: F401  (fastprompt/__init__.py maps the top-level kernels/ folder)
+
+    return sys.modules["fastprompt.kernels"]
+
+
+def _signature(kernel, dtype: str, constexprs: dict):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.startswith("stride_") or name in ("Lq", "Lk", "P", "S", "G", "window", "num_p_tiles"):
+            signature[name] = "i32"
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        elif name == "PIDX":
+            signature[name] = "*i64"
+        elif name == "KPM":
+            signature[name] = "*u8"
+        elif name in _FP32_POINTERS or (name in ("DPK", "DPV") and constexprs.get("ATOMIC")):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = f"*{dtype}"
+    return signature
+
+
+def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    constexprs = dict(HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, DOT_PRECISION="tf32")
+    # Every feature on: the largest variant of each kernel (prefix, padding mask, causal + window, softcap).
+    for flag in ("HAS_PREFIX", "HAS_KPM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "ATOMIC"):
+        if flag in kernel.arg_names:
+            constexprs[flag] = True
+    for name in _UNIT_STRIDES & set(kernel.arg_names):
+        constexprs[name] = 1
+    signature = _signature(kernel, dtype, constexprs)
+    # Pointers and (non-unit) strides get the 16-divisibility hint a real launch with aligned tensors gets.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name not in constexprs and (signature[name].startswith("*") or name.startswith("stride_"))}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    start = time.time()
+    compiled = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    return dict(shared=compiled.metadata.shared, mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"),
+                seconds=round(time.time() - start, 2))
+
+
+def _jobs():
+    """(kernel index, config index, arch, dtype, head dim): every kernel x config once per arch, at the head dim
+    the config is meant for, fp16 and bf16 alternating so both dtypes are compiled for every kernel."""
+    kernels = _import_kernels()
+    jobs = []
+    for ki, (module, name, configs) in enumerate(KERNELS):
+        for ci, cfg in enumerate(getattr(kernels, configs)):
+            for ai, arch in enumerate(ARCHS):
+                dtype = ("fp16", "bf16")[(ci + ai) % 2]
+                jobs.append((ki, ci, arch, dtype, min(cfg.max_head_dim, 256)))
+    return jobs
+
+
+def _worker(shard: int, shards: int) -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "AOT compiles need TRITON_INTERPRET unset"
+    kernels = _import_kernels()
+    import importlib
+
+    for ki, ci, arch, dtype, head_dim in _jobs()[shard::shards]:
+        module, name, configs = KERNELS[ki]
+        kernel = getattr(importlib.import_module(f"fastprompt.kernels.{module}"), name)
+        cfg = getattr(kernels, configs)[ci]
+        record = dict(kernel=name, config=ci, arch=arch, dtype=dtype, head_dim=head_dim)
+        try:
+            record.update(_compile_one(kernel, cfg, dtype, head_dim, arch))
+        except Exception as exc:  # reported per compile so one failure does not hide the others
+            causes, err = [], exc
+            while err is not None:
+                causes.append(f"{type(err).__name__}: {err}")
+                err = err.__cause__
+            record["error"] = " <- ".join(causes)[-3000:]
+        print("COMPILE " + json.dumps(record), flush=True)
+
+
+@pytest.fixture(scope="module")
+def compile_results():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = env.get("FASTPROMPT_TRITON_AOT_CACHE", str(REPO / ".pytest_cache" / "triton_aot"))
+    # Compiles are CPU-bound and independent: a few worker processes, each taking every n-th job.
+    shards = max(1, min(4, os.cpu_count() or 1))
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(shards)], env=env, cwd=str(REPO),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(shards)]
+    results, failures = {}, []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        for line in out.splitlines():
+            if line.startswith("COMPILE "):
+                r = json.loads(line[len("COMPILE "):])
+                results[(r["kernel"], r["config"], r["arch"])] = r
+        if proc.returncode != 0:
+            failures.append(f"rc={proc.returncode}: {err[-3000:]}")
+    if failures and not results:
+        pytest.fail("compile workers failed:\n" + "\n".join(failures))
+    return results
+
+
+def _cases():
+    if importlib.util.find_spec("triton") is None:
+        return []
+    cases = []
+    for module, name, configs in KERNELS:
+        count = len(getattr(_import_kernels(), configs))
+        for ci in range(count):
+            for arch in ARCHS:
+                cases.append(pytest.param(name, ci, arch, id=f"{name.strip('_')}-cfg{ci}-sm{arch}"))
+    return cases
+
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.mark.parametrize("kernel,config,arch", _cases())
+def test_kernel_compiles_for_target(compile_results, kernel, config, arch):
+    r = compile_results.get((kernel, config, arch))
+    assert r is not None, f"no compile result for {kernel} config {config} sm_{arch}"
+    assert "error" not in r, r["error"]
+    assert r["shared"] <= ARCHS[arch], f"{r['shared']} bytes of shared memory > sm_{arch} limit {ARCHS[arch]}"
+    assert r["mma_sync"] + r["wgmma"] > 0, f"no tensor-core MMA instruction in the PTX: {r}"
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]) if len(sys.argv) > 1 else 0, int(sys.argv[2]) if len(sys.argv) > 2 else 1)
