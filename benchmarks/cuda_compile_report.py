@@ -52,8 +52,9 @@ def demangle(names):
 
 def short_name(demangled: str) -> str:
     """prefix_attention_fwd_kernel<__nv_bfloat16, 128, 4, 64> etc., without namespaces and arguments."""
-    s = re.sub(r"\(.*\)$", "", demangled)
-    s = re.sub(r"\b(fastprompt|attn|\(anonymous namespace\)|gm)::", "", s)
+    s = demangled.replace("(anonymous namespace)::", "")
+    s = re.sub(r"\b(fastprompt|attn|gm)::", "", s)
+    s = re.sub(r"\(.*\)$", "", s)
     s = s.replace("void ", "")
     return s
 
