@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
+
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
@@ -158,9 +160,62 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_rel_close(actual, expected, rel, what=""):
+    """Relative to the tensor's scale: |a - e| <= rel * (|e| + max|e|) elementwise."""
+    scale = expected.detach().abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * max(scale, 1e-12),
+                               msg=lambda m: f"{what}: {m}")
+
+
 def prompt_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
 def needs_peft():
     return pytest.importorskip("peft")
+
+
+def tasks_of(family: str):
+    return ["CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"] if family in DECODER_FAMILIES else ["SEQ_CLS",
+                                                                                              "FEATURE_EXTRACTION"]
+
+
+FAMILY_TASKS = [(f, t) for f in FAMILIES for t in tasks_of(f)]
+
+
+def labels_for(task: str, ids, mask):
+    if task == "CAUSAL_LM":
+        return ids if mask is None else ids.masked_fill(mask == 0, -100)
+    if task == "SEQ_CLS":
+        return torch.arange(ids.shape[0]) % 3
+    return None
+
+
+def run_step(model, task, ids, mask, **kwargs):
+    """Forward (+ labels where the task has them) and backward; returns (main output, loss)."""
+    labels = labels_for(task, ids, mask)
+    if labels is not None:
+        kwargs["labels"] = labels
+    out = model(input_ids=ids, attention_mask=mask, **kwargs)
+    if task == "FEATURE_EXTRACTION":
+        hidden = out.last_hidden_state
+        weights = torch.linspace(0.5, 1.5, hidden.numel()).view_as(hidden)
+        loss = (hidden.square() * weights).mean()  # positive terms: no cancellation to amplify rounding
+        main = hidden
+    else:
+        loss, main = out.loss, out.logits
+    loss.backward()
+    return main.detach(), loss.detach()
+
+
+def assert_step_parity(patched, oracle, task, ids, mask, what="", **kwargs):
+    patched.zero_grad(set_to_none=True)
+    oracle.zero_grad(set_to_none=True)
+    main_p, loss_p = run_step(patched, task, ids, mask, **kwargs)
+    main_o, loss_o = run_step(oracle, task, ids, mask, **kwargs)
+    assert_rel_close(main_p, main_o, 1e-5, what=f"{what} outputs")
+    assert_rel_close(loss_p, loss_o, 1e-5, what=f"{what} loss")
+    grads_p, grads_o = prompt_grads(patched), prompt_grads(oracle)
+    assert grads_p.keys() == grads_o.keys() and grads_p, f"{what}: trainable parameters differ"
+    for name in grads_o:
+        assert_rel_close(grads_p[name], grads_o[name], 1e-4, what=f"{what} grad {name}")

@@ -1,0 +1,281 @@
+"""Drop-in acceleration of a PEFT prompt-learning model, patched per instance and reversibly.
+
+What changes for the patched PeftModel instance (instance attributes only; PEFT keeps owning every parameter, so
+save_pretrained / from_pretrained are untouched):
+
+- Prefix tuning: `forward`, `generate` and `prepare_inputs_for_generation` are replaced. The prefix encoder runs
+  once per step on the P virtual tokens (not on B copies); its output is viewed as per-layer K/V `[Hkv, P, D]` and
+  handed to the base model's "fastprompt" attention (see transformers_attention). No DynamicCache of B prefix copies,
+  no `[prefix; seq]` concatenation, no 4D mask. Real tokens keep PEFT's positions (P, P+1, ...: PEFT sees a P-long
+  cache), prefix keys are never rotated. In generate() the KV cache holds real tokens only.
+- Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt` is replaced. The encoder runs
+  once on `[1, P]` and the prompt is expanded (a view), never repeated per row; MPT multiplies the shared prompt by
+  each row's task factors without looking the embedding up B times. PEFT's own forward does the rest.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .transformers_attention import (
+    PREFIXES_KWARG,
+    LayerPrefix,
+    _hf_model,
+    check_supports_attention_interface,
+    disable_fastprompt_attention,
+    enable_fastprompt_attention,
+    layer_prefixes,
+    model_layout,
+    set_backend,
+)
+
+_PATCH_ATTR = "_fastprompt_peft_patch"
+
+# Families whose PEFT prompt-learning behaviour (positions, masks, cache use) was checked against fastprompt.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "bert", "roberta")
+SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+
+
+@dataclass
+class _PeftPatch:
+    method: str                                  # "prefix" | "input"
+    backend: str
+    attention_token: Any = None
+    saved: dict = field(default_factory=dict)    # instance attributes that existed before patching
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+def _value(x):
+    return getattr(x, "value", x)
+
+
+def is_patched(model) -> bool:
+    return _PATCH_ATTR in getattr(model, "__dict__", {})
+
+
+def _check_patchable(model):
+    peft = _peft()
+    if not isinstance(model, peft.PeftModel):
+        raise TypeError(f"fastprompt: expected a peft.PeftModel, got {type(model).__name__}")
+    config = model.active_peft_config
+    peft_type = _value(config.peft_type)
+    if not config.is_prompt_learning:
+        raise ValueError(
+            f"fastprompt: the active adapter {model.active_adapter!r} is {peft_type}, not a prompt-learning method; "
+            "patch_model accelerates PrefixTuning, PromptTuning, P-tuning (PromptEncoder) and MultitaskPromptTuning"
+        )
+    if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
+        raise ValueError(f"fastprompt: PEFT method {peft_type} is not supported by patch_model")
+    task = _value(config.task_type)
+    if task not in SUPPORTED_TASK_TYPES:
+        raise ValueError(
+            f"fastprompt: task type {task} is not supported (supported: {', '.join(SUPPORTED_TASK_TYPES)})")
+    if (config.num_transformer_submodules or 1) != 1:
+        raise ValueError("fastprompt: encoder-decoder prompt learning (num_transformer_submodules=2) is not supported")
+    hf = model.get_base_model()
+    model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        # First the precise reason when the attention cannot be reached at all (GPT-J, Falcon, BLOOM, ...).
+        check_supports_attention_interface(hf)
+        raise ValueError(
+            f"fastprompt: model_type {model_type!r} ({type(hf).__name__}) is not supported by patch_model: its "
+            f"prompt-learning semantics were not validated (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    check_supports_attention_interface(hf)
+    if peft_type == "PREFIX_TUNING":
+        layout = model_layout(hf)
+        heads, dim = config.num_attention_heads, config.token_dim // config.num_attention_heads
+        if (config.num_layers, heads, dim) != (layout.num_layers, layout.num_kv_heads, layout.head_dim):
+            raise ValueError(
+                f"fastprompt: the prefix of {model_type!r} is shaped for {config.num_layers} layers x {heads} heads "
+                f"x {dim} dims but the model has {layout.num_layers} x {layout.num_kv_heads} KV heads x "
+                f"{layout.head_dim}; such a prefix does not fit the model's attention"
+            )
+    return config
+
+
+def patch_peft_model(model, *, backend: str = "auto"):
+    """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op
+    (except that an explicitly different `backend` is applied)."""
+    if is_patched(model):
+        record = model.__dict__[_PATCH_ATTR]
+        if record.method == "prefix" and backend != record.backend:
+            set_backend(model.get_base_model(), backend)
+            record.backend = backend
+        return model
+    config = _check_patchable(model)
+    method = "prefix" if _value(config.peft_type) == "PREFIX_TUNING" else "input"
+    record = _PeftPatch(method=method, backend=backend)
+    if method == "prefix":
+        record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
+        replacements = {
+            "forward": _prefix_forward,
+            "generate": _prefix_generate,
+            "prepare_inputs_for_generation": _prefix_prepare_inputs_for_generation,
+        }
+    else:
+        replacements = {"get_prompt": _input_get_prompt}
+    for name, fn in replacements.items():
+        if name in model.__dict__:
+            record.saved[name] = model.__dict__[name]
+        object.__setattr__(model, name, types.MethodType(fn, model))
+    object.__setattr__(model, _PATCH_ATTR, record)
+    return model
+
+
+def unpatch_peft_model(model):
+    """Exact restore of a patched PeftModel (no-op when it is not patched); returns it."""
+    record = model.__dict__.get(_PATCH_ATTR)
+    if record is None:
+        return model
+    names = ("forward", "generate", "prepare_inputs_for_generation") if record.method == "prefix" else ("get_prompt",)
+    for name in names:
+        if name in model.__dict__:
+            object.__delattr__(model, name)
+        if name in record.saved:
+            object.__setattr__(model, name, record.saved[name])
+    if record.attention_token is not None:
+        disable_fastprompt_attention(model.get_base_model(), record.attention_token)
+    object.__delattr__(model, _PATCH_ATTR)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix tuning
+
+
+def prefix_layer_kv(model) -> dict:
+    """Per-layer prefix K/V `[Hkv, P, D]` of the active prefix-tuning adapter, the encoder run once on P tokens.
+
+    PEFT's saved layout `[P, 2·L·Hkv·D]` viewed as `(P, 2L, Hkv, D)`: index 2l is layer l's K, 2l+1 its V.
+    """
+    config = model.active_peft_config
+    encoder = model.prompt_encoder[model.active_adapter]
+    num_tokens = config.num_virtual_tokens
+    if config.inference_mode:
+        flat = encoder.embedding.weight
+    else:
+        tokens = model.prompt_tokens[model.active_adapter][:num_tokens].to(encoder.embedding.weight.device)
+        flat = encoder(tokens)
+    if model.base_model_torch_dtype is not None:
+        flat = flat.to(model.base_model_torch_dtype)
+    heads = config.num_attention_heads
+    kv = flat.view(num_tokens, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+    kv = kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
+    return {layer: LayerPrefix(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.num_layers)}
+
+
+def _prefix_positions(model, input_ids, inputs_embeds, past_length: int, num_tokens: int):
+    """The position ids PEFT's prefix-as-cache gives real tokens when none are passed: as if P tokens came first."""
+    hf = model.get_base_model()
+    layout = model_layout(hf)
+    source = input_ids if input_ids is not None else inputs_embeds
+    batch, seq = source.shape[0], source.shape[1]
+    device = source.device
+    if layout.position_style == "roberta":
+        pad = layout.padding_idx
+        if input_ids is not None:
+            mask = input_ids.ne(pad).int()
+            incremental = (torch.cumsum(mask, dim=1).type_as(mask) + num_tokens + past_length) * mask
+            return incremental.long() + pad
+        # RoBERTa does not shift positions computed from inputs_embeds (it cannot see the cache length there)
+        return torch.arange(pad + 1, seq + pad + 1, dtype=torch.long, device=device)[None].expand(batch, -1)
+    start = past_length + num_tokens
+    return torch.arange(start, start + seq, dtype=torch.long, device=device)[None]
+
+
+def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    config = self.active_peft_config
+    original = type(self).forward
+    if _value(config.peft_type) != "PREFIX_TUNING":  # the active adapter changed since patching
+        return original(self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                        labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                        return_dict=return_dict, task_ids=task_ids, **kwargs)
+    task = _value(config.task_type)
+    source = input_ids if input_ids is not None else inputs_embeds
+    batch, seq = source.shape[0], source.shape[1]
+    if return_dict is None:
+        from peft.peft_model import _get_return_dict_transformers_v4
+
+        return_dict = _get_return_dict_transformers_v4(self.config)
+    # PEFT's own rules: user position ids shifted by P; token_type_ids dropped except for sequence classification
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=task != "SEQ_CLS")
+    past = kwargs.get("past_key_values")
+    past_length = past.get_seq_length() if past is not None else 0
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = _prefix_positions(self, input_ids, inputs_embeds, past_length,
+                                                   config.num_virtual_tokens)
+    if attention_mask is None:  # explicit, so transformers never guesses packed sequences from our position ids
+        attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=source.device)
+    call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, **kwargs)
+    if task != "FEATURE_EXTRACTION":
+        call["labels"] = labels
+    call[PREFIXES_KWARG] = prefix_layer_kv(self)
+    return self.base_model(**call)
+
+
+def _prefix_generate(self, *args, **kwargs):
+    config = self.active_peft_config
+    original = type(self).generate
+    if _value(config.peft_type) != "PREFIX_TUNING":
+        return original(self, *args, **kwargs)
+    with torch.no_grad():
+        prefixes = prefix_layer_kv(self)
+    with layer_prefixes(self.get_base_model(), prefixes):
+        return original(self, *args, **kwargs)
+
+
+def _prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+    config = self.active_peft_config
+    if _value(config.peft_type) != "PREFIX_TUNING":
+        return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
+    model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    # The cache holds real tokens only; the prefix is read from its one copy by the attention. Positions are
+    # PEFT's: generate's (padding-aware) position ids shifted by P.
+    num_tokens = config.num_virtual_tokens
+    if model_kwargs.get("position_ids") is not None:
+        model_kwargs["position_ids"] = model_kwargs["position_ids"] + num_tokens
+    else:
+        cache = model_kwargs.get("past_key_values")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        model_kwargs["position_ids"] = _prefix_positions(self, model_kwargs.get("input_ids"),
+                                                         model_kwargs.get("inputs_embeds"), past_length, num_tokens)
+    return model_kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt tuning, P-tuning, multitask prompt tuning (input level)
+
+
+def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
+                      max_cache_len: Optional[int] = None):
+    config = self.active_peft_config
+    peft_type = _value(config.peft_type)
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
+        return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+    encoder = self.prompt_encoder[self.active_adapter]
+    tokens = self.prompt_tokens[self.active_adapter].to(encoder.embedding.weight.device)
+    if peft_type == "MULTITASK_PROMPT_TUNING":
+        if task_ids is None:
+            raise ValueError("task_ids cannot be None")
+        # MultitaskPromptEmbedding.forward without the per-row embedding lookup: shared prompt * task factors
+        shared = encoder.embedding(tokens)                                     # [P, D], once
+        task_prompts = torch.matmul(encoder.prefix_task_cols.index_select(0, task_ids),
+                                    encoder.prefix_task_rows.index_select(0, task_ids))  # [B, P, D]
+        return shared[None] * task_prompts
+    if config.inference_mode:
+        prompts = encoder.embedding.weight[None]
+    else:
+        prompts = encoder(tokens[None])                                        # [1, P, D], once (LSTM needs a batch)
+    return prompts.expand(batch_size, -1, -1)

@@ -1,0 +1,55 @@
+"""`fastprompt.patch_model` / `fastprompt.unpatch_model`: one call to accelerate a model, one call to undo it."""
+from __future__ import annotations
+
+import inspect
+
+__all__ = ["patch_model", "unpatch_model"]
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def patch_model(model, prompt=None, *, backend: str = "auto"):
+    """Accelerate `model` in place and return it.
+
+    - `prompt` None and `model` a `peft.PeftModel` with a prompt-learning adapter (PrefixTuning, PromptTuning,
+      P-tuning, MultitaskPromptTuning): drop-in, same outputs and saved adapters (fastprompt.integrations.peft).
+    - `prompt` a fastprompt prompt module: attach it to the transformers `model` (fastprompt.integrations.prompt_attach).
+    `backend` forces the prefix_attention backend of the patched model ("auto", "torch", "triton", "cuda",
+    "reference"). Patching twice is a no-op; `unpatch_model` restores the model exactly.
+    """
+    if prompt is None:
+        if not _is_peft_model(model):
+            raise TypeError(
+                f"fastprompt.patch_model: {type(model).__name__} is not a peft.PeftModel; pass a fastprompt prompt "
+                "module as `prompt` to add prompt learning to a plain transformers model"
+            )
+        from .integrations.peft import patch_peft_model
+
+        return patch_peft_model(model, backend=backend)
+    if _is_peft_model(model):
+        raise TypeError("fastprompt.patch_model: pass either a PeftModel or a (transformers model, prompt) pair")
+    from .integrations import prompt_attach
+
+    if backend != "auto" and "backend" in inspect.signature(prompt_attach.attach).parameters:
+        result = prompt_attach.attach(model, prompt, backend=backend)
+    else:
+        result = prompt_attach.attach(model, prompt)
+    return model if result is None else result
+
+
+def unpatch_model(model):
+    """Undo `patch_model` exactly; returns the model. A model that is not patched is returned unchanged."""
+    if _is_peft_model(model):
+        from .integrations.peft import unpatch_peft_model
+
+        return unpatch_peft_model(model)
+    from .integrations import prompt_attach
+
+    result = prompt_attach.detach(model)
+    return model if result is None else result

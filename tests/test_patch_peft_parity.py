@@ -1,0 +1,64 @@
+"""fastprompt.patch_model on PEFT prompt-learning models = the unpatched PEFT model (outputs, loss, gradients)."""
+import pytest
+import torch
+
+from integration_helpers import FAMILY_TASKS, assert_step_parity, make_inputs, tiny_peft_pair
+
+import fastprompt.patching as fpp
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "hole"])
+@pytest.mark.parametrize("family,task", FAMILY_TASKS)
+def test_prefix_tuning_parity(family, task, padding):
+    patched, oracle = tiny_peft_pair(family, "prefix", task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding=padding)
+    assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/{task}/prefix/{padding}")
+
+
+@pytest.mark.parametrize("family,task", FAMILY_TASKS)
+def test_prefix_projection_parity(family, task):
+    patched, oracle = tiny_peft_pair(family, "prefix_proj", task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="hole")
+    assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/{task}/prefix_proj")
+
+
+POSITION_CASES = [("llama", "CAUSAL_LM"), ("mistral", "SEQ_CLS"), ("qwen3", "CAUSAL_LM"), ("gemma2", "CAUSAL_LM"),
+                  ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("roberta", "FEATURE_EXTRACTION")]
+
+
+@pytest.mark.parametrize("family,task", POSITION_CASES)
+def test_prefix_tuning_parity_user_position_ids(family, task):
+    patched, oracle = tiny_peft_pair(family, "prefix", task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding-aware, as generate() builds them
+    assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/{task}/position_ids",
+                       position_ids=position_ids)
+
+
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("gpt2", "FEATURE_EXTRACTION")])
+def test_prefix_tuning_parity_without_attention_mask(family, task):
+    patched, oracle = tiny_peft_pair(family, "prefix", task)
+    fpp.patch_model(patched)
+    ids, _ = make_inputs(padding="none")
+    assert_step_parity(patched, oracle, task, ids, None, what=f"{family}/{task}/no mask")
+
+
+INPUT_LEVEL_CASES = [("llama", "CAUSAL_LM"), ("gemma2", "SEQ_CLS"), ("qwen2", "FEATURE_EXTRACTION"),
+                     ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("roberta", "FEATURE_EXTRACTION")]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning_mlp", "ptuning_lstm", "mpt"])
+@pytest.mark.parametrize("family,task", INPUT_LEVEL_CASES)
+def test_input_level_parity(family, task, method):
+    if method == "mpt" and task == "FEATURE_EXTRACTION":
+        pytest.skip("PEFT's feature-extraction forward never passes task_ids, so MPT cannot run there")
+    patched, oracle = tiny_peft_pair(family, method, task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="hole" if task != "SEQ_CLS" else "left")
+    kwargs = {"task_ids": torch.tensor([2, 0, 1])} if method == "mpt" else {}
+    assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/{task}/{method}", **kwargs)
