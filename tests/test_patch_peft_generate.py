@@ -1,0 +1,63 @@
+"""generate() on a patched prefix-tuned causal LM: same tokens as unpatched PEFT; the KV cache holds real tokens."""
+import pytest
+import torch
+
+from integration_helpers import PAD, make_inputs, tiny_peft_pair
+
+import fastprompt.patching as fpp
+
+pytest.importorskip("peft")
+
+P = 4
+
+
+def _generate(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD,
+                          return_dict_in_generate=True, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_matches_unpatched(family, num_beams):
+    patched, oracle = tiny_peft_pair(family, "prefix", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    got = _generate(patched, ids, mask, num_beams=num_beams)
+    expected = _generate(oracle, ids, mask, num_beams=num_beams)
+    assert torch.equal(got.sequences, expected.sequences)
+    # the cache holds the real tokens only (the prefix is read from its one copy every step)
+    new_tokens = got.sequences.shape[1] - ids.shape[1]
+    assert got.past_key_values.get_seq_length() == ids.shape[1] + new_tokens - 1
+    assert expected.past_key_values.get_seq_length() == P + ids.shape[1] + new_tokens - 1
+
+
+def test_generate_static_cache():
+    patched, oracle = tiny_peft_pair("llama", "prefix", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    got = _generate(patched, ids, mask, cache_implementation="static")
+    expected = _generate(oracle, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    from transformers import StaticCache
+
+    assert isinstance(got.past_key_values, StaticCache)
+    assert got.past_key_values.get_seq_length() == got.sequences.shape[1] - 1
+
+
+def test_generate_prefix_projection_and_scores():
+    patched, oracle = tiny_peft_pair("mistral", "prefix_proj", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    got = _generate(patched, ids, mask, output_scores=True)
+    expected = _generate(oracle, ids, mask, output_scores=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning_lstm"])
+def test_generate_input_level_methods(method):
+    patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    assert torch.equal(_generate(patched, ids, mask).sequences, _generate(oracle, ids, mask).sequences)
