@@ -188,9 +188,10 @@ def test_detach_restores_model():
     prompt = fp.PromptTuning(model, num_virtual_tokens=2)
     attach(model, prompt)
     assert model.fastprompt_prompt is prompt and "forward" in model.__dict__
+    assert attach(model, prompt) is model  # the same prompt again: a no-op
     with pytest.raises(ValueError, match="already has a fastprompt prompt"):
         attach(model, fp.PromptTuning(model, num_virtual_tokens=2))
-    assert detach(model) is prompt
+    assert detach(model) is model and detach(model) is model
     assert "forward" not in model.__dict__ and not hasattr(model, "fastprompt_prompt")
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, before, rtol=0, atol=0)

@@ -59,6 +59,8 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if _STATE_ATTR in model.__dict__:
+        if model.__dict__[_STATE_ATTR].prompt is prompt:
+            return model  # patching twice with the same prompt is a no-op
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
     prompt.check_compatible(model)
     if prompt.placement == "input" and model.get_input_embeddings() is None:
@@ -97,10 +99,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
 
 def detach(model):
     """Undo attach exactly: original forward, no prompt submodule, requires_grad flags and attention restored.
-    Returns the detached prompt (None when nothing was attached)."""
+    Returns the model (unchanged when nothing was attached); the prompt module stays usable on its own."""
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
-        return None
+        return model
     if state.original_forward is _MISSING:
         model.__dict__.pop("forward", None)
     else:
@@ -113,7 +115,7 @@ def detach(model):
 
         disable_fastprompt_attention(model, state.attention_token)
     object.__delattr__(model, _STATE_ATTR)
-    return state.prompt
+    return model
 
 
 def _restore_requires_grad(model, flags: Dict[str, bool]) -> None:
