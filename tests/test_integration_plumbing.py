@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import FAMILIES, assert_close, make_inputs, tiny_model
 
 from fastprompt.integrations.transformers_attention import (

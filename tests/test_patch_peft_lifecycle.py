@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import (
     assert_rel_close,
     make_inputs,

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import FAMILY_TASKS, assert_step_parity, make_inputs, tiny_peft_pair
 
 import fastprompt.patching as fpp

@@ -1,0 +1,88 @@
+"""Training a patched prefix-tuned model: gradient checkpointing, transformers.Trainer, torch.compile."""
+import os
+import warnings
+
+import pytest
+import torch
+
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
+from integration_helpers import (
+    assert_rel_close,
+    make_inputs,
+    prompt_grads,
+    run_step,
+    tiny_peft_pair,
+)
+
+import fastprompt.patching as fpp
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("gpt2", "SEQ_CLS"), ("bert", "SEQ_CLS")])
+def test_gradient_checkpointing(family, task):
+    patched, oracle = tiny_peft_pair(family, "prefix_proj", task)
+    fpp.patch_model(patched)  # the oracle stays unpatched PEFT, without checkpointing (PEFT refuses it)
+    patched.train()
+    oracle.train()  # dropout is 0 in the tiny configs: train mode changes nothing but checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in patched.modules())
+    ids, mask = make_inputs(padding="left")
+    main_c, loss_c = run_step(patched, task, ids, mask)
+    main_o, loss_o = run_step(oracle, task, ids, mask)
+    assert_rel_close(loss_c, loss_o, 1e-5, what="loss")
+    grads_c, grads_o = prompt_grads(patched), prompt_grads(oracle)
+    assert grads_c.keys() == grads_o.keys() and grads_c
+    for name in grads_o:
+        assert_rel_close(grads_c[name], grads_o[name], 1e-4, what=name)
+
+
+def test_trainer_losses_match_unpatched(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    patched, oracle = tiny_peft_pair("llama", "prefix_proj", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=8, seq=6, padding="left", seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    rows = [dict(input_ids=ids[i], attention_mask=mask[i], labels=labels[i]) for i in range(len(ids))]
+
+    def train(model, out):
+        args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=4,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                                 use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    losses_p = train(patched, "p")
+    losses_o = train(oracle, "o")
+    assert len(losses_p) == 4
+    torch.testing.assert_close(torch.tensor(losses_p), torch.tensor(losses_o), rtol=1e-5, atol=1e-6)
+    # the patched model trained the same prompt parameters to the same values
+    for (n, a), (_, b) in zip(patched.named_parameters(), oracle.named_parameters()):
+        if a.requires_grad:
+            assert_rel_close(a.detach(), b.detach(), 1e-4, what=n)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # dynamo + AOT autograd through the custom op: quick
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not os.environ.get("FASTPROMPT_SLOW_TESTS"), reason="inductor on CPU takes ~2 min; set FASTPROMPT_SLOW_TESTS=1")),
+])
+def test_torch_compile_matches_eager(backend):
+    patched, _ = tiny_peft_pair("llama", "prefix_proj", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    patched.zero_grad(set_to_none=True)
+    main_e, loss_e = run_step(patched, "CAUSAL_LM", ids, mask)
+    grads_e = prompt_grads(patched)
+    patched.zero_grad(set_to_none=True)
+    compiled = torch.compile(patched, backend=backend)
+    main_c, loss_c = run_step(compiled, "CAUSAL_LM", ids, mask)
+    assert_rel_close(main_c, main_e, 1e-5, what="compiled logits")
+    assert_rel_close(loss_c, loss_e, 1e-5, what="compiled loss")
+    grads_c = prompt_grads(patched)
+    for name in grads_e:
+        assert_rel_close(grads_c[name], grads_e[name], 1e-4, what=name)
