@@ -1,0 +1,6 @@
+"""`python -m fastprompt bench|info`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,338 @@
+"""The compared pairs: for each case, a fastprompt side and a baseline side (the real PEFT + transformers path, or
+the explicit formulation PEFT users write), each a `Side` with a step to time and count and a `check` that returns
+the outputs/gradients to compare. Cases are built lazily (`Case.build`) so only one case's models live at a time.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import baselines
+from .models import ModelShape, build_base, build_peft, explicit_pool_forward, token_batch
+
+__all__ = ["Side", "Case", "attention_case", "gather_case", "mix_case", "train_case", "generate_case"]
+
+
+@dataclass
+class Side:
+    step: Callable[[], Any]
+    check: Callable[[], dict]
+    exclude: list = field(default_factory=list)  # tensors alive before the step: not counted as saved activations
+
+
+@dataclass
+class Case:
+    group: str      # "attention" | "prompts op" | "train step" | "generate"
+    name: str
+    params: dict
+    build: Callable[[str], dict]  # device -> {"fastprompt": Side, "baseline": Side[, "no_prefix": Side]}
+    baseline: str = "peft"
+    tol: float = 1e-4
+    reps: int = 5
+    tags: tuple = ()  # "reference" (the target shapes), "sweep_seq", "sweep_prefix" (chart series)
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+def _grads(loss_or_out, inputs, grad_out=None) -> tuple:
+    return torch.autograd.grad(loss_or_out, inputs, grad_out, allow_unused=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# op level
+
+
+def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv: int = 2, dim: int = 64,
+                   dtype=torch.float32, tags=(), reps: int = 5) -> Case:
+    """prefix attention, kind "fwd" | "fwd+bwd" | "decode" (Lq = 1 over a cache of `seq` tokens)."""
+
+    def build(device):
+        g = torch.Generator().manual_seed(0)
+
+        def rnd(*shape, grad=False):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+        train = kind == "fwd+bwd"
+        pk, pv = rnd(hkv, plen, dim, grad=train), rnd(hkv, plen, dim, grad=train)
+        if kind == "decode":
+            q, k_new, v_new = rnd(batch, hq, 1, dim), rnd(batch, hkv, 1, dim), rnd(batch, hkv, 1, dim)
+            cache_k, cache_v = rnd(batch, hkv, seq, dim), rnd(batch, hkv, seq, dim)
+            # PEFT's cache holds the prefix rows ahead of the tokens (built once at prefill: not part of the step)
+            peft_k = torch.cat([baselines.prefix_rows(pk, batch), cache_k], dim=2)
+            peft_v = torch.cat([baselines.prefix_rows(pv, batch), cache_v], dim=2)
+
+            def fp_step():
+                with torch.no_grad():
+                    return baselines.fastprompt_decode(q, cache_k, cache_v, k_new, v_new, pk, pv)
+
+            def peft_step():
+                with torch.no_grad():
+                    return baselines.peft_style_decode(q, peft_k, peft_v, k_new, v_new)
+
+            keep = [q, k_new, v_new, cache_k, cache_v, pk, pv, peft_k, peft_v]
+            return {"fastprompt": Side(fp_step, lambda: {"out": fp_step()}, keep),
+                    "baseline": Side(peft_step, lambda: {"out": peft_step()}, keep)}
+
+        q = rnd(batch, hq, seq, dim, grad=train)
+        k, v = rnd(batch, hkv, seq, dim, grad=train), rnd(batch, hkv, seq, dim, grad=train)
+        grad_out = rnd(batch, hq, seq, dim)
+        leaves = (q, k, v, pk, pv)
+
+        def run(attend):
+            def step():
+                out = attend(q, k, v, pk, pv)
+                if not train:
+                    return out
+                return _grads(out, leaves, grad_out)
+
+            def check():
+                out = attend(q, k, v, pk, pv)
+                result = {"out": out.detach()}
+                if train:
+                    result.update(zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), _grads(out, leaves, grad_out)))
+                return result
+
+            if not train:
+                def step_no_grad():
+                    with torch.no_grad():
+                        return attend(q, k, v, pk, pv)
+                return Side(step_no_grad, check, list(leaves) + [grad_out])
+            return Side(step, check, list(leaves) + [grad_out])
+
+        from fastprompt.ops import prefix_attention
+
+        return {"fastprompt": run(lambda *a: prefix_attention(*a, causal=True)),
+                "baseline": run(baselines.peft_style_attention)}
+
+    params = dict(kind=kind, B=batch, S=seq, P=plen, Hq=hq, Hkv=hkv, D=dim)
+    return Case("attention", f"prefix attention {kind}", params, build, "peft", 1e-4, reps, tuple(tags))
+
+
+def gather_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> Case:
+    """gather_prompts(pool, index) forward + backward vs pool[index] (plain torch)."""
+
+    def build(device):
+        from fastprompt.ops.gather_prompts import gather_prompts
+
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(pool, length, width, generator=g).to(device).requires_grad_()
+        index = torch.randint(0, pool, (batch,), generator=g).to(device)
+        grad_out = torch.randn(batch, length, width, generator=g).to(device)
+
+        def side(fn):
+            def step():
+                return _grads(fn(), (table,), grad_out)
+
+            def check():
+                out = fn()
+                return {"out": out.detach(), "dpool": _grads(out, (table,), grad_out)[0]}
+            return Side(step, check, [table, index, grad_out])
+
+        return {"fastprompt": side(lambda: gather_prompts(table, index)), "baseline": side(lambda: table[index])}
+
+    return Case("prompts op", "gather_prompts fwd+bwd", dict(B=batch, N=pool, L=length, d=width), build, "torch",
+                1e-5, reps)
+
+
+def mix_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> Case:
+    """mix_prompts(pool, weights) forward + backward vs einsum (plain torch)."""
+
+    def build(device):
+        from fastprompt.ops.mix_prompts import mix_prompts
+
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(pool, length, width, generator=g).to(device).requires_grad_()
+        weights = torch.softmax(torch.randn(batch, pool, generator=g), -1).to(device).requires_grad_()
+        grad_out = torch.randn(batch, length, width, generator=g).to(device)
+
+        def side(fn):
+            def step():
+                return _grads(fn(), (table, weights), grad_out)
+
+            def check():
+                out = fn()
+                d_table, d_weights = _grads(out, (table, weights), grad_out)
+                return {"out": out.detach(), "dpool": d_table, "dweights": d_weights}
+            return Side(step, check, [table, weights, grad_out])
+
+        return {"fastprompt": side(lambda: mix_prompts(table, weights)),
+                "baseline": side(lambda: torch.einsum("bn,nld->bld", weights, table))}
+
+    return Case("prompts op", "mix_prompts fwd+bwd", dict(B=batch, N=pool, L=length, d=width), build, "torch",
+                1e-5, reps)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# end to end: one training step (forward + backward + AdamW step)
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _train_side(model, forward, params_for_check) -> Side:
+    """forward() -> loss. step = forward + backward + AdamW step; check = loss and gradients, no step."""
+    params = _trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step():
+        loss = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def check():
+        named = params_for_check()
+        loss = forward()
+        grads = torch.autograd.grad(loss, [p for _, p in named])
+        return {"loss": loss.detach(), **{f"grad {n}": g for (n, _), g in zip(named, grads)}}
+
+    exclude = list(model.parameters()) + list(model.buffers())
+    return Side(step, check, exclude)
+
+
+def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, *, with_no_prefix: bool = False,
+               tags=(), reps: int = 3) -> Case:
+    """method "prefix" | "prompt" (PEFT vs the same PEFT model patched) or "pool" (fastprompt PromptPool, prefix
+    placement, hard top-k, vs the same pool run the PEFT way: per-row prefixes in a DynamicCache)."""
+
+    def build(device):
+        ids = token_batch(batch, seq, shape.vocab, device)
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        sides = {}
+        if method in ("prefix", "prompt"):
+            import fastprompt as fp
+
+            for name, patch in (("baseline", False), ("fastprompt", True)):
+                model = build_peft(shape, method, plen, device)
+                model.train()
+                if patch:
+                    fp.patch_model(model)
+
+                def forward(model=model):
+                    return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+                def named(model=model):
+                    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                sides[name] = _train_side(model, forward, named)
+        elif method == "pool":
+            import fastprompt as fp
+            from fastprompt.prompts import PromptPool
+
+            top_k = 4
+            length = max(1, plen // top_k)
+            query = None
+            for name in ("baseline", "fastprompt"):
+                model = build_base(shape, device)
+                model.train()
+                if query is None:
+                    with torch.no_grad():
+                        query = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.mean(dim=1)
+                pool = PromptPool(model.config, pool_size=10, length=length, top_k=top_k, placement="prefix",
+                                  seed=0).to(device)
+                if name == "fastprompt":
+                    fp.patch_model(model, pool)
+
+                    def forward(model=model):
+                        return model(input_ids=ids, attention_mask=mask, labels=ids, prompt_query=query).loss
+                else:
+                    for p in model.parameters():
+                        p.requires_grad_(False)
+                    model.add_module("explicit_pool", pool)
+
+                    def forward(model=model, pool=pool):
+                        return explicit_pool_forward(model, pool, ids, query, labels=ids)[1]
+
+                def named(pool=pool):
+                    return [(n, p) for n, p in pool.named_parameters() if p.requires_grad]
+                sides[name] = _train_side(model, forward, named)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+
+        if with_no_prefix:
+            base = build_base(shape, device)
+            base.train()
+            for p in base.parameters():
+                p.requires_grad_(False)
+            embed = base.get_input_embeddings()
+
+            def no_prefix_step():
+                embeds = embed(ids).detach().requires_grad_()
+                base(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
+
+            sides["no_prefix"] = Side(no_prefix_step, lambda: {}, list(base.parameters()) + list(base.buffers()))
+        return sides
+
+    names = {"prefix": "prefix tuning", "prompt": "prompt tuning", "pool": "prompt pool (prefix, top-4)"}
+    params = dict(model=shape.label(), B=batch, S=seq, P=plen)
+    baseline = "explicit" if method == "pool" else "peft"
+    return Case("train step", names[method], params, build, baseline, 2e-3, reps, tuple(tags))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens: int, tasks: int = 1,
+                  reps: int = 3) -> Case:
+    """Greedy batched generation with prefix tuning. tasks == 1: PEFT generate vs the patched model's.
+    tasks > 1 (mixed-task batch): one PEFT prefix adapter per task; PEFT runs one batch per task (set_adapter),
+    fastprompt runs the whole mixed batch once, each row reading its task's prefix (a prefix pool + task ids)."""
+
+    def build(device):
+        import fastprompt as fp
+        from fastprompt.integrations.peft import prefix_layer_kv
+        from fastprompt.integrations.transformers_attention import LayerPrefix, layer_prefixes
+
+        ids = token_batch(batch, seq, shape.vocab, device, seed=1)
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        task_ids = torch.arange(batch, device=device) % tasks
+        gen = dict(max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+
+        peft_model = build_peft(shape, "prefix", plen, device, adapters=tasks).eval()
+        fp_model = build_peft(shape, "prefix", plen, device, adapters=tasks).eval()
+        fp.patch_model(fp_model)
+
+        def peft_step():
+            with torch.no_grad():
+                if tasks == 1:
+                    return peft_model.generate(input_ids=ids, attention_mask=mask, **gen)
+                out = torch.empty(batch, seq + new_tokens, dtype=ids.dtype, device=device)
+                for t in range(tasks):
+                    rows = (task_ids == t).nonzero().flatten()
+                    peft_model.set_adapter(f"task{t}")
+                    out[rows] = peft_model.generate(input_ids=ids[rows], attention_mask=mask[rows], **gen)
+                peft_model.set_adapter("task0")
+                return out
+
+        if tasks == 1:
+            def fp_step():
+                with torch.no_grad():
+                    return fp_model.generate(input_ids=ids, attention_mask=mask, **gen)
+        else:
+            def fp_step():
+                with torch.no_grad():
+                    per_task = []
+                    for t in range(tasks):  # each adapter's prefix, once (not per row)
+                        fp_model.set_adapter(f"task{t}")
+                        per_task.append(prefix_layer_kv(fp_model))
+                    fp_model.set_adapter("task0")
+                    pooled = {layer: LayerPrefix(torch.stack([p[layer].key for p in per_task]),
+                                                 torch.stack([p[layer].value for p in per_task]), index=task_ids)
+                              for layer in per_task[0]}
+                    with layer_prefixes(fp_model.get_base_model(), pooled):
+                        return type(fp_model).generate(fp_model, input_ids=ids, attention_mask=mask, **gen)
+
+        keep = list(peft_model.parameters()) + list(fp_model.parameters())
+        return {"fastprompt": Side(fp_step, lambda: {"tokens": fp_step()}, keep),
+                "baseline": Side(peft_step, lambda: {"tokens": peft_step()}, keep)}
+
+    name = "generate, mixed-task batch" if tasks > 1 else "generate"
+    params = dict(model=shape.label(), B=batch, S=seq, P=plen, new=new_tokens)
+    if tasks > 1:
+        params["tasks"] = tasks
+    return Case("generate", name, params, build, "peft" if tasks == 1 else "peft, 1 batch/task", 0.0, reps)

@@ -1,0 +1,230 @@
+"""Machine-independent figures of one step: newly allocated bytes, peak live bytes, bytes saved for backward, FLOPs.
+
+- `AllocationTracker` (a TorchDispatchMode) sees every op's outputs; an output whose storage is neither one of the
+  op's inputs' storages nor already tracked is a new allocation. It sums their sizes (`new_bytes`) and, with a
+  weakref finalizer on each new storage, keeps the live total and its maximum (`peak_bytes`): the CPU stand-in for
+  the CUDA allocator's peak, counted above whatever was alive when the step began. fastprompt's own custom ops
+  are opened up (their implementation runs under the tracker too), so their internal temporaries count.
+- `saved_bytes`: `torch.autograd.graph.saved_tensors_hooks`, unique storages, excluding storages that existed
+  before the step (parameters, inputs): the activation memory a step keeps between forward and backward.
+- `flops`: `torch.utils.flop_counter.FlopCounterMode`; the CPU flash-attention ATen ops, which PyTorch has no
+  formula for, are registered here with SDPA's own formulas so both sides are counted alike.
+On CUDA, `measure_step` also reports the allocator's peak (`cuda_peak_bytes`, above the memory in use at the start).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["AllocationTracker", "StepFigures", "measure_allocations", "saved_bytes", "flops", "time_step",
+           "measure_step", "synchronize", "register_cpu_flash_flop_formulas"]
+
+
+def _tensors(obj) -> list:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse / meta-less wrappers: nothing to count
+        return None
+
+
+def _storage_key(storage) -> Optional[int]:
+    if storage is None or storage.nbytes() == 0:
+        return None
+    return storage.data_ptr()
+
+
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Sums the bytes of new storages created by ops run under it, and tracks their live total and peak."""
+
+    def __init__(self, open_namespaces: Iterable[str] = ("fastprompt",)):
+        super().__init__()
+        self.open_namespaces = set(open_namespaces)
+        self.new_bytes = 0
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.allocations = 0
+        self._live: dict[int, int] = {}  # data_ptr -> nbytes of storages allocated under the tracker, still alive
+        self.by_op: dict[str, int] = {}  # op name -> new bytes (where the bytes go)
+
+    def _freed(self, key: int) -> None:
+        nbytes = self._live.pop(key, None)
+        if nbytes is not None:
+            self.live_bytes -= nbytes
+
+    def _record(self, func, outputs, inputs) -> None:
+        input_keys = {_storage_key(_storage(t)) for t in inputs}
+        for t in outputs:
+            storage = _storage(t)
+            key = _storage_key(storage)
+            if key is None or key in input_keys or key in self._live:
+                continue
+            nbytes = storage.nbytes()
+            self._live[key] = nbytes
+            self.new_bytes += nbytes
+            self.allocations += 1
+            name = str(func)
+            self.by_op[name] = self.by_op.get(name, 0) + nbytes
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._freed, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = _tensors((args, kwargs))
+        out = None
+        if func.namespace in self.open_namespaces and inputs:
+            # Run the op's own implementation under this mode, so its internal temporaries are seen.
+            key = _DISPATCH_KEY.get(inputs[0].device.type)
+            if key is not None:
+                with self:
+                    out = func.redispatch(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)), *args,
+                                          **kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+        self._record(func, _tensors(out), inputs)
+        return out
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_allocations(step: Callable[[], object]) -> tuple[int, int, int]:
+    """(new bytes, peak live bytes, number of new storages) of one call of `step`."""
+    gc.collect()
+    tracker = AllocationTracker()
+    with tracker:
+        result = step()
+        del result
+    gc.collect()
+    return tracker.new_bytes, tracker.peak_bytes, tracker.allocations
+
+
+def saved_bytes(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the unique storages saved for backward during `step`, excluding storages of `exclude` (parameters,
+    inputs: they are alive anyway)."""
+    excluded = {_storage_key(_storage(t)) for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = _storage(t)
+        key = _storage_key(storage)
+        if key is not None and key not in excluded and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = step()
+        del result
+    return sum(seen.values())
+
+
+_registered_cpu_flash = False
+
+
+def register_cpu_flash_flop_formulas() -> None:
+    """PyTorch counts SDPA's CUDA kernels but not `_scaled_dot_product_flash_attention_for_cpu` (forward and
+    backward), which both the PEFT path and fastprompt's CPU path run: register SDPA's formulas for them."""
+    global _registered_cpu_flash
+    if _registered_cpu_flash:
+        return
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        @fc.register_flop_formula(fwd)
+        def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+    if bwd is not None and bwd not in fc.flop_registry:
+        @fc.register_flop_formula(bwd)
+        def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                     **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    _registered_cpu_flash = True
+
+
+def flops(step: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_cpu_flash_flop_formulas()
+    with FlopCounterMode(display=False) as counter:
+        result = step()
+        del result
+    return int(counter.get_total_flops())
+
+
+def time_step(step: Callable[[], object], device="cpu", *, warmup: int = 1, reps: int = 5,
+              min_seconds: float = 0.0, max_reps: int = 50) -> list[float]:
+    """Wall-clock seconds of `reps` calls after `warmup` calls (more calls, up to max_reps, until min_seconds
+    of timed work). Median of the list is the figure to report: robust to a busy machine."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times: list[float] = []
+    total = 0.0
+    while len(times) < reps or (total < min_seconds and len(times) < max_reps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        total += elapsed
+    return times
+
+
+@dataclass
+class StepFigures:
+    times_s: list = field(default_factory=list)
+    new_bytes: int = 0
+    peak_bytes: int = 0
+    saved_bytes: int = 0
+    flops: int = 0
+    cuda_peak_bytes: Optional[int] = None
+
+    @property
+    def time_s(self) -> float:
+        return statistics.median(self.times_s) if self.times_s else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"time_s": self.time_s, "times_s": list(self.times_s), "new_bytes": self.new_bytes,
+                "peak_bytes": self.peak_bytes, "saved_bytes": self.saved_bytes, "flops": self.flops,
+                "cuda_peak_bytes": self.cuda_peak_bytes}
+
+
+def measure_step(step: Callable[[], object], device="cpu", *, exclude: Iterable[torch.Tensor] = (),
+                 warmup: int = 1, reps: int = 5, min_seconds: float = 0.0, timing: bool = True) -> StepFigures:
+    """All figures of one step. The counting runs happen after the timed ones (they are slower)."""
+    fig = StepFigures()
+    if timing:
+        fig.times_s = time_step(step, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
+    else:
+        step()  # warm up (lazy init, caches) so the counts are those of a steady-state step
+    fig.new_bytes, fig.peak_bytes, _ = measure_allocations(step)
+    fig.saved_bytes = saved_bytes(step, exclude)
+    fig.flops = flops(step)
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        synchronize(device)
+        fig.cuda_peak_bytes = torch.cuda.max_memory_allocated() - base
+    return fig

@@ -1,0 +1,446 @@
+"""Run the compared pairs, check they agree, collect the figures; print the table, write the JSON and the chart."""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from typing import Iterable, Optional
+
+import torch
+
+from . import metrics
+from .cases import Case, attention_case, gather_case, generate_case, mix_case, train_case
+from .models import ModelShape
+
+__all__ = ["suite", "run_case", "run_suite", "format_table", "write_outputs", "compare_outputs", "machine_info",
+           "REFERENCE_SHAPE", "FIGURES"]
+
+REFERENCE_SHAPE = ModelShape(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=1024, vocab=1024)
+FIGURES = ("time_s", "new_bytes", "saved_bytes", "flops", "peak_bytes")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# which cases
+
+
+def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
+    """mode: "smoke" (tests, seconds), "quick", "default" (under 3 minutes on a 2-core CPU), "full"."""
+    gpu = torch.device(device).type == "cuda"
+    cases: list[Case] = []
+    if mode == "smoke":
+        tiny = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=128)
+        return [
+            attention_case("fwd+bwd", 2, 32, 8, hq=4, hkv=2, dim=16, reps=2, tags=("sweep_seq",)),
+            attention_case("fwd+bwd", 2, 64, 8, hq=4, hkv=2, dim=16, reps=2, tags=("sweep_seq",)),
+            attention_case("decode", 2, 32, 8, hq=4, hkv=2, dim=16, reps=2),
+            gather_case(4, 6, 3, 16, reps=2),
+            mix_case(4, 6, 3, 16, reps=2),
+            train_case("prefix", tiny, 2, 16, 4, with_no_prefix=True, reps=1),
+            train_case("prompt", tiny, 2, 16, 4, reps=1),
+            train_case("pool", tiny, 2, 16, 4, reps=1),
+            generate_case(tiny, 2, 8, 4, 3, reps=1),
+            generate_case(tiny, 4, 8, 4, 3, tasks=2, reps=1),
+        ]
+
+    seqs = (128, 512, 1024, 2048, 4096) if gpu else (64, 128, 256, 512)
+    prefixes = (8, 32, 100, 200) if gpu else (8, 32, 128, 200)
+    ref_seq = 1024 if gpu else 256
+    small = ModelShape(layers=4, hidden=256, heads=8, kv_heads=2, intermediate=512, vocab=512)
+    medium = ModelShape(layers=4, hidden=512, heads=8, kv_heads=2, intermediate=1024, vocab=1024)
+    op_reps = 5 if mode != "full" else 9
+
+    # op level: the reference layer (B=8, 8q/2kv heads, D=64, S=256, P=32) and sweeps around it
+    cases.append(attention_case("fwd+bwd", 8, 256, 32, reps=op_reps, tags=("reference",)))
+    cases.append(attention_case("fwd", 8, 256, 32, reps=op_reps))
+    cases.append(attention_case("decode", 8, 512, 32, reps=op_reps * 2))
+    sweep_seqs = seqs if mode != "quick" else seqs[:1] + seqs[-1:]
+    sweep_prefixes = prefixes if mode != "quick" else prefixes[:1] + prefixes[-1:]
+    for s in sweep_seqs:
+        if s != 256:
+            cases.append(attention_case("fwd+bwd", 8, s, 32, reps=op_reps, tags=("sweep_seq",)))
+    for p in sweep_prefixes:
+        if p != 32:
+            cases.append(attention_case("fwd+bwd", 8, ref_seq, p, reps=op_reps, tags=("sweep_prefix",)))
+    if mode == "full":
+        for b in (1, 4, 16):
+            cases.append(attention_case("fwd+bwd", b, ref_seq, 32, reps=op_reps, tags=("sweep_batch",)))
+        for hkv in (8, 1):  # MHA and MQA around the 4:1 GQA reference
+            cases.append(attention_case("fwd+bwd", 8, ref_seq, 32, hkv=hkv, reps=op_reps, tags=("sweep_gqa",)))
+        cases.append(attention_case("fwd+bwd", 8, ref_seq, 32, hq=4, hkv=1, dim=128, reps=op_reps,
+                                    tags=("sweep_dim",)))
+        for s in (256, 1024):
+            cases.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
+    cases.append(gather_case(32, 16, 8, 512, reps=op_reps))
+    cases.append(mix_case(32, 16, 8, 512, reps=op_reps))
+
+    # end to end
+    if mode == "quick":
+        cases += [train_case("prefix", small, 4, 128, 16, with_no_prefix=True, reps=2),
+                  train_case("prompt", small, 4, 128, 16, reps=2),
+                  train_case("pool", small, 4, 128, 16, reps=2),
+                  generate_case(small, 8, 32, 16, 4, reps=2),
+                  generate_case(small, 8, 32, 16, 4, tasks=4, reps=2)]
+    elif mode == "default":
+        cases += [train_case("prefix", medium, 4, 256, 32, with_no_prefix=True, reps=2),
+                  train_case("prompt", medium, 4, 256, 32, reps=2),
+                  train_case("pool", medium, 4, 256, 32, reps=2),
+                  generate_case(medium, 8, 64, 32, 8, reps=2),
+                  generate_case(medium, 8, 64, 32, 8, tasks=4, reps=2)]
+    else:  # full: the reference shape of the targets, and prefix-length / sequence sweeps of the training step
+        ref = REFERENCE_SHAPE
+        bsz = 8
+        cases += [train_case("prefix", ref, bsz, ref_seq, 32, with_no_prefix=True, reps=3, tags=("reference",)),
+                  train_case("prompt", ref, bsz, ref_seq, 32, reps=3),
+                  train_case("pool", ref, bsz, ref_seq, 32, reps=3)]
+        for p in (8, 128):
+            cases.append(train_case("prefix", medium, 4, 256, p, with_no_prefix=True, reps=2,
+                                    tags=("train_sweep_prefix",)))
+        cases += [generate_case(ref, 8, 64, 32, 16, reps=3),
+                  generate_case(ref, 8, 64, 32, 16, tasks=4, reps=3)]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one case
+
+
+def compare_outputs(a: dict, b: dict, tol: float) -> tuple[bool, float]:
+    """(equal within tol, max relative difference). Relative to the largest magnitude of each tensor; integer
+    tensors (generated tokens) must match exactly (the figure is the fraction of differing entries)."""
+    worst = 0.0
+    if set(a) != set(b):
+        return False, math.inf
+    for key in a:
+        x, y = a[key], b[key]
+        if x is None or y is None:
+            if (x is None) != (y is None):
+                return False, math.inf
+            continue
+        if x.shape != y.shape:
+            return False, math.inf
+        if not x.is_floating_point():
+            diff = float((x != y).float().mean()) if x.numel() else 0.0
+        else:
+            x64, y64 = x.detach().double(), y.detach().double()
+            scale = max(float(y64.abs().max()) if y64.numel() else 0.0, 1e-30)
+            diff = float((x64 - y64).abs().max()) / scale if x64.numel() else 0.0
+            if not math.isfinite(diff):
+                return False, math.inf
+        worst = max(worst, diff)
+    return worst <= tol, worst
+
+
+def _interleaved_times(sides: dict, device: str, reps: int, warmup: int = 1) -> dict:
+    """Time the sides turn about (A, B, A, B, ...) so load changes on a shared machine hit both alike."""
+    for side in sides.values():
+        for _ in range(warmup):
+            side.step()
+    metrics.synchronize(device)
+    times = {name: [] for name in sides}
+    import time
+
+    for _ in range(reps):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            side.step()
+            metrics.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _ratio(a, b) -> Optional[float]:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing: bool = True) -> dict:
+    record = {"group": case.group, "name": case.name, "params": case.params, "baseline": case.baseline,
+              "tags": list(case.tags), "tol": case.tol}
+    try:
+        sides = case.build(device)
+        ok, diff = compare_outputs(sides["fastprompt"].check(), sides["baseline"].check(), case.tol)
+        record["equal"], record["max_rel_diff"] = ok, diff
+        gc.collect()
+        times = _interleaved_times(sides, device, reps or case.reps) if timing else {n: [] for n in sides}
+        figures = {}
+        for name, side in sides.items():
+            fig = metrics.StepFigures(times_s=times[name])
+            if not timing:
+                side.step()
+            fig.new_bytes, fig.peak_bytes, fig.saved_bytes = _counts(side)
+            fig.flops = metrics.flops(side.step)
+            if torch.device(device).type == "cuda":
+                fig.cuda_peak_bytes = _cuda_peak(side.step)
+            figures[name] = fig.as_dict()
+        record["figures"] = figures
+        fp, base = figures["fastprompt"], figures["baseline"]
+        record["ratios"] = {k: _ratio(fp[k], base[k]) for k in FIGURES + ("cuda_peak_bytes",)}
+        if "no_prefix" in figures:
+            none = figures["no_prefix"]
+            over_fp = fp["new_bytes"] - none["new_bytes"]
+            over_base = base["new_bytes"] - none["new_bytes"]
+            record["prefix_overhead"] = {"fastprompt_bytes": over_fp, "baseline_bytes": over_base,
+                                         "ratio": _ratio(over_fp, over_base),
+                                         "fastprompt_time_s": fp["time_s"] - none["time_s"] if timing else None,
+                                         "baseline_time_s": base["time_s"] - none["time_s"] if timing else None}
+    except Exception as exc:  # one broken case must not sink the whole run: report it
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["equal"] = False
+    finally:
+        sides = None
+        gc.collect()
+    return record
+
+
+def _counts(side) -> tuple[int, int, int]:
+    """new bytes, peak live bytes and saved-for-backward bytes of one step (one run under both instruments)."""
+    gc.collect()
+    excluded = {metrics._storage_key(metrics._storage(t)) for t in side.exclude}
+    seen: dict = {}
+
+    def pack(t):
+        storage = metrics._storage(t)
+        key = metrics._storage_key(storage)
+        if key is not None and key not in excluded and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    tracker = metrics.AllocationTracker()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with tracker:
+            result = side.step()
+            del result
+    gc.collect()
+    return tracker.new_bytes, tracker.peak_bytes, sum(seen.values())
+
+
+def _cuda_peak(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True) -> list[dict]:
+    cases = list(cases)
+    results = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cases), desc="fastprompt bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+    for case in cases:
+        if bar is not None:
+            bar.set_postfix_str(f"{case.name} {case.label()}"[:60])
+        results.append(run_case(case, device))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def _fmt_ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_time(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def _short_params(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items() if k != "kind")
+
+
+def format_table(results: list[dict], markdown: bool = False) -> str:
+    """One row per compared pair: fastprompt / baseline for each figure (below 1 = fastprompt better)."""
+    head = ["group", "case", "shape", "vs", "ms fp", "ms base", "time", "new bytes", "saved", "FLOPs", "peak",
+            "equal (max rel diff)"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["group"], r["name"], _short_params(r["params"]), r["baseline"], "-", "-", "-", "-", "-",
+                         "-", "-", f"ERROR {r['error'][:60]}"])
+            continue
+        ratios = r["ratios"]
+        figs = r["figures"]
+        eq = ("yes" if r["equal"] else "NO") + f" ({r['max_rel_diff']:.1e})"
+        peak = ratios.get("cuda_peak_bytes") or ratios["peak_bytes"]
+        rows.append([r["group"], r["name"], _short_params(r["params"]), r["baseline"],
+                     _fmt_time(figs["fastprompt"]["time_s"]), _fmt_time(figs["baseline"]["time_s"]),
+                     _fmt_ratio(ratios["time_s"]), _fmt_ratio(ratios["new_bytes"]), _fmt_ratio(ratios["saved_bytes"]),
+                     _fmt_ratio(ratios["flops"]), _fmt_ratio(peak), eq])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt.format(*head), sep] + [fmt.format(*row) for row in rows])
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The benchmark goals (RESULTS.md): prefix overhead of the reference training step <= 0.5x PEFT's, its step
+    time <= 1.0x PEFT's, and the reference attention layer's (fwd+bwd) new bytes <= 0.5x the PEFT path's."""
+    out = []
+    for r in results:
+        if "reference" not in r.get("tags", ()) or "error" in r:
+            continue
+        if r["group"] == "train step" and "prefix_overhead" in r:
+            po = r["prefix_overhead"]
+            out.append({"target": "prefix overhead (new bytes) <= 0.5x PEFT", "case": _short_params(r["params"]),
+                        "value": po["ratio"], "limit": 0.5, "met": po["ratio"] is not None and po["ratio"] <= 0.5,
+                        "detail": f"fastprompt {_fmt_bytes(po['fastprompt_bytes'])} vs PEFT "
+                                  f"{_fmt_bytes(po['baseline_bytes'])}"})
+            t = r["ratios"]["time_s"]
+            out.append({"target": "step time <= 1.0x PEFT", "case": _short_params(r["params"]), "value": t,
+                        "limit": 1.0, "met": t is not None and t <= 1.0,
+                        "detail": f"{_fmt_time(r['figures']['fastprompt']['time_s'])} ms vs "
+                                  f"{_fmt_time(r['figures']['baseline']['time_s'])} ms (medians)"})
+        elif r["group"] == "attention":
+            v = r["ratios"]["new_bytes"]
+            out.append({"target": "attention layer fwd+bwd new bytes <= 0.5x PEFT path",
+                        "case": _short_params(r["params"]), "value": v, "limit": 0.5,
+                        "met": v is not None and v <= 0.5,
+                        "detail": f"{_fmt_bytes(r['figures']['fastprompt']['new_bytes'])} vs "
+                                  f"{_fmt_bytes(r['figures']['baseline']['new_bytes'])}"})
+    return out
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = []
+    for t in rows:
+        state = "met" if t["met"] else "MISSED"
+        value = "-" if t["value"] is None else f"{t['value']:.2f}x"
+        lines.append(f"{state:6}  {t['target']}: {value} ({t['detail']}; {t['case']})")
+    return "\n".join(lines)
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "device": device}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for name in ("triton", "transformers", "peft", "fastprompt"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except Exception:
+            out[name] = None
+    return out
+
+
+def write_outputs(results: list[dict], out_dir: str, meta: dict) -> dict:
+    """bench.json (every figure), bench.png (speed and memory ratios across sequence / prefix lengths),
+    bench.md (the table). Returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "bench.json"), "png": os.path.join(out_dir, "bench.png"),
+             "table": os.path.join(out_dir, "bench.md")}
+    payload = {"meta": meta, "targets": targets(results), "results": results}
+    with open(paths["json"], "w") as fh:
+        json.dump(payload, fh, indent=1, default=str)
+    with open(paths["table"], "w") as fh:
+        fh.write(format_table(results, markdown=True) + "\n")
+    _chart(results, paths["png"], meta)
+    return paths
+
+
+def _series(results, tag, axis, other_tag=None):
+    rows = [r for r in results if "error" not in r and r["group"] == "attention" and r["params"]["kind"] == "fwd+bwd"
+            and (tag in r["tags"] or (other_tag and other_tag in r["tags"]))]
+    rows.sort(key=lambda r: r["params"][axis])
+    return rows
+
+
+def _chart(results: list[dict], path: str, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = [r for r in results if "reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r]
+    ref_s = ref[0]["params"]["S"] if ref else None
+    ref_p = ref[0]["params"]["P"] if ref else None
+    panels = [("S", "sweep_seq", f"sequence length S (P={ref_p or '-'})"),
+              ("P", "sweep_prefix", f"prefix length P (S={ref_s or '-'})")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (axis, tag, title) in zip(axes, panels):
+        rows = _series(results, tag, axis)
+        rows += [r for r in ref if r not in rows and (axis == "S" and r["params"]["P"] == (rows[0]["params"]["P"]
+                                                                                       if rows else ref_p)
+                                                      or axis == "P" and r["params"]["S"] == (rows[0]["params"]["S"]
+                                                                                             if rows else ref_s))]
+        rows.sort(key=lambda r: r["params"][axis])
+        xs = [r["params"][axis] for r in rows]
+        for key, label, style in (("time_s", "time", "o-"), ("new_bytes", "new bytes", "s-"),
+                                  ("peak_bytes", "peak live bytes", "^-"), ("saved_bytes", "saved for backward", "d-")):
+            ys = [r["ratios"].get(key) for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=label)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(title)
+        ax.set_title(f"prefix attention fwd+bwd: {title.split(' (')[0]}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fastprompt / PEFT path (lower is better)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"fastprompt vs PEFT-style attention on {meta.get('machine', {}).get('device', 'cpu')} "
+                 f"({meta.get('date', '')[:16]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def summary_line(results: list[dict]) -> str:
+    ok = sum(1 for r in results if r.get("equal"))
+    return f"{ok}/{len(results)} compared pairs gave equal outputs"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
