@@ -16,61 +16,11 @@
 #include <cstdint>
 #include <cmath>
 
+#include "mma_primitives.cuh"
 #include "prefix_attention_params.h"
 
 namespace fastprompt {
 namespace attn {
-
-template <typename T> struct MmaType;
-template <> struct MmaType<__half> {
-  using T2 = __half2;
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaType<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; when !valid the destination is zero-filled and nothing is read.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Four transposed 8x8 matrices: the B operand (k = key, n = head dim) of P @ V for two n8 tiles.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem_row)));
-}
 
 template <typename T, int D, int kNWarps, int kBlockN>
 struct FwdTraits {
@@ -359,33 +309,6 @@ __global__ void __launch_bounds__(32 * kNWarps) prefix_attention_fwd_kernel(cons
   }
 }
 
-template <int D, PrefixAttnConfig C> struct ConfigShape;
-template <int D> struct ConfigShape<D, PrefixAttnConfig::kDecode> {
-  static constexpr int kNWarps = 1;
-  static constexpr int kBlockN = D >= 128 ? 32 : 64;
-};
-template <int D> struct ConfigShape<D, PrefixAttnConfig::kPrefill> {
-  static constexpr int kNWarps = 4;
-  static constexpr int kBlockN = 64;
-};
-
 }  // namespace attn
 
-template <typename T, int D, PrefixAttnConfig C>
-void run_prefix_attention_fwd(const PrefixAttnParams& params, cudaStream_t stream) {
-  using Shape = attn::ConfigShape<D, C>;
-  using Tr = attn::FwdTraits<T, D, Shape::kNWarps, Shape::kBlockN>;
-  static_assert(Tr::kBlockM == 16 * Shape::kNWarps, "");
-  auto kernel = attn::prefix_attention_fwd_kernel<T, D, Shape::kNWarps, Shape::kBlockN>;
-  const int smem = Tr::kSmemBytes;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  const int R = params.G * params.Lq;
-  dim3 grid((R + Tr::kBlockM - 1) / Tr::kBlockM, params.B * params.Hkv, params.num_splits);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(params);
-}
-
 }  // namespace fastprompt
-
-// One explicit instantiation per translation unit (see prefix_attention_fwd_*.cu).
-#define FASTPROMPT_INSTANTIATE_FWD(T, D, C) \
-  template void fastprompt::run_prefix_attention_fwd<T, D, C>(const fastprompt::PrefixAttnParams&, cudaStream_t);

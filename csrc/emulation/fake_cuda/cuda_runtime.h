@@ -1,0 +1,2 @@
+// Empty stand-in: the emulation harness defines the few CUDA types the kernel header uses.
+#pragma once
