@@ -140,3 +140,36 @@ def test_refuses_model_without_attention_interface():
         pytest.skip("this transformers version routes GPT-J attention through the interface")
     with pytest.raises(TypeError, match="gptj"):
         enable_fastprompt_attention(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_layer_prefixes_survive_gradient_checkpointing(family):
+    """The context manager's prefixes reach the backward recompute even when the model's forward is called directly
+    (no top-level hook), as a prompt module wrapping `forward` does."""
+    import warnings
+
+    task = "FEATURE_EXTRACTION" if family == "bert" else "CAUSAL_LM"
+    model = tiny_model(family, task).train()
+    layout = model_layout(model)
+    torch.manual_seed(4)
+    keys = torch.randn(layout.num_layers, layout.num_kv_heads, 3, layout.head_dim, requires_grad=True)
+    values = torch.randn(layout.num_layers, layout.num_kv_heads, 3, layout.head_dim, requires_grad=True)
+    ids, mask = make_inputs(padding="left")
+    token = enable_fastprompt_attention(model)
+
+    def grads():
+        keys.grad = values.grad = None
+        with layer_prefixes(model, {i: LayerPrefix(keys[i], values[i]) for i in range(layout.num_layers)}):
+            out = model.forward(input_ids=ids, attention_mask=mask)
+        hidden = out.logits if task == "CAUSAL_LM" else out.last_hidden_state
+        hidden.square().mean().backward()  # after the block: a recompute must not depend on the block
+        return keys.grad.clone(), values.grad.clone()
+
+    plain = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    disable_fastprompt_attention(model, token)
+    for a, b in zip(checkpointed, plain):
+        assert_close(a, b, rtol=1e-4, atol=1e-6, what="checkpointed prefix grads")

@@ -7,10 +7,11 @@ sequence K/V, never as a 4D mask: the registered mask function hands the attenti
 as flash-attention's does.
 
 How a layer finds its prefix: `layer_prefixes(model, prefixes)` stores the mapping on the model instance, and a
-forward pre-hook on that instance passes it down as the `fastprompt_prefixes` keyword, which transformers 5
-forwards through every decoder layer to the attention function (so gradient checkpointing's recompute, generate()
-and torch.compile see the same tensors). Where a family drops the keyword, the attention function falls back to the
-instance state. Nothing here touches a class or module global other than the two interface registrations, which are
+forward pre-hook on each of that instance's layers passes it as the `fastprompt_prefixes` keyword, which
+transformers 5 forwards from the layer to its attention function. The hook runs outside the gradient-checkpointed
+layer forward, so the backward recompute sees the same prefix tensors; generate() and torch.compile see them too.
+A caller may also pass `fastprompt_prefixes=` to the model's forward itself (the PEFT path does). Where a family
+drops the keyword, the attention function falls back to the instance state. Nothing here touches a class or module global other than the two interface registrations, which are
 inert for models that did not select "fastprompt".
 """
 from __future__ import annotations
@@ -198,7 +199,7 @@ class _AttentionSlot:
 class _EnableToken:
     hf_model: Any
     previous_implementation: Any
-    hook: Any
+    hooks: list
     slotted: list
     nested: bool = False
     restored: bool = False
@@ -219,12 +220,16 @@ def _register_once() -> None:
     _registered = True
 
 
-def _inject_prefixes_hook(module, args, kwargs):
-    state = getattr(module, _STATE_ATTR, None)
-    if state is not None and state.prefixes is not None and kwargs.get(PREFIXES_KWARG) is None:
-        kwargs[PREFIXES_KWARG] = state.prefixes
-        return args, kwargs
-    return None
+def _make_inject_hook(state: "_AttentionState"):
+    def inject_prefixes(layer, args, kwargs):
+        # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
+        # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
+        if state.prefixes is not None and kwargs.get(PREFIXES_KWARG) is None:
+            kwargs[PREFIXES_KWARG] = state.prefixes
+            return args, kwargs
+        return None
+
+    return inject_prefixes
 
 
 def _accepts_var_kwargs(fn) -> bool:
@@ -247,7 +252,7 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
     existing = getattr(hf, _STATE_ATTR, None)
     if existing is not None:
         existing.users += 1
-        return _EnableToken(hf, None, None, [], nested=True)
+        return _EnableToken(hf, None, [], [], nested=True)
     check_supports_attention_interface(hf)
     _register_once()
     path, layers = _find_layers(hf)
@@ -256,7 +261,10 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
     slotted = []
     for idx, layer in enumerate(layers):
         for sub in layer.modules():
-            if "attention" in type(sub).__name__.lower() or hasattr(sub, "is_causal"):
+            name = type(sub).__name__.lower()
+            if "cross" in name:  # cross-attention reads encoder states: prefixes are for self-attention only
+                continue
+            if "attention" in name or hasattr(sub, "is_causal"):
                 setattr(sub, _SLOT_ATTR, _AttentionSlot(idx, state))
                 slotted.append(sub)
     if not slotted:
@@ -269,11 +277,13 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
             f"fastprompt: {type(hf).__name__} refused the attention implementation switch "
             f"(still {hf.config._attn_implementation!r})"
         )
-    hook = None
-    if _accepts_var_kwargs(hf.forward):
-        hook = hf.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True)
+    hooks = []
+    inject = _make_inject_hook(state)
+    for layer in layers:
+        if _accepts_var_kwargs(layer.forward):  # else the attention reads the instance state (no checkpointing)
+            hooks.append(layer.register_forward_pre_hook(inject, with_kwargs=True))
     object.__setattr__(hf, _STATE_ATTR, state)
-    return _EnableToken(hf, previous, hook, slotted)
+    return _EnableToken(hf, previous, hooks, slotted)
 
 
 def disable_fastprompt_attention(model, token: _EnableToken) -> None:
@@ -287,8 +297,8 @@ def disable_fastprompt_attention(model, token: _EnableToken) -> None:
         if state is not None:
             state.users -= 1
         return
-    if token.hook is not None:
-        token.hook.remove()
+    for hook in token.hooks:
+        hook.remove()
     for sub in token.slotted:
         if _SLOT_ATTR in sub.__dict__:
             delattr(sub, _SLOT_ATTR)
