@@ -12,6 +12,8 @@ from typing import Any, Optional
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Optional[Any], Optional[str]]:
     try:
+        import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
+
         module = importlib.import_module("fastprompt._C")
     except ImportError as exc:  # not built (CPU torch, no nvcc, FASTPROMPT_SKIP_CUDA_BUILD) or an ABI mismatch
         return None, f"fastprompt._C is not built or failed to import ({exc})"
