@@ -63,3 +63,17 @@ def test_input_level_parity(family, task, method):
     ids, mask = make_inputs(padding="hole" if task != "SEQ_CLS" else "left")
     kwargs = {"task_ids": torch.tensor([2, 0, 1])} if method == "mpt" else {}
     assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/{task}/{method}", **kwargs)
+
+
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("gpt2", "SEQ_CLS"), ("roberta", "FEATURE_EXTRACTION")])
+def test_prefix_tuning_parity_inputs_embeds(family, task):
+    patched, oracle = tiny_peft_pair(family, "prefix", task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="right")
+    embeds = patched.get_base_model().get_input_embeddings()(ids).detach()
+    labels = {"CAUSAL_LM": ids.masked_fill(mask == 0, -100), "SEQ_CLS": torch.tensor([0, 1, 2])}.get(task)
+    kwargs = {} if labels is None else {"labels": labels}
+    out_p = patched(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    out_o = oracle(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    main = "last_hidden_state" if task == "FEATURE_EXTRACTION" else "logits"
+    torch.testing.assert_close(getattr(out_p, main), getattr(out_o, main), rtol=1e-5, atol=1e-5)

@@ -44,6 +44,7 @@ class _PeftPatch:
     method: str                                  # "prefix" | "input"
     backend: str
     attention_token: Any = None
+    layout: Any = None                           # ModelLayout of the base model (prefix tuning)
     saved: dict = field(default_factory=dict)    # instance attributes that existed before patching
 
 
@@ -115,6 +116,7 @@ def patch_peft_model(model, *, backend: str = "auto"):
     method = "prefix" if _value(config.peft_type) == "PREFIX_TUNING" else "input"
     record = _PeftPatch(method=method, backend=backend)
     if method == "prefix":
+        record.layout = model_layout(model.get_base_model())
         record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
         replacements = {
             "forward": _prefix_forward,
@@ -175,8 +177,8 @@ def prefix_layer_kv(model) -> dict:
 
 def _prefix_positions(model, input_ids, inputs_embeds, past_length: int, num_tokens: int):
     """The position ids PEFT's prefix-as-cache gives real tokens when none are passed: as if P tokens came first."""
-    hf = model.get_base_model()
-    layout = model_layout(hf)
+    record = model.__dict__.get(_PATCH_ATTR)
+    layout = record.layout if record is not None and record.layout is not None else model_layout(model)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, seq = source.shape[0], source.shape[1]
     device = source.device
