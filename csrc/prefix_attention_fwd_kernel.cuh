@@ -204,6 +204,17 @@ __global__ void __launch_bounds__(32 * kNWarps) prefix_attention_fwd_kernel(cons
     // Scale, soft-cap, mask; scores move to the log2 domain so exp2 can be used.
     const bool is_prefix = t < n_ptiles;
     const int base = tile_base(t);
+    // Position masks (causal/window) only matter on tiles that cross a row's visibility boundary; tiles wholly
+    // inside every row's visible range (most of a long causal prefill) skip the per-element test.
+    bool pos_mask = false;
+    if (!is_prefix) {
+      const int last = base + kBlockN - 1;
+      if (p.causal && last > i_min + off) pos_mask = true;
+      if (p.window > 0) {
+        if (i_max + off - base >= p.window) pos_mask = true;
+        if (!p.causal && last - (i_min + off) >= p.window) pos_mask = true;
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
@@ -216,7 +227,7 @@ __global__ void __launch_bounds__(32 * kNWarps) prefix_attention_fwd_kernel(cons
           x = s[nt][e] * scale_log2;
         }
         bool ok = cOk[col] != 0;
-        if (ok && !is_prefix) {
+        if (ok && pos_mask) {
           const int j = base + col;
           const int a = apos[e >> 1];
           if (p.causal && j > a) ok = false;

@@ -228,6 +228,8 @@ int main() {
     {1, 2, 2, 70, 70, 9, 1, 1, 1, 1, true, 0, 0.f, 1},
     {1, 4, 2, 40, 90, 33, 3, 2, 3, 0, false, 20, 0.f, 2},
     {2, 2, 1, 33, 33, 1, 2, 1, 2, 0, true, 0, 30.f, 1},
+    {1, 2, 1, 20, 150, 3, 1, 1, 1, 0, true, 40, 0.f, 1},   // chunked prefill + window
+    {1, 2, 2, 80, 130, 1, 0, 0, 0, 1, false, 30, 0.f, 2},  // non-causal window, tiles fully inside
   };
   int bad = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
