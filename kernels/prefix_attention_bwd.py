@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E_C, block_d,
-                                      dot_precision, mma, pick_config, score_log2, sequence_key_range,
+                                      dot_precision, fit_block_m, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, split_range)
 from .prefix_attention_fwd import _last_dim_contiguous, score_constants
 
@@ -350,7 +350,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=q.device)
 
     if Lk > 0:
-        cfg = pick_config(BWD_DKDV_CONFIGS, D)
+        cfg = fit_block_m(pick_config(BWD_DKDV_CONFIGS, D, q.element_size()), Lq)
         _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
             q, k, v, do, lse, delta, kpm, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
@@ -375,7 +375,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     else:
         P, S = 0, 0
         pk, pv, pidx = q, q, q
-    cfg = pick_config(BWD_DQ_CONFIGS, D)
+    cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
         q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
@@ -405,7 +405,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     else:
         dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
         dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
-    cfg = pick_config(BWD_DPREFIX_CONFIGS, D)
+    cfg = fit_block_m(pick_config(BWD_DPREFIX_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
     num_p_tiles = triton.cdiv(P, cfg.block_n)
     _prefix_attention_bwd_dprefix_kernel[(num_p_tiles * S, Hkv, B)](
         q, pk, pv, pidx, do, lse, delta, dpk, dpv,

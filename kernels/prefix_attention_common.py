@@ -5,6 +5,7 @@ log2(e) into the scale, and the kernels turn lse back into natural log on store 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -65,14 +66,27 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def pick_config(configs, head_dim: int) -> TileConfig:
+def pick_config(configs, head_dim: int, element_size: int = 2) -> TileConfig:
+    """The launch config for a head dim. Configs are sized for 16-bit tiles: 4-byte (fp32) inputs take the config
+    meant for twice the head dim, and past the last one (fp32 at head dim 256), the last config with half the key
+    tile and a single stage."""
     if interpreting():
         return INTERPRETER_CONFIG
-    bd = block_d(head_dim)
+    need = block_d(head_dim) * max(element_size, 2) // 2
     for cfg in configs:
-        if cfg.max_head_dim >= bd:
+        if cfg.max_head_dim >= need:
             return cfg
-    raise ValueError(f"no Triton tile config for head dim {head_dim}")
+    last = configs[-1]
+    return dataclasses.replace(last, block_n=max(16, last.block_n // 2), num_stages=1)
+
+
+def fit_block_m(cfg: TileConfig, rows: int) -> TileConfig:
+    """Shrink the query tile to the query length (decode: Lq = 1) so a program does not compute 127 dead rows;
+    16 is the smallest tl.dot tile."""
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
+    if block_m == cfg.block_m:
+        return cfg
+    return dataclasses.replace(cfg, block_m=block_m, num_warps=min(cfg.num_warps, 4))
 
 
 # DOT_PRECISION value that makes `mma` compute in fp32: TRITON_INTERPRET's numpy tl.dot multiplies bf16 operands as

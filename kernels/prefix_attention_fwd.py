@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, mma, pick_config,
-                                      score_log2, sequence_key_range, sequence_visible)
+from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
+                                      pick_config, score_log2, sequence_key_range, sequence_visible)
 
 
 @triton.jit
@@ -178,7 +178,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         pk, pv, pidx = q, q, q  # never read (HAS_PREFIX=False); any pointer will do
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
-    cfg = pick_config(FWD_CONFIGS, D)
+    cfg = fit_block_m(pick_config(FWD_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
     score_scale, cap_scale = score_constants(scale, softcap)
     grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
     _prefix_attention_fwd_kernel[grid](

@@ -252,3 +252,24 @@ def test_backend_reads_pool_index_in_kernel_without_host_sync(monkeypatch):
     out, lse = triton_backend.forward(q, k, v, pk, pv, index, 3, kpm, True, 0.25, 0.0, -1)
     delta = torch.zeros_like(lse)
     triton_backend.backward(torch.ones_like(out), q, k, v, pk, pv, index, 3, kpm, lse, delta, True, 0.25, 0.0, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile sizes other than the interpreter's 16 x 16: the causal/window/padding tile ranges must not depend on them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 64), (64, 32)])
+def test_backend_with_other_tile_shapes(monkeypatch, block_m, block_n):
+    from fastprompt.kernels import prefix_attention_common as common
+
+    monkeypatch.setattr(common, "INTERPRETER_CONFIG", common.TileConfig(block_m, block_n, 1, 1, 1 << 30))
+    _check_backend(batch=2, hq=2, hkv=1, lq=37, lk=70, dim=16, plen=17, mode=3, slots=2, padding="holes",
+                   causal=True, window=23)
+    _check_backend(batch=1, hq=2, hkv=2, lq=45, lk=33, dim=16, plen=5, mode=1, padding="left", causal=False,
+                   window=11, softcap=4.0)
+
+
+def test_op_triton_with_no_sequence_keys():
+    # Lk = 0: only the prefix is attended to; dk/dv are empty.
+    check_against_reference(Case(mode="pool_slots", lk=0, causal=True), _triton_op, tol=1e-4)
