@@ -29,6 +29,24 @@ def tiny_config(family: str):
         return transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         **common)
+    if family == "mistral":
+        return transformers.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          sliding_window=4, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=64, **common)
+    if family == "gemma2":
+        return transformers.Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=30.0, sliding_window=4,
+                                         max_position_embeddings=64, **common)
+    if family == "roberta":
+        return transformers.RobertaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0, num_labels=3, **common)
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                        embd_pdrop=0.0, attn_pdrop=0.0, **common)
@@ -42,9 +60,11 @@ def tiny_config(family: str):
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa"):
     torch.manual_seed(seed)
     cfg = tiny_config(family)
-    cls = transformers.BertForSequenceClassification if family == "bert" else transformers.AutoModelForCausalLM
-    model = cls._from_config(cfg, attn_implementation=attn) if family == "bert" else \
-        cls.from_config(cfg, attn_implementation=attn)
+    if family in ("bert", "roberta"):
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation=attn)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if family == "gemma2"
+                                                              else attn)
     return model.eval()
 
 
@@ -85,6 +105,9 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     value = value.repeat_interleave(group, dim=1)
     scale = scaling if scaling is not None else d**-0.5
     scores = query @ key.transpose(-1, -2) * scale
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         mask = attention_mask[..., -lk:]
         if mask.dtype == torch.bool:

@@ -122,13 +122,13 @@ def test_input_placement_matches_explicit_concat(kind):
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("fastprompt_prompt"))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "roberta", "mistral", "qwen3", "gemma2"])
 def test_input_placement_other_families(family):
     model = tiny_model(family)
     twin = reference_copy(model)
     prompt = fp.PromptTuning(model, num_virtual_tokens=3, init="vocab")
     ids, mask = make_inputs(batch=3, seq=5, padding="right")
-    labels = torch.tensor([0, 2, 1]) if family == "bert" else ids.masked_fill(mask == 0, -100)
+    labels = torch.tensor([0, 2, 1]) if family in ("bert", "roberta") else ids.masked_fill(mask == 0, -100)
     attach(model, prompt)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     ref_logits, ref_loss = _reference_forward(prompt, twin, ids, mask, labels=labels)

@@ -113,7 +113,8 @@ def _check(family, kind, padding="left"):
     ids, mask = make_inputs(batch=3, seq=5, padding=padding)
     # Causal LM labels: also drop the token predicted from a padding position (a query that sees no real key).
     after_pad = F.pad(mask[:, :-1], (1, 0), value=1) == 0
-    labels = torch.tensor([1, 0, 2]) if family == "bert" else ids.masked_fill((mask == 0) | after_pad, -100)
+    encoder = family in ("bert", "roberta")
+    labels = torch.tensor([1, 0, 2]) if encoder else ids.masked_fill((mask == 0) | after_pad, -100)
     attach(model, prompt)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
@@ -122,7 +123,7 @@ def _check(family, kind, padding="left"):
     ref_logits, ref_loss = _reference(prompt, twin, ids, mask, labels=labels)
     ref_loss.backward()
     want = prompt_grads(prompt)
-    real = mask.bool() if family != "bert" else slice(None)  # a padding query with no visible key: undefined
+    real = mask.bool() if not encoder else slice(None)  # a padding query with no visible key: undefined
     torch.testing.assert_close(out.logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert got.keys() == want.keys() and got
@@ -137,7 +138,9 @@ def test_prefix_placement_llama(kind):
 
 
 @pytest.mark.parametrize("family, kind", [("gpt2", "prefix_reparam"), ("gpt2", "pool_hard"),
-                                          ("bert", "ptuning_v2"), ("bert", "pool_soft")])
+                                          ("bert", "ptuning_v2"), ("bert", "pool_soft"), ("roberta", "pool_hard"),
+                                          ("mistral", "ptuning_v2"), ("qwen3", "pool_soft"),
+                                          ("gemma2", "prefix_reparam")])
 def test_prefix_placement_other_families(family, kind):
     _check(family, kind, padding="right")
 
