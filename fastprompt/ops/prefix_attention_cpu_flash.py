@@ -85,26 +85,59 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     if prefix_mode == PREFIX_NONE:
         out, lse = out_seq, lse_seq
     else:
-        pq, pk, pv, pmask, prefix_empty = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
-        out_pre, lse_pre = _flash(pq, pk, pv, 0.0, False, attn_mask=pmask, scale=scale)
         if prefix_mode == PREFIX_SHARED:
-            out_pre, lse_pre = _unfold_shared(out_pre, batch), _unfold_shared(lse_pre, batch)
+            # Forward only: the shared prefix read through a batch-stride-0 view (no gradient is formed here, so
+            # nothing per row is built), which spares the folded copy of q that the backward needs.
+            pq, pk, pv, pmask, prefix_empty = (q, prefix_k.expand(batch, *prefix_k.shape[1:]),
+                                               prefix_v.expand(batch, *prefix_v.shape[1:]), None, None)
+        else:
+            pq, pk, pv, pmask, prefix_empty = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
+        out_pre, lse_pre = _flash(pq, pk, pv, 0.0, False, attn_mask=pmask, scale=scale)
         if prefix_empty is not None:
             lse_pre = lse_pre.masked_fill(prefix_empty[:, None, None], NEG_INF)
         lse = torch.logaddexp(lse_pre, lse_seq)
         finite = torch.isfinite(lse)
         safe = torch.where(finite, lse, torch.zeros_like(lse))
-        w_pre = torch.exp(lse_pre - safe).masked_fill(~finite, 0.0)[..., None]
-        w_seq = torch.exp(lse_seq - safe).masked_fill(~finite, 0.0)[..., None]
-        out = out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq
+        w_pre = torch.exp(lse_pre - safe).masked_fill_(~finite, 0.0)[..., None]
+        w_seq = torch.exp(lse_seq - safe).masked_fill_(~finite, 0.0)[..., None]
+        if out_seq.dtype == w_seq.dtype:  # merge in place into the kernel's own (fresh) output
+            out = out_seq.mul_(w_seq).addcmul_(out_pre, w_pre)
+        else:  # low precision: merge in the lse precision
+            out = out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq
     empty = torch.isneginf(lse)
-    out = out.masked_fill(empty[..., None], 0.0)
+    out = out.masked_fill_(empty[..., None], 0.0)  # out is fresh here (kernel output or the merge)
     return out.to(q.dtype).contiguous(), lse
 
 
+def _shared_prefix_backward(grad_out, q, lse, delta, prefix_k, prefix_v, scale, dq):
+    """The shared prefix's share of the backward, written out per query head with small [B, Lq, P] score blocks:
+    P = exp(q·pkᵀ·scale − lse), dS = P ∘ (dO·pvᵀ − delta); dq += scale·dS·pk in place; dpk = scale·Σ dSᵀ·q and
+    dpv = Σ Pᵀ·dO accumulated straight into one [Hkv, P, D] (never a per-row copy). Unlike handing the prefix to
+    the flash kernel's backward, it needs no folded copies of q, dO and O and no second dq."""
+    batch, hq, lq, dim = q.shape
+    hkv = prefix_k.shape[1]
+    group = hq // hkv
+    pk, pv = prefix_k[0], prefix_v[0]
+    dpk = torch.zeros(pk.shape, dtype=q.dtype, device=q.device)
+    dpv = torch.zeros(pv.shape, dtype=q.dtype, device=q.device)
+    for j in range(hq):
+        h = j // group
+        q_j, do_j, dq_j = q[:, j], grad_out[:, j], dq[:, j]  # [B, Lq, D] views
+        pk_t = pk[h].t().expand(batch, dim, pk.shape[1])
+        pv_t = pv[h].t().expand(batch, dim, pv.shape[1])
+        p = torch.bmm(q_j, pk_t).mul_(scale).sub_(lse[:, j, :, None]).exp_()  # [B, Lq, P], global probabilities
+        ds = torch.bmm(do_j, pv_t).sub_(delta[:, j, :, None]).mul_(p)
+        dq_j.baddbmm_(ds, pk[h].expand(batch, *pk[h].shape), alpha=scale)
+        for b in range(batch):  # sum over rows into the one prefix gradient: no [B, P, D] partials
+            dpk[h].addmm_(ds[b].t(), q_j[b], alpha=scale)
+            dpv[h].addmm_(p[b].t(), do_j[b])
+    return dpk.unsqueeze(0), dpv.unsqueeze(0)
+
+
 def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, causal,
-             scale, window):
-    """Exact gradients when the lse output carries no gradient (see the module docstring)."""
+             scale, window, delta=None):
+    """Exact gradients when the lse output carries no gradient (see the module docstring). `delta`, when given, is
+    rowsum(dO·O) [B, Hq, Lq] (the caller's row term): it lets a shared prefix take the written-out path."""
     batch = q.shape[0]
     # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0 instead of NaN.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf")).to(torch.float64 if q.dtype == torch.float64
@@ -114,7 +147,11 @@ def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mo
     mask, is_causal, _ = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
     dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     dprefix_k = dprefix_v = None
-    if prefix_mode != PREFIX_NONE:
+    if prefix_mode == PREFIX_SHARED and delta is not None and q.dtype in (torch.float32, torch.float64):
+        dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
+        dprefix_k, dprefix_v = _shared_prefix_backward(grad_out, q, lse, delta.to(lse.dtype), prefix_k, prefix_v,
+                                                       scale, dq)
+    elif prefix_mode != PREFIX_NONE:
         pq, pk, pv, pmask, _ = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
         if prefix_mode == PREFIX_SHARED:
             fold = lambda t: t.transpose(0, 1).reshape(1, t.shape[1], -1, *t.shape[3:])  # noqa: E731
@@ -122,7 +159,7 @@ def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mo
         else:
             pgrad, pout, plse = grad_out, out, lse
         dpq, dpk, dpv = _flash_backward(pgrad, pq, pk, pv, pout, plse, 0.0, False, attn_mask=pmask, scale=scale)
-        dq = dq + (_unfold_shared(dpq, batch) if prefix_mode == PREFIX_SHARED else dpq)
+        dq = dq.add_(_unfold_shared(dpq, batch) if prefix_mode == PREFIX_SHARED else dpq)  # dq is the kernel's
         if prefix_mode == PREFIX_POOL:  # scatter each row's slots back into the pool entries they read
             slots, plen = prefix_index.shape[1], prefix_k.shape[2]
 

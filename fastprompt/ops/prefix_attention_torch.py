@@ -113,7 +113,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
              causal, scale, softcap, window, out=None):
     if out is not None and cpu_flash.applicable(q, softcap):
         return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                  key_padding_mask, lse, causal, scale, window)
+                                  key_padding_mask, lse, causal, scale, window, delta=delta)
     return explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
                              lse, delta, causal, scale, softcap, window)
 
