@@ -90,3 +90,17 @@ def test_sliding_window_past_the_window_keeps_prefix_visible(family, monkeypatch
     with torch.no_grad():
         logits = patched(input_ids=dynamic, attention_mask=full_mask, position_ids=positions).logits
     assert torch.equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), dynamic[:, ids.shape[1]:])
+
+
+def test_manual_decoding_with_the_returned_cache():
+    """The cache a patched forward returns holds real tokens only; feeding it back decodes like one full forward.
+    (Unpatched PEFT replaces any user cache by a fresh prefix cache, so it has no such loop to compare with.)"""
+    patched, _ = tiny_peft_pair("llama", "prefix_proj", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="none")
+    with torch.no_grad():
+        full = patched(input_ids=ids, attention_mask=mask).logits
+        first = patched(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        assert first.past_key_values.get_seq_length() == 4
+        rest = patched(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=first.past_key_values).logits
+    torch.testing.assert_close(rest, full[:, 4:], rtol=1e-5, atol=1e-5)

@@ -77,3 +77,19 @@ def test_prefix_tuning_parity_inputs_embeds(family, task):
     out_o = oracle(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     main = "last_hidden_state" if task == "FEATURE_EXTRACTION" else "logits"
     torch.testing.assert_close(getattr(out_p, main), getattr(out_o, main), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_prefix_tuning_bfloat16(family):
+    """A bf16 base model: PEFT casts the prefix to the model dtype; so does the patched path."""
+    task = "CAUSAL_LM" if family == "llama" else "SEQ_CLS"
+    patched, oracle = tiny_peft_pair(family, "prefix_proj", task)
+    patched.get_base_model().to(torch.bfloat16)
+    oracle.get_base_model().to(torch.bfloat16)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    with torch.no_grad():
+        got = patched(input_ids=ids, attention_mask=mask).logits
+        expected = oracle(input_ids=ids, attention_mask=mask).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
