@@ -16,6 +16,8 @@ TASKS = torch.tensor([1, 0, 1, 2])
 def _prompt(kind, model):
     if kind == "selector":
         return fp.MultiTaskPrompt(model, num_tasks=3, pool_size=4, length=3, init_std=0.5)
+    if kind == "selector_embeddings":
+        return fp.MultiTaskPrompt(model, num_tasks=3, pool_size=4, length=3, init_std=0.5, query="embeddings")
     if kind == "mpt":
         return fp.MultiTaskPrompt(model, num_tasks=3, variant="mpt", length=3, rank=2, init_std=0.5)
     if kind == "pool_prefix":
@@ -29,7 +31,7 @@ def _row_loss(logits, mask, weights):
     return (logits[:, -mask.shape[1]:] * weights * real).sum()
 
 
-@pytest.mark.parametrize("kind", ["selector", "mpt", "pool_prefix"])
+@pytest.mark.parametrize("kind", ["selector", "selector_embeddings", "mpt", "pool_prefix"])
 def test_mixed_task_batch_equals_per_task_runs(kind):
     model = tiny_model("llama")
     prompt = _prompt(kind, model)
