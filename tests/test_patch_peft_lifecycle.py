@@ -200,3 +200,19 @@ def test_refuses_models_outside_the_interface(kind):
     with pytest.raises((TypeError, ValueError), match=kind):
         fpp.patch_model(model)
     assert "forward" not in model.__dict__
+
+
+def test_backend_is_stored_and_validated(monkeypatch):
+    patched, _ = tiny_peft_pair("llama", "prefix", "CAUSAL_LM")
+    with pytest.raises(ValueError, match="backend"):
+        fpp.patch_model(patched, backend="fast")
+    assert "forward" not in patched.__dict__
+    fpp.patch_model(patched, backend="reference")
+    spy = _OpSpy(monkeypatch)
+    ids, mask = make_inputs(padding="left")
+    patched(input_ids=ids, attention_mask=mask)
+    assert {c["backend"] for c in spy.calls} == {"reference"}
+    fpp.patch_model(patched, backend="torch")  # re-patching only switches the backend
+    spy.calls.clear()
+    patched(input_ids=ids, attention_mask=mask)
+    assert {c["backend"] for c in spy.calls} == {"torch"}

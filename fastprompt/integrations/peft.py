@@ -106,6 +106,10 @@ def _check_patchable(model):
 def patch_peft_model(model, *, backend: str = "auto"):
     """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op
     (except that an explicitly different `backend` is applied)."""
+    from fastprompt.ops.prefix_attention import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
     if is_patched(model):
         record = model.__dict__[_PATCH_ATTR]
         if record.method == "prefix" and backend != record.backend:

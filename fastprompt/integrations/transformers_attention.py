@@ -239,6 +239,13 @@ def _accepts_var_kwargs(fn) -> bool:
         return False
 
 
+def _check_backend(backend: str) -> None:
+    from fastprompt.ops.prefix_attention import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def is_fastprompt_enabled(model) -> bool:
     return getattr(_hf_model(model), _STATE_ATTR, None) is not None
 
@@ -248,6 +255,7 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
 
     Enabling an already-enabled model is a no-op whose token restores nothing (the first token owns the state).
     """
+    _check_backend(backend)
     hf = _hf_model(model)
     existing = getattr(hf, _STATE_ATTR, None)
     if existing is not None:
@@ -309,6 +317,7 @@ def disable_fastprompt_attention(model, token: _EnableToken) -> None:
 
 def set_backend(model, backend: str) -> None:
     """Force the prefix_attention backend ("auto" | "torch" | "triton" | "cuda" | "reference") of an enabled model."""
+    _check_backend(backend)
     state = getattr(_hf_model(model), _STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: set_backend needs a model with fastprompt attention enabled")
