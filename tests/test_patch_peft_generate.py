@@ -56,12 +56,14 @@ def test_generate_prefix_projection_and_scores():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning_lstm"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning_lstm", "mpt"])
 def test_generate_input_level_methods(method):
     patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
-    assert torch.equal(_generate(patched, ids, mask).sequences, _generate(oracle, ids, mask).sequences)
+    kwargs = {"task_ids": torch.tensor([1, 0, 2])} if method == "mpt" else {}
+    assert torch.equal(_generate(patched, ids, mask, **kwargs).sequences,
+                       _generate(oracle, ids, mask, **kwargs).sequences)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
