@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -127,6 +128,15 @@ def _register_reference():
         AttentionInterface.register(REF_ATTENTION, _reference_attention)
         AttentionMaskInterface.register(REF_ATTENTION, eager_mask)
         _registered = True
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models on a shared CPU: intra-op threads only contend. Imported by the test modules (autouse there)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def positions_from_mask(mask):

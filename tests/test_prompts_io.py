@@ -11,6 +11,7 @@ from fastprompt.integrations.prompt_attach import attach, detach
 from fastprompt.prompts import PromptPoolConfig
 from fastprompt.prompts.io import load_prompt
 
+from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, tiny_config, tiny_model
 
 MAKERS = {

@@ -8,6 +8,7 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach
 from fastprompt.ops.gather_prompts import gather_prompts
 
+from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, prompt_grads, tiny_model, tiny_config, zero_grads
 
 TASKS = torch.tensor([1, 0, 1, 2])

@@ -9,6 +9,7 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach
 
 import prompts_helpers as H
+from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, positions_from_mask, prompt_grads, reference_copy, tiny_model, zero_grads
 
 
