@@ -183,7 +183,8 @@ def _prefix_attention_bwd_dq_kernel(
     HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     h_kv = (h // G).to(tl.int64)

@@ -60,16 +60,17 @@ def _signature(kernel, dtype: str, constexprs: dict):
     return signature
 
 
-def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int):
+def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features: bool):
     import triton
     from triton.backends.compiler import GPUTarget
 
     constexprs = dict(HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, DOT_PRECISION="tf32")
-    # Every feature on: the largest variant of each kernel (prefix, padding mask, causal + window, softcap).
+                      BLOCK_N=cfg.block_n, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    # features=True: every feature on, the largest variant of each kernel (prefix, padding mask, causal + window,
+    # softcap, atomics); False: the plain variant (no prefix, no mask, not causal).
     for flag in ("HAS_PREFIX", "HAS_KPM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "ATOMIC"):
         if flag in kernel.arg_names:
-            constexprs[flag] = True
+            constexprs[flag] = features
     for name in _UNIT_STRIDES & set(kernel.arg_names):
         constexprs[name] = 1
     signature = _signature(kernel, dtype, constexprs)
@@ -86,16 +87,41 @@ def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int):
 
 
 def _jobs():
-    """(kernel index, config index, arch, dtype, head dim): every kernel x config once per arch, at the head dim
-    the config is meant for, fp16 and bf16 alternating so both dtypes are compiled for every kernel."""
+    """Job dicts. Every kernel x config once per arch with every feature on, at the head dim the config is meant
+    for, fp16 and bf16 alternating (both dtypes compile for every kernel). Plus the forward's plain variant (no
+    prefix, mask or causality), and the decode variant (Lq = 1 shrinks the query tile to 16 rows) of the query-tiled
+    kernels on sm_90, where 16-row tiles cannot use wgmma. With FASTPROMPT_COMPILE_FULL=1 also, per kernel, fp32 at
+    head dims 64 and 256 with the config the launcher picks (sm_80; no tensor cores expected: fp32 runs as exact
+    FMA; slow, up to ~1.5 min per compile). config -1 = the launcher's pick."""
     kernels = _import_kernels()
     jobs = []
+    full = os.environ.get("FASTPROMPT_COMPILE_FULL") == "1"
     for ki, (module, name, configs) in enumerate(KERNELS):
-        for ci, cfg in enumerate(getattr(kernels, configs)):
+        cfgs = getattr(kernels, configs)
+        for ci, cfg in enumerate(cfgs):
             for ai, arch in enumerate(ARCHS):
                 dtype = ("fp16", "bf16")[(ci + ai) % 2]
-                jobs.append((ki, ci, arch, dtype, min(cfg.max_head_dim, 256)))
+                jobs.append(dict(kernel=ki, config=ci, arch=arch, dtype=dtype, head_dim=cfg.max_head_dim))
+        for head_dim in (64, 256) if full else ():
+            jobs.append(dict(kernel=ki, config=-1, arch=80, dtype="fp32", head_dim=head_dim))
+        if name in ("_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel"):
+            jobs.append(dict(kernel=ki, config=-1, arch=90, dtype="bf16", head_dim=128, decode=True))
+        if name == "_prefix_attention_fwd_kernel":
+            jobs.append(dict(kernel=ki, config=1, arch=90, dtype="fp16", head_dim=128, plain=True))
     return jobs
+
+
+def _job_config(kernels, job):
+    cfgs = getattr(kernels, KERNELS[job["kernel"]][2])
+    cfg = cfgs[job["config"]] if job["config"] >= 0 else kernels.pick_config(
+        cfgs, job["head_dim"], 4 if job["dtype"] == "fp32" else 2)
+    return kernels.fit_block_m(cfg, 1) if job.get("decode") else cfg
+
+
+def _job_id(job) -> str:
+    name = KERNELS[job["kernel"]][1].strip("_").replace("prefix_attention_", "")
+    variant = "plain" if job.get("plain") else "decode" if job.get("decode") else "all"
+    return f"{name}-cfg{job['config']}-sm{job['arch']}-{job['dtype']}-d{job['head_dim']}-{variant}"
 
 
 def _worker(shard: int, shards: int) -> None:
@@ -103,13 +129,14 @@ def _worker(shard: int, shards: int) -> None:
     kernels = _import_kernels()
     import importlib
 
-    for ki, ci, arch, dtype, head_dim in _jobs()[shard::shards]:
-        module, name, configs = KERNELS[ki]
+    for job in _jobs()[shard::shards]:
+        module, name, configs = KERNELS[job["kernel"]]
         kernel = getattr(importlib.import_module(f"fastprompt.kernels.{module}"), name)
-        cfg = getattr(kernels, configs)[ci]
-        record = dict(kernel=name, config=ci, arch=arch, dtype=dtype, head_dim=head_dim)
+        cfg = _job_config(kernels, job)
+        record = dict(id=_job_id(job), block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
         try:
-            record.update(_compile_one(kernel, cfg, dtype, head_dim, arch))
+            record.update(_compile_one(kernel, cfg, job["dtype"], job["head_dim"], job["arch"], not job.get("plain")))
         except Exception as exc:  # reported per compile so one failure does not hide the others
             causes, err = [], exc
             while err is not None:
@@ -133,7 +160,7 @@ def compile_results():
         for line in out.splitlines():
             if line.startswith("COMPILE "):
                 r = json.loads(line[len("COMPILE "):])
-                results[(r["kernel"], r["config"], r["arch"])] = r
+                results[r["id"]] = r
         if proc.returncode != 0:
             failures.append(f"rc={proc.returncode}: {err[-3000:]}")
     if failures and not results:
@@ -144,25 +171,21 @@ def compile_results():
 def _cases():
     if importlib.util.find_spec("triton") is None:
         return []
-    cases = []
-    for module, name, configs in KERNELS:
-        count = len(getattr(_import_kernels(), configs))
-        for ci in range(count):
-            for arch in ARCHS:
-                cases.append(pytest.param(name, ci, arch, id=f"{name.strip('_')}-cfg{ci}-sm{arch}"))
-    return cases
+    return [pytest.param(job, id=_job_id(job)) for job in _jobs()]
 
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-@pytest.mark.parametrize("kernel,config,arch", _cases())
-def test_kernel_compiles_for_target(compile_results, kernel, config, arch):
-    r = compile_results.get((kernel, config, arch))
-    assert r is not None, f"no compile result for {kernel} config {config} sm_{arch}"
+@pytest.mark.parametrize("job", _cases())
+def test_kernel_compiles_for_target(compile_results, job):
+    r = compile_results.get(_job_id(job))
+    assert r is not None, f"no compile result for {_job_id(job)}"
     assert "error" not in r, r["error"]
-    assert r["shared"] <= ARCHS[arch], f"{r['shared']} bytes of shared memory > sm_{arch} limit {ARCHS[arch]}"
-    assert r["mma_sync"] + r["wgmma"] > 0, f"no tensor-core MMA instruction in the PTX: {r}"
+    limit = ARCHS[job["arch"]]
+    assert r["shared"] <= limit, f"{r['shared']} bytes of shared memory > sm_{job['arch']} limit {limit}"
+    if job["dtype"] != "fp32":
+        assert r["mma_sync"] + r["wgmma"] > 0, f"no tensor-core MMA instruction in the PTX: {r}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ without the interpreter, sizes past the kernels' index arithmetic).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Optional
@@ -71,6 +72,11 @@ def _effective_window(window: int, lq: int, lk: int) -> int:
     return -1 if window <= 0 or window > lq + lk else int(window)
 
 
+def _on_device(t):
+    # Triton launches on the current CUDA device: make it the tensors' device (multi-GPU, device_map="auto").
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
             window):
     _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, False)
@@ -79,8 +85,9 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     batch, hq, lq, _ = q.shape
     if batch == 0 or hq == 0:
         return torch.zeros_like(q), torch.full((batch, hq, lq), float("-inf"), dtype=torch.float32, device=q.device)
-    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal),
-                                    float(scale), float(softcap), _effective_window(window, lq, k.shape[2]))
+    with _on_device(q):
+        return prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal),
+                                        float(scale), float(softcap), _effective_window(window, lq, k.shape[2]))
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
@@ -93,6 +100,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
         dpk = None if prefix_k is None else torch.zeros_like(prefix_k)
         dpv = None if prefix_v is None else torch.zeros_like(prefix_v)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
-    return prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, int(prefix_mode),
-                                     key_padding_mask, lse.float(), delta.float(), bool(causal), float(scale),
-                                     float(softcap), _effective_window(window, lq, k.shape[2]))
+    with _on_device(q):
+        return prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, int(prefix_mode),
+                                         key_padding_mask, lse.float(), delta.float(), bool(causal), float(scale),
+                                         float(softcap), _effective_window(window, lq, k.shape[2]))
