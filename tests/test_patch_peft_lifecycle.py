@@ -216,3 +216,29 @@ def test_backend_is_stored_and_validated(monkeypatch):
     spy.calls.clear()
     patched(input_ids=ids, attention_mask=mask)
     assert {c["backend"] for c in spy.calls} == {"torch"}
+
+
+def test_disable_adapter_context_on_a_patched_model():
+    patched, oracle = tiny_peft_pair("llama", "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        with patched.disable_adapter(), oracle.disable_adapter():
+            assert_rel_close(patched(input_ids=ids, attention_mask=mask).logits,
+                             oracle(input_ids=ids, attention_mask=mask).logits, 1e-5, what="disabled")
+            assert torch.equal(patched.generate(input_ids=ids, attention_mask=mask, **gen),
+                               oracle.generate(input_ids=ids, attention_mask=mask, **gen))
+        assert_rel_close(patched(input_ids=ids, attention_mask=mask).logits,
+                         oracle(input_ids=ids, attention_mask=mask).logits, 1e-5, what="re-enabled")
+        assert torch.equal(patched.generate(input_ids=ids, attention_mask=mask, **gen),
+                           oracle.generate(input_ids=ids, attention_mask=mask, **gen))
+
+
+def test_switching_attention_away_is_refused():
+    patched, _ = tiny_peft_pair("llama", "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    patched.get_base_model().set_attn_implementation("sdpa")
+    ids, mask = make_inputs(padding="left")
+    with pytest.raises(RuntimeError, match="unpatch_model"):
+        patched(input_ids=ids, attention_mask=mask)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .transformers_attention import (
+    ATTENTION_NAME,
     PREFIXES_KWARG,
     LayerPrefix,
     _hf_model,
@@ -206,6 +207,11 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         return original(self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=return_dict, task_ids=task_ids, **kwargs)
+    attn = self.get_base_model().config._attn_implementation
+    if attn != ATTENTION_NAME:
+        raise RuntimeError(
+            f"fastprompt: the patched model's attention implementation was changed to {attn!r}; the prefix only "
+            "reaches the attention through fastprompt's. Call unpatch_model(model) before switching it.")
     task = _value(config.task_type)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, seq = source.shape[0], source.shape[1]
@@ -234,7 +240,10 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
 def _prefix_generate(self, *args, **kwargs):
     config = self.active_peft_config
     original = type(self).generate
-    if _value(config.peft_type) != "PREFIX_TUNING":
+    # PEFT's disable_adapter() swaps in the base model's forward and prepare_inputs_for_generation: no prefix then
+    adapter_disabled = getattr(self.prepare_inputs_for_generation, "__func__", None) is not \
+        _prefix_prepare_inputs_for_generation
+    if _value(config.peft_type) != "PREFIX_TUNING" or adapter_disabled:
         return original(self, *args, **kwargs)
     with torch.no_grad():
         prefixes = prefix_layer_kv(self)
