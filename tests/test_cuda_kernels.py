@@ -294,3 +294,16 @@ def test_gather_mix_float64_falls_back_exactly():
     assert torch.equal(out[0], pool[3]) and torch.equal(out[1], torch.zeros_like(pool[0]))
     w = torch.randn(2, 4, dtype=torch.float64, device=DEVICE)
     assert torch.allclose(gather_mix_cuda.mix_forward(pool, w, None), w @ pool)
+
+
+def test_float32_prefix_with_half_inputs():
+    """fp32 prefix parameters (mixed precision) are cast once to q's dtype, never batch-expanded."""
+    cuda = _cuda_backend()
+    dtype, D = torch.bfloat16, 128
+    q, k, v, kpm, pub, norm = make_case(3, 8, 2, 1, 500, D, 20, "pool", S=2, dtype=dtype, padding="holes", seed=11)
+    pub = dict(pub, prefix_k=pub["prefix_k"].float(), prefix_v=pub["prefix_v"].float())
+    norm = dict(norm, prefix_k=norm["prefix_k"].float(), prefix_v=norm["prefix_v"].float())
+    assert cuda.supports(q, k, v, norm["prefix_k"], norm["prefix_index"], 3, kpm, True, 0.0, -1, False) is None
+    ref_out, ref_lse = oracle(q, k, v, kpm, pub, True, D ** -0.5, None, None)
+    out, lse = run_backend(cuda, q, k, v, kpm, norm, True, D ** -0.5, None, None)
+    check(out, lse, ref_out, ref_lse, dtype)

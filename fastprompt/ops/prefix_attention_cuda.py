@@ -55,8 +55,10 @@ def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, cau
         return "the CUDA kernels need CUDA tensors"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"the CUDA kernels take float16/bfloat16, got {q.dtype}"
-    if k.dtype != q.dtype or v.dtype != q.dtype or (prefix_k is not None and prefix_k.dtype != q.dtype):
-        return "the CUDA kernels need q, k, v and the prefix in one dtype"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the CUDA kernels need k and v in q's dtype {q.dtype}, got {k.dtype} and {v.dtype}"
+    if prefix_k is not None and prefix_k.dtype not in (torch.float32,) + SUPPORTED_DTYPES:
+        return f"the CUDA kernels take a float32/float16/bfloat16 prefix, got {prefix_k.dtype}"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not compiled (CUDA kernels cover {SUPPORTED_HEAD_DIMS})"
     if prefix_index is not None and prefix_index.dtype != torch.int64:
@@ -82,6 +84,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_
     -1 auto, 0 decode tiles, 1 prefill tiles (tests use the last two to cover every path)."""
     if prefix_mode == 0:
         prefix_k = prefix_v = prefix_index = None
+    elif prefix_k.dtype != q.dtype:  # e.g. fp32 prefix parameters under bf16 autocast: a small [E, Hkv, P, D] cast
+        prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
     return tuple(extension().prefix_attention_fwd(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal), float(scale),
         float(softcap or 0.0), int(window if window is not None else -1), int(num_splits), int(force_config)))
