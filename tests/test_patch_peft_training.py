@@ -44,6 +44,20 @@ def test_gradient_checkpointing(family, task):
         assert_rel_close(grads_c[name], grads_o[name], 1e-4, what=name)
 
 
+def test_reentrant_checkpointing_is_refused_clearly():
+    patched, _ = tiny_peft_pair("llama", "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    patched.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids, mask = make_inputs(padding="left")
+    with pytest.raises(ValueError, match="use_reentrant"):
+        patched(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():  # inference under checkpointing settings is fine
+        patched(input_ids=ids, attention_mask=mask)
+
+
 def test_trainer_losses_match_unpatched(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -220,11 +220,28 @@ def _register_once() -> None:
     _registered = True
 
 
+def _uses_reentrant_checkpointing(layer) -> bool:
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
+        return False
+    fn = getattr(layer, "_gradient_checkpointing_func", None)
+    keywords = getattr(fn, "keywords", None) or {}
+    return keywords.get("use_reentrant", True) is not False  # torch's historical default is reentrant
+
+
 def _make_inject_hook(state: "_AttentionState"):
     def inject_prefixes(layer, args, kwargs):
         # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
         # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
-        if state.prefixes is not None and kwargs.get(PREFIXES_KWARG) is None:
+        given = kwargs.get(PREFIXES_KWARG)
+        prefixes = given if given is not None else state.prefixes
+        if prefixes and _uses_reentrant_checkpointing(layer) and any(
+                lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
+            # Reentrant checkpointing only differentiates the layer's positional tensor inputs: trainable prefixes
+            # passed by keyword would be back-propagated once per layer through one shared graph.
+            raise ValueError(
+                "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+        if given is None and state.prefixes is not None:
             kwargs[PREFIXES_KWARG] = state.prefixes
             return args, kwargs
         return None
