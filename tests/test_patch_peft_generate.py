@@ -106,3 +106,14 @@ def test_manual_decoding_with_the_returned_cache():
         assert first.past_key_values.get_seq_length() == 4
         rest = patched(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=first.past_key_values).logits
     torch.testing.assert_close(rest, full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_without_cache():
+    """use_cache=False recomputes the whole sequence each step: same tokens as the cached run and as unpatched PEFT
+    with its cache (unpatched PEFT itself fails here on Llama: its prefix cache no longer matches the mask)."""
+    patched, oracle = tiny_peft_pair("llama", "prefix", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    uncached = _generate(patched, ids, mask, use_cache=False).sequences
+    assert torch.equal(uncached, _generate(patched, ids, mask).sequences)
+    assert torch.equal(uncached, _generate(oracle, ids, mask).sequences)

@@ -24,7 +24,6 @@ from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
     LayerPrefix,
-    _hf_model,
     check_supports_attention_interface,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
