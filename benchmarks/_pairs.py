@@ -14,7 +14,7 @@ _CACHE: dict = {}
 
 
 def _counts(side, device):
-    new, peak, saved = _alloc_and_saved(side)
+    new, peak, saved = metrics.count_step(side.step, side.exclude)
     figures = {"new_bytes": new, "peak_bytes": peak, "saved_bytes": saved, "flops": metrics.flops(side.step)}
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -24,12 +24,6 @@ def _counts(side, device):
         torch.cuda.synchronize()
         figures["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
     return figures
-
-
-def _alloc_and_saved(side):
-    from fastprompt.bench.runner import _counts as counts
-
-    return counts(side)
 
 
 def prepared(case, device):

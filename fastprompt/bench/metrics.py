@@ -24,8 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["AllocationTracker", "StepFigures", "measure_allocations", "saved_bytes", "flops", "time_step",
-           "measure_step", "synchronize", "register_cpu_flash_flop_formulas"]
+__all__ = ["AllocationTracker", "SavedTensorsCounter", "StepFigures", "measure_allocations", "saved_bytes",
+           "count_step", "flops", "time_step", "measure_step", "synchronize", "register_cpu_flash_flop_formulas"]
 
 
 def _tensors(obj) -> list:
@@ -116,23 +116,51 @@ def measure_allocations(step: Callable[[], object]) -> tuple[int, int, int]:
     return tracker.new_bytes, tracker.peak_bytes, tracker.allocations
 
 
+class SavedTensorsCounter:
+    """Context manager: unique storages saved for backward inside it, minus the storages of `exclude`."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.excluded = {_storage_key(_storage(t)) for t in exclude}
+        self.seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = _storage(t)
+        key = _storage_key(storage)
+        if key is not None and key not in self.excluded and key not in self.seen:
+            self.seen[key] = storage.nbytes()
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
 def saved_bytes(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the unique storages saved for backward during `step`, excluding storages of `exclude` (parameters,
     inputs: they are alive anyway)."""
-    excluded = {_storage_key(_storage(t)) for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = _storage(t)
-        key = _storage_key(storage)
-        if key is not None and key not in excluded and key not in seen:
-            seen[key] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorsCounter(exclude) as counter:
         result = step()
         del result
-    return sum(seen.values())
+    return counter.nbytes
+
+
+def count_step(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, int, int]:
+    """(new bytes, peak live bytes, saved-for-backward bytes) of one call of `step`, in one run."""
+    gc.collect()
+    tracker = AllocationTracker()
+    with SavedTensorsCounter(exclude) as counter, tracker:
+        result = step()
+        del result
+    gc.collect()
+    return tracker.new_bytes, tracker.peak_bytes, counter.nbytes
 
 
 _registered_cpu_flash = False
@@ -217,8 +245,7 @@ def measure_step(step: Callable[[], object], device="cpu", *, exclude: Iterable[
         fig.times_s = time_step(step, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
     else:
         step()  # warm up (lazy init, caches) so the counts are those of a steady-state step
-    fig.new_bytes, fig.peak_bytes, _ = measure_allocations(step)
-    fig.saved_bytes = saved_bytes(step, exclude)
+    fig.new_bytes, fig.peak_bytes, fig.saved_bytes = count_step(step, exclude)
     fig.flops = flops(step)
     if torch.device(device).type == "cuda":
         synchronize(device)

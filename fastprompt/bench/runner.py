@@ -37,6 +37,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
         return [
             attention_case("fwd+bwd", 2, 32, 8, hq=4, hkv=2, dim=16, reps=2, tags=("sweep_seq",)),
             attention_case("fwd+bwd", 2, 64, 8, hq=4, hkv=2, dim=16, reps=2, tags=("sweep_seq",)),
+            attention_case("fwd+bwd", 2, 32, 16, hq=4, hkv=2, dim=16, reps=2, tags=("sweep_prefix",)),
             attention_case("decode", 2, 32, 8, hq=4, hkv=2, dim=16, reps=2),
             gather_case(4, 6, 3, 16, reps=2),
             mix_case(4, 6, 3, 16, reps=2),
@@ -200,24 +201,7 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
 
 def _counts(side) -> tuple[int, int, int]:
     """new bytes, peak live bytes and saved-for-backward bytes of one step (one run under both instruments)."""
-    gc.collect()
-    excluded = {metrics._storage_key(metrics._storage(t)) for t in side.exclude}
-    seen: dict = {}
-
-    def pack(t):
-        storage = metrics._storage(t)
-        key = metrics._storage_key(storage)
-        if key is not None and key not in excluded and key not in seen:
-            seen[key] = storage.nbytes()
-        return t
-
-    tracker = metrics.AllocationTracker()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with tracker:
-            result = side.step()
-            del result
-    gc.collect()
-    return tracker.new_bytes, tracker.peak_bytes, sum(seen.values())
+    return metrics.count_step(side.step, side.exclude)
 
 
 def _cuda_peak(step) -> int:
@@ -387,11 +371,22 @@ def write_outputs(results: list[dict], out_dir: str, meta: dict) -> dict:
     return paths
 
 
-def _series(results, tag, axis, other_tag=None):
+def _sweep(results, tag, axis):
+    """fwd+bwd attention rows of one sweep plus the reference row when it lies on the same line."""
     rows = [r for r in results if "error" not in r and r["group"] == "attention" and r["params"]["kind"] == "fwd+bwd"
-            and (tag in r["tags"] or (other_tag and other_tag in r["tags"]))]
-    rows.sort(key=lambda r: r["params"][axis])
-    return rows
+            and tag in r["tags"]]
+    if not rows:
+        return []
+    fixed = {k: v for k, v in rows[0]["params"].items() if k != axis}
+    for r in results:
+        if ("reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r and r not in rows
+                and {k: v for k, v in r["params"].items() if k != axis} == fixed):
+            rows.append(r)
+    return sorted(rows, key=lambda r: r["params"][axis])
+
+
+_LINES = (("time_s", "time", "o-"), ("new_bytes", "new bytes", "s-"), ("peak_bytes", "peak live bytes", "^-"),
+          ("saved_bytes", "saved for backward", "d-"))
 
 
 def _chart(results: list[dict], path: str, meta: dict) -> None:
@@ -400,34 +395,42 @@ def _chart(results: list[dict], path: str, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = [r for r in results if "reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r]
-    ref_s = ref[0]["params"]["S"] if ref else None
-    ref_p = ref[0]["params"]["P"] if ref else None
-    panels = [("S", "sweep_seq", f"sequence length S (P={ref_p or '-'})"),
-              ("P", "sweep_prefix", f"prefix length P (S={ref_s or '-'})")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, (axis, tag, title) in zip(axes, panels):
-        rows = _series(results, tag, axis)
-        rows += [r for r in ref if r not in rows and (axis == "S" and r["params"]["P"] == (rows[0]["params"]["P"]
-                                                                                       if rows else ref_p)
-                                                      or axis == "P" and r["params"]["S"] == (rows[0]["params"]["S"]
-                                                                                             if rows else ref_s))]
-        rows.sort(key=lambda r: r["params"][axis])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, (axis, tag, what) in zip(axes, (("S", "sweep_seq", "sequence length S"),
+                                            ("P", "sweep_prefix", "prefix length P"))):
+        rows = _sweep(results, tag, axis)
         xs = [r["params"][axis] for r in rows]
-        for key, label, style in (("time_s", "time", "o-"), ("new_bytes", "new bytes", "s-"),
-                                  ("peak_bytes", "peak live bytes", "^-"), ("saved_bytes", "saved for backward", "d-")):
+        for key, label, style in _LINES:
             ys = [r["ratios"].get(key) for r in rows]
             if any(y is not None for y in ys):
-                ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=label)
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
+        fixed = ", ".join(f"{k}={v}" for k, v in rows[0]["params"].items() if k not in (axis, "kind")) if rows else ""
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(title)
-        ax.set_title(f"prefix attention fwd+bwd: {title.split(' (')[0]}", fontsize=10)
+        if xs:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(what)
+        ax.set_title(f"prefix attention fwd+bwd vs PEFT path\n{fixed}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fastprompt / PEFT path (lower is better)")
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel("fastprompt / baseline (below 1: fastprompt better)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"fastprompt vs PEFT-style attention on {meta.get('machine', {}).get('device', 'cpu')} "
-                 f"({meta.get('date', '')[:16]})", fontsize=10)
+
+    ax = axes[2]  # end to end: one bar group per training step / generation case
+    rows = [r for r in results if r["group"] in ("train step", "generate") and "error" not in r]
+    labels = [f"{r['name'].split(' (')[0]}\nB={r['params']['B']} S={r['params']['S']} P={r['params']['P']}"
+              for r in rows]
+    width = 0.2
+    for n, (key, label, _) in enumerate(_LINES):
+        ys = [r["ratios"].get(key) or float("nan") for r in rows]
+        ax.bar([i + (n - 1.5) * width for i in range(len(rows))], ys, width, label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)), labels, fontsize=6.5, rotation=30, ha="right")
+    ax.set_title("end to end: training step / generation", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    machine = meta.get("machine", {})
+    fig.suptitle(f"fastprompt vs PEFT + transformers on {machine.get('gpu') or machine.get('cpu', '?')} "
+                 f"({meta.get('mode', '')}, {meta.get('date', '')[:16]})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

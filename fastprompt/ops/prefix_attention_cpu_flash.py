@@ -109,25 +109,40 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     return out.to(q.dtype).contiguous(), lse
 
 
-def _shared_prefix_backward(grad_out, q, lse, delta, prefix_k, prefix_v, scale, dq):
+def _dense(t: Tensor) -> Tensor:
+    """t itself when it is [B, H, L, D] or [B, L, H, D] in memory (the kernel reads either: transformers hands over
+    the latter), else a contiguous copy (e.g. an expanded gradient)."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, scale, dq):
     """The shared prefix's share of the backward, written out per query head with small [B, Lq, P] score blocks:
     P = exp(q·pkᵀ·scale − lse), dS = P ∘ (dO·pvᵀ − delta); dq += scale·dS·pk in place; dpk = scale·Σ dSᵀ·q and
     dpv = Σ Pᵀ·dO accumulated straight into one [Hkv, P, D] (never a per-row copy). Unlike handing the prefix to
-    the flash kernel's backward, it needs no folded copies of q, dO and O and no second dq."""
+    the flash kernel's backward, it needs no folded copies of q, dO and O and no second dq; the score blocks are
+    two buffers reused by every head. `delta` (rowsum(dO·O), [B, Hq, Lq]) is computed per head when None."""
     batch, hq, lq, dim = q.shape
-    hkv = prefix_k.shape[1]
+    hkv, plen = prefix_k.shape[1], prefix_k.shape[2]
     group = hq // hkv
     pk, pv = prefix_k[0], prefix_v[0]
     dpk = torch.zeros(pk.shape, dtype=q.dtype, device=q.device)
     dpv = torch.zeros(pv.shape, dtype=q.dtype, device=q.device)
+    p = torch.empty(batch, lq, plen, dtype=q.dtype, device=q.device)
+    ds = torch.empty_like(p)
+    row = torch.empty(batch, lq, dim, dtype=q.dtype, device=q.device) if delta is None else None
+    delta_j = torch.empty(batch, lq, dtype=q.dtype, device=q.device) if delta is None else None
     for j in range(hq):
         h = j // group
         q_j, do_j, dq_j = q[:, j], grad_out[:, j], dq[:, j]  # [B, Lq, D] views
-        pk_t = pk[h].t().expand(batch, dim, pk.shape[1])
-        pv_t = pv[h].t().expand(batch, dim, pv.shape[1])
-        p = torch.bmm(q_j, pk_t).mul_(scale).sub_(lse[:, j, :, None]).exp_()  # [B, Lq, P], global probabilities
-        ds = torch.bmm(do_j, pv_t).sub_(delta[:, j, :, None]).mul_(p)
-        dq_j.baddbmm_(ds, pk[h].expand(batch, *pk[h].shape), alpha=scale)
+        if delta is None:
+            torch.sum(torch.mul(do_j, out[:, j], out=row), dim=-1, out=delta_j)
+        else:
+            delta_j = delta[:, j]
+        torch.bmm(q_j, pk[h].t().expand(batch, dim, plen), out=p)
+        p.mul_(scale).sub_(lse[:, j, :, None]).exp_()  # global probabilities of the prefix keys
+        torch.bmm(do_j, pv[h].t().expand(batch, dim, plen), out=ds)
+        ds.sub_(delta_j[..., None]).mul_(p)
+        dq_j.baddbmm_(ds, pk[h].expand(batch, plen, dim), alpha=scale)
         for b in range(batch):  # sum over rows into the one prefix gradient: no [B, P, D] partials
             dpk[h].addmm_(ds[b].t(), q_j[b], alpha=scale)
             dpv[h].addmm_(p[b].t(), do_j[b])
@@ -137,20 +152,23 @@ def _shared_prefix_backward(grad_out, q, lse, delta, prefix_k, prefix_v, scale, 
 def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, causal,
              scale, window, delta=None):
     """Exact gradients when the lse output carries no gradient (see the module docstring). `delta`, when given, is
-    rowsum(dO·O) [B, Hq, Lq] (the caller's row term): it lets a shared prefix take the written-out path."""
+    the caller's row term rowsum(dO·O) [B, Hq, Lq] (reused by the shared-prefix path; computed there otherwise)."""
     batch = q.shape[0]
     # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0 instead of NaN.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf")).to(torch.float64 if q.dtype == torch.float64
                                                                  else torch.float32)
-    grad_out = grad_out.contiguous()
-    out = out.contiguous()
+    grad_out = _dense(grad_out)
+    out = _dense(out)
     mask, is_causal, _ = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
     dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     dprefix_k = dprefix_v = None
-    if prefix_mode == PREFIX_SHARED and delta is not None and q.dtype in (torch.float32, torch.float64):
+    if prefix_mode == PREFIX_SHARED and q.dtype in (torch.float32, torch.float64):
         dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
-        dprefix_k, dprefix_v = _shared_prefix_backward(grad_out, q, lse, delta.to(lse.dtype), prefix_k, prefix_v,
-                                                       scale, dq)
+        if delta is not None and delta.numel() == 0:  # "not computed": the written-out path makes its own
+            delta = None
+        dprefix_k, dprefix_v = _shared_prefix_backward(grad_out, q, out, lse.to(q.dtype),
+                                                       None if delta is None else delta.to(q.dtype), prefix_k,
+                                                       prefix_v, scale, dq)
     elif prefix_mode != PREFIX_NONE:
         pq, pk, pv, pmask, _ = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
         if prefix_mode == PREFIX_SHARED:
