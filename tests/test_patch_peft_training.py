@@ -44,18 +44,47 @@ def test_gradient_checkpointing(family, task):
         assert_rel_close(grads_c[name], grads_o[name], 1e-4, what=name)
 
 
-def test_reentrant_checkpointing_is_refused_clearly():
-    patched, _ = tiny_peft_pair("llama", "prefix", "CAUSAL_LM")
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
+def test_reentrant_gradient_checkpointing(family, task):
+    """use_reentrant=True only differentiates a layer's positional inputs: the patched PEFT path bridges the prefix
+    gradient around it; the generic layer_prefixes plumbing refuses it with a clear error."""
+    patched, oracle = tiny_peft_pair(family, "prefix_proj", task)
     fpp.patch_model(patched)
     patched.train()
+    oracle.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        ids, mask = make_inputs(padding="left")
+        _, loss_c = run_step(patched, task, ids, mask)
+    _, loss_o = run_step(oracle, task, ids, mask)
+    assert_rel_close(loss_c, loss_o, 1e-5, what="loss")
+    grads_c, grads_o = prompt_grads(patched), prompt_grads(oracle)
+    assert grads_c.keys() == grads_o.keys() and grads_c
+    for name in grads_o:
+        assert_rel_close(grads_c[name], grads_o[name], 1e-4, what=name)
+
+
+def test_reentrant_checkpointing_refused_for_layer_prefixes():
+    from fastprompt.integrations.transformers_attention import (
+        LayerPrefix,
+        enable_fastprompt_attention,
+        layer_prefixes,
+        model_layout,
+    )
+
+    from integration_helpers import tiny_model
+
+    model = tiny_model("llama").train()
+    layout = model_layout(model)
+    key = torch.randn(layout.num_kv_heads, 2, layout.head_dim, requires_grad=True)
+    enable_fastprompt_attention(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     ids, mask = make_inputs(padding="left")
-    with pytest.raises(ValueError, match="use_reentrant"):
-        patched(input_ids=ids, attention_mask=mask, labels=ids)
-    with torch.no_grad():  # inference under checkpointing settings is fine
-        patched(input_ids=ids, attention_mask=mask)
+    with layer_prefixes(model, {0: LayerPrefix(key, key)}), pytest.raises(ValueError, match="use_reentrant"):
+        model(input_ids=ids, attention_mask=mask)
 
 
 def test_trainer_losses_match_unpatched(tmp_path):

@@ -23,13 +23,16 @@ import torch
 from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
+    BridgedPrefixes,
     LayerPrefix,
+    _find_layers,
     check_supports_attention_interface,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
     layer_prefixes,
     model_layout,
     set_backend,
+    uses_reentrant_checkpointing,
 )
 
 _PATCH_ATTR = "_fastprompt_peft_patch"
@@ -45,6 +48,7 @@ class _PeftPatch:
     backend: str
     attention_token: Any = None
     layout: Any = None                           # ModelLayout of the base model (prefix tuning)
+    layers: Any = None                           # the base model's ModuleList of layers (prefix tuning)
     saved: dict = field(default_factory=dict)    # instance attributes that existed before patching
 
 
@@ -121,6 +125,7 @@ def patch_peft_model(model, *, backend: str = "auto"):
     record = _PeftPatch(method=method, backend=backend)
     if method == "prefix":
         record.layout = model_layout(model.get_base_model())
+        record.layers = _find_layers(model.get_base_model())[1]
         record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
         replacements = {
             "forward": _prefix_forward,
@@ -158,8 +163,8 @@ def unpatch_peft_model(model):
 # Prefix tuning
 
 
-def prefix_layer_kv(model) -> dict:
-    """Per-layer prefix K/V `[Hkv, P, D]` of the active prefix-tuning adapter, the encoder run once on P tokens.
+def prefix_kv(model) -> torch.Tensor:
+    """The active prefix-tuning adapter's K/V for all layers, `[2L, Hkv, P, D]`, the encoder run once on P tokens.
 
     PEFT's saved layout `[P, 2·L·Hkv·D]` viewed as `(P, 2L, Hkv, D)`: index 2l is layer l's K, 2l+1 its V.
     """
@@ -175,8 +180,47 @@ def prefix_layer_kv(model) -> dict:
         flat = flat.to(model.base_model_torch_dtype)
     heads = config.num_attention_heads
     kv = flat.view(num_tokens, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    kv = kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
-    return {layer: LayerPrefix(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.num_layers)}
+    return kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
+
+
+def layer_prefixes_from_kv(kv: torch.Tensor, container=dict) -> dict:
+    return container((layer, LayerPrefix(kv[2 * layer], kv[2 * layer + 1])) for layer in range(kv.shape[0] // 2))
+
+
+def prefix_layer_kv(model) -> dict:
+    """Per-layer prefix K/V `[Hkv, P, D]` (views of `prefix_kv(model)`), keyed by layer index."""
+    return layer_prefixes_from_kv(prefix_kv(model))
+
+
+class _PrefixGradBridge(torch.autograd.Function):
+    """Identity on the layer stack's input that hands the prefix leaf's gradient to the prefix encoder.
+
+    Reentrant checkpointing differentiates only a layer's positional tensor inputs, so the layers read a detached
+    leaf copy of the prefix; each layer's recompute accumulates into `leaf.grad`. This node sits before layer 0,
+    so autograd reaches it after every layer's backward, when `leaf.grad` is complete.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, kv, holder):
+        ctx.holder = holder
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaf = ctx.holder.leaf
+        grad_kv = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        return grad, grad_kv, None
+
+
+class _BridgeHolder:
+    def __init__(self, kv, leaf):
+        self.kv, self.leaf, self.used = kv, leaf, False
+
+    def bridge(self, hidden):
+        if self.used:  # the input embedding may run more than once; the prefix gradient enters once
+            return hidden
+        self.used = True
+        return _PrefixGradBridge.apply(hidden, self.kv, self)
 
 
 def _prefix_positions(model, input_ids, inputs_embeds, past_length: int, num_tokens: int):
@@ -232,8 +276,24 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
                 return_dict=return_dict, **kwargs)
     if task != "FEATURE_EXTRACTION":
         call["labels"] = labels
-    call[PREFIXES_KWARG] = prefix_layer_kv(self)
-    return self.base_model(**call)
+    kv = prefix_kv(self)
+    record = self.__dict__[_PATCH_ATTR]
+    if not (kv.requires_grad and torch.is_grad_enabled() and record.layers is not None
+            and all(uses_reentrant_checkpointing(layer) for layer in record.layers)):
+        call[PREFIXES_KWARG] = layer_prefixes_from_kv(kv)
+        return self.base_model(**call)
+    # Reentrant gradient checkpointing on every layer: the layers read a detached leaf, bridged back (see above)
+    holder = _BridgeHolder(kv, kv.detach().requires_grad_(True))
+    call[PREFIXES_KWARG] = layer_prefixes_from_kv(holder.leaf, BridgedPrefixes)
+    if inputs_embeds is not None:
+        call["inputs_embeds"] = holder.bridge(inputs_embeds)
+        return self.base_model(**call)
+    handle = self.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda module, args, output: holder.bridge(output))
+    try:
+        return self.base_model(**call)
+    finally:
+        handle.remove()
 
 
 def _prefix_generate(self, *args, **kwargs):

@@ -220,6 +220,15 @@ def _register_once() -> None:
     _registered = True
 
 
+class BridgedPrefixes(dict):
+    """Layer prefixes that are detached leaves whose gradient a caller carries back itself (fastprompt's PEFT path
+    does so under reentrant gradient checkpointing); the reentrant-checkpointing guard lets them through."""
+
+
+def uses_reentrant_checkpointing(layer) -> bool:
+    return _uses_reentrant_checkpointing(layer)
+
+
 def _uses_reentrant_checkpointing(layer) -> bool:
     if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
         return False
@@ -234,7 +243,7 @@ def _make_inject_hook(state: "_AttentionState"):
         # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
         given = kwargs.get(PREFIXES_KWARG)
         prefixes = given if given is not None else state.prefixes
-        if prefixes and _uses_reentrant_checkpointing(layer) and any(
+        if prefixes and not isinstance(prefixes, BridgedPrefixes) and _uses_reentrant_checkpointing(layer) and any(
                 lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
             # Reentrant checkpointing only differentiates the layer's positional tensor inputs: trainable prefixes
             # passed by keyword would be back-propagated once per layer through one shared graph.
