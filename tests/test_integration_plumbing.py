@@ -173,3 +173,24 @@ def test_layer_prefixes_survive_gradient_checkpointing(family):
     disable_fastprompt_attention(model, token)
     for a, b in zip(checkpointed, plain):
         assert_close(a, b, rtol=1e-4, atol=1e-6, what="checkpointed prefix grads")
+
+
+def test_deep_copy_of_an_enabled_model_uses_its_own_state():
+    model = tiny_model("llama", "CAUSAL_LM")
+    layout = model_layout(model)
+    enable_fastprompt_attention(model)
+    clone = copy.deepcopy(model)
+    lp = LayerPrefix(torch.randn(layout.num_kv_heads, 2, layout.head_dim),
+                     torch.randn(layout.num_kv_heads, 2, layout.head_dim))
+    ids, mask = make_inputs(padding="left")
+    with layer_prefixes(model, {0: lp}):
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with layer_prefixes(clone, {0: lp}):
+        got = clone(input_ids=ids, attention_mask=mask).logits
+        seen = []
+        handle = clone.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.append("fastprompt_prefixes" in kw), with_kwargs=True)
+        clone(input_ids=ids, attention_mask=mask)
+        handle.remove()
+    assert_close(got, expected, what="deep copy")
+    assert seen == [True]  # the clone's own hook injected the clone's prefixes

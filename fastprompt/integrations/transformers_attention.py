@@ -29,6 +29,7 @@ ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
 _STATE_ATTR = "_fastprompt_attention_state"
 _SLOT_ATTR = "_fastprompt_attention_slot"
+_LAYER_STATE_ATTR = "_fastprompt_layer_state"
 
 __all__ = [
     "ATTENTION_NAME",
@@ -237,25 +238,26 @@ def _uses_reentrant_checkpointing(layer) -> bool:
     return keywords.get("use_reentrant", True) is not False  # torch's historical default is reentrant
 
 
-def _make_inject_hook(state: "_AttentionState"):
-    def inject_prefixes(layer, args, kwargs):
-        # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
-        # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
-        given = kwargs.get(PREFIXES_KWARG)
-        prefixes = given if given is not None else state.prefixes
-        if prefixes and not isinstance(prefixes, BridgedPrefixes) and _uses_reentrant_checkpointing(layer) and any(
-                lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
-            # Reentrant checkpointing only differentiates the layer's positional tensor inputs: trainable prefixes
-            # passed by keyword would be back-propagated once per layer through one shared graph.
-            raise ValueError(
-                "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-        if given is None and state.prefixes is not None:
-            kwargs[PREFIXES_KWARG] = state.prefixes
-            return args, kwargs
+def _inject_prefixes_hook(layer, args, kwargs):
+    # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
+    # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
+    # The state is read from the layer itself (not a closure) so that a deep copy of the model uses its own.
+    state = layer.__dict__.get(_LAYER_STATE_ATTR)
+    if state is None:
         return None
-
-    return inject_prefixes
+    given = kwargs.get(PREFIXES_KWARG)
+    prefixes = given if given is not None else state.prefixes
+    if prefixes and not isinstance(prefixes, BridgedPrefixes) and _uses_reentrant_checkpointing(layer) and any(
+            lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
+        # Reentrant checkpointing only differentiates the layer's positional tensor inputs: trainable prefixes
+        # passed by keyword would be back-propagated once per layer through one shared graph.
+        raise ValueError(
+            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+    if given is None and state.prefixes is not None:
+        kwargs[PREFIXES_KWARG] = state.prefixes
+        return args, kwargs
+    return None
 
 
 def _accepts_var_kwargs(fn) -> bool:
@@ -312,10 +314,11 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
             f"(still {hf.config._attn_implementation!r})"
         )
     hooks = []
-    inject = _make_inject_hook(state)
     for layer in layers:
         if _accepts_var_kwargs(layer.forward):  # else the attention reads the instance state (no checkpointing)
-            hooks.append(layer.register_forward_pre_hook(inject, with_kwargs=True))
+            object.__setattr__(layer, _LAYER_STATE_ATTR, state)
+            hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
+            slotted.append(layer)
     object.__setattr__(hf, _STATE_ATTR, state)
     return _EnableToken(hf, previous, hooks, slotted)
 
@@ -334,8 +337,9 @@ def disable_fastprompt_attention(model, token: _EnableToken) -> None:
     for hook in token.hooks:
         hook.remove()
     for sub in token.slotted:
-        if _SLOT_ATTR in sub.__dict__:
-            delattr(sub, _SLOT_ATTR)
+        for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
+            if attr in sub.__dict__:
+                object.__delattr__(sub, attr)
     if _STATE_ATTR in hf.__dict__:
         object.__delattr__(hf, _STATE_ATTR)
     hf.set_attn_implementation(token.previous_implementation)
