@@ -7,7 +7,8 @@ save_pretrained / from_pretrained are untouched):
   once per step on the P virtual tokens (not on B copies); its output is viewed as per-layer K/V `[Hkv, P, D]` and
   handed to the base model's "fastprompt" attention (see transformers_attention). No DynamicCache of B prefix copies,
   no `[prefix; seq]` concatenation, no 4D mask. Real tokens keep PEFT's positions (P, P+1, ...: PEFT sees a P-long
-  cache), prefix keys are never rotated. In generate() the KV cache holds real tokens only.
+  cache), prefix keys are never rotated. In generate() the KV cache holds real tokens only. Gradient checkpointing
+  works (PEFT refuses it): non-reentrant directly, reentrant through a gradient bridge (`_PrefixGradBridge`).
 - Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt` is replaced. The encoder runs
   once on `[1, P]` and the prompt is expanded (a view), never repeated per row; MPT multiplies the shared prompt by
   each row's task factors without looking the embedding up B times. PEFT's own forward does the rest.

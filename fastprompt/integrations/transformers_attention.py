@@ -11,8 +11,12 @@ forward pre-hook on each of that instance's layers passes it as the `fastprompt_
 transformers 5 forwards from the layer to its attention function. The hook runs outside the gradient-checkpointed
 layer forward, so the backward recompute sees the same prefix tensors; generate() and torch.compile see them too.
 A caller may also pass `fastprompt_prefixes=` to the model's forward itself (the PEFT path does). Where a family
-drops the keyword, the attention function falls back to the instance state. Nothing here touches a class or module global other than the two interface registrations, which are
-inert for models that did not select "fastprompt".
+drops the keyword, the attention function falls back to the instance state. Nothing here touches a class or a
+module global other than the two interface registrations, which are inert for models that did not select
+"fastprompt".
+
+Semantics that differ from PEFT's prefix-as-cache on purpose: prefix keys are always visible, also past a sliding
+window (PEFT's prefix slides out of the window once P + position exceeds it); everything else is identical.
 """
 from __future__ import annotations
 
