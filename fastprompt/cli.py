@@ -28,9 +28,10 @@ def _bench(args) -> int:
         cases = [c for c in cases if args.filter.lower() in f"{c.group} {c.name}".lower()]
     start = time.perf_counter()
     meta = {"command": "fastprompt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "fastprompt bench",
-            "mode": mode, "date": runner.now_utc(), "machine": runner.machine_info(device),
+            "mode": mode, "date": runner.now_utc(), "threads": threads, "machine": runner.machine_info(device),
             "versions": runner.versions()}
-    results = runner.run_suite(cases, device, progress=not args.no_progress)
+    budget = args.budget if args.budget is not None else {"default": 140.0, "quick": 60.0}.get(mode)
+    results = runner.run_suite(cases, device, progress=not args.no_progress, budget_s=budget or None)
     meta["runtime_s"] = time.perf_counter() - start
     meta["loadavg_end"] = runner.machine_info(device).get("loadavg")
     paths = runner.write_outputs(results, args.out, meta)
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--filter", default=None, help="only cases whose group/name contains this text")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1 on the CPU: steady timings on a shared machine)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                       help="past this many seconds, skip the remaining sweep cases and time the rest once "
+                       "(default 140 for the default run, 60 with --quick, none otherwise; 0 = none)")
     bench.add_argument("--strict", action="store_true", help="exit 1 when a compared pair gives unequal outputs")
     info = sub.add_parser("info", help="versions, CUDA extension, and the backend 'auto' picks")
     info.add_argument("--device", default="cuda" if _cuda_available() else "cpu")

@@ -59,25 +59,9 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
     cases.append(attention_case("fwd+bwd", 8, 256, 32, reps=op_reps, tags=("reference",)))
     cases.append(attention_case("fwd", 8, 256, 32, reps=op_reps))
     cases.append(attention_case("decode", 8, 512, 32, reps=op_reps * 2))
-    sweep_seqs = seqs if mode != "quick" else seqs[:1] + seqs[-1:]
-    sweep_prefixes = prefixes if mode != "quick" else prefixes[:1] + prefixes[-1:]
-    for s in sweep_seqs:
-        if s != 256:
-            cases.append(attention_case("fwd+bwd", 8, s, 32, reps=op_reps, tags=("sweep_seq",)))
-    for p in sweep_prefixes:
-        if p != 32:
-            cases.append(attention_case("fwd+bwd", 8, ref_seq, p, reps=op_reps, tags=("sweep_prefix",)))
-    if mode == "full":
-        for b in (1, 4, 16):
-            cases.append(attention_case("fwd+bwd", b, ref_seq, 32, reps=op_reps, tags=("sweep_batch",)))
-        for hkv in (8, 1):  # MHA and MQA around the 4:1 GQA reference
-            cases.append(attention_case("fwd+bwd", 8, ref_seq, 32, hkv=hkv, reps=op_reps, tags=("sweep_gqa",)))
-        cases.append(attention_case("fwd+bwd", 8, ref_seq, 32, hq=4, hkv=1, dim=128, reps=op_reps,
-                                    tags=("sweep_dim",)))
-        for s in (256, 1024):
-            cases.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
     cases.append(gather_case(32, 16, 8, 512, reps=op_reps))
     cases.append(mix_case(32, 16, 8, 512, reps=op_reps))
+    sweeps: list[Case] = []
 
     # end to end
     if mode == "quick":
@@ -103,7 +87,24 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
                                     tags=("train_sweep_prefix",)))
         cases += [generate_case(ref, 8, 64, 32, 16, reps=3),
                   generate_case(ref, 8, 64, 32, 16, tasks=4, reps=3)]
-    return cases
+    sweep_seqs = seqs if mode != "quick" else seqs[:1] + seqs[-1:]
+    sweep_prefixes = prefixes if mode != "quick" else prefixes[:1] + prefixes[-1:]
+    for s in sweep_seqs:
+        if s != 256:
+            sweeps.append(attention_case("fwd+bwd", 8, s, 32, reps=op_reps, tags=("sweep_seq",)))
+    for p in sweep_prefixes:
+        if p != 32:
+            sweeps.append(attention_case("fwd+bwd", 8, ref_seq, p, reps=op_reps, tags=("sweep_prefix",)))
+    if mode == "full":
+        for b in (1, 4, 16):
+            sweeps.append(attention_case("fwd+bwd", b, ref_seq, 32, reps=op_reps, tags=("sweep_batch",)))
+        for hkv in (8, 1):  # MHA and MQA around the 4:1 GQA reference
+            sweeps.append(attention_case("fwd+bwd", 8, ref_seq, 32, hkv=hkv, reps=op_reps, tags=("sweep_gqa",)))
+        sweeps.append(attention_case("fwd+bwd", 8, ref_seq, 32, hq=4, hkv=1, dim=128, reps=op_reps,
+                                    tags=("sweep_dim",)))
+        for s in (256, 1024):
+            sweeps.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
+    return cases + sweeps  # sweeps last: under a time budget they are what gets skipped
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -167,7 +168,6 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
         sides = case.build(device)
         ok, diff = compare_outputs(sides["fastprompt"].check(), sides["baseline"].check(), case.tol)
         record["equal"], record["max_rel_diff"] = ok, diff
-        gc.collect()
         times = _interleaved_times(sides, device, reps or case.reps) if timing else {n: [] for n in sides}
         figures = {}
         for name, side in sides.items():
@@ -195,7 +195,8 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
         record["equal"] = False
     finally:
         sides = None
-        gc.collect()
+        if case.group in ("train step", "generate"):
+            gc.collect()  # free the models (module graphs hold reference cycles) before the next case
     return record
 
 
@@ -213,10 +214,17 @@ def _cuda_peak(step) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True) -> list[dict]:
+def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True,
+              budget_s: Optional[float] = None) -> list[dict]:
+    """Run every case. With `budget_s`, once the time spent passes the budget the remaining sweep cases (tags
+    "sweep_*") are skipped and the others are timed with one repetition, so a loaded machine still finishes
+    about on time; skipped cases are recorded as such."""
+    import time
+
     cases = list(cases)
     results = []
     bar = None
+    start = time.perf_counter()
     if progress:
         from tqdm.auto import tqdm
 
@@ -224,7 +232,12 @@ def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True)
     for case in cases:
         if bar is not None:
             bar.set_postfix_str(f"{case.name} {case.label()}"[:60])
-        results.append(run_case(case, device))
+        late = budget_s is not None and time.perf_counter() - start > budget_s
+        if late and any(t.startswith("sweep") for t in case.tags):
+            results.append({"group": case.group, "name": case.name, "params": case.params,
+                            "baseline": case.baseline, "tags": list(case.tags), "skipped": "time budget"})
+        else:
+            results.append(run_case(case, device, reps=1 if late else None))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -265,6 +278,8 @@ def format_table(results: list[dict], markdown: bool = False) -> str:
             "equal (max rel diff)"]
     rows = []
     for r in results:
+        if "skipped" in r:
+            continue
         if "error" in r:
             rows.append([r["group"], r["name"], _short_params(r["params"]), r["baseline"], "-", "-", "-", "-", "-",
                          "-", "-", f"ERROR {r['error'][:60]}"])
@@ -292,7 +307,7 @@ def targets(results: list[dict]) -> list[dict]:
     time <= 1.0x PEFT's, and the reference attention layer's (fwd+bwd) new bytes <= 0.5x the PEFT path's."""
     out = []
     for r in results:
-        if "reference" not in r.get("tags", ()) or "error" in r:
+        if "reference" not in r.get("tags", ()) or "error" in r or "skipped" in r:
             continue
         if r["group"] == "train step" and "prefix_overhead" in r:
             po = r["prefix_overhead"]
@@ -373,13 +388,14 @@ def write_outputs(results: list[dict], out_dir: str, meta: dict) -> dict:
 
 def _sweep(results, tag, axis):
     """fwd+bwd attention rows of one sweep plus the reference row when it lies on the same line."""
-    rows = [r for r in results if "error" not in r and r["group"] == "attention" and r["params"]["kind"] == "fwd+bwd"
-            and tag in r["tags"]]
+    rows = [r for r in results if "error" not in r and "skipped" not in r and r["group"] == "attention"
+            and r["params"]["kind"] == "fwd+bwd" and tag in r["tags"]]
     if not rows:
         return []
     fixed = {k: v for k, v in rows[0]["params"].items() if k != axis}
     for r in results:
-        if ("reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r and r not in rows
+        if ("reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r
+                and "skipped" not in r and r not in rows
                 and {k: v for k, v in r["params"].items() if k != axis} == fixed):
             rows.append(r)
     return sorted(rows, key=lambda r: r["params"][axis])
@@ -417,7 +433,8 @@ def _chart(results: list[dict], path: str, meta: dict) -> None:
     axes[0].legend(fontsize=8)
 
     ax = axes[2]  # end to end: one bar group per training step / generation case
-    rows = [r for r in results if r["group"] in ("train step", "generate") and "error" not in r]
+    rows = [r for r in results if r["group"] in ("train step", "generate") and "error" not in r
+            and "skipped" not in r]
     labels = [f"{r['name'].split(' (')[0]}\nB={r['params']['B']} S={r['params']['S']} P={r['params']['P']}"
               for r in rows]
     width = 0.2
@@ -441,8 +458,11 @@ def now_utc() -> str:
 
 
 def summary_line(results: list[dict]) -> str:
-    ok = sum(1 for r in results if r.get("equal"))
-    return f"{ok}/{len(results)} compared pairs gave equal outputs"
+    run = [r for r in results if "skipped" not in r]
+    ok = sum(1 for r in run if r.get("equal"))
+    skipped = len(results) - len(run)
+    line = f"{ok}/{len(run)} compared pairs gave equal outputs"
+    return line + (f" ({skipped} sweep cases skipped: time budget)" if skipped else "")
 
 
 def median(xs):
