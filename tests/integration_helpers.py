@@ -196,7 +196,7 @@ def labels_for(task: str, ids, mask):
     if task == "CAUSAL_LM":
         return ids if mask is None else ids.masked_fill(mask == 0, -100)
     if task == "SEQ_CLS":
-        return torch.arange(ids.shape[0]) % 3
+        return torch.arange(ids.shape[0], device=ids.device) % 3
     return None
 
 
@@ -208,7 +208,7 @@ def run_step(model, task, ids, mask, **kwargs):
     out = model(input_ids=ids, attention_mask=mask, **kwargs)
     if task == "FEATURE_EXTRACTION":
         hidden = out.last_hidden_state
-        weights = torch.linspace(0.5, 1.5, hidden.numel()).view_as(hidden)
+        weights = torch.linspace(0.5, 1.5, hidden.numel(), device=hidden.device).view_as(hidden)
         loss = (hidden.square() * weights).mean()  # positive terms: no cancellation to amplify rounding
         main = hidden
     else:
