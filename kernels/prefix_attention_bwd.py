@@ -22,17 +22,16 @@ from .prefix_attention_fwd import _last_dim_contiguous, score_constants
 
 
 @triton.jit
-def _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok, stride_qm, stride_dom, Lq):
-    """q, dO, lse (log2 domain) and delta for a query tile. Rows past Lq and rows with no visible key get
-    lse = +inf, so every probability recomputed for them is exactly 0 and they need no further masking."""
-    row_ok = offs_m < Lq
-    q = tl.load(Q + q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    do = tl.load(DO + do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                 other=0.0)
-    lse = tl.load(LSE + l_base + offs_m, mask=row_ok, other=float("inf"))
+def _load_query_rows(Q, DO, LSE, DELTA, q_off, do_off, l_off, row_ok, offs_d, d_ok):
+    """q, dO, lse (log2 domain) and delta for a tile of query rows at element offsets q_off / do_off / l_off [M].
+    Rows outside the problem and rows with no visible key get lse = +inf, so every probability recomputed for
+    them is exactly 0 and they need no further masking."""
+    mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + do_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + l_off, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
-    delta = tl.load(DELTA + l_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     return q, do.to(q.dtype), lse, delta
 
 
@@ -133,21 +132,24 @@ def _prefix_attention_bwd_dkdv_kernel(
         l_base = b * stride_lb + h * stride_lh
         for start_m in range(lo, full_lo, BLOCK_M):
             offs_m = start_m + offs_m0
-            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
-                                                 stride_qm, stride_dom, Lq)
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
+                                                 do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
+                                                 offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
             dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
                                    HAS_SOFTCAP, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
-                                                 stride_qm, stride_dom, Lq)
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
+                                                 do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
+                                                 offs_d, d_ok)
             dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, score_scale, cap_scale, False,
                                    HAS_SOFTCAP, DOT_PRECISION)
         for start_m in range(full_hi, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
-                                                 stride_qm, stride_dom, Lq)
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
+                                                 do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
+                                                 offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
             dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
                                    HAS_SOFTCAP, DOT_PRECISION)
@@ -185,18 +187,21 @@ def _prefix_attention_bwd_dq_kernel(
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    h_kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    h_kv = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    # Rows are (query, head) pairs of one GQA group, query-major, as in the forward kernel.
+    rows = start_m + tl.arange(0, BLOCK_M)
+    num_rows = Lq * G
+    row_ok = rows < num_rows
+    offs_m = rows // G
+    row_h = h_kv * G + rows % G
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-    q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, b * stride_qb + h * stride_qh,
-                                         b * stride_dob + h * stride_doh, b * stride_lb + h * stride_lh,
-                                         offs_m, offs_d, d_ok, stride_qm, stride_dom, Lq)
+    q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, b * stride_qb + row_h * stride_qh + offs_m * stride_qm,
+                                         b * stride_dob + row_h * stride_doh + offs_m * stride_dom,
+                                         b * stride_lb + row_h * stride_lh + offs_m, row_ok, offs_d, d_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if HAS_PREFIX:
@@ -223,8 +228,9 @@ def _prefix_attention_bwd_dq_kernel(
                 dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), vis, score_scale, cap_scale,
                                   True, HAS_SOFTCAP, DOT_PRECISION)
 
-    m_last = tl.minimum(start_m + BLOCK_M, Lq) - 1
-    lo, full_lo, full_hi, hi = sequence_key_range(start_m, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    m_first = start_m // G
+    m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
+    lo, full_lo, full_hi, hi = sequence_key_range(m_first, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     a = offs_m + (Lk - Lq)
@@ -242,8 +248,8 @@ def _prefix_attention_bwd_dq_kernel(
                                True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    tl.store(DQ + b * stride_dqb + row_h[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -313,8 +319,9 @@ def _prefix_attention_bwd_dprefix_kernel(
         l_base = b * stride_lb + h * stride_lh
         for start_m in range(0, m_end, BLOCK_M):
             offs_m = start_m + offs_m0
-            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base, do_base, l_base, offs_m, offs_d, d_ok,
-                                                 stride_qm, stride_dom, Lq)
+            q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
+                                                 do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
+                                                 offs_d, d_ok)
             dk, dv = _kv_grad_tile(dk, dv, k.to(q.dtype), v.to(q.dtype), q, do, lse, delta, None, score_scale,
                                    cap_scale, False, HAS_SOFTCAP, DOT_PRECISION)
     dk = dk * sm_scale
@@ -376,8 +383,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     else:
         P, S = 0, 0
         pk, pv, pidx = q, q, q
-    cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+    cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * G)
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq * G, cfg.block_m), Hkv, B)](
         q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

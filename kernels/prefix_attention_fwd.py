@@ -56,19 +56,23 @@ def _prefix_attention_fwd_kernel(
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    h_kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    h_kv = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
     start_m = pid_m * BLOCK_M
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    # A tile's rows are (query, head) pairs of one GQA group, query-major ("packed GQA"): each K/V tile is loaded
+    # once for the whole group, and decoding (Lq = 1) fills G rows of the tile instead of one.
+    rows = start_m + tl.arange(0, BLOCK_M)
+    num_rows = Lq * G
+    row_ok = rows < num_rows
+    offs_m = rows // G  # query index of each row
+    row_h = h_kv * G + rows % G  # query head of each row
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    q_ptrs = Q + b * stride_qb + row_h[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,8 +103,9 @@ def _prefix_attention_fwd_kernel(
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), vis, score_scale,
                                              cap_scale, True, HAS_SOFTCAP, DOT_PRECISION)
 
-    m_last = tl.minimum(start_m + BLOCK_M, Lq) - 1
-    lo, full_lo, full_hi, hi = sequence_key_range(start_m, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    m_first = start_m // G
+    m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
+    lo, full_lo, full_hi, hi = sequence_key_range(m_first, m_last, Lq, Lk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     a = offs_m + (Lk - Lq)  # bottom-right aligned query position
@@ -123,9 +128,9 @@ def _prefix_attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
-    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < Lq)
+    o_ptrs = Out + b * stride_ob + row_h[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + row_h * stride_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -179,9 +184,9 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         pk, pv, pidx = q, q, q  # never read (HAS_PREFIX=False); any pointer will do
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
-    cfg = fit_block_m(pick_config(FWD_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
+    cfg = fit_block_m(pick_config(FWD_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * (Hq // Hkv))
     score_scale, cap_scale = score_constants(scale, softcap)
-    grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
+    grid = (triton.cdiv(Lq * (Hq // Hkv), cfg.block_m), Hkv, B)  # rows = (query, head of the group) pairs
     _prefix_attention_fwd_kernel[grid](
         q, k, v, pk, pv, pidx, kpm, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
