@@ -47,8 +47,11 @@ void dispatch_fwd_hdim(int D, fp::PrefixAttnConfig cfg, const fp::PrefixAttnPara
   } else if (D == 128) {
     if (cfg == C::kDecode) fp::run_prefix_attention_fwd<T, 128, C::kDecode>(p, stream);
     else fp::run_prefix_attention_fwd<T, 128, C::kPrefill>(p, stream);
+  } else if (D == 256) {
+    if (cfg == C::kDecode) fp::run_prefix_attention_fwd<T, 256, C::kDecode>(p, stream);
+    else fp::run_prefix_attention_fwd<T, 256, C::kPrefill>(p, stream);
   } else {
-    TORCH_CHECK(false, "fastprompt._C: head dim ", D, " is not compiled (supported: 64, 128)");
+    TORCH_CHECK(false, "fastprompt._C: head dim ", D, " is not compiled (supported: 64, 128, 256)");
   }
 }
 
@@ -86,8 +89,8 @@ std::vector<at::Tensor> prefix_attention_fwd(const at::Tensor& q_in, const at::T
               q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastprompt._C.prefix_attention_fwd: Hq (", Hq,
               ") must be a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK(D == 64 || D == 128, "fastprompt._C.prefix_attention_fwd: head dim ", D,
-              " is not compiled (supported: 64, 128)");
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "fastprompt._C.prefix_attention_fwd: head dim ", D,
+              " is not compiled (supported: 64, 128, 256)");
   TORCH_CHECK(Lk < (int64_t(1) << 31) && Lq < (int64_t(1) << 31), "fastprompt._C: sequence too long");
 
   const at::cuda::OptionalCUDAGuard guard(q_in.device());
@@ -359,7 +362,7 @@ py::dict build_info() {
   info["archs_string"] = std::string(FASTPROMPT_CUDA_ARCHS);
   info["nvcc_version"] = std::string(FASTPROMPT_NVCC_VERSION);
   info["cuda_runtime_version"] = CUDART_VERSION;
-  info["head_dims"] = std::vector<int>{64, 128};
+  info["head_dims"] = std::vector<int>{64, 128, 256};
   info["attention_dtypes"] = std::vector<std::string>{"float16", "bfloat16"};
   info["gather_mix_dtypes"] = std::vector<std::string>{"float32", "float16", "bfloat16"};
   info["kernels"] = std::vector<std::string>{"prefix_attention_fwd[decode]", "prefix_attention_fwd[prefill]",

@@ -164,16 +164,20 @@ __global__ void __launch_bounds__(32 * kNWarps) prefix_attention_fwd_kernel(cons
 
   cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
   __syncthreads();
-  uint32_t qf[D / 16][4];
-  {
-    const T* qw = sQ + (warp * 16 + lane / 4) * kRS + (lane % 4) * 2;
+  // Q fragments stay in registers up to D = 128; at D = 256 the O accumulator alone takes 128 registers, so the
+  // fragments are re-read from shared memory for each k-step instead.
+  constexpr bool kQInRegs = D <= 128;
+  const T* qw = sQ + (warp * 16 + lane / 4) * kRS + (lane % 4) * 2;
+  auto load_q_frag = [&](int kk, uint32_t (&a)[4]) {
+    a[0] = *reinterpret_cast<const uint32_t*>(qw + kk * 16);
+    a[1] = *reinterpret_cast<const uint32_t*>(qw + 8 * kRS + kk * 16);
+    a[2] = *reinterpret_cast<const uint32_t*>(qw + kk * 16 + 8);
+    a[3] = *reinterpret_cast<const uint32_t*>(qw + 8 * kRS + kk * 16 + 8);
+  };
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      qf[kk][0] = *reinterpret_cast<const uint32_t*>(qw + kk * 16);
-      qf[kk][1] = *reinterpret_cast<const uint32_t*>(qw + 8 * kRS + kk * 16);
-      qf[kk][2] = *reinterpret_cast<const uint32_t*>(qw + kk * 16 + 8);
-      qf[kk][3] = *reinterpret_cast<const uint32_t*>(qw + 8 * kRS + kk * 16 + 8);
-    }
+    for (int kk = 0; kk < D / 16; ++kk) load_q_frag(kk, qf[kk]);
   }
 
   const float scale_log2 = p.scale * kLog2e;
@@ -194,10 +198,16 @@ __global__ void __launch_bounds__(32 * kNWarps) prefix_attention_fwd_kernel(cons
     for (int nt = 0; nt < kBlockN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a_q[4];
+      if constexpr (kQInRegs) {
+        a_q[0] = qf[kk][0]; a_q[1] = qf[kk][1]; a_q[2] = qf[kk][2]; a_q[3] = qf[kk][3];
+      } else {
+        load_q_frag(kk, a_q);
+      }
 #pragma unroll
       for (int nt = 0; nt < kBlockN / 8; ++nt) {
         const T* kp = cK + (nt * 8 + lane / 4) * kRS + kk * 16 + (lane % 4) * 2;
-        M::mma(s[nt], qf[kk], *reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8));
+        M::mma(s[nt], a_q, *reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8));
       }
     }
 

@@ -13,7 +13,7 @@ template <int D> struct ConfigShape<D, PrefixAttnConfig::kDecode> {
 };
 template <int D> struct ConfigShape<D, PrefixAttnConfig::kPrefill> {
   static constexpr int kNWarps = 4;
-  static constexpr int kBlockN = 64;
+  static constexpr int kBlockN = D >= 256 ? 32 : 64;  // D = 256: two 64-key stages would exceed A100's 163 KB smem
 };
 
 }  // namespace attn

@@ -50,7 +50,7 @@ void run_prefix_attention_combine(const PrefixAttnParams& params, int head_dim, 
 // Shape facts the host needs before it allocates split accumulators (must match the kernel traits).
 inline int prefix_attention_block_m(PrefixAttnConfig c) { return c == PrefixAttnConfig::kDecode ? 16 : 64; }
 inline int prefix_attention_block_n(PrefixAttnConfig c, int head_dim) {
-  return c == PrefixAttnConfig::kDecode ? (head_dim >= 128 ? 32 : 64) : 64;
+  return c == PrefixAttnConfig::kDecode ? (head_dim >= 128 ? 32 : 64) : (head_dim >= 256 ? 32 : 64);
 }
 
 // How many CTAs share one row block's key tiles. Decode launches few CTAs (B * Hkv), so the key axis is split

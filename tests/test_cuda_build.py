@@ -38,7 +38,7 @@ def test_extension_imports_and_reports_archs():
     assert _expected_archs() <= set(info["archs"]), info
     assert {80, 90} <= set(info["archs"]) or "TORCH_CUDA_ARCH_LIST" in os.environ, info
     assert info["nvcc_version"] != "unknown"
-    assert set(info["head_dims"]) == {64, 128}
+    assert set(info["head_dims"]) == {64, 128, 256}
     for name in ("prefix_attention_fwd", "prefix_attention_plan", "gather_fwd", "gather_bwd", "mix_fwd", "mix_bwd"):
         assert callable(getattr(_C, name)), name
 

@@ -3,7 +3,7 @@
 Error measure: ||out - ref|| / ||ref|| over the whole output, ref computed in float64 on the same inputs (the
 fp16/bf16 inputs upcast). Covers decode and prefill shapes, both tile configurations, forced and automatic
 split-KV, the three prefix modes (shared, per sample, pool with empty slots), GQA/MQA, padding with holes, causal,
-sliding window, softcap, head dims 64/128, fp16/bf16; plus gather/mix forward and backward.
+sliding window, softcap, head dims 64/128/256, fp16/bf16; plus gather/mix forward and backward.
 """
 import math
 
@@ -161,6 +161,20 @@ def test_prefill_kernel_matches_oracle(case, D, dtype, num_splits):
     ref_out, ref_lse = oracle(q, k, v, kpm, pub, causal, scale, softcap, window)
     out, lse = run_backend(cuda, q, k, v, kpm, norm, causal, scale, softcap, window, num_splits=num_splits,
                            force_config=1)
+    check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("case", [DECODE_CASES[1], DECODE_CASES[4], DECODE_CASES[5], PREFILL_CASES[2], PREFILL_CASES[4]],
+                         ids=lambda c: "-".join(str(x) for x in c))
+def test_head_dim_256(case, config, dtype):
+    """Gemma-2-style head dim 256 (with softcap in some cases): Q fragments re-read from smem, 32-key tiles."""
+    cuda = _cuda_backend()
+    B, Hq, Hkv, Lq, Lk, P, mode, padding, causal, window, softcap = case
+    q, k, v, kpm, pub, norm = make_case(B, Hq, Hkv, Lq, Lk, 256, P, mode, S=2, dtype=dtype, padding=padding, seed=9)
+    ref_out, ref_lse = oracle(q, k, v, kpm, pub, causal, 256 ** -0.5, softcap, window)
+    out, lse = run_backend(cuda, q, k, v, kpm, norm, causal, 256 ** -0.5, softcap, window, force_config=config)
     check(out, lse, ref_out, ref_lse, dtype)
 
 

@@ -4,7 +4,7 @@ Forward: one tensor-core kernel (mma.sync, fp32 accumulation) in two tile shapes
 per kv head (G * Lq): <= 16 -> one-warp "decode" CTAs with split-KV over the key axis (flash-decoding; the prefix
 tiles are the first splits) and a log-sum-exp merge kernel; larger -> four-warp "prefill" CTAs (64 rows), still
 split along keys when the grid would underfill the GPU. Rows are the G query heads x Lq positions of one kv head,
-so each K/V tile is read once per GQA group. fp16/bf16, head dim 64 and 128.
+so each K/V tile is read once per GQA group. fp16/bf16 inputs (fp32 prefixes are cast once), head dims 64, 128 and 256 (Gemma).
 
 Backward: delegated to the Triton backend (fastprompt.ops.prefix_attention_triton.backward). It consumes the
 same (out, lse) this forward produces; a CUDA backward is not written yet.
@@ -20,7 +20,7 @@ from torch import Tensor
 from .._cuda_build_info import arch_covers, extension, extension_error
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 _device_ok_cache: dict = {}
 

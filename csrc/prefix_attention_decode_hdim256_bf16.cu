@@ -1,0 +1,3 @@
+// One template instantiation per file so builds parallelize.
+#include "prefix_attention_fwd_launch.cuh"
+FASTPROMPT_INSTANTIATE_FWD(__nv_bfloat16, 256, fastprompt::PrefixAttnConfig::kDecode)
