@@ -3,8 +3,8 @@
 Three kernels:
 - dK/dV over sequence key tiles: each program keeps its K/V tile resident and streams the query tiles of every
   query head in its GQA group, so dk/dv come out already summed over the group (no repeat_kv).
-- dQ over query tiles: prefix tiles then sequence tiles, mirroring the forward pass.
-- dPrefix over (prefix tile, kv head, batch row x slot): each program computes what sample b's slot s adds to
+- dQ over tiles of (query, head) rows of one GQA group: prefix tiles then sequence tiles, mirroring the forward.
+- dPrefix over (prefix tile x slot, kv head, batch row): each program computes what sample b's slot s adds to
   entry prefix_index[b, s] and adds it into an fp32 [E, Hkv, P, D] buffer with atomics (FA3's approach), so a
   shared or pooled prefix's gradient is reduced over the batch without a B-fold copy. Per-sample prefixes
   (each entry used exactly once) store directly in the prefix dtype instead.

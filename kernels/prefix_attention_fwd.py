@@ -3,6 +3,10 @@
 The prefix is read where it lives: `[E, Hkv, P, D]` entries chosen per sample by `prefix_index[b, s]` (shared,
 per-sample and pool layouts all arrive this way), so no `[prefix; seq]` concatenation, B-fold prefix copy or mask
 tensor is ever built. One online softmax (running max m, sum l, fp32 accumulator) spans both key sets.
+
+Grid: (row tiles, Hkv, B). A tile's rows are the (query, head) pairs of one GQA group, so each K/V tile is read
+once per group rather than once per query head. Batch and heads sit on grid axes 2 and 1 (CUDA's 65535 limit
+applies to each separately, not to B * H).
 """
 from __future__ import annotations
 
