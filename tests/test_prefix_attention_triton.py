@@ -7,7 +7,8 @@ dim x dtype) so the file stays within a few minutes on one interpreted CPU core.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: read when kernels are decorated (conftest sets it too)
+# Before triton is imported: the switch is read when kernels are decorated (conftest.py sets it too).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 
