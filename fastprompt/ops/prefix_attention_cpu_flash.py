@@ -28,22 +28,30 @@ def applicable(q: Tensor, softcap: float) -> bool:
     return q.device.type == "cpu" and softcap == 0.0 and q.shape[-1] > 0
 
 
+def hidden_positions(lq: int, lk: int, causal: bool, window: int, device):
+    """`[Lq, Lk]` bool, True where bottom-right causality or the sliding window hide sequence key j from query i;
+    None when neither applies."""
+    if not causal and window <= 0:
+        return None
+    qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    kpos = torch.arange(lk, device=device)[None, :]
+    hidden = torch.zeros(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        hidden |= kpos > qpos
+    if window > 0:
+        hidden |= (qpos - kpos) >= window
+        if not causal:
+            hidden |= (kpos - qpos) >= window
+    return hidden
+
+
 def _sequence_mask(q: Tensor, lk: int, key_padding_mask, causal: bool, window: int):
     """(additive mask or None, use the kernel's is_causal, rows with no visible sequence key [B, 1, Lq] or None)."""
     lq = q.shape[2]
     if key_padding_mask is None and window < 0 and (not causal or lq == lk):
         return None, causal, None  # top-left is_causal equals bottom-right when Lq == Lk
-    hidden = None
-    if causal or window > 0:
-        qpos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        kpos = torch.arange(lk, device=q.device)[None, :]
-        hidden = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
-        if causal:
-            hidden |= kpos > qpos
-        if window > 0:
-            hidden |= (qpos - kpos) >= window
-            if not causal:
-                hidden |= (kpos - qpos) >= window
+    hidden = hidden_positions(lq, lk, causal, window, q.device)
+    if hidden is not None:
         hidden = hidden[None, None]
     if key_padding_mask is not None:
         padded = (~key_padding_mask)[:, None, None, :]

@@ -33,19 +33,7 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _sequence_masks(q: Tensor, lk: int, key_padding_mask, causal: bool, window: int):
     """Broadcastable invisibility masks for `[B, Hkv, G, Lq, Lk]` scores: `[Lq, Lk]` and `[B, 1, 1, 1, Lk]`."""
-    lq = q.shape[2]
-    position_mask = None
-    if causal or window > 0:
-        qpos = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        kpos = torch.arange(lk, device=q.device)[None, :]
-        hidden = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
-        if causal:
-            hidden |= kpos > qpos
-        if window > 0:
-            hidden |= (qpos - kpos) >= window
-            if not causal:
-                hidden |= (kpos - qpos) >= window
-        position_mask = hidden
+    position_mask = cpu_flash.hidden_positions(q.shape[2], lk, causal, window, q.device)
     padding_mask = None
     if key_padding_mask is not None:
         padding_mask = (~key_padding_mask)[:, None, None, None, :]
