@@ -9,7 +9,13 @@ from typing import Optional, Sequence
 
 
 def _bench(args) -> int:
+    import warnings
+
     import torch
+
+    # transformers/peft deprecation notices would interleave with the progress bar; they are not results
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
     from .bench import runner
 

@@ -79,7 +79,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
     else:  # full: the reference shape of the targets, and prefix-length / sequence sweeps of the training step
         ref = REFERENCE_SHAPE
         bsz = 8
-        cases += [train_case("prefix", ref, bsz, ref_seq, 32, with_no_prefix=True, reps=3, tags=("reference",)),
+        cases += [train_case("prefix", ref, bsz, ref_seq, 32, with_no_prefix=True, reps=5, tags=("reference",)),
                   train_case("prompt", ref, bsz, ref_seq, 32, reps=3),
                   train_case("pool", ref, bsz, ref_seq, 32, reps=3)]
         for p in (8, 128):
@@ -444,6 +444,8 @@ def _chart(results: list[dict], path: str, meta: dict) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), labels, fontsize=6.5, rotation=30, ha="right")
     ax.set_title("end to end: training step / generation", fontsize=9)
+    if rows:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     machine = meta.get("machine", {})
     fig.suptitle(f"fastprompt vs PEFT + transformers on {machine.get('gpu') or machine.get('cpu', '?')} "
