@@ -1,8 +1,8 @@
 """Train a PromptPool and a PTuningV2 prompt on a real pretrained model (all-MiniLM-L6-v2, BERT, 22M parameters)
 on the CPU in a few minutes.
 
-The task is generated: 4 topics (sport, food, weather, computers); each sentence is built from templates with
-topic words, neutral filler words and one distractor word from another topic. A linear head on the masked mean of
+The task is generated: 4 topics (sport, food, weather, computers); each sentence names a word of its topic and a
+word of another topic that it dismisses ("not the soup, but the match."); the label is the topic kept. A linear head on the masked mean of
 the last hidden state is trained together with the prompt; the base model stays frozen (fastprompt.patch_model
 freezes it). Accuracy on held-out sentences is printed before and after training.
 
@@ -30,13 +30,15 @@ TOPICS = {
     "computers": ["laptop", "keyboard", "software", "server", "compiler", "database", "processor", "bug", "code",
                   "network"],
 }
-FILLER = ["really", "quite", "today", "again", "yesterday", "honestly", "probably", "somehow", "still", "almost"]
+# Both topics appear in every sentence; the label is the one that is NOT dismissed. Bag-of-words features cannot
+# tell them apart, so the frozen model's pooled features are only part of the answer.
 TEMPLATES = [
-    "the {a} was {f} on my mind, and the {b} too, not the {d}.",
-    "we talked about the {a} {f}, then the {b}; someone mentioned a {d}.",
-    "{f} the {a} and the {b} surprised everyone near the {d}.",
-    "my friend said the {b} was {f} better than the {a}, ignoring the {d}.",
-    "nobody expected the {a}, the {b} and a {d} {f}.",
+    "i asked about the {a}, not the {d}.",
+    "not the {d}, but the {a}.",
+    "forget the {d}; tell me about the {a}.",
+    "the {a} matters here, the {d} does not.",
+    "skip the {d} and explain the {a}.",
+    "she ignored the {d} and wrote about the {a}.",
 ]
 LABELS = list(TOPICS)
 
@@ -47,9 +49,8 @@ def make_dataset(n: int, seed: int):
     for _ in range(n):
         y = rng.randrange(len(LABELS))
         other = rng.choice([t for t in LABELS if t != LABELS[y]])
-        a, b = rng.sample(TOPICS[LABELS[y]], 2)
-        text = rng.choice(TEMPLATES).format(a=a, b=b, d=rng.choice(TOPICS[other]), f=rng.choice(FILLER))
-        texts.append(text)
+        a, d = rng.choice(TOPICS[LABELS[y]]), rng.choice(TOPICS[other])
+        texts.append(rng.choice(TEMPLATES).format(a=a, d=d))
         labels.append(y)
     return texts, torch.tensor(labels)
 
@@ -131,6 +132,39 @@ def train(name, make_prompt, model, tokenizer, train_set, test_batches, steps, b
     return before, after
 
 
+def head_only_baseline(model, tokenizer, train_set, test_batches, steps, batch_size, lr=2e-2, seed=0):
+    """The same linear head on the frozen model's pooled features, without any prompt."""
+    torch.manual_seed(seed)
+    head = MeanPoolHead(model.config.hidden_size, len(LABELS))
+    texts, labels = train_set
+    with torch.no_grad():
+        feats = []
+        for i in range(0, len(texts), 100):
+            enc = tokenizer(texts[i: i + 100], padding=True, return_tensors="pt")
+            feats.append((model(**enc).last_hidden_state, enc["attention_mask"]))
+    pooled = torch.cat([head_input(h, m) for h, m in feats])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        rows = rng.sample(range(len(texts)), batch_size)
+        loss = nn.functional.cross_entropy(head.linear(pooled[rows]), labels[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    correct = total = 0
+    with torch.no_grad():
+        for enc, y in test_batches:
+            correct += int((head(model(**enc).last_hidden_state, enc["attention_mask"]).argmax(-1) == y).sum())
+            total += len(y)
+    print(f"head only (no prompt): accuracy after {steps} steps {correct / total:.3f}", flush=True)
+    return 1 / len(LABELS), correct / total
+
+
+def head_input(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
@@ -150,7 +184,8 @@ def main():
     print(f"MiniLM: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}; "
           f"task: {len(LABELS)} topics, chance = {1 / len(LABELS):.2f}", flush=True)
 
-    results = {}
+    results = {"head only": head_only_baseline(model, tokenizer, train_set, test_batches, args.steps,
+                                                args.batch_size)}
     results["PromptPool"] = train(
         "PromptPool (top-2 of 8, prefixes in layers 3-5)",
         lambda m: fp.PromptPool(m.config, pool_size=8, length=4, top_k=2, placement="prefix", layers=range(3, 6),
@@ -161,7 +196,8 @@ def main():
         lambda m: fp.PTuningV2(m.config, num_virtual_tokens=8, init_std=0.5),
         model, tokenizer, train_set, test_batches, args.steps, args.batch_size, lr=2e-2, seed=0)
     for name, (before, after) in results.items():
-        print(f"{name:10s} before {before:.3f} after {after:.3f}")
+        print(f"{name:10s} before {before:.3f} after {after:.3f}" if name != "head only" else
+              f"{name:10s} (chance {before:.3f}) after {after:.3f}")
 
 
 if __name__ == "__main__":
