@@ -123,6 +123,14 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
 
 
+def _as_rows(t: Tensor):
+    """[B, L, D] -> a [B·L, D] view when the memory layout allows it, else None."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, scale, dq):
     """The shared prefix's share of the backward, written out per query head with small [B, Lq, P] score blocks:
     P = exp(q·pkᵀ·scale − lse), dS = P ∘ (dO·pvᵀ − delta); dq += scale·dS·pk in place; dpk = scale·Σ dSᵀ·q and
@@ -151,9 +159,19 @@ def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, sc
         torch.bmm(do_j, pv[h].t().expand(batch, dim, plen), out=ds)
         ds.sub_(delta_j[..., None]).mul_(p)
         dq_j.baddbmm_(ds, pk[h].expand(batch, plen, dim), alpha=scale)
-        for b in range(batch):  # sum over rows into the one prefix gradient: no [B, P, D] partials
-            dpk[h].addmm_(ds[b].t(), q_j[b], alpha=scale)
-            dpv[h].addmm_(p[b].t(), do_j[b])
+        # sum over rows into the one prefix gradient: no [B, P, D] partials. One matmul over all B·Lq rows when
+        # the [B, Lq, D] view folds into rows (q/dO strided [B, L, H, D], as transformers passes them), else per row.
+        q_rows, do_rows = _as_rows(q_j), _as_rows(do_j)
+        if q_rows is not None:
+            dpk[h].addmm_(ds.view(-1, plen).t(), q_rows, alpha=scale)
+        else:
+            for b in range(batch):
+                dpk[h].addmm_(ds[b].t(), q_j[b], alpha=scale)
+        if do_rows is not None:
+            dpv[h].addmm_(p.view(-1, plen).t(), do_rows)
+        else:
+            for b in range(batch):
+                dpv[h].addmm_(p[b].t(), do_j[b])
     return dpk.unsqueeze(0), dpv.unsqueeze(0)
 
 
