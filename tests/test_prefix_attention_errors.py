@@ -82,3 +82,11 @@ def test_cuda_backend_on_cpu_tensors_is_refused():
     with pytest.raises((ValueError, ImportError)) as info:
         _call(backend="cuda")
     assert "cuda" in str(info.value).lower()
+
+
+def test_ops_namespace_binds_functions_not_modules():
+    import fastprompt.ops.gather_prompts  # noqa: F401 - importing the submodule must not shadow the function
+    import fastprompt.prompts  # noqa: F401
+
+    for name in ("prefix_attention", "gather_prompts", "mix_prompts"):
+        assert callable(getattr(fp.ops, name)), name
