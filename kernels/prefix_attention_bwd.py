@@ -353,9 +353,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     flags = dict(HEAD_D=D, BLOCK_D=block_d(D), HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype))
     seq_flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0)
 
-    dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=q.device)
+    # gradients in their inputs' layouts (the kernels take strides), as the op promises
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     if Lk > 0:
         cfg = fit_block_m(pick_config(BWD_DKDV_CONFIGS, D, q.element_size()), Lq)

@@ -176,7 +176,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)  # q's layout (the kernel takes strides): transformers' [B, L, H, D] stays free
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     has_prefix = prefix_k is not None
     if has_prefix:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
+from . import prefix_attention_cpu_flash as cpu_flash
 from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs, check_prefix_attention_args
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
@@ -64,7 +65,18 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], pre
                 scale: float, softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor]:
     out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                                key_padding_mask, causal, scale, softcap, window)
-    return out.contiguous(), lse.contiguous()
+    return _in_layout_of(out, q), lse.contiguous()
+
+
+def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """`t` in the memory layout `torch.empty_like(like)` would give, copying only if the backend chose another.
+
+    Outputs and gradients follow their inputs' layout: inside transformers q/k/v are `[B, L, H, D]` memory viewed
+    as `[B, H, L, D]`, and an output in that layout makes the caller's transpose + reshape free instead of a copy.
+    The fake implementations promise the same strides, so torch.compile sees what eager produces."""
+    if t.stride() == torch.empty_like(like, device="meta").stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -74,7 +86,7 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 @_forward_op.register_fake
 def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
                   window, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fastprompt::prefix_attention_backward", mutates_args=())
@@ -91,7 +103,7 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
         scale, softcap, window, **extra)
     if dpk is None:  # custom ops return tensors only: an empty one stands for "no prefix"
         dpk, dpv = q.new_empty(0), q.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous(), dpv.contiguous()
+    return _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v), dpk.contiguous(), dpv.contiguous()
 
 
 @_backward_op.register_fake
@@ -101,7 +113,7 @@ def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_m
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
         dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpk, dpv
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpk, dpv
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,9 +132,12 @@ def _backward(ctx, grad_out, grad_lse):
     # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(lse.dtype)
+    if grad_lse is None and backend == "torch" and cpu_flash.applicable(q, softcap):
+        delta = lse.new_empty(0)  # PyTorch's fused CPU backward forms the row term itself: don't build it twice
+    else:
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                         key_padding_mask, lse, delta, causal, scale, softcap, window, backend,
                                         out if grad_lse is None else None)

@@ -114,7 +114,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
             out = out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq
     empty = torch.isneginf(lse)
     out = out.masked_fill_(empty[..., None], 0.0)  # out is fresh here (kernel output or the merge)
-    return out.to(q.dtype).contiguous(), lse
+    return out.to(q.dtype), lse  # in the kernel's layout, which follows q's
 
 
 def _dense(t: Tensor) -> Tensor:
