@@ -65,18 +65,47 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], pre
                 scale: float, softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor]:
     out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                                key_padding_mask, causal, scale, softcap, window)
-    return _in_layout_of(out, q), lse.contiguous()
+    return _in_layout(out, _layout_strides(q)), lse.contiguous()
 
 
-def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
-    """`t` in the memory layout `torch.empty_like(like)` would give, copying only if the backend chose another.
+def _dense(x: Tensor) -> bool:
+    """Whether x's elements tile one block of memory exactly, in some order of its dims (a permuted contiguous
+    tensor, e.g. transformers' transposed q/k/v views), as opposed to a slice of something larger."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    Outputs and gradients follow their inputs' layout: inside transformers q/k/v are `[B, L, H, D]` memory viewed
-    as `[B, H, L, D]`, and an output in that layout makes the caller's transpose + reshape free instead of a copy.
-    The fake implementations promise the same strides, so torch.compile sees what eager produces."""
-    if t.stride() == torch.empty_like(like, device="meta").stride():
+
+def _layout_strides(x: Tensor, kernel_bhld: bool = False) -> tuple:
+    """The strides an output shaped like `x` comes in.
+
+    Outputs and gradients follow their inputs' layout (torch.empty_like's rule): inside transformers q/k/v are
+    `[B, L, H, D]` memory viewed as `[B, H, L, D]`, and an output in that layout makes the caller's transpose +
+    reshape free instead of a copy. `kernel_bhld`: the `[B, L, H, D]` memory order PyTorch's fused CPU backward
+    writes its gradients in, taken as it is rather than copied. The fake implementations promise the same
+    strides, so torch.compile sees what eager produces."""
+    b, h, l, d = x.shape
+    if kernel_bhld:
+        return (l * h * d, d, h * d, 1)
+    if _dense(x):
+        return x.stride()
+    return (h * l * d, l * d, d, 1)
+
+
+def _in_layout(t: Tensor, strides: tuple) -> Tensor:
+    """`t` with `strides` (dims of size 1 aside), copying only when the backend produced another layout."""
+    if all(a == b for a, b, n in zip(t.stride(), strides, t.shape) if n > 1):
         return t
-    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _fused_cpu_backward(q: Tensor, softcap: float, backend: str, out: Optional[Tensor]) -> bool:
+    """Whether backward runs PyTorch's fused CPU kernel (prefix_attention_cpu_flash), whose gradients come in
+    `[B, L, H, D]` memory order."""
+    return backend == "torch" and out is not None and cpu_flash.applicable(q, softcap)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -86,7 +115,8 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 @_forward_op.register_fake
 def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
                   window, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return (torch.empty_strided(q.shape, _layout_strides(q), dtype=q.dtype, device=q.device),
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
 
 
 @torch.library.custom_op("fastprompt::prefix_attention_backward", mutates_args=())
@@ -103,7 +133,9 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
         scale, softcap, window, **extra)
     if dpk is None:  # custom ops return tensors only: an empty one stands for "no prefix"
         dpk, dpv = q.new_empty(0), q.new_empty(0)
-    return _in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v), dpk.contiguous(), dpv.contiguous()
+    fused = _fused_cpu_backward(q, softcap, backend, out)
+    dq, dk, dv = (_in_layout(g, _layout_strides(x, fused)) for g, x in ((dq, q), (dk, k), (dv, v)))
+    return dq, dk, dv, dpk.contiguous(), dpv.contiguous()
 
 
 @_backward_op.register_fake
@@ -113,7 +145,10 @@ def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_m
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
         dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpk, dpv
+    fused = _fused_cpu_backward(q, softcap, backend, out)
+    dq, dk, dv = (torch.empty_strided(x.shape, _layout_strides(x, fused), dtype=x.dtype, device=x.device)
+                  for x in (q, k, v))
+    return dq, dk, dv, dpk, dpv
 
 
 def _setup_context(ctx, inputs, output):
