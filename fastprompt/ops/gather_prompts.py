@@ -20,17 +20,17 @@ __all__ = ["gather_prompts"]
 def _torch_forward(pool: Tensor, index: Tensor) -> Tensor:
     live = index >= 0
     out = pool.index_select(0, index.clamp_min(0))
-    return out.masked_fill(~live[:, None], 0)
+    return out.masked_fill_(~live[:, None], 0)  # out is index_select's fresh result
 
 
 def _torch_backward(grad_out: Tensor, index: Tensor, num_entries: int) -> Tensor:
     acc_dtype = grad_out.dtype if grad_out.dtype in (torch.float32, torch.float64) else torch.float32
-    live = (index >= 0)[:, None]
-    # Empty slots add zeros into entry 0 instead of being filtered out: no host sync on CUDA.
-    src = grad_out.masked_fill(~live, 0).to(acc_dtype)
-    dpool = torch.zeros((num_entries, grad_out.shape[1]), dtype=acc_dtype, device=grad_out.device)
-    dpool.index_add_(0, index.clamp_min(0), src)
-    return dpool.to(grad_out.dtype)
+    # Empty slots (-1) add into a scratch row N that is dropped afterwards: no host sync to filter them out and
+    # no zeroed copy of grad_out.
+    target = torch.where(index >= 0, index, num_entries)
+    dpool = torch.zeros((num_entries + 1, grad_out.shape[1]), dtype=acc_dtype, device=grad_out.device)
+    dpool.index_add_(0, target, grad_out if grad_out.dtype == acc_dtype else grad_out.to(acc_dtype))
+    return dpool[:num_entries].to(grad_out.dtype)
 
 
 @torch.library.custom_op("fastprompt::gather_prompts", mutates_args=())
