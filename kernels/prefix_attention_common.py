@@ -145,6 +145,30 @@ def sequence_visible(a, j, Lk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.cons
 
 
 @triton.jit
+def load_sequence_tile(a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn, stride_mb,
+                       stride_mn, Lk, window, EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr):
+    """One sequence K/V tile and its visibility `[M, N]` to the query rows at bottom-right positions `a`.
+
+    Edge tiles (causal diagonal, window edges, the Lk tail) get the positional mask and bounds; interior tiles
+    only the padding mask, if any. Shared by the forward and the dQ kernel so both see the same keys."""
+    offs = start_n + offs_n
+    if EDGE:
+        kv_mask = (offs[:, None] < Lk) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    vis = offs[None, :] >= 0
+    if EDGE:
+        vis = sequence_visible(a[:, None], offs[None, :], Lk, window, CAUSAL, HAS_WINDOW)
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_mb + offs * stride_mn, mask=offs < Lk, other=0)
+        vis = vis & (kpm != 0)[None, :]
+    return k, v, vis
+
+
+@triton.jit
 def round_down(x, BLOCK: tl.constexpr):
     # x >= 0 always (callers clamp first): avoids trunc-vs-floor division differences between GPU and interpreter.
     return (x // BLOCK) * BLOCK

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
-                                      pick_config, score_log2, sequence_key_range, sequence_visible)
+                                      pick_config, score_log2, sequence_key_range, load_sequence_tile)
 
 
 @triton.jit
@@ -142,19 +142,8 @@ def _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v
                    stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
                    EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs = start_n + offs_n
-    if EDGE:
-        kv_mask = (offs[:, None] < Lk) & d_ok[None, :]
-    else:
-        kv_mask = d_ok[None, :]
-    k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    vis = offs[None, :] >= 0
-    if EDGE:
-        vis = sequence_visible(a[:, None], offs[None, :], Lk, window, CAUSAL, HAS_WINDOW)
-    if HAS_KPM:
-        kpm = tl.load(KPM + b * stride_mb + offs * stride_mn, mask=offs < Lk, other=0)
-        vis = vis & (kpm != 0)[None, :]
+    k, v, vis = load_sequence_tile(a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn,
+                                   stride_mb, stride_mn, Lk, window, EDGE, HAS_KPM, CAUSAL, HAS_WINDOW)
     return _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, EDGE or HAS_KPM, HAS_SOFTCAP,
                         DOT_PRECISION)
 
