@@ -167,7 +167,9 @@ def _backward(ctx, grad_out, grad_lse):
     # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if grad_lse is None and backend == "torch" and cpu_flash.applicable(q, softcap):
+    # The fused CPU backward takes `out` instead of a row term, and only when lse carries no gradient.
+    out_for_backend = out if grad_lse is None else None
+    if _fused_cpu_backward(q, softcap, backend, out_for_backend):
         delta = lse.new_empty(0)  # PyTorch's fused CPU backward forms the row term itself: don't build it twice
     else:
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
@@ -175,7 +177,7 @@ def _backward(ctx, grad_out, grad_lse):
             delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                         key_padding_mask, lse, delta, causal, scale, softcap, window, backend,
-                                        out if grad_lse is None else None)
+                                        out_for_backend)
     if prefix_mode == PREFIX_NONE:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
