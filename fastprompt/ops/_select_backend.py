@@ -10,9 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
-import types
-from pathlib import Path
 
 import torch
 
@@ -24,35 +21,8 @@ def _interpreting() -> bool:
 
 
 def load_triton_kernels():
-    """Import kernels/gather_mix.py as fastprompt.kernels.gather_mix.
-
-    Installed builds map the top-level kernels/ folder to fastprompt.kernels; in a bare source checkout that
-    mapping does not exist yet, so register the folder under that name here (never as a top-level `kernels`).
-    """
-    try:
-        return importlib.import_module("fastprompt.kernels.gather_mix")
-    except ModuleNotFoundError as err:
-        if err.name not in ("fastprompt.kernels", "fastprompt.kernels.gather_mix"):
-            raise
-    folder = Path(__file__).resolve().parents[2] / "kernels"
-    if not (folder / "gather_mix.py").exists():
-        raise ModuleNotFoundError("fastprompt.kernels.gather_mix is not installed and no kernels/ folder was found")
-    if "fastprompt.kernels" not in sys.modules:
-        init = folder / "__init__.py"
-        if init.exists():
-            spec = importlib.util.spec_from_file_location(
-                "fastprompt.kernels", init, submodule_search_locations=[str(folder)]
-            )
-            package = importlib.util.module_from_spec(spec)
-            sys.modules["fastprompt.kernels"] = package
-            spec.loader.exec_module(package)
-        else:
-            package = types.ModuleType("fastprompt.kernels")
-            package.__path__ = [str(folder)]
-            sys.modules["fastprompt.kernels"] = package
-        import fastprompt
-
-        fastprompt.kernels = sys.modules["fastprompt.kernels"]
+    """kernels/gather_mix.py as fastprompt.kernels.gather_mix (a source checkout resolves that name through
+    fastprompt/__init__.py, an installed build through its package mapping)."""
     return importlib.import_module("fastprompt.kernels.gather_mix")
 
 
