@@ -6,9 +6,14 @@ a CUDA build and nvcc is found. Never downloads anything.
 CUDA builds must see the installed CUDA torch, so install with ``pip install --no-build-isolation .`` (an isolated
 build env would pull a CPU torch from the index, or another torch than the one you run with).
 
+Whether the extension is built:
+  default                        only when a CUDA GPU is visible at install time, for that GPU's architecture
+  FASTPROMPT_CUDA_BUILD=1        build even without a GPU (CI does, so the build stays proven), for
+                                 TORCH_CUDA_ARCH_LIST or "8.0;9.0"; takes ~3-4 minutes on 2 cores
+  FASTPROMPT_CUDA_BUILD=0        never build (pure Python install); FASTPROMPT_SKIP_CUDA_BUILD=1 is the same
+
 Environment:
-  FASTPROMPT_SKIP_CUDA_BUILD=1   skip the extension (pure Python install)
-  TORCH_CUDA_ARCH_LIST           archs to compile for (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST           archs to compile for (default: the visible GPUs', else "8.0;9.0")
   MAX_JOBS                       parallel compile jobs (ninja); keep small on small machines
   CUDA_HOME                      toolkit root; found from nvcc when unset
 """
@@ -92,10 +97,34 @@ def _wheel_cuda_dirs():
     return inc, lib
 
 
+def _build_request():
+    """'force', 'never' or 'auto' from FASTPROMPT_CUDA_BUILD / FASTPROMPT_SKIP_CUDA_BUILD."""
+    if os.environ.get("FASTPROMPT_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return "never"
+    value = os.environ.get("FASTPROMPT_CUDA_BUILD", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return "force"
+    if value in ("0", "false", "no", "off"):
+        return "never"
+    return "auto"
+
+
+def _visible_gpu_archs(torch):
+    """'8.0;9.0'-style list of the visible GPUs' architectures, or None without a usable GPU."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # a driver problem is "no GPU" for the build decision
+        return None
+    return ";".join(f"{major}.{minor}" for major, minor in caps) or None
+
+
 def _cuda_extension():
     """Returns (ext_modules, cmdclass); empty when the CUDA build is skipped, with one line saying why."""
-    if os.environ.get("FASTPROMPT_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        _say("FASTPROMPT_SKIP_CUDA_BUILD is set; installing pure Python (no fastprompt._C)")
+    request = _build_request()
+    if request == "never":
+        _say("FASTPROMPT_CUDA_BUILD=0 / FASTPROMPT_SKIP_CUDA_BUILD=1; installing pure Python (no fastprompt._C)")
         return [], {}
     try:
         import torch
@@ -105,6 +134,12 @@ def _cuda_extension():
         return [], {}
     if not torch.version.cuda:
         _say(f"torch {torch.__version__} is a CPU build; installing pure Python (no fastprompt._C)")
+        return [], {}
+    gpu_archs = _visible_gpu_archs(torch)
+    if request == "auto" and gpu_archs is None:
+        # Compiling kernels nothing here can run costs minutes: opt in with FASTPROMPT_CUDA_BUILD=1.
+        _say("no CUDA GPU visible; installing pure Python (no fastprompt._C). Set FASTPROMPT_CUDA_BUILD=1 to "
+             "compile the CUDA kernels anyway (about 3-4 minutes on 2 cores)")
         return [], {}
     nvcc = _find_nvcc()
     if nvcc is None:
@@ -116,7 +151,7 @@ def _cuda_extension():
             _say(f"cannot locate the CUDA toolkit of {nvcc}; installing pure Python (no fastprompt._C)")
             return [], {}
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", gpu_archs or DEFAULT_ARCHS)
 
     # ninja from the venv's bin/ (pip's ninja package) even when that folder is not on PATH.
     bindir = os.path.dirname(sys.executable)
@@ -139,7 +174,8 @@ def _cuda_extension():
     defines = [f'-DFASTPROMPT_CUDA_ARCHS="{archs}"', f'-DFASTPROMPT_NVCC_VERSION="{nvcc_version}"']
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + [os.path.join("csrc", "bindings.cpp")]
     _say(f"building fastprompt._C for archs {archs} with nvcc {nvcc_version} (CUDA_HOME={cuda_home}, "
-         f"MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}, {len(sources)} sources)")
+         f"MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}, {len(sources)} sources); expect about "
+         f"{2 * len(archs.split(';'))} minutes on 2 cores (pip -v shows the compile steps)")
     ext = CUDAExtension(
         name="fastprompt._C",
         sources=sources,

@@ -7,10 +7,11 @@ _checkout_root = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).resolve().parent / "kernels").is_dir() and (_checkout_root / "kernels" / "__init__.py").is_file():
     __path__.append(str(_checkout_root))  # noqa: F821 - the package's own __path__
 
-from . import ops, reference  # noqa: E402
-
 __version__ = "0.1.0"
 
+# Everything imports on first use: `fastprompt --version` and `fastprompt info` must not pay for torch,
+# transformers or peft up front. `fastprompt.ops` registers the custom ops when it is first imported.
+_SUBMODULES = ("ops", "reference", "prompts", "integrations", "bench")
 _LAZY = {
     "patch_model": ("fastprompt.patching", "patch_model"),
     "unpatch_model": ("fastprompt.patching", "unpatch_model"),
@@ -26,10 +27,16 @@ _LAZY = {
 __all__ = ["ops", "reference", "__version__", *_LAZY]
 
 
-def __getattr__(name):  # transformers/peft integration and prompt modules import on first use
-    if name in _LAZY:
-        import importlib
+def __getattr__(name):
+    import importlib
 
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'fastprompt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_LAZY))

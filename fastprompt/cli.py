@@ -60,36 +60,54 @@ def _bench(args) -> int:
 
 
 def _info(args) -> int:
+    # Versions come from package metadata: importing transformers and peft alone would take seconds.
+    from . import __version__
+    from ._versions import TESTED_RANGES, installed_versions, range_status
+
+    rows = [("fastprompt", __version__, "")]
+    for name, version in installed_versions().items():
+        low, high = TESTED_RANGES[name]
+        status = range_status(name, version)
+        note = f"tested {low} - {high}" + ("" if status == "tested" else f"  <- {status.upper()}")
+        rows.append((name, version or "not installed", note))
+
     import torch
 
-    from . import __version__
-    from .bench.runner import machine_info, versions
-
-    v = versions()
-    rows = [("fastprompt", __version__), ("torch", v["torch"]), ("triton", v["triton"] or "not installed"),
-            ("transformers", v["transformers"] or "not installed"), ("peft", v["peft"] or "not installed"),
-            ("CUDA (torch)", torch.version.cuda or "none (CPU build)"),
-            ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")]
+    rows.append(("CUDA (torch)", torch.version.cuda or "none (CPU build)", ""))
+    rows.append(("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none", ""))
     try:
         from ._cuda_build_info import cuda_info, cuda_info_text
 
         info = cuda_info()
         ext = "built for " + ", ".join(f"sm_{a}" for a in info.get("archs", [])) if info.get("built") else "not built"
-        rows.append(("fastprompt._C", ext))
+        rows.append(("fastprompt._C", ext, ""))
         detail = cuda_info_text()
     except Exception as exc:  # the build-info module may be absent or broken: say so, do not fail
-        rows.append(("fastprompt._C", f"unknown ({type(exc).__name__}: {exc})"))
+        rows.append(("fastprompt._C", f"unknown ({type(exc).__name__}: {exc})", ""))
         detail = None
-    m = machine_info()
-    rows.append(("CPU", f"{m['cpu']} ({m['cpu_count']} cores)"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    rows.append(("CPU", f"{_cpu_name()} ({os.cpu_count()} cores)", ""))
+    width = max(len(k) for k, _, _ in rows)
+    vwidth = max(len(v) for _, v, _ in rows)
+    for key, value, note in rows:
+        print(f"{key:<{width}}  {value:<{vwidth}}  {note}".rstrip())
     if detail:
         print(detail)
     print()
-    print(_backend_table(args.device))
+    print(_backend_table(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     return 0
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _backend_cases(device):
@@ -150,6 +168,7 @@ def _backend_table(device: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprompt", description="fastprompt: fused prefix attention for "
                                      "prompt learning")
+    parser.add_argument("--version", action="version", version=f"fastprompt {_own_version()}")
     sub = parser.add_subparsers(dest="command")
     bench = sub.add_parser("bench", help="compare fastprompt with the PEFT + transformers path (time, memory, "
                            "FLOPs, equal outputs); writes a table, JSON and a chart")
@@ -169,8 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 140 for the default run, 60 with --quick, none otherwise; 0 = none)")
     bench.add_argument("--strict", action="store_true", help="exit 1 when a compared pair gives unequal outputs")
     info = sub.add_parser("info", help="versions, CUDA extension, and the backend 'auto' picks")
-    info.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    info.add_argument("--device", default=None, help="device of the backend table (default: cuda when available)")
     return parser
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _cuda_available() -> bool:

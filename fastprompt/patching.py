@@ -23,6 +23,9 @@ def patch_model(model, prompt=None, *, backend: str = "auto"):
     `backend` forces the prefix_attention backend of the patched model ("auto", "torch", "triton", "cuda",
     "reference"). Patching twice is a no-op; `unpatch_model` restores the model exactly.
     """
+    from ._versions import warn_untested_versions_once
+
+    warn_untested_versions_once()
     if prompt is None:
         if not _is_peft_model(model):
             raise TypeError(

@@ -15,6 +15,9 @@ def _why_no_build():
         return f"torch {torch.__version__} is a CPU build: fastprompt._C is not built"
     if os.environ.get("FASTPROMPT_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return "FASTPROMPT_SKIP_CUDA_BUILD is set: fastprompt._C is not built"
+    if os.environ.get("FASTPROMPT_CUDA_BUILD", "").lower() not in ("1", "true", "yes", "on") \
+            and not torch.cuda.is_available():
+        return "no GPU and FASTPROMPT_CUDA_BUILD is not 1: fastprompt._C is not built by default"
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or ""
     if not (shutil.which("nvcc") or os.path.isfile(os.path.join(cuda_home, "bin", "nvcc"))
             or os.path.isfile("/usr/local/cuda/bin/nvcc")):
