@@ -22,6 +22,11 @@ _LAZY = {
     "PTuningV2": ("fastprompt.prompts", "PTuningV2"),
     "PromptPool": ("fastprompt.prompts", "PromptPool"),
     "MultiTaskPrompt": ("fastprompt.prompts", "MultiTaskPrompt"),
+    "TaskHeads": ("fastprompt.prompts", "TaskHeads"),
+    "SequenceClassificationHead": ("fastprompt.prompts", "SequenceClassificationHead"),
+    "TokenClassificationHead": ("fastprompt.prompts", "TokenClassificationHead"),
+    "SpanExtractionHead": ("fastprompt.prompts", "SpanExtractionHead"),
+    "param_groups": ("fastprompt.prompts", "param_groups"),
 }
 
 __all__ = ["ops", "reference", "__version__", *_LAZY]

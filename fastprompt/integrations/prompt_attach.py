@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 from fastprompt.prompts.base import PromptModule, check_task_ids
+from fastprompt.prompts.task_heads import attach_head_outputs
+
+from . import query_pass
 
 PROMPT_ATTR = "fastprompt_prompt"
 _STATE_ATTR = "_fastprompt_attach_state"
@@ -246,14 +249,15 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     elif task_ids is not None:
         raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
 
-    query = None
+    query = reuse = None
+    heads = getattr(prompt, "heads", None)  # task heads (fastprompt.prompts.task_heads) take the labels
+    head_labels, head_mask = (kw.pop("labels", None), kw.get("attention_mask")) if heads is not None else (None, None)
     if prompt.needs_query and (prefill or prompt.placement == "prefix"):
         if prefill:
             if prompt_query is not None:
                 query = prompt_query
-            else:
-                query = compute_query(model, state, prompt.query_mode, kw.get("input_ids"), kw.get("attention_mask"),
-                                      kw.get("inputs_embeds"), kw.get("token_type_ids"))
+            else:  # query_layer=k: layers [0, k) only, their output reused below when exact
+                query, reuse = query_pass.compute(model, state, prompt, kw)
             if past is not None:
                 state.by_cache[past] = query
         else:
@@ -274,8 +278,10 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
         from .transformers_attention import layer_prefixes
 
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
-        with layer_prefixes(model, prefixes):
+        with layer_prefixes(model, prefixes), query_pass.reusing_lower_layers(model, reuse, kw, state.signature):
             out = state.bound_forward(**kw)
+    if heads is not None and prefill:
+        out = attach_head_outputs(prompt, out, head_mask, task_ids, head_labels)
 
     aux = prompt.aux_loss
     if aux is not None and getattr(prompt.config, "add_aux_loss", False) and prefill:

@@ -2,11 +2,13 @@
 
 from .base import PromptConfig, PromptModule
 from .multitask import MultiTaskPrompt, MultiTaskPromptConfig
+from .param_groups import param_groups
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_pool import PromptPool, PromptPoolConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig
 from .ptuning import PTuning, PTuningConfig
 from .ptuning_v2 import PTuningV2, PTuningV2Config
+from .task_heads import SequenceClassificationHead, SpanExtractionHead, TaskHeads, TokenClassificationHead
 
 __all__ = [
     "PromptConfig",
@@ -23,4 +25,9 @@ __all__ = [
     "PromptPoolConfig",
     "MultiTaskPrompt",
     "MultiTaskPromptConfig",
+    "TaskHeads",
+    "SequenceClassificationHead",
+    "TokenClassificationHead",
+    "SpanExtractionHead",
+    "param_groups",
 ]

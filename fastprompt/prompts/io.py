@@ -13,13 +13,17 @@ from .base import CONFIG_NAME, WEIGHTS_NAME, PromptModule, prompt_class
 __all__ = ["load_prompt"]
 
 
-def load_prompt(path: str, model=None, *, device=None, dtype: Optional[torch.dtype] = None) -> PromptModule:
+def load_prompt(path: str, model=None, *, encoder=None, device=None, dtype: Optional[torch.dtype] = None) -> PromptModule:
     """Load a prompt saved with `prompt.save_pretrained(path)`.
 
     model: optional transformers model (or config); a prompt built for another model shape raises ValueError.
+    encoder: for a prompt saved with a custom (user nn.Module) prompt encoder, the module to load its weights
+    into: an instance, or a class / factory called with no arguments. Built-in encoders and task heads are
+    rebuilt from the config alone.
     """
     # The method modules register themselves on import.
     from . import multitask, prefix_tuning, prompt_pool, prompt_tuning, ptuning, ptuning_v2  # noqa: F401
+    from .encoder import resolve_custom_encoder
 
     config_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
@@ -30,14 +34,20 @@ def load_prompt(path: str, model=None, *, device=None, dtype: Optional[torch.dty
         data = json.load(fh)
     cls = prompt_class(data.get("prompt_type", ""))
     config = cls.config_class.from_dict(data)
+    extra = {}
+    if getattr(config, "encoder", None) == "custom":
+        extra["encoder"] = resolve_custom_encoder(encoder, getattr(config, "encoder_class", ""))
+    elif encoder is not None:
+        raise ValueError(f"encoder= was given but the prompt in {path!r} has no custom encoder "
+                         f"(its encoder is {getattr(config, 'encoder', None)!r})")
     # Build without the init cost of text/vocab init: the weights are overwritten below.
     if getattr(config, "init", None) in ("vocab", "text"):
         import dataclasses
 
-        prompt = cls(dataclasses.replace(config, init="random"))
+        prompt = cls(dataclasses.replace(config, init="random"), **extra)
         prompt.config = config
     else:
-        prompt = cls(config)
+        prompt = cls(config, **extra)
 
     from safetensors.torch import load_file
 

@@ -7,11 +7,17 @@ of the input embeddings). Each row uses its own task's W_t, b_t (gathered by tas
 row by row, what each task's rows would compute alone.
 variant "mpt" (Wang et al. 2023, as in PEFT): a shared prompt P* [length, d] and per task a rank-r matrix
 u_t v_tᵀ; task prompt = P* ⊙ (u_t v_tᵀ). The T task prompts are built once per step and gathered by task id.
+
+E(x) is learned with `encoder="linear" | "mlp" | <nn.Module>` (fastprompt.prompts.encoder), and `query_layer=k`
+takes the frozen features from the hidden state entering layer k (the query pass runs layers [0, k) only).
+`heads=fp.TaskHeads(...)` adds the per-task output layers M_t and the loss Σ_t α_t · L_t
+(fastprompt.prompts.task_heads): the patched model then returns loss, task_losses, task_logits and task_rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +26,8 @@ from fastprompt.ops.gather_prompts import gather_prompts
 from fastprompt.ops.mix_prompts import mix_prompts
 
 from .base import QUERY_MODES, PromptConfig, PromptModule, check_task_ids, register_prompt
+from .encoder import build_encoder, check_encoder_config, encode_query, split_encoder_arg
+from .task_heads import TaskHeads
 
 VARIANTS = ("selector", "mpt")
 
@@ -35,6 +43,15 @@ class MultiTaskPromptConfig(PromptConfig):
     placement: str = "input"
     init_std: float = 0.02
     seed: int = 0
+    # selector: the learned prompt encoder E and where its input comes from (fastprompt.prompts.encoder)
+    encoder: Optional[str] = None  # None | "linear" | "mlp" | "custom" (a user nn.Module)
+    encoder_hidden_size: int = 0
+    encoder_activation: str = "none"
+    encoder_class: str = ""
+    query_layer: Optional[int] = None
+    # task heads M_t and loss weights α_t (fastprompt.prompts.task_heads), in task-id order
+    task_heads: Optional[Tuple[dict, ...]] = None
+    loss_weights: Optional[Tuple[float, ...]] = None
 
     prompt_type = "MultiTaskPrompt"
 
@@ -50,20 +67,43 @@ class MultiTaskPromptConfig(PromptConfig):
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
         if self.placement != "input":
             raise ValueError("MultiTaskPrompt supports placement='input' only")
+        check_encoder_config(self)
+        if self.variant == "mpt" and (self.encoder is not None or self.query_layer is not None):
+            raise ValueError("encoder and query_layer apply to variant='selector' only (mpt uses no query)")
+        if self.task_heads is not None:
+            if len(self.task_heads) != self.num_tasks:
+                raise ValueError(f"{len(self.task_heads)} task heads for num_tasks={self.num_tasks}")
+            if self.loss_weights is not None and len(self.loss_weights) != self.num_tasks:
+                raise ValueError(f"{len(self.loss_weights)} loss weights for num_tasks={self.num_tasks}")
 
 
 @register_prompt
 class MultiTaskPrompt(PromptModule):
     """`MultiTaskPrompt(model_or_config, num_tasks=T, variant="selector"|"mpt", pool_size=8, length=10, rank=1,
-    query="mean")`; call the patched model with task_ids=LongTensor[B]."""
+    query="mean", query_layer=None, encoder=None|"linear"|"mlp"|nn.Module, heads=None|fp.TaskHeads(...))`; call the
+    patched model with task_ids=LongTensor[B] (and labels={task name: ...} with heads). With heads, num_tasks
+    defaults to the number of heads."""
 
     config_class = MultiTaskPromptConfig
     needs_task_ids = True
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, *, heads: Optional[TaskHeads] = None, **kwargs):
+        custom_encoder = split_encoder_arg(kwargs)
+        if heads is not None:
+            if not isinstance(heads, TaskHeads):
+                raise TypeError(f"heads must be a fastprompt TaskHeads, got {type(heads).__name__}")
+            if kwargs.setdefault("num_tasks", len(heads)) != len(heads):
+                raise ValueError(f"num_tasks={kwargs['num_tasks']} but heads names {len(heads)} tasks")
+            kwargs["task_heads"], kwargs["loss_weights"] = heads.spec_dicts(), heads.loss_weights
         config = self._make_config(config, kwargs)
         super().__init__(config)
         c = self.config
+        if heads is None and c.task_heads is not None:  # rebuilt from a saved config (load_prompt)
+            heads = TaskHeads.from_spec_dicts(c.hidden_size, c.task_heads, c.loss_weights)
+        if heads is not None and heads.hidden_size != c.hidden_size:
+            raise ValueError(f"heads are {heads.hidden_size} wide, the model's hidden size is {c.hidden_size}")
+        self.heads = heads
+        self.encoder = build_encoder(c, custom_encoder)
         g = torch.Generator().manual_seed(c.seed)
         d = c.hidden_size
         if c.variant == "selector":
@@ -93,6 +133,17 @@ class MultiTaskPrompt(PromptModule):
         if query.shape[0] != batch_size:
             raise ValueError(f"query has {query.shape[0]} rows, the batch has {batch_size}")
 
+    @property
+    def task_names(self) -> Tuple[str, ...]:
+        """The heads' task names in task-id order (task0.. without heads)."""
+        if self.heads is not None:
+            return self.heads.names
+        return tuple(f"task{t}" for t in range(self.config.num_tasks))
+
+    def encode(self, query: Tensor) -> Tensor:
+        """E(x): the learned encoder applied to the frozen features (the identity without an encoder)."""
+        return encode_query(self.encoder, query, self.config.hidden_size)
+
     def selector_weights(self, query: Tensor, task_ids: Tensor) -> Tensor:
         """S_t(x) for each row's own task: [B, N]."""
         w = gather_prompts(self.selector_weight, task_ids)  # [B, N, d]
@@ -109,7 +160,7 @@ class MultiTaskPrompt(PromptModule):
         if self.config.variant == "mpt":
             return gather_prompts(self.task_prompts(), task_ids)  # [B, length, d]
         self.check_query(query, batch_size)
-        weights = self.selector_weights(query, task_ids)
+        weights = self.selector_weights(self.encode(query), task_ids)
         self.last_weights = weights.detach()
         return mix_prompts(self.pool, weights.to(self.pool.dtype))  # [B, length, d]
 

@@ -2,7 +2,11 @@
 
 The query q(x) is the frozen model's own encoding of the input (mean / [CLS] / last token of the last hidden
 state of a first pass WITHOUT prompts, under no_grad; computed by the integration, or passed as
-`prompt_query=`).
+`prompt_query=`). `query_layer=k` takes it from the hidden state entering layer k instead: the first pass runs
+layers [0, k) only, and when every prompt sits at layer >= k (prefix placement) the real pass reuses those
+layers' outputs (fastprompt.integrations.query_pass). The learned encoder E (`encoder="linear" | "mlp" |
+<nn.Module>`, fastprompt.prompts.encoder) maps q(x) to the vector that is matched against the keys, and is
+trained with the pool.
 - Hard selection (top_k = k, L2P): cosine(q, key_n), top-k entries per row; the key-pull loss
   aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys is stored in `self.aux_loss` (and added to
   outputs.loss by the integration when `add_aux_loss`).
@@ -28,6 +32,7 @@ from fastprompt.ops.mix_prompts import mix_prompts
 
 from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, \
     register_prompt
+from .encoder import build_encoder, check_encoder_config, encode_query, split_encoder_arg
 
 SOFT_WEIGHTINGS = ("softmax", "cosine")
 
@@ -47,6 +52,12 @@ class PromptPoolConfig(PromptConfig):
     prefix_dropout: float = 0.0
     init_std: float = 0.02
     seed: int = 0
+    # the learned prompt encoder E and where its input comes from (fastprompt.prompts.encoder)
+    encoder: Optional[str] = None  # None | "linear" | "mlp" | "custom" (a user nn.Module)
+    encoder_hidden_size: int = 0  # mlp width; 0 = hidden_size
+    encoder_activation: str = "none"
+    encoder_class: str = ""  # "custom": the module's class, for the error message on load
+    query_layer: Optional[int] = None  # None: the last hidden state; k: the hidden state entering layer k
 
     prompt_type = "PromptPool"
 
@@ -68,18 +79,21 @@ class PromptPoolConfig(PromptConfig):
             if self.placement != "prefix":
                 raise ValueError("layers applies to placement='prefix' only")
             self.layers = normalize_layers(self.layers, self.num_layers)
+        check_encoder_config(self)
 
 
 @register_prompt
 class PromptPool(PromptModule):
     """`PromptPool(model_or_config, pool_size=10, length=5, top_k=4, placement="input"|"prefix", layers=None,
-    query="mean"|"cls"|"last"|"embeddings", soft_weighting="softmax"|"cosine", pull_constraint_coeff=0.1)`."""
+    query="mean"|"cls"|"last"|"embeddings", query_layer=None, encoder=None|"linear"|"mlp"|nn.Module,
+    soft_weighting="softmax"|"cosine", pull_constraint_coeff=0.1)`."""
 
     config_class = PromptPoolConfig
 
     def __init__(self, config, **kwargs):
         if kwargs.get("layers") is not None:
             kwargs["layers"] = tuple(kwargs["layers"])
+        custom_encoder = split_encoder_arg(kwargs)
         config = self._make_config(config, kwargs)
         super().__init__(config)
         c = self.config
@@ -96,6 +110,7 @@ class PromptPool(PromptModule):
             self.attention_vectors = nn.Parameter(torch.ones(c.pool_size, c.hidden_size))
         else:
             self.attention_vectors = None
+        self.encoder = build_encoder(c, custom_encoder)
 
     @property
     def needs_query(self) -> bool:
@@ -123,6 +138,10 @@ class PromptPool(PromptModule):
         if batch_size is not None and query.shape[0] != batch_size:
             raise ValueError(f"query has {query.shape[0]} rows, the batch has {batch_size}")
         return query.to(self.keys.dtype)
+
+    def encode(self, query: Tensor) -> Tensor:
+        """E(q): the learned encoder applied to the frozen features (the identity without an encoder)."""
+        return encode_query(self.encoder, query, self.config.hidden_size).to(self.keys.dtype)
 
     def select(self, query: Tensor):
         """Hard: (index [B, k], cosine of the chosen keys [B, k]). Soft: (None, weights [B, N])."""
@@ -154,7 +173,7 @@ class PromptPool(PromptModule):
     def input_prompts(self, batch_size, *, query=None, task_ids=None) -> Tensor:
         if self.placement != "input":
             raise RuntimeError("this PromptPool has placement='prefix'; use layer_prefixes")
-        query = self.check_query(query, batch_size)
+        query = self.encode(self.check_query(query, batch_size))
         index, values = self._select_and_record(query)
         if index is not None:
             chosen = gather_prompts(self.pool, index)  # [B, k, length, d]
@@ -165,7 +184,7 @@ class PromptPool(PromptModule):
         if self.placement != "prefix":
             raise RuntimeError("this PromptPool has placement='input'; use input_prompts")
         LayerPrefix = layer_prefix_class()
-        query = self.check_query(query, batch_size)
+        query = self.encode(self.check_query(query, batch_size))
         index, values = self._select_and_record(query)
         pool = self.pool
         if self.training and self.config.prefix_dropout > 0:

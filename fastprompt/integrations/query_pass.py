@@ -1,0 +1,186 @@
+"""The query pass of prompt pools / selectors, made cheap: stop at the query layer, and reuse what it computed.
+
+A pool's query is the frozen model's encoding of the input WITHOUT prompts (fastprompt.integrations.prompt_attach
+.compute_query runs the whole model under no_grad for it: one extra forward per step). With `query_layer=k` on the
+prompt's config the query is read from the hidden state entering layer k:
+
+- the query pass runs the embeddings and layers [0, k) only: a forward pre-hook on layer k (a forward hook on the
+  last layer when k = num_layers) records the hidden state and raises a private exception that this module
+  catches, so nothing above layer k runs;
+- when every prompt enters at layer >= k (prefix placement, min(prompt.layers) >= k), the real pass's layers below
+  k would compute exactly what the query pass computed (they see no prompt): for the real pass, layer 0 returns the
+  recorded hidden state and layers 1..k-1 pass it through, so layers [0, k) run once per step, not twice.
+
+The reuse is exact, and taken only when it is: no cache is being filled (past_key_values None, use_cache not True;
+the call then runs with use_cache=False so no cache misses the skipped layers), no hidden states / attentions are
+requested, nothing below layer k needs a gradient (frozen embeddings and lower layers, inputs_embeds without
+grad), and the query came from the pass (not from `prompt_query=`). Otherwise the lower layers are recomputed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute", "reusing_lower_layers", "LowerLayers", "query_layer_of"]
+
+
+class _QueryReady(Exception):
+    """Raised by the hook at the query layer: carries its hidden state out of the model's forward."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__("fastprompt query pass stop")
+        self.hidden = hidden
+
+
+@dataclass
+class LowerLayers:
+    """What the query pass computed: the hidden state entering layer `k` of the real pass."""
+
+    k: int
+    hidden: Tensor
+
+
+def query_layer_of(prompt) -> Optional[int]:
+    return getattr(prompt.config, "query_layer", None)
+
+
+def _layers(model):
+    from .transformers_attention import _find_layers, _hf_model
+
+    return _find_layers(_hf_model(model))[1]
+
+
+def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[LowerLayers]]:
+    """(query [B, hidden], the lower layers' output for the real pass to reuse, or None)."""
+    from .prompt_attach import _masked_mean, compute_query
+
+    k = query_layer_of(prompt)
+    mode = prompt.query_mode
+    if k is None or mode == "embeddings":
+        query = compute_query(model, state, mode, kw.get("input_ids"), kw.get("attention_mask"),
+                              kw.get("inputs_embeds"), kw.get("token_type_ids"))
+        return query, None
+    layers = _layers(model)
+    hidden = _hidden_entering(model, state, layers, k, kw)
+    mask = kw.get("attention_mask")
+    if mode == "mean":
+        query = _masked_mean(hidden, mask)
+    elif mode == "cls":
+        query = hidden[:, 0]
+    elif mode == "last":
+        if mask is None:
+            query = hidden[:, -1]
+        else:
+            real = mask.to(torch.long)
+            last = real.shape[1] - 1 - torch.argmax(real.flip(1), dim=1)
+            query = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    else:
+        raise ValueError(f"unknown query mode {mode!r}")
+    reuse = LowerLayers(k, hidden) if _can_reuse(model, prompt, layers, k, kw) else None
+    return query, reuse
+
+
+def _hidden_entering(model, state, layers, k: int, kw) -> Tensor:
+    """Run embeddings + layers [0, k) without prompts under no_grad; the hidden state entering layer k."""
+    if k < len(layers):
+        def stop(module, args, kwargs):
+            raise _QueryReady(args[0] if args else kwargs["hidden_states"])
+        handle = layers[k].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+    else:
+        def stop(module, args, output):
+            raise _QueryReady(output[0] if isinstance(output, (tuple, list)) else output)
+        handle = layers[k - 1].register_forward_hook(stop, prepend=True)
+    call = state.bound_forward
+    params = inspect.signature(call).parameters
+    kwargs = {"attention_mask": kw.get("attention_mask")}
+    if kw.get("inputs_embeds") is not None:
+        kwargs["inputs_embeds"] = kw["inputs_embeds"]
+    else:
+        kwargs["input_ids"] = kw.get("input_ids")
+    for name in ("token_type_ids", "position_ids"):
+        if kw.get(name) is not None and name in params:
+            kwargs[name] = kw[name]
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    try:
+        with torch.no_grad():
+            call(**kwargs)
+    except _QueryReady as ready:
+        return ready.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"fastprompt: the query pass never reached layer {k} of {type(model).__name__}")
+
+
+def _can_reuse(model, prompt, layers, k: int, kw) -> bool:
+    if k < 1 or prompt.placement != "prefix":
+        return False
+    prompt_layers = getattr(prompt, "layers", ())
+    if not prompt_layers or min(prompt_layers) < k:
+        return False  # a prompt below k changes what the lower layers compute
+    if kw.get("past_key_values") is not None or kw.get("use_cache") is True:
+        return False  # the skipped layers would leave no cache entries
+    if kw.get("output_hidden_states") or kw.get("output_attentions"):
+        return False  # the skipped layers' own outputs are asked for
+    embeds = kw.get("inputs_embeds")
+    if embeds is not None and embeds.requires_grad:
+        return False
+    if kw.get("position_ids") is not None and kw.get("position_ids").shape[0] != _batch(kw):
+        return False
+    if torch.is_grad_enabled():
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        lower = [p for layer in layers[:k] for p in layer.parameters()]
+        lower += list(emb.parameters()) if emb is not None else []
+        if any(p.requires_grad for p in lower):
+            return False  # unfrozen lower weights: their gradient needs the real pass through them
+    return True
+
+
+def _batch(kw) -> int:
+    t = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    return t.shape[0]
+
+
+def reusing_lower_layers(model, reuse: Optional[LowerLayers], kw: Dict[str, Any], signature: inspect.Signature):
+    """Context for the real pass: layers [0, k) hand on `reuse.hidden` instead of computing (nullcontext when
+    there is nothing to reuse). Sets use_cache=False in `kw` when the forward takes it."""
+    if reuse is None:
+        return nullcontext()
+    if "use_cache" in signature.parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        kw["use_cache"] = False
+    return _skip_lower_layers(_layers(model), reuse)
+
+
+@contextmanager
+def _skip_lower_layers(layers, reuse: LowerLayers):
+    hidden = reuse.hidden
+
+    def first(hidden_states=None, *args, **kwargs):  # layer 0: what layers [0, k) computed in the query pass
+        return hidden
+
+    def through(hidden_states=None, *args, **kwargs):  # layers 1..k-1: already included
+        return hidden_states
+
+    patched = []
+    try:
+        for i in range(reuse.k):
+            layer = layers[i]
+            patched.append((layer, layer.__dict__.get("forward", _MISSING)))
+            layer.forward = first if i == 0 else through
+        yield
+    finally:
+        for layer, original in patched:
+            if original is _MISSING:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = original
+
+
+_MISSING = object()
