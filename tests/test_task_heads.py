@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach

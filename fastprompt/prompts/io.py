@@ -13,7 +13,8 @@ from .base import CONFIG_NAME, WEIGHTS_NAME, PromptModule, prompt_class
 __all__ = ["load_prompt"]
 
 
-def load_prompt(path: str, model=None, *, encoder=None, device=None, dtype: Optional[torch.dtype] = None) -> PromptModule:
+def load_prompt(path: str, model=None, *, encoder=None, device=None,
+                dtype: Optional[torch.dtype] = None) -> PromptModule:
     """Load a prompt saved with `prompt.save_pretrained(path)`.
 
     model: optional transformers model (or config); a prompt built for another model shape raises ValueError.
