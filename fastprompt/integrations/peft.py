@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from .families import MASK_CUMSUM, REFUSED, supported_model_types
 from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
@@ -38,9 +39,12 @@ from .transformers_attention import (
 
 _PATCH_ATTR = "_fastprompt_peft_patch"
 
-# Families whose PEFT prompt-learning behaviour (positions, masks, cache use) was checked against fastprompt.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "bert", "roberta")
-SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+# Families whose PEFT prompt-learning behaviour (positions, masks, cache use) was checked against fastprompt: the
+# family table (families.py). Families in REFUSED take input-level methods only (their attention cannot take a prefix).
+SUPPORTED_MODEL_TYPES = supported_model_types()
+SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# Tasks whose PEFT forward keeps token_type_ids (the others drop them with a warning)
+_TASKS_KEEPING_TOKEN_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclass
@@ -88,6 +92,11 @@ def _check_patchable(model):
         raise ValueError("fastprompt: encoder-decoder prompt learning (num_transformer_submodules=2) is not supported")
     hf = model.get_base_model()
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    if model_type in REFUSED:
+        if peft_type == "PREFIX_TUNING":
+            raise TypeError(f"fastprompt: cannot patch prefix tuning on {type(hf).__name__} "
+                            f"(model_type={model_type!r}): {REFUSED[model_type]}")
+        return config  # input-level prompts only change the input embeddings (get_prompt is all that is patched)
     if model_type not in SUPPORTED_MODEL_TYPES:
         # First the precise reason when the attention cannot be reached at all (GPT-J, Falcon, BLOOM, ...).
         check_supports_attention_interface(hf)
@@ -224,13 +233,22 @@ class _BridgeHolder:
         return _PrefixGradBridge.apply(hidden, self.kv, self)
 
 
-def _prefix_positions(model, input_ids, inputs_embeds, past_length: int, num_tokens: int):
+def _prefix_positions(model, input_ids, inputs_embeds, past_length: int, num_tokens: int, attention_mask=None):
     """The position ids PEFT's prefix-as-cache gives real tokens when none are passed: as if P tokens came first."""
     record = model.__dict__.get(_PATCH_ATTR)
     layout = record.layout if record is not None and record.layout is not None else model_layout(model)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, seq = source.shape[0], source.shape[1]
     device = source.device
+    if not layout.shifts_positions:  # no cache argument: PEFT's prefix cannot shift this family's positions
+        num_tokens = 0
+    if layout.position_style == MASK_CUMSUM:
+        # OPT: positions count the real tokens of [cache; seq] (padding-aware), padding at -1; the prefix counts too
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=device)
+        mask = attention_mask.long()
+        positions = (torch.cumsum(mask, dim=1) * mask - 1)[:, -seq:]
+        return torch.where(mask[:, -seq:].bool(), positions + num_tokens, positions)
     if layout.position_style == "roberta":
         pad = layout.padding_idx
         if input_ids is not None:
@@ -263,22 +281,26 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         from peft.peft_model import _get_return_dict_transformers_v4
 
         return_dict = _get_return_dict_transformers_v4(self.config)
-    # PEFT's own rules: user position ids shifted by P; token_type_ids dropped except for sequence classification
-    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=task != "SEQ_CLS")
+    # PEFT's own rules: user position ids shifted by P; token_type_ids dropped except for the classification tasks
+    user_positions = kwargs.get("position_ids")
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=task not in
+                                        _TASKS_KEEPING_TOKEN_TYPES)
+    record = self.__dict__[_PATCH_ATTR]
+    if user_positions is not None and not record.layout.shifts_positions:
+        kwargs["position_ids"] = user_positions  # a family without a cache argument: nothing shifts them
     past = kwargs.get("past_key_values")
     past_length = past.get_seq_length() if past is not None else 0
-    if kwargs.get("position_ids") is None:
-        kwargs["position_ids"] = _prefix_positions(self, input_ids, inputs_embeds, past_length,
-                                                   config.num_virtual_tokens)
     if attention_mask is None:  # explicit, so transformers never guesses packed sequences from our position ids
         attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=source.device)
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = _prefix_positions(self, input_ids, inputs_embeds, past_length,
+                                                   config.num_virtual_tokens, attention_mask)
     call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                 return_dict=return_dict, **kwargs)
-    if task != "FEATURE_EXTRACTION":
-        call["labels"] = labels
+    if task not in ("FEATURE_EXTRACTION", "QUESTION_ANS") or labels is not None:
+        call["labels"] = labels  # QA takes start_positions / end_positions (in kwargs), as in PEFT
     kv = prefix_kv(self)
-    record = self.__dict__[_PATCH_ATTR]
     if not (kv.requires_grad and torch.is_grad_enabled() and record.layers is not None
             and all(uses_reentrant_checkpointing(layer) for layer in record.layers)):
         call[PREFIXES_KWARG] = layer_prefixes_from_kv(kv)
@@ -325,7 +347,8 @@ def _prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         cache = model_kwargs.get("past_key_values")
         past_length = cache.get_seq_length() if cache is not None else 0
         model_kwargs["position_ids"] = _prefix_positions(self, model_kwargs.get("input_ids"),
-                                                         model_kwargs.get("inputs_embeds"), past_length, num_tokens)
+                                                         model_kwargs.get("inputs_embeds"), past_length, num_tokens,
+                                                         model_kwargs.get("attention_mask"))
     return model_kwargs
 
 

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .families import ROBERTA, FamilyFacts, family_facts
+
 ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
 _STATE_ATTR = "_fastprompt_attention_state"
@@ -77,7 +79,7 @@ class ModelLayout:
     layer_types: tuple                  # per layer: "full_attention" | "sliding_attention"
     sliding_window: Optional[int]       # window of the sliding layers (None: no sliding layer)
     softcap: Optional[float]            # attention logit soft-capping (Gemma 2)
-    position_style: str                 # "offset": positions are arange(+past); "roberta": padding-aware from ids
+    position_style: str                 # "offset" | "roberta" | "mask_cumsum" (see families.py)
     shifts_positions: bool              # with a P-token prefix (as a cache), real tokens get positions P.. (PEFT)
     rotary: bool                        # positions enter through RoPE on q/k (prefix keys never rotated)
     padding_idx: Optional[int] = None   # RoBERTa-style position ids start after padding_idx
@@ -107,11 +109,13 @@ def _text_config(config):
 def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
     config = _text_config(hf.config)
     num_layers = getattr(config, "num_hidden_layers", None)
+    facts = family_facts(getattr(config, "model_type", ""))
+    names = facts.layer_names if facts is not None else ("layers", "h", "layer", "blocks")
     best = None
     for name, module in hf.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and num_layers:
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("layers", "h", "layer", "blocks"):
+            if leaf in names:
                 return name, module
             best = best or (name, module)
     if best is None:
@@ -122,29 +126,35 @@ def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
+# An architecture missing from the family table is laid out as a rotary causal decoder numbering positions from the
+# cache length; patch_model refuses such models for PEFT (their semantics are unchecked).
+_UNKNOWN_FAMILY = FamilyFacts(encoder=False)
+
+
 def model_layout(model) -> ModelLayout:
     """Shapes and family facts of a transformers model (or the base model of a PeftModel)."""
     hf = _hf_model(model)
     config = _text_config(hf.config)
     model_type = getattr(config, "model_type", "")
+    facts = family_facts(model_type) or _UNKNOWN_FAMILY
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
     num_layers = config.num_hidden_layers
     path, _ = _find_layers(hf)
-    encoder = model_type in _ENCODER_TYPES and not getattr(config, "is_decoder", False)
+    encoder = facts.encoder and not getattr(config, "is_decoder", False)
     is_causal = (not encoder) and getattr(config, "is_causal", True) and not getattr(
         config, "use_bidirectional_attention", False)
     sliding = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
+    layer_types = getattr(config, facts.layer_types_field, None) if facts.layer_types_field else None
     if layer_types is None:
-        uses_sliding = sliding is not None and model_type in ("mistral", "mixtral")
+        uses_sliding = sliding is not None and facts.all_layers_sliding
         layer_types = ["sliding_attention" if uses_sliding else "full_attention"] * num_layers
     if "sliding_attention" not in layer_types:
         sliding = None
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    roberta_like = model_type in _ROBERTA_TYPES
+    softcap = getattr(config, facts.softcap_field, None) if facts.softcap_field else None
+    roberta_like = facts.position_style == ROBERTA
     return ModelLayout(
         model_type=model_type,
         num_layers=num_layers,
@@ -156,17 +166,13 @@ def model_layout(model) -> ModelLayout:
         layer_types=tuple(layer_types),
         sliding_window=sliding,
         softcap=softcap,
-        position_style="roberta" if roberta_like else "offset",
-        shifts_positions=True,
-        rotary=model_type not in _ABSOLUTE_POSITION_TYPES,
+        position_style=facts.position_style,
+        shifts_positions=facts.shifts_positions,
+        rotary=facts.rotary,
         padding_idx=getattr(config, "pad_token_id", None) if roberta_like else None,
         layers_path=path,
+        extra={"embedding_scale": facts.embedding_scale, "quirks": facts.quirks},
     )
-
-
-_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
-_ROBERTA_TYPES = {"roberta", "xlm-roberta", "camembert"}
-_ABSOLUTE_POSITION_TYPES = {"gpt2", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "opt"}
 
 
 def check_supports_attention_interface(hf) -> None:

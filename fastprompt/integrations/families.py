@@ -1,0 +1,113 @@
+"""The model families fastprompt patches, one declarative entry each.
+
+A family entry says what prompt learning needs to know about a transformers architecture and cannot read from its
+config: whether attention is causal, how real tokens get their positions and whether PEFT's prefix (a P-long cache)
+shifts them, whether positions are rotary or learned, where the embedding is scaled, which config fields carry
+local/global layer types, windows and soft-capping, and the quirks checked by the family's parity tests
+(tests/test_families_parity.py). `model_layout` (transformers_attention) and `patch_model`'s support check (peft)
+read this table; nothing else holds per-family facts.
+
+Adding a family: one `FamilyFacts` entry in FAMILIES (keyed by `config.model_type`), a tiny config in
+tests/family_helpers.py, and the parity tests parametrized over it. A family whose attention cannot take a prefix
+exactly goes to REFUSED with the reason, which `patch_model` repeats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "family_facts", "refusal_reason", "supported_model_types"]
+
+# How real tokens get position ids when the caller passes none:
+OFFSET = "offset"            # arange(past_length, past_length + S)
+ROBERTA = "roberta"          # from input_ids: cumsum over non-padding tokens, offset by padding_idx (+ past length)
+MASK_CUMSUM = "mask_cumsum"  # from the attention mask: cumsum(mask) - 1 over [cache; seq], padding at -1 (OPT)
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """Prompt-learning facts of one transformers architecture (transformers 5.24)."""
+
+    encoder: bool                       # bidirectional self-attention (False: causal decoder)
+    position_style: str = OFFSET        # OFFSET | ROBERTA | MASK_CUMSUM (see above)
+    rotary: bool = True                 # positions enter through RoPE on q/k (else learned absolute embeddings)
+    # PEFT hands the prefix to the model as a P-long cache, so the model numbers real tokens from P. A model whose
+    # forward takes no cache (DistilBERT, ModernBERT) has no such shift: its real tokens keep positions 0..S-1.
+    shifts_positions: bool = True
+    # Where sqrt(hidden) scales token embeddings: "embedding" (inside the embedding module: PEFT's
+    # word_embeddings(ids) is scaled, virtual tokens are not), "forward" (the model scales inputs_embeds, virtual
+    # tokens included), or None.
+    embedding_scale: Optional[str] = None
+    all_layers_sliding: bool = False    # config.sliding_window (when set) applies to every layer (no layer_types)
+    layer_types_field: Optional[str] = "layer_types"  # config field with per-layer "full"/"sliding" attention
+    softcap_field: Optional[str] = "attn_logit_softcapping"
+    layer_names: tuple = ("layers", "layer", "h")  # leaf name of the ModuleList holding the transformer layers
+    quirks: tuple = ()                  # what the family's parity tests pin down, for readers
+
+
+_DECODER = dict(encoder=False)
+
+FAMILIES: dict[str, FamilyFacts] = {
+    # rotary decoders: real tokens at P.. (PEFT's cache), prefix keys never rotated
+    "llama": FamilyFacts(**_DECODER),
+    "mistral": FamilyFacts(**_DECODER, all_layers_sliding=True),
+    "mixtral": FamilyFacts(**_DECODER, all_layers_sliding=True,
+                           quirks=("MoE: the router sees the same hidden states; routing is untouched",)),
+    "qwen2": FamilyFacts(**_DECODER),
+    "qwen3": FamilyFacts(**_DECODER),
+    "phi3": FamilyFacts(**_DECODER, all_layers_sliding=True, quirks=("fused qkv projection",)),
+    "gpt_neox": FamilyFacts(**_DECODER, quirks=("partial rotary (rotary_pct)", "fused qkv projection")),
+    "gptj": FamilyFacts(**_DECODER, quirks=("partial interleaved rotary (rotary_dim)",)),
+    "gemma": FamilyFacts(**_DECODER, embedding_scale="forward"),
+    "gemma2": FamilyFacts(**_DECODER, embedding_scale="forward",
+                          quirks=("local/global layers", "attention logit soft-capping")),
+    "gemma3_text": FamilyFacts(**_DECODER, embedding_scale="embedding",
+                               quirks=("local/global layers with their own RoPE bases", "q/k norms",
+                                       "query_pre_attn_scalar scaling")),
+    # learned absolute positions
+    "gpt2": FamilyFacts(**_DECODER, rotary=False),
+    "opt": FamilyFacts(**_DECODER, rotary=False, position_style=MASK_CUMSUM,
+                       quirks=("positions from the attention mask (padding-aware), embedding offset 2",)),
+    # encoders
+    "bert": FamilyFacts(encoder=True, rotary=False),
+    "electra": FamilyFacts(encoder=True, rotary=False,
+                           quirks=("input-level prompts need embedding_size == hidden_size (PEFT's token_dim)",)),
+    "roberta": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),
+    "xlm-roberta": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),
+    "camembert": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),
+    "distilbert": FamilyFacts(encoder=True, rotary=False, shifts_positions=False,
+                              quirks=("no cache argument: positions never shift",)),
+    "modernbert": FamilyFacts(encoder=True, shifts_positions=False,
+                              quirks=("no cache argument: positions never shift",
+                                      "local (bidirectional sliding window) / global layers, own RoPE bases")),
+}
+
+_NO_INTERFACE = ("its attention does not go through transformers' AttentionInterface (transformers 5.24), so "
+                 "fastprompt's fused prefix attention cannot be installed")
+
+# Prefix tuning is refused for these; input-level methods (prompt tuning, P-tuning, multitask prompt tuning) only
+# change the input embeddings and are accepted.
+REFUSED: dict[str, str] = {
+    "deberta-v2": (f"{_NO_INTERFACE}; its disentangled attention adds content-to-position and position-to-content "
+                   "terms between every query and key, and a learned prefix key has no relative position, so no "
+                   "exact prefix semantics exist to reproduce (PEFT itself cannot run prefix tuning on it)"),
+    "deberta": (f"{_NO_INTERFACE}; its disentangled relative-position attention has no position for a prefix key "
+                "(PEFT itself cannot run prefix tuning on it)"),
+    "falcon": (f"{_NO_INTERFACE} (Falcon calls its own attention with ALiBi or RoPE and a fused query/key/value "
+               "layout)"),
+    "bloom": (f"{_NO_INTERFACE}; BLOOM adds ALiBi biases computed from the full [prefix; sequence] mask inside its "
+              "own attention"),
+    "gpt_neo": f"{_NO_INTERFACE} (GPT-Neo's local/global attention is its own code)",
+}
+
+
+def family_facts(model_type: str) -> Optional[FamilyFacts]:
+    return FAMILIES.get(model_type)
+
+
+def refusal_reason(model_type: str) -> Optional[str]:
+    return REFUSED.get(model_type)
+
+
+def supported_model_types() -> tuple:
+    return tuple(FAMILIES)
