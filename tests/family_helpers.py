@@ -127,13 +127,12 @@ def family_model(family: str, task: str, seed: int = 0, window: int | None = Non
 
 
 def family_peft_pair(family: str, method: str, task: str, num_virtual_tokens: int = 4, seed: int = 0,
-                     window: int | None = None):
+                     window: int | None = None, attn: str = "sdpa"):
     """Two identical PEFT models (same base weights, same prompt parameters): one to patch, one as the oracle."""
     import peft
 
-    base = family_model(family, task, seed=seed, window=window)
-    base2 = copy.deepcopy(base)
-    base2.config = copy.deepcopy(base.config)
+    base = family_model(family, task, seed=seed, window=window, attn=attn)
+    base2 = copy.deepcopy(base)  # its modules share the copy's config (an oracle switches its attention)
     # PEFT cannot read DistilBERT's config names (dim, n_heads): its users pass the sizes, so do we
     extra = dict(token_dim=32, num_attention_heads=4, num_layers=2) if family == "distilbert" else {}
     m1 = peft.get_peft_model(base, peft_config(method, task, num_virtual_tokens, **extra))
@@ -216,14 +215,16 @@ def _attention_modules(hf):
 
 @contextmanager
 def concat_prefix_attention(oracle, prefixes):
-    """Inside the block the oracle's base model attends to `prefixes[l] = (K, V)` `[B, Hkv, P, D]` at layer l."""
+    """Inside the block the oracle (a PeftModel's base model, or a plain model) attends to `prefixes[l] = (K, V)`
+    `[B, Hkv, P, D]` at layer l (None: no prefix)."""
     _register()
-    hf = oracle.get_base_model()
+    hf = oracle.get_base_model() if hasattr(oracle, "peft_config") else oracle
     previous = hf.config._attn_implementation
     modules = _attention_modules(hf)
     hf.set_attn_implementation(_ORACLE_ATTENTION)
     for module, kv in zip(modules, prefixes):
         module._test_prefix = kv
+    assert len(prefixes) == len(modules)
     try:
         yield
     finally:
@@ -233,9 +234,15 @@ def concat_prefix_attention(oracle, prefixes):
 
 
 def peft_prefix_kv(oracle, batch):
-    """PEFT's own prefix (its get_prompt cache) as a list of per-layer (K, V) `[B, Hkv, P, D]`."""
-    cache = oracle.get_prompt(batch)
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """PEFT's own prefix as a list of per-layer (K, V) `[B, Hkv, P, D]`: get_prompt's computation without the cache
+    (a sliding-window cache layer would keep only the prefix's last entries)."""
+    config = oracle.active_peft_config
+    encoder = oracle.prompt_encoder[oracle.active_adapter]
+    P, heads = config.num_virtual_tokens, config.num_attention_heads
+    tokens = oracle.prompt_tokens[oracle.active_adapter][:P].unsqueeze(0).expand(batch, -1)
+    flat = encoder(tokens).view(batch, P, config.num_layers * 2, heads, config.token_dim // heads)
+    kv = flat.permute(2, 0, 3, 1, 4)  # [2L, B, Hkv, P, D]: index 2l = K of layer l, 2l+1 = V
+    return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.num_layers)]
 
 
 def prefix_oracle_forward(oracle, family, input_ids, attention_mask, concat=False, **kwargs):
@@ -306,19 +313,25 @@ def assert_rel_close(actual, expected, rel, what="", floor=1e-12):
 
 
 def prompt_grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    """Trainable parameters' gradients by name (a fastprompt prompt's names with or without its submodule prefix)."""
+    return {n.removeprefix("fastprompt_prompt."): p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
 
 
 def assert_pair_parity(patched_call, oracle_call, patched, oracle, task, ids, mask, targets, what, **kwargs):
-    """Outputs and loss to 1e-5, prompt-parameter gradients to 1e-4 (relative to each tensor's scale)."""
+    """Outputs and loss to 1e-5, prompt-parameter gradients to 1e-4 (relative to each tensor's scale). `patched` and
+    `oracle` own the trainable parameters (they may be one prompt module shared by both calls)."""
     patched.zero_grad(set_to_none=True)
     oracle.zero_grad(set_to_none=True)
     main_p, loss_p = step(patched_call, task, ids, mask, dict(targets), **kwargs)
+    grads_p = prompt_grads(patched)
+    patched.zero_grad(set_to_none=True)
+    oracle.zero_grad(set_to_none=True)
     main_o, loss_o = step(oracle_call, task, ids, mask, dict(targets), **kwargs)
+    grads_o = prompt_grads(oracle)
     assert main_p.shape == main_o.shape, f"{what}: output shape {tuple(main_p.shape)} vs {tuple(main_o.shape)}"
     assert_rel_close(main_p, main_o, 1e-5, what=f"{what} outputs")
     assert_rel_close(loss_p, loss_o, 1e-5, what=f"{what} loss")
-    grads_p, grads_o = prompt_grads(patched), prompt_grads(oracle)
     assert grads_p.keys() == grads_o.keys() and grads_p, f"{what}: trainable parameters differ"
     # a gradient that is zero in exact arithmetic (a QA head's bias: softmax minus one-hot sums to zero) is measured
     # against the largest gradient, not its own rounding noise

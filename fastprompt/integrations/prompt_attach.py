@@ -31,6 +31,8 @@ from fastprompt.prompts.task_heads import attach_head_outputs
 
 from . import query_pass
 
+from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
+
 PROMPT_ATTR = "fastprompt_prompt"
 _STATE_ATTR = "_fastprompt_attach_state"
 _MISSING = object()
@@ -272,8 +274,15 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
 
     prompt.aux_loss = None
     if prompt.placement == "input":
-        _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
+        task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
+        if task is not None:
+            spans = take_span_targets(kw)
+            return_tuple = kw.get("return_dict") is False
+            kw["return_dict"] = True
+        num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
         out = state.bound_forward(**kw)
+        if task is not None:
+            out = real_token_outputs(task, out, num, spans, return_tuple)
     else:
         from .transformers_attention import layer_prefixes
 
@@ -302,7 +311,7 @@ def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query,
             kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
         if kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"] + num
-        return
+        return num
 
     embeds = kw.get("inputs_embeds")
     if embeds is None:
@@ -330,3 +339,4 @@ def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query,
             raise ValueError("input-level prompts take 2D position_ids [B, L] only")
         head = torch.arange(num, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], num)
         kw["position_ids"] = torch.cat([head, positions + num], dim=1)
+    return num

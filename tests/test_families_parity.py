@@ -1,0 +1,231 @@
+"""The families of fastprompt/integrations/families.py: patch_model = PEFT's semantics, each family's quirks right.
+
+Oracles (tests/family_helpers.py) never run fastprompt code: PEFT's prefix as a P-long cache on the unpatched model,
+or transformers' SDPA on an explicit [prefix; sequence] concatenation for the families without a cache argument.
+"""
+import copy
+
+import pytest
+import torch
+
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
+from family_helpers import (
+    CACHELESS,
+    NEW_DECODERS,
+    NEW_ENCODERS,
+    NEW_FAMILIES,
+    REFUSED_FAMILIES,
+    assert_pair_parity,
+    concat_prefix_attention,
+    family_model,
+    family_peft_pair,
+    make_inputs,
+    main_output,
+    prefix_oracle_forward,
+    task_targets,
+)
+
+import fastprompt as fp
+import fastprompt.patching as fpp
+from fastprompt.integrations.families import FAMILIES, REFUSED
+from fastprompt.integrations.peft import SUPPORTED_MODEL_TYPES
+from fastprompt.integrations.transformers_attention import model_layout
+
+peft = pytest.importorskip("peft")
+
+PREFIX_CASES = [(f, t) for f in NEW_DECODERS for t in ("CAUSAL_LM", "SEQ_CLS")] + \
+               [(f, t) for f in NEW_ENCODERS for t in ("SEQ_CLS", "FEATURE_EXTRACTION")]
+MAIN_TASK = {f: "CAUSAL_LM" if f in NEW_DECODERS else "SEQ_CLS" for f in NEW_FAMILIES}
+
+
+def _prefix_parity(family, task, padding="hole", method="prefix", window=None, concat=False, **kwargs):
+    patched, oracle = family_peft_pair(family, method, task, window=window)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding=padding)
+    targets = task_targets(task, ids, mask)
+    assert_pair_parity(patched, lambda **kw: prefix_oracle_forward(oracle, family, concat=concat, **kw),
+                       patched, oracle, task, ids, mask, targets, what=f"{family}/{task}/{method}/{padding}", **kwargs)
+    return patched, oracle
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "hole"])
+@pytest.mark.parametrize("family,task", PREFIX_CASES)
+def test_prefix_tuning_parity(family, task, padding):
+    _prefix_parity(family, task, padding)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_prefix_projection_parity(family):
+    _prefix_parity(family, MAIN_TASK[family], method="prefix_proj")
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "gemma3_text", "xlm-roberta", "distilbert", "modernbert"])
+def test_prefix_tuning_parity_user_position_ids(family):
+    """PEFT shifts user position ids by P where its prefix is a cache; a cache-less family keeps them."""
+    _, mask = make_inputs(padding="left")
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    if family in ("xlm-roberta",):  # RoBERTa numbers positions from padding_idx + 1
+        position_ids = position_ids + 2
+    _prefix_parity(family, MAIN_TASK[family], padding="left", position_ids=position_ids)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_prefix_changes_the_output(family):
+    """Parity is not vacuous: the prefix moves every real token's output."""
+    patched, _ = family_peft_pair(family, "prefix", "FEATURE_EXTRACTION")
+    fpp.patch_model(patched)
+    plain = family_model(family, "FEATURE_EXTRACTION")  # the same base weights (same seed), no adapter
+    ids, mask = make_inputs(padding="left")
+    with torch.no_grad():
+        with_prefix = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+        without = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    moved = (with_prefix - without).abs().amax(dim=-1)
+    assert bool((moved[mask.bool()] > 1e-4).all())
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning_mlp", "ptuning_lstm", "mpt"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_input_level_parity(family, method):
+    task = MAIN_TASK[family]
+    patched, oracle = family_peft_pair(family, method, task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="hole")
+    kwargs = {"task_ids": torch.tensor([2, 0, 1])} if method == "mpt" else {}
+    assert_pair_parity(patched, oracle, patched, oracle, task, ids, mask, task_targets(task, ids, mask),
+                       what=f"{family}/{task}/{method}", **kwargs)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "mixtral", "modernbert"])
+def test_sliding_window_layers(family):
+    """Local layers with a window shorter than P + S: the sequence is windowed exactly as the family does it, the
+    prefix stays visible (fastprompt's documented semantics; PEFT's cache prefix would slide out of view)."""
+    patched, oracle = _prefix_parity(family, MAIN_TASK[family], padding="left", window=3, concat=True)
+    layout = model_layout(patched)
+    assert "sliding_attention" in layout.layer_types and layout.sliding_window == 3
+
+
+def test_mixtral_routing_untouched():
+    """The router of every MoE layer sees the same hidden states, so it picks the same experts with the same
+    weights as in the unpatched PEFT model."""
+    patched, oracle = family_peft_pair("mixtral", "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="hole")
+    routes = {"patched": [], "oracle": []}
+
+    def record(name):
+        return lambda module, args, output: routes[name].append(output[0] if isinstance(output, tuple) else output)
+
+    def gates(model):
+        return [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+
+    handles = [g.register_forward_hook(record("patched")) for g in gates(patched)]
+    handles += [g.register_forward_hook(record("oracle")) for g in gates(oracle)]
+    with torch.no_grad():
+        patched(input_ids=ids, attention_mask=mask)
+        prefix_oracle_forward(oracle, "mixtral", ids, mask)
+    for h in handles:
+        h.remove()
+    assert len(routes["patched"]) == len(routes["oracle"]) == 2
+    for got, want in zip(routes["patched"], routes["oracle"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+EXPECTED_LAYOUT = {  # is_causal, position_style, rotary, shifts_positions, layer_types, sliding_window
+    "opt": (True, "mask_cumsum", False, True, ("full_attention",) * 2, None),
+    "gpt_neox": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "gptj": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "phi3": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "mixtral": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "gemma3_text": (True, "offset", True, True, ("sliding_attention", "full_attention"), 64),
+    "distilbert": (False, "offset", False, False, ("full_attention",) * 2, None),
+    "xlm-roberta": (False, "roberta", False, True, ("full_attention",) * 2, None),
+    "electra": (False, "offset", False, True, ("full_attention",) * 2, None),
+    "modernbert": (False, "offset", True, False, ("full_attention", "sliding_attention"), 2),
+}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_layout(family):
+    layout = model_layout(family_model(family, "FEATURE_EXTRACTION"))
+    got = (layout.is_causal, layout.position_style, layout.rotary, layout.shifts_positions, layout.layer_types,
+           layout.sliding_window)
+    assert got == EXPECTED_LAYOUT[family]
+    assert layout.num_layers == 2 and layout.hidden_size == 32
+    assert family in SUPPORTED_MODEL_TYPES and family in FAMILIES
+
+
+def test_embedding_scale_facts():
+    assert FAMILIES["gemma3_text"].embedding_scale == "embedding"  # Gemma3TextScaledWordEmbedding
+    assert FAMILIES["gemma"].embedding_scale == FAMILIES["gemma2"].embedding_scale == "forward"
+    assert FAMILIES["llama"].embedding_scale is None
+
+
+@pytest.mark.parametrize("family", REFUSED_FAMILIES)
+def test_refused_families_prefix_tuning(family):
+    task = "SEQ_CLS" if family == "deberta-v2" else "CAUSAL_LM"
+    model, _ = family_peft_pair(family, "prefix", task, attn="eager")
+    with pytest.raises(TypeError, match="AttentionInterface") as err:
+        fpp.patch_model(model)
+    assert REFUSED[family] in str(err.value)
+    assert "forward" not in model.__dict__  # nothing was patched
+
+
+@pytest.mark.parametrize("family", REFUSED_FAMILIES)
+def test_refused_families_take_input_level_prompts(family):
+    task = "SEQ_CLS" if family == "deberta-v2" else "CAUSAL_LM"
+    patched, oracle = family_peft_pair(family, "ptuning_mlp", task, attn="eager")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="right")
+    assert_pair_parity(patched, oracle, patched, oracle, task, ids, mask, task_targets(task, ids, mask),
+                       what=f"{family}/{task}/ptuning_mlp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastprompt's own prompts
+
+
+def _own_prompt(kind, model):
+    if kind == "prefix":
+        return fp.PrefixTuning(model, num_virtual_tokens=3)
+    if kind == "ptuning_v2":
+        return fp.PTuningV2(model, num_virtual_tokens=3, prefix_dropout=0.0)
+    if kind == "prompt":
+        return fp.PromptTuning(model, num_virtual_tokens=3, init="vocab")
+    raise KeyError(kind)
+
+
+def _own_oracle(twin, prompt, ids, mask, targets):
+    """The same prompt written out: explicit [prefix; sequence] attention (real tokens keep their positions), or
+    the prompt embeddings concatenated before the token embeddings."""
+    batch = ids.shape[0]
+    if prompt.placement == "prefix":
+        prefixes = prompt.layer_prefixes(batch)
+        kv = [(prefixes[i].key.expand(batch, -1, -1, -1), prefixes[i].value.expand(batch, -1, -1, -1))
+              for i in range(len(prefixes))]
+        with concat_prefix_attention(twin, kv):
+            return twin(input_ids=ids, attention_mask=mask, **targets)
+    rows = prompt.input_prompts(batch)
+    rows = rows.expand(batch, -1, -1) if rows.dim() == 2 else rows
+    P = rows.shape[1]
+    embeds = torch.cat([rows, twin.get_input_embeddings()(ids)], dim=1)
+    full = torch.cat([torch.ones(batch, P, dtype=mask.dtype), mask], dim=1)
+    if "labels" in targets and targets["labels"].dim() == 2:
+        targets = dict(targets, labels=torch.cat([torch.full((batch, P), -100), targets["labels"]], dim=1))
+    return twin(inputs_embeds=embeds, attention_mask=full, **targets)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "ptuning_v2", "prompt"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_own_prompts(family, kind):
+    task = MAIN_TASK[family]
+    model = family_model(family, task)
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    prompt = _own_prompt(kind, model).eval()
+    fp.patch_model(model, prompt)
+    ids, mask = make_inputs(padding="hole")
+    targets = task_targets(task, ids, mask)
+    assert_pair_parity(model, lambda **kw: _own_oracle(twin, prompt, kw.pop("input_ids"), kw.pop("attention_mask"),
+                                                       kw), model, prompt, task, ids, mask, targets,
+                       what=f"{family}/{kind}")
