@@ -229,3 +229,29 @@ def test_own_prompts(family, kind):
     assert_pair_parity(model, lambda **kw: _own_oracle(twin, prompt, kw.pop("input_ids"), kw.pop("attention_mask"),
                                                        kw), model, prompt, task, ids, mask, targets,
                        what=f"{family}/{kind}")
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "gemma3_text"])
+def test_prefix_tuning_greedy_generation(family):
+    """Patched generate() = a no-cache greedy loop over PEFT's prefix semantics (left padding: OPT's positions come
+    from the attention mask)."""
+    patched, oracle = family_peft_pair(family, "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    new_tokens = 4
+    with torch.no_grad():
+        got = patched.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=1)
+        seq, seq_mask = ids, mask
+        for _ in range(new_tokens):
+            # generate's positions: padding-aware (left pads excluded), shifted by P as PEFT does
+            position_ids = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = prefix_oracle_forward(oracle, family, seq, seq_mask, position_ids=position_ids).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            seq_mask = torch.cat([seq_mask, torch.ones_like(nxt)], dim=1)
+    got, want = got[:, ids.shape[1]:], seq[:, ids.shape[1]:]
+    eos = 3
+    for row_got, row_want in zip(got.tolist(), want.tolist()):  # generate pads a row after its end-of-sequence
+        stop = row_want.index(eos) + 1 if eos in row_want else new_tokens
+        assert row_got[:stop] == row_want[:stop]
