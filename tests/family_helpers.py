@@ -28,14 +28,14 @@ COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=2, eos_token_id=3
 NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 # the issue's families, decoders then encoders
-NEW_DECODERS = ["opt", "gpt_neox", "gptj", "phi3", "mixtral", "gemma3_text"]
+NEW_DECODERS = ["opt", "gpt_neox", "gptj", "phi3", "mixtral", "gemma3_text", "qwen2_moe", "olmo2", "granite", "phi"]
 NEW_ENCODERS = ["distilbert", "xlm-roberta", "electra", "modernbert"]
 NEW_FAMILIES = NEW_DECODERS + NEW_ENCODERS
 ENCODERS = ["bert", "roberta"] + NEW_ENCODERS
 # families whose forward takes no cache: PEFT's prefix cannot shift their positions
 CACHELESS = {"distilbert", "modernbert"}
 # attention outside transformers' AttentionInterface: prefix tuning refused, input-level methods accepted
-REFUSED_FAMILIES = ["deberta-v2", "falcon", "bloom"]
+REFUSED_FAMILIES = ["deberta-v2", "falcon", "bloom", "albert"]
 
 
 def family_config(family: str, window: int | None = None):
@@ -62,6 +62,28 @@ def family_config(family: str, window: int | None = None):
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, max_position_embeddings=128, sliding_window=window,
                                          **COMMON)
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                          num_experts_per_tok=2, max_position_embeddings=128, **COMMON)
+    elif family == "olmo2":
+        cfg = transformers.Olmo2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       **COMMON)
+    elif family == "granite":
+        cfg = transformers.GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                                         logits_scaling=2.0, **COMMON)
+    elif family == "phi":
+        cfg = transformers.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=128, partial_rotary_factor=0.5, qk_layernorm=True,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **COMMON)
+    elif family == "albert":
+        cfg = transformers.AlbertConfig(embedding_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=128, **NO_DROPOUT_BERT,
+                                        **COMMON)
     elif family == "gemma3_text":
         cfg = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,

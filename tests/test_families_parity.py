@@ -33,8 +33,10 @@ from fastprompt.integrations.transformers_attention import model_layout
 
 peft = pytest.importorskip("peft")
 
-PREFIX_CASES = [(f, t) for f in NEW_DECODERS for t in ("CAUSAL_LM", "SEQ_CLS")] + \
+SECOND_DECODER_TASK = {"granite": "FEATURE_EXTRACTION"}  # transformers has no GraniteForSequenceClassification
+PREFIX_CASES = [(f, t) for f in NEW_DECODERS for t in ("CAUSAL_LM", SECOND_DECODER_TASK.get(f, "SEQ_CLS"))] + \
                [(f, t) for f in NEW_ENCODERS for t in ("SEQ_CLS", "FEATURE_EXTRACTION")]
+ENCODER_REFUSED = ("deberta-v2", "albert")
 MAIN_TASK = {f: "CAUSAL_LM" if f in NEW_DECODERS else "SEQ_CLS" for f in NEW_FAMILIES}
 
 
@@ -104,10 +106,11 @@ def test_sliding_window_layers(family):
     assert "sliding_attention" in layout.layer_types and layout.sliding_window == 3
 
 
-def test_mixtral_routing_untouched():
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_routing_untouched(family):
     """The router of every MoE layer sees the same hidden states, so it picks the same experts with the same
     weights as in the unpatched PEFT model."""
-    patched, oracle = family_peft_pair("mixtral", "prefix", "CAUSAL_LM")
+    patched, oracle = family_peft_pair(family, "prefix", "CAUSAL_LM")
     fpp.patch_model(patched)
     ids, mask = make_inputs(padding="hole")
     routes = {"patched": [], "oracle": []}
@@ -122,7 +125,7 @@ def test_mixtral_routing_untouched():
     handles += [g.register_forward_hook(record("oracle")) for g in gates(oracle)]
     with torch.no_grad():
         patched(input_ids=ids, attention_mask=mask)
-        prefix_oracle_forward(oracle, "mixtral", ids, mask)
+        prefix_oracle_forward(oracle, family, ids, mask)
     for h in handles:
         h.remove()
     assert len(routes["patched"]) == len(routes["oracle"]) == 2
@@ -141,6 +144,10 @@ EXPECTED_LAYOUT = {  # is_causal, position_style, rotary, shifts_positions, laye
     "xlm-roberta": (False, "roberta", False, True, ("full_attention",) * 2, None),
     "electra": (False, "offset", False, True, ("full_attention",) * 2, None),
     "modernbert": (False, "offset", True, False, ("full_attention", "sliding_attention"), 2),
+    "qwen2_moe": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "olmo2": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "granite": (True, "offset", True, True, ("full_attention",) * 2, None),
+    "phi": (True, "offset", True, True, ("full_attention",) * 2, None),
 }
 
 
@@ -162,9 +169,9 @@ def test_embedding_scale_facts():
 
 @pytest.mark.parametrize("family", REFUSED_FAMILIES)
 def test_refused_families_prefix_tuning(family):
-    task = "SEQ_CLS" if family == "deberta-v2" else "CAUSAL_LM"
+    task = "SEQ_CLS" if family in ENCODER_REFUSED else "CAUSAL_LM"
     model, _ = family_peft_pair(family, "prefix", task, attn="eager")
-    with pytest.raises(TypeError, match="AttentionInterface") as err:
+    with pytest.raises(TypeError, match="cannot patch prefix tuning") as err:
         fpp.patch_model(model)
     assert REFUSED[family] in str(err.value)
     assert "forward" not in model.__dict__  # nothing was patched
@@ -172,7 +179,7 @@ def test_refused_families_prefix_tuning(family):
 
 @pytest.mark.parametrize("family", REFUSED_FAMILIES)
 def test_refused_families_take_input_level_prompts(family):
-    task = "SEQ_CLS" if family == "deberta-v2" else "CAUSAL_LM"
+    task = "SEQ_CLS" if family in ENCODER_REFUSED else "CAUSAL_LM"
     patched, oracle = family_peft_pair(family, "ptuning_mlp", task, attn="eager")
     fpp.patch_model(patched)
     ids, mask = make_inputs(padding="right")

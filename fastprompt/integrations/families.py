@@ -56,6 +56,12 @@ FAMILIES: dict[str, FamilyFacts] = {
     "qwen2": FamilyFacts(**_DECODER),
     "qwen3": FamilyFacts(**_DECODER),
     "phi3": FamilyFacts(**_DECODER, all_layers_sliding=True, quirks=("fused qkv projection",)),
+    "qwen2_moe": FamilyFacts(**_DECODER, quirks=("MoE with a shared expert: routing is untouched",)),
+    "olmo2": FamilyFacts(**_DECODER, quirks=("q/k norms over all heads",)),
+    "granite": FamilyFacts(**_DECODER, embedding_scale="forward",
+                           quirks=("embedding_multiplier scales inputs_embeds (virtual tokens included)",
+                                   "attention_multiplier is the score scale")),
+    "phi": FamilyFacts(**_DECODER, quirks=("partial rotary", "optional q/k layer norms")),
     "gpt_neox": FamilyFacts(**_DECODER, quirks=("partial rotary (rotary_pct)", "fused qkv projection")),
     "gptj": FamilyFacts(**_DECODER, quirks=("partial interleaved rotary (rotary_dim)",)),
     "gemma": FamilyFacts(**_DECODER, embedding_scale="forward"),
@@ -98,6 +104,8 @@ REFUSED: dict[str, str] = {
     "bloom": (f"{_NO_INTERFACE}; BLOOM adds ALiBi biases computed from the full [prefix; sequence] mask inside its "
               "own attention"),
     "gpt_neo": f"{_NO_INTERFACE} (GPT-Neo's local/global attention is its own code)",
+    "albert": ("its layers share one attention module (cross-layer weight sharing), so a per-layer prefix cannot be "
+               "told apart by the attention, and its forward takes no cache (PEFT cannot run prefix tuning on it)"),
 }
 
 
