@@ -232,3 +232,19 @@ def test_minilm_own_ptuning_v2_token_and_span_tasks(minilm, task):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert_pair_parity(model, lambda **kw: _own_oracle(twin, prompt, task, **kw), model, prompt, task, ids, mask,
                        task_targets(task, ids, mask), what=f"minilm/{task}/ptuning_v2")
+
+
+def test_own_prompt_pool_token_cls_adds_key_loss_in_tuple_output():
+    """A pool's key-pull loss joins the real-token loss, also when the caller asks for a tuple."""
+    model = family_model("distilbert", "TOKEN_CLS")
+    prompt = fp.PromptPool(model, pool_size=4, length=2, top_k=2, init_std=0.5)
+    fp.patch_model(model, prompt)
+    ids, mask = make_inputs(padding="right")
+    labels = task_targets("TOKEN_CLS", ids, mask)["labels"]
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape[:2] == ids.shape and prompt.aux_loss is not None
+    token_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, token_loss + prompt.aux_loss)
+    loss, logits = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)

@@ -273,6 +273,7 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                 )
 
     prompt.aux_loss = None
+    return_tuple = False
     if prompt.placement == "input":
         task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
         if task is not None:
@@ -282,7 +283,7 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
         num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
         out = state.bound_forward(**kw)
         if task is not None:
-            out = real_token_outputs(task, out, num, spans, return_tuple)
+            out = real_token_outputs(task, out, num, spans)
     else:
         from .transformers_attention import layer_prefixes
 
@@ -297,7 +298,7 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
         loss = out.get("loss") if hasattr(out, "get") else None
         if loss is not None:
             out["loss"] = loss + aux.to(loss.dtype)
-    return out
+    return out.to_tuple() if return_tuple else out
 
 
 def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids) -> None:

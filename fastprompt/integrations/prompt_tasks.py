@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import torch
-
 __all__ = ["per_token_task", "take_span_targets", "real_token_outputs"]
 
 _SPAN_KEYS = ("start_positions", "end_positions")
@@ -36,7 +34,7 @@ def take_span_targets(kw: Dict[str, Any]) -> Dict[str, Any]:
     return {key: kw.pop(key) for key in _SPAN_KEYS if key in kw}
 
 
-def real_token_outputs(task: str, out, num_prompt_tokens: int, spans: Dict[str, Any], return_tuple: bool):
+def real_token_outputs(task: str, out, num_prompt_tokens: int, spans: Dict[str, Any]):
     """The model's output with per-token fields cut to the real tokens (and the QA loss on them)."""
     values = {key: out.get(key) for key in out.__dataclass_fields__}
     if task == "TOKEN_CLS":
@@ -49,5 +47,4 @@ def real_token_outputs(task: str, out, num_prompt_tokens: int, spans: Dict[str, 
             from transformers.loss.loss_utils import ForQuestionAnsweringLoss
 
             values["loss"] = ForQuestionAnsweringLoss(values["start_logits"], values["end_logits"], start, end)
-    out = type(out)(**values)
-    return out.to_tuple() if return_tuple else out
+    return type(out)(**values)
