@@ -301,7 +301,7 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     return out.to_tuple() if return_tuple else out
 
 
-def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids) -> None:
+def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids) -> int:
     num = prompt.num_input_tokens()
     mask = kw.get("attention_mask")
     if not prefill:
