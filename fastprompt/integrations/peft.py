@@ -149,6 +149,10 @@ def patch_peft_model(model, *, backend: str = "auto"):
             record.saved[name] = model.__dict__[name]
         object.__setattr__(model, name, types.MethodType(fn, model))
     object.__setattr__(model, _PATCH_ATTR, record)
+    if method == "input":  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
+        from .prompt_hoisting import install_peft_hoisting
+
+        install_peft_hoisting(model, backend)
     return model
 
 
@@ -157,6 +161,9 @@ def unpatch_peft_model(model):
     record = model.__dict__.get(_PATCH_ATTR)
     if record is None:
         return model
+    from .prompt_hoisting import uninstall_peft_hoisting
+
+    uninstall_peft_hoisting(model)
     names = ("forward", "generate", "prepare_inputs_for_generation") if record.method == "prefix" else ("get_prompt",)
     for name in names:
         if name in model.__dict__:

@@ -89,6 +89,14 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         except Exception:
             _restore_requires_grad(model, requires_grad)
             raise
+    else:  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
+        from .prompt_hoisting import enable_for_attached_prompt
+
+        try:
+            token = enable_for_attached_prompt(model, prompt, backend)
+        except Exception:
+            _restore_requires_grad(model, requires_grad)
+            raise
 
     device = _model_device(model)
     if device is not None:
@@ -275,15 +283,19 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     prompt.aux_loss = None
     return_tuple = False
     if prompt.placement == "input":
-        task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
-        if task is not None:
-            spans = take_span_targets(kw)
-            return_tuple = kw.get("return_dict") is False
-            kw["return_dict"] = True
-        num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
-        out = state.bound_forward(**kw)
-        if task is not None:
-            out = real_token_outputs(task, out, num, spans)
+        from .prompt_hoisting import hoisted_attached_call
+
+        out = hoisted_attached_call(model, state, kw, batch, prefill, task_ids)
+        if out is None:
+            task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
+            if task is not None:
+                spans = take_span_targets(kw)
+                return_tuple = kw.get("return_dict") is False
+                kw["return_dict"] = True
+            num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
+            out = state.bound_forward(**kw)
+            if task is not None:
+                out = real_token_outputs(task, out, num, spans)
     else:
         from .transformers_attention import layer_prefixes
 

@@ -444,6 +444,9 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
     layer_idx = slot.layer_idx if slot is not None else getattr(module, "layer_idx", None)
     prefix = prefixes.get(layer_idx) if prefixes else None
     backend = slot.state.backend if slot is not None else "auto"
+    capture = getattr(slot.state, "capture", None) if slot is not None else None
+    if capture is not None:  # prompt hoisting: keep this layer's K/V as the attention sees them (after RoPE)
+        capture[layer_idx] = (key, value)
 
     if attention_mask is not None:
         if attention_mask.dim() != 2:
