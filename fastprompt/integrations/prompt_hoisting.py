@@ -158,9 +158,11 @@ def _rows(t: Tensor, rows: Optional[Tensor], batch: int) -> Tensor:
     return t.index_select(0, rows)
 
 
-def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidden: bool = False) -> PromptPass:
+def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidden: bool = False,
+                   forward=None) -> PromptPass:
     """Run the base causal LM `hf` (fastprompt attention enabled) on `prompts` `[U, P, H]` alone, at positions
-    0..P-1, and collect every layer's K/V as its attention function sees them."""
+    0..P-1, and collect every layer's K/V as its attention function sees them. `forward`: the model's own forward
+    when its instance forward is a wrapper (attached prompts)."""
     state = getattr(hf, _ATTENTION_STATE_ATTR, None)
     if state is None:
         raise ValueError("prompt hoisting needs fastprompt attention enabled on the model")
@@ -178,7 +180,7 @@ def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidde
         call = dict(inputs_embeds=prompts, position_ids=positions, use_cache=False, return_dict=True,
                     output_hidden_states=want_hidden)
         if want_logits:
-            out = hf(**call)
+            out = (forward or hf)(**call)
             logits = out.logits
         else:
             out = hf.base_model(**call)
@@ -250,13 +252,13 @@ def _with_fields(out, **changes):
 def hoisted_causal_lm(hf, prompt_pass: PromptPass, rows: Optional[Tensor], *, embeds: Tensor,
                       attention_mask: Optional[Tensor], position_ids: Tensor, labels: Optional[Tensor],
                       output_hidden_states: Optional[bool], return_dict: Optional[bool], full_logits: bool,
-                      prefixes: Optional[dict] = None, **kwargs):
+                      prefixes: Optional[dict] = None, forward=None, **kwargs):
     """Run the real tokens of a causal LM with the prompt pass as prefix; outputs shaped as the unhoisted model's
     (logits over P + S positions when `full_logits`; the loss over [virtual; real] with -100 on virtual labels)."""
     batch = embeds.shape[0]
     if prefixes is None:
         prefixes, embeds = _real_pass_prefixes(hf, prompt_pass, rows, embeds)
-    out = hf(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=None,
+    out = (forward or hf)(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=None,
              output_hidden_states=output_hidden_states, return_dict=True, **{PREFIXES_KWARG: prefixes}, **kwargs)
     changes = {}
     real_logits = out.logits
@@ -547,7 +549,7 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
         if prompts.dim() == 2:
             prompts = prompts[None]
         prompt_pass = prompt_kv_pass(model, prompts.to(embeds.dtype), want_logits=cache is None or full_logits,
-                                     want_hidden=bool(kw.get("output_hidden_states")))
+                                     want_hidden=bool(kw.get("output_hidden_states")), forward=state.bound_forward)
         if cache is not None:
             _BY_CACHE[cache] = (PromptPass(kv={k: (a.detach(), b.detach()) for k, (a, b) in prompt_pass.kv.items()}),
                                 unique)
@@ -571,4 +573,4 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
         raise RuntimeError("prompt hoisting: labels on a decoding step")
     return hoisted_causal_lm(model, prompt_pass, rows, embeds=embeds, attention_mask=mask,
                              position_ids=positions, labels=labels, output_hidden_states=hidden,
-                             return_dict=return_dict, full_logits=full_logits, **kw)
+                             return_dict=return_dict, full_logits=full_logits, forward=state.bound_forward, **kw)
