@@ -14,18 +14,31 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def patch_model(model, prompt=None, *, backend: str = "auto"):
+def patch_model(model, prompt=None, *, backend: str = "auto", hoist_prompts: bool = True):
     """Accelerate `model` in place and return it.
 
     - `prompt` None and `model` a `peft.PeftModel` with a prompt-learning adapter (PrefixTuning, PromptTuning,
       P-tuning, MultitaskPromptTuning): drop-in, same outputs and saved adapters (fastprompt.integrations.peft).
     - `prompt` a fastprompt prompt module: attach it to the transformers `model` (fastprompt.integrations.prompt_attach).
     `backend` forces the prefix_attention backend of the patched model ("auto", "torch", "triton", "cuda",
-    "reference"). Patching twice is a no-op; `unpatch_model` restores the model exactly.
+    "reference"). `hoist_prompts=False` keeps input-level prompts on causal LMs unhoisted (by default their virtual
+    tokens run once per step, see fastprompt.integrations.prompt_hoisting). Patching twice is a no-op;
+    `unpatch_model` restores the model exactly.
     """
     from ._versions import warn_untested_versions_once
 
     warn_untested_versions_once()
+    if not isinstance(hoist_prompts, bool):
+        raise TypeError(f"fastprompt.patch_model: hoist_prompts must be a bool, got {type(hoist_prompts).__name__}")
+    patched = _patch(model, prompt, backend)
+    if not hoist_prompts:
+        from .integrations.prompt_hoisting import set_prompt_hoisting
+
+        set_prompt_hoisting(patched, False)
+    return patched
+
+
+def _patch(model, prompt, backend):
     if prompt is None:
         if not _is_peft_model(model):
             raise TypeError(
