@@ -15,6 +15,7 @@ import torch
 
 from . import metrics
 from .cases import Case, attention_case, gather_case, generate_case, mix_case, train_case
+from .cases_hoisting import hoisting_cases
 from .cases_seed import seed_cases
 from .models import ModelShape
 
@@ -88,6 +89,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
                                     tags=("train_sweep_prefix",)))
         cases += [generate_case(ref, 8, 64, 32, 16, reps=3),
                   generate_case(ref, 8, 64, 32, 16, tasks=4, reps=3)]
+    cases += hoisting_cases(mode)  # prompt hoisting vs PEFT (fastprompt.bench.cases_hoisting)
     sweep_seqs = seqs if mode != "quick" else seqs[:1] + seqs[-1:]
     sweep_prefixes = prefixes if mode != "quick" else prefixes[:1] + prefixes[-1:]
     for s in sweep_seqs:
