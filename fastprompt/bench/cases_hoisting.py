@@ -5,9 +5,10 @@ generation.
   model after `fastprompt.patch_model` (hoisted: the virtual tokens run once, the rows read their K/V as a shared
   prefix). Loss and the prompt gradient must agree.
 - generate: PEFT's prompt-tuning generate() is wrong on transformers >= 5.24 (it re-inserts the virtual tokens at
-  every decoding step), so the baseline is PEFT's semantics with its cache written out by hand: the unpatched
-  model's forward on [prompt; text] with a DynamicCache (P + S entries per row), then one token per step (PEFT's
-  own generate on transformers <= 5.23 does exactly this). Its row is labelled so. Tokens must agree.
+  every decoding step), so the baseline is what PEFT's generate does where it is right (transformers <= 5.23):
+  transformers' generate() on the unpatched base model fed the [prompt; text] embeddings (its cache holds P + S
+  entries per row). Its row is labelled so. Tokens must agree (`peft_cached_greedy`, the same with the cache
+  written by hand, measures the cache bytes).
 
 `predicted_ratios` gives the arithmetic each measured ratio is set against.
 """
@@ -23,7 +24,7 @@ from .models import ModelShape, build_peft, token_batch
 __all__ = ["hoist_train_case", "hoist_generate_case", "hoisting_cases", "predicted_ratios", "cache_bytes",
            "peft_cached_greedy"]
 
-BASELINE_GENERATE = "PEFT semantics, cache by hand (PEFT generate wrong on transformers>=5.24)"
+BASELINE_GENERATE = "PEFT semantics via base generate (PEFT's own generate wrong on transformers>=5.24)"
 
 
 def predicted_ratios(shape: ModelShape, batch: int, seq: int, plen: int, new: int = 0) -> dict:
@@ -31,7 +32,8 @@ def predicted_ratios(shape: ModelShape, batch: int, seq: int, plen: int, new: in
     attention (as counted, full Lq x Lk for SDPA) with query x key pairs.
 
     train:  tokens (B·S + P) / (B·(P + S)); attention pairs (B·S·(P + S) + P²) / (B·(P + S)²)
-    prefill: the same token ratio; cache: (S + new - 1) / (P + S + new - 1) (the last token is never cached).
+    prefill: the same token ratio; generate (dense): (P + B·S + B·(new - 1)) / (B·(P + S) + B·(new - 1));
+    cache: (S + new - 1) / (P + S + new - 1) (the last token is never cached).
     """
     h, inter, layers, vocab = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     kv = h * shape.kv_heads // shape.heads
@@ -45,6 +47,8 @@ def predicted_ratios(shape: ModelShape, batch: int, seq: int, plen: int, new: in
     out = {"tokens": tokens_hoist / tokens_peft, "attention_pairs": pairs_hoist / pairs_peft,
            "train_flops": fwd_hoist / fwd_peft}  # backward (input gradients only) scales like the forward
     if new:
+        # prefill as above, then new - 1 decoding steps of B tokens each on both sides (dense part)
+        out["generate_flops"] = (tokens_hoist + batch * (new - 1)) / (tokens_peft + batch * (new - 1))
         out["cache_bytes"] = (seq + new - 1) / (plen + seq + new - 1)
     return out
 
@@ -124,6 +128,19 @@ def peft_cached_greedy(model, ids, mask, new_tokens: int):
     return tokens, cache
 
 
+def peft_semantics_generate(model, ids, mask, **gen):
+    """What PEFT's prompt-tuning generate() does where it is right (transformers <= 5.23): transformers' generate()
+    on the unpatched base model fed the [prompt; text] embeddings, the mask extended with ones; the cache holds
+    P + S + new - 1 entries per row. Positions come from the mask (arange for the unpadded batches used here, as
+    PEFT's forward gives). Returns the new tokens [B, new]."""
+    base = model.get_base_model()
+    batch = ids.shape[0]
+    num = model.active_peft_config.num_virtual_tokens
+    embeds = torch.cat([model.get_prompt(batch_size=batch).to(base.dtype), model.word_embeddings(ids)], dim=1)
+    full_mask = torch.cat([mask.new_ones(batch, num), mask], dim=1)
+    return base.generate(inputs_embeds=embeds, attention_mask=full_mask, **gen)
+
+
 def hoist_generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens: int, reps: int = 3,
                         tags=()) -> Case:
     def build(device):
@@ -138,11 +155,11 @@ def hoist_generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_
 
         def fp_step():
             with torch.no_grad():
-                return fp_model.generate(input_ids=ids, attention_mask=mask, **gen)
+                return fp_model.generate(input_ids=ids, attention_mask=mask, **gen)[:, seq:]
 
         def peft_step():
             with torch.no_grad():
-                return peft_cached_greedy(peft_model, ids, mask, new_tokens)[0]
+                return peft_semantics_generate(peft_model, ids, mask, **gen)
 
         keep = list(peft_model.parameters()) + list(fp_model.parameters())
         return {"fastprompt": Side(fp_step, lambda: {"tokens": fp_step()}, keep),
