@@ -481,7 +481,15 @@ def _peft_generate(self, *args, **kwargs):
 
 
 def _attach_hoistable_prompt(prompt) -> bool:
-    return prompt.placement == "input" and not prompt.needs_query
+    """Prompts whose virtual tokens are the same for every input (MPT: for every row of a task). A whitelist: a new
+    prompt type is hoisted only once it is known not to read the input."""
+    from fastprompt.prompts import MultiTaskPrompt, PromptTuning, PTuning
+
+    if prompt.placement != "input" or prompt.needs_query:
+        return False
+    if type(prompt) in (PromptTuning, PTuning):
+        return True
+    return type(prompt) is MultiTaskPrompt and prompt.config.variant == "mpt"
 
 
 def enable_for_attached_prompt(model, prompt, backend: Optional[str]):
