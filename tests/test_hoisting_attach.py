@@ -99,7 +99,12 @@ def test_explicit_position_ids_are_shifted_by_p():
 
 @pytest.mark.parametrize("kind", ["prompt", "mpt"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_matches_no_cache_greedy_loop(kind, cache):
+def test_generate_matches_no_cache_greedy_loop(kind, cache, monkeypatch):
+    from fastprompt.integrations import prompt_hoisting
+
+    passes = []
+    real_pass = prompt_hoisting.prompt_kv_pass
+    monkeypatch.setattr(prompt_hoisting, "prompt_kv_pass", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
     model, twin, prompt = _setup("llama", kind)
     ids, mask = make_inputs(batch=3, seq=5, padding="left")
     task_ids = torch.tensor([1, 0, 1]) if prompt.needs_task_ids else None
@@ -108,6 +113,7 @@ def test_generate_matches_no_cache_greedy_loop(kind, cache):
     got = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                          pad_token_id=PAD, return_dict_in_generate=True, **extra, **kwargs)
     assert last_prompt_path(model) == HOISTED
+    assert len(passes) == 1  # the prompt K/V computed once, at prefill
     assert got.past_key_values.get_seq_length() == ids.shape[1] + 3  # real tokens only
     tokens, m = ids, mask
     num = prompt.num_input_tokens()

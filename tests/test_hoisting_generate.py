@@ -57,7 +57,12 @@ def _task_ids(method, batch=3):
 @pytest.mark.parametrize("family,method", [("llama", "prompt"), ("qwen3", "ptuning_lstm"), ("gpt2", "mpt"),
                                            ("gemma2", "prompt"), ("mistral", "ptuning_mlp")])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_matches_no_cache_oracle(family, method, cache):
+def test_greedy_matches_no_cache_oracle(family, method, cache, monkeypatch):
+    from fastprompt.integrations import prompt_hoisting
+
+    passes = []
+    real_pass = prompt_hoisting.prompt_kv_pass
+    monkeypatch.setattr(prompt_hoisting, "prompt_kv_pass", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
     patched, oracle = tiny_peft_pair(family, method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
@@ -65,6 +70,7 @@ def test_greedy_matches_no_cache_oracle(family, method, cache):
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     got = _generate(patched, ids, mask, do_sample=False, **extra, **kwargs)
     assert last_prompt_path(patched) == HOISTED
+    assert len(passes) == 1  # the prompt K/V computed once
     assert torch.equal(got.sequences, _greedy_oracle(oracle, ids, mask, NEW, extra))
     # the cache holds the real tokens only (PEFT's holds P more per row and per beam)
     assert got.past_key_values.get_seq_length() == ids.shape[1] + NEW - 1

@@ -60,6 +60,17 @@ _LAST_PATH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _BY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf model -> (layout, layers): once per model
+
+
+def _facts(hf):
+    facts = _FACTS.get(hf)
+    if facts is None:
+        facts = (model_layout(hf), _find_layers(hf)[1], _is_causal_lm(hf))
+        _FACTS[hf] = facts
+    return facts
+
+
 def last_prompt_path(model) -> Optional[str]:
     """"hoisted" or "unhoisted: <reason>" for the last forward / generate of `model` (None: none ran yet)."""
     return _LAST_PATH.get(model)
@@ -112,10 +123,10 @@ def hoisting_blocker(hf, num_virtual_tokens: int, total_length: Optional[int] = 
 
     `total_length`: the longest real-token length the call will reach (prompt + generated), for sliding windows.
     """
-    layout = model_layout(hf)
+    layout = _facts(hf)[0]
     if not layout.is_causal:
         return "bidirectional attention (virtual tokens see the input)"
-    if not _is_causal_lm(hf):
+    if not _facts(hf)[2]:
         return f"{type(hf).__name__} is not a causal LM"
     if layout.sliding_window is not None:
         if total_length is None:
@@ -168,7 +179,7 @@ def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidde
         raise ValueError("prompt hoisting needs fastprompt attention enabled on the model")
     rows, num = prompts.shape[0], prompts.shape[1]
     positions = torch.arange(num, device=prompts.device)[None].expand(rows, num)
-    layers = _find_layers(hf)[1]
+    layers = _facts(hf)[1]
     # The prompt pass is one short row: not worth checkpointing, and reentrant checkpointing would run it without
     # a graph (the captured K/V must carry the gradient back to the prompt).
     checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
@@ -213,7 +224,7 @@ class _HoistGradBridge(torch.autograd.Function):
 
 def _real_pass_prefixes(hf, prompt_pass: PromptPass, rows: Optional[Tensor], embeds: Tensor):
     """The prefixes the real tokens read, and the embeddings to feed (bridged under reentrant checkpointing)."""
-    layers = _find_layers(hf)[1]
+    layers = _facts(hf)[1]
     trainable = torch.is_grad_enabled() and any(k.requires_grad for k, _ in prompt_pass.kv.values())
     if not (trainable and all(uses_reentrant_checkpointing(layer) for layer in layers)):
         return prompt_pass.layer_prefixes(rows), embeds
@@ -508,6 +519,7 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
     num = prompt.num_input_tokens()
     cache = _cache_of(kw)
     past = _cache_length(cache)
+    prefill = past == 0  # read here: transformers 5.24 passes the cache as `cache`, earlier as `past_key_values`
     source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     seq = source.shape[1]
     labels = kw.get("labels")
@@ -534,7 +546,7 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
             reason = hoisting_blocker(model, num, past + seq)
             if reason is None and prefill and cache is not None:
                 # generate(): a window must hold the whole generation; HF sizes a static cache to it
-                window = model_layout(model).sliding_window
+                window = _facts(model)[0].sliding_window
                 if window is not None:
                     reason = "sliding window during generation"
     if reason is not None:
