@@ -4,11 +4,11 @@ generation.
 - train step: unpatched PEFT prompt tuning (P virtual tokens run through the model once per row) vs the same PEFT
   model after `fastprompt.patch_model` (hoisted: the virtual tokens run once, the rows read their K/V as a shared
   prefix). Loss and the prompt gradient must agree.
-- generate: PEFT's prompt-tuning generate() is wrong on transformers >= 5.24 (it re-inserts the virtual tokens at
-  every decoding step), so the baseline is what PEFT's generate does where it is right (transformers <= 5.23):
-  transformers' generate() on the unpatched base model fed the [prompt; text] embeddings (its cache holds P + S
-  entries per row). Its row is labelled so. Tokens must agree (`peft_cached_greedy`, the same with the cache
-  written by hand, measures the cache bytes).
+- generate: on transformers <= 5.23 the baseline is PEFT's own generate(). From 5.24 on PEFT's prompt-tuning
+  generate() is wrong (it re-inserts the virtual tokens at every decoding step), so the baseline is what it does
+  where it is right: transformers' generate() on the unpatched base model fed the [prompt; text] embeddings (its
+  cache holds P + S entries per row); the row is labelled so. Tokens must agree. `peft_cached_greedy` (the same
+  with the cache written by hand) measures the cache bytes.
 
 `predicted_ratios` gives the arithmetic each measured ratio is set against.
 """
@@ -157,16 +157,32 @@ def hoist_generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_
             with torch.no_grad():
                 return fp_model.generate(input_ids=ids, attention_mask=mask, **gen)[:, seq:]
 
-        def peft_step():
-            with torch.no_grad():
-                return peft_semantics_generate(peft_model, ids, mask, **gen)
+        if real_peft:
+            def peft_step():
+                with torch.no_grad():
+                    return peft_model.generate(input_ids=ids, attention_mask=mask, **gen)[:, seq:]
+        else:
+            def peft_step():
+                with torch.no_grad():
+                    return peft_semantics_generate(peft_model, ids, mask, **gen)
 
         keep = list(peft_model.parameters()) + list(fp_model.parameters())
         return {"fastprompt": Side(fp_step, lambda: {"tokens": fp_step()}, keep),
                 "baseline": Side(peft_step, lambda: {"tokens": peft_step()}, keep)}
 
+    real_peft = peft_generate_is_right()
     params = dict(model=shape.label(), B=batch, S=seq, P=plen, new=new_tokens)
-    return Case("generate", "prompt tuning, hoisted", params, build, BASELINE_GENERATE, 0.0, reps, tuple(tags))
+    return Case("generate", "prompt tuning, hoisted", params, build, "peft" if real_peft else BASELINE_GENERATE, 0.0,
+                reps, tuple(tags))
+
+
+def peft_generate_is_right() -> bool:
+    """PEFT's prompt-tuning generate() re-inserts the virtual tokens at every step from transformers 5.24 on (it
+    looks for the renamed `past_key_values` argument); before, it is the real baseline."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) < Version("5.24")
 
 
 def measured_cache_bytes(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens: int,
