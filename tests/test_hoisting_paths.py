@@ -130,3 +130,15 @@ def test_attached_prompt_paths(kind, family, hoisted):
     else:
         assert last_prompt_path(model) is None  # the attach path as before: no fastprompt attention, no hoisting
         assert model.config._attn_implementation == twin.config._attn_implementation
+
+
+def test_family_not_validated_for_hoisting_keeps_the_unhoisted_path():
+    """OPT's positions follow the attention mask: not a family hoisting was checked on, so nothing is installed."""
+    from family_helpers import family_peft_pair
+
+    patched, oracle = family_peft_pair("opt", "prompt", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    assert not _installed(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    assert_step_parity(patched, oracle, "CAUSAL_LM", ids, mask, what="opt")
+    assert last_prompt_path(patched) is None

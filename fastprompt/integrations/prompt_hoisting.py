@@ -101,6 +101,16 @@ def _hoisting_disabled(model) -> bool:
 # When hoisting is exact
 
 
+# Causal families whose hoisted outputs were checked against the unhoisted model (tests/test_hoisting_*.py). Others
+# (e.g. OPT, whose positions follow the mask) keep the unhoisted path until checked.
+HOISTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
+
+
+def _hoistable_model(hf) -> bool:
+    layout, _, causal_lm = _facts(hf)
+    return layout.model_type in HOISTED_MODEL_TYPES and layout.is_causal and causal_lm
+
+
 def _is_causal_lm(hf) -> bool:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -128,6 +138,8 @@ def hoisting_blocker(hf, num_virtual_tokens: int, total_length: Optional[int] = 
         return "bidirectional attention (virtual tokens see the input)"
     if not _facts(hf)[2]:
         return f"{type(hf).__name__} is not a causal LM"
+    if layout.model_type not in HOISTED_MODEL_TYPES:
+        return f"model_type {layout.model_type!r} not validated for hoisting"
     if layout.sliding_window is not None:
         if total_length is None:
             return "sliding window with an unknown length"
@@ -323,7 +335,7 @@ def install_peft_hoisting(model, backend: str = "auto") -> bool:
     if _value(config.peft_type) not in _INPUT_METHODS or _value(config.task_type) != "CAUSAL_LM":
         return False
     hf = model.get_base_model()
-    if not model_layout(hf).is_causal or not _is_causal_lm(hf):
+    if not _hoistable_model(hf):
         return False
     token = enable_fastprompt_attention(hf, backend=backend)
     saved = {name: model.__dict__.get(name) for name in ("forward", "generate")}
@@ -506,7 +518,7 @@ def _attach_hoistable_prompt(prompt) -> bool:
 def enable_for_attached_prompt(model, prompt, backend: Optional[str]):
     """Called by prompt_attach.attach for input placement: switch the model to fastprompt attention when its prompt
     can be hoisted (a causal LM, a prompt that does not depend on the input). Returns the attention token or None."""
-    if not _attach_hoistable_prompt(prompt) or not model_layout(model).is_causal or not _is_causal_lm(model):
+    if not _attach_hoistable_prompt(prompt) or not _hoistable_model(model):
         return None
     return enable_fastprompt_attention(model, **({} if backend is None else {"backend": backend}))
 
