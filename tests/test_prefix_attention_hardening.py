@@ -137,3 +137,24 @@ def test_fullgraph_compile_with_an_explicit_backend(backend):
         results.append([loss] + list(torch.autograd.grad(loss, (q, k, v, pk, pv))))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["none", "shared", "pool_slots"])
+@pytest.mark.parametrize("lse_grad", [True, False])
+def test_empty_batch(backend, mode, lse_grad):
+    # B = 0 (e.g. an empty shard): empty results and gradients, no crash; a [0, S] prefix_index is a valid pool index
+    q = torch.randn(0, 2, 3, 16, requires_grad=True)
+    k, v = torch.randn(0, 1, 4, 16, requires_grad=True), torch.randn(0, 1, 4, 16, requires_grad=True)
+    pk = pv = index = None
+    if mode == "shared":
+        pk, pv = torch.randn(1, 2, 16, requires_grad=True), torch.randn(1, 2, 16, requires_grad=True)
+    elif mode == "pool_slots":
+        pk, pv = torch.randn(3, 1, 2, 16, requires_grad=True), torch.randn(3, 1, 2, 16, requires_grad=True)
+        index = torch.zeros(0, 2, dtype=torch.long)
+    out, lse = fp.ops.prefix_attention(q, k, v, pk, pv, prefix_index=index, backend=backend, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    (out.sum() + (lse.sum() if lse_grad else 0)).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    if pk is not None:
+        assert not pk.grad.any() and not pv.grad.any()

@@ -166,10 +166,10 @@ def _normalize_prefix(q, prefix_k, prefix_v, prefix_index, batch, hkv, dim):
         raise TypeError(f"prefix_attention: `prefix_index` must be an integer tensor, got {prefix_index.dtype}")
     if prefix_index.device != q.device:
         raise ValueError(f"prefix_attention: `prefix_index` must be on q's device {q.device}, got {prefix_index.device}")
-    if prefix_index.dim() not in (1, 2) or prefix_index.shape[0] != batch or prefix_index.numel() == 0:
+    if prefix_index.dim() not in (1, 2) or prefix_index.shape[0] != batch or prefix_index.shape[-1] == 0:
         raise ValueError(f"prefix_attention: `prefix_index` must be [B={batch}] or [B={batch}, S] with S >= 1, "
                          f"got {_shape(prefix_index)}")
-    index = prefix_index.reshape(batch, -1).long()
+    index = prefix_index.reshape(batch, prefix_index.shape[1] if prefix_index.dim() == 2 else 1).long()
     # The values are checked where the op runs (index_range.check_index_values), not here: this function is
     # traced by torch.compile, where a data-dependent check cannot run.
     return prefix_k, prefix_v, index, PREFIX_POOL
