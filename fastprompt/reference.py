@@ -20,7 +20,8 @@ def expand_prefix(prefix: Optional[Tensor], prefix_index: Optional[Tensor], batc
     if prefix is None:
         return None, None
     if prefix_index is not None:
-        index = prefix_index.reshape(batch, -1)
+        slots = prefix_index.shape[1] if prefix_index.dim() == 2 else 1
+        index = prefix_index.reshape(batch, slots).long()  # any integer dtype, as the op accepts (int8 included)
         rows = prefix[index.clamp(min=0)]  # [B, S, Hkv, P, D]
         b, s, h, p, d = rows.shape
         rows = rows.permute(0, 2, 1, 3, 4).reshape(b, h, s * p, d)

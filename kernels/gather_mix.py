@@ -32,9 +32,11 @@ def _select_mix_fwd_kernel(
             entry = j
         else:
             entry = tl.load(index_ptr + row * stride_index + j)
-        live = entry >= 0
         safe = tl.maximum(entry, 0).to(tl.int64)
-        vals = tl.load(pool_ptr + safe * stride_pool + offs, mask=in_f & live, other=0.0).to(ACC_DTYPE)
+        # An empty slot (-1) reads nothing: its bound is 0. (A `tensor & scalar-bool` mask is refused by Triton
+        # 3.9's interpreter, so liveness enters as a bound of the tensor condition.)
+        live_f = offs < tl.where(entry >= 0, F, 0)
+        vals = tl.load(pool_ptr + safe * stride_pool + offs, mask=live_f, other=0.0).to(ACC_DTYPE)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + row * stride_weights + j).to(ACC_DTYPE)
             vals = vals * w
@@ -54,15 +56,14 @@ def _scatter_pool_grad_kernel(
     row = pid // K
     j = pid % K
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    in_f = offs < F
     entry = tl.load(index_ptr + row * stride_index + j)
-    live = entry >= 0
     safe = tl.maximum(entry, 0).to(tl.int64)
-    g = tl.load(grad_ptr + row * stride_grad + offs, mask=in_f & live, other=0.0).to(ACC_DTYPE)
+    live_f = offs < tl.where(entry >= 0, F, 0)  # empty slot: bound 0 (see _select_mix_fwd_kernel)
+    g = tl.load(grad_ptr + row * stride_grad + offs, mask=live_f, other=0.0).to(ACC_DTYPE)
     if HAS_WEIGHTS:
         w = tl.load(weights_ptr + row * stride_weights + j).to(ACC_DTYPE)
         g = g * w
-    tl.atomic_add(dpool_ptr + safe * stride_dpool + offs, g, mask=in_f & live)
+    tl.atomic_add(dpool_ptr + safe * stride_dpool + offs, g, mask=live_f)
 
 
 @triton.jit
@@ -99,14 +100,14 @@ def _weights_grad_kernel(
         entry = j
     else:
         entry = tl.load(index_ptr + b * stride_index + j)
-    live = entry >= 0
     safe = tl.maximum(entry, 0).to(tl.int64)
+    live_end = tl.where(entry >= 0, F, 0)  # empty slot: bound 0 (see _select_mix_fwd_kernel)
     acc = tl.zeros([BLOCK_F], dtype=ACC_DTYPE)
     for f0 in range(0, F, BLOCK_F):
         offs = f0 + tl.arange(0, BLOCK_F)
         in_f = offs < F
         g = tl.load(grad_ptr + b * stride_grad + offs, mask=in_f, other=0.0).to(ACC_DTYPE)
-        p = tl.load(pool_ptr + safe * stride_pool + offs, mask=in_f & live, other=0.0).to(ACC_DTYPE)
+        p = tl.load(pool_ptr + safe * stride_pool + offs, mask=offs < live_end, other=0.0).to(ACC_DTYPE)
         acc += g * p
     tl.store(dweights_ptr + b * stride_dweights + j, tl.sum(acc, axis=0).to(dweights_ptr.dtype.element_ty))
 

@@ -318,7 +318,9 @@ def _prefix_attention_bwd_dprefix_kernel(
     dpk_ptrs = DPK + entry * stride_dpke + h_kv * stride_dpkh + offs_n[:, None] * stride_dpkn + offs_d[None, :]
     dpv_ptrs = DPV + entry * stride_dpve + h_kv * stride_dpvh + offs_n[:, None] * stride_dpvn + offs_d[None, :]
     if ATOMIC:
-        out_mask = kv_mask & used
+        # An empty slot (-1) adds nothing: its bound is 0. (Triton 3.9's interpreter refuses a
+        # `tensor & scalar-bool` mask, so `used` enters as a bound of the tensor condition.)
+        out_mask = (offs_n[:, None] < tl.where(used, P, 0)) & d_ok[None, :]
         tl.atomic_add(dpk_ptrs, dk, mask=out_mask, sem="relaxed")
         tl.atomic_add(dpv_ptrs, dv, mask=out_mask, sem="relaxed")
     else:

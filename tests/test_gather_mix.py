@@ -133,3 +133,31 @@ def test_triton_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call(_pool())
+
+
+# --- under torch.compile: fullgraph, and the index range refused at run time (issue 10, items 3 and 5) ---------
+
+
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+def test_fullgraph_compile_matches_eager_and_refuses_bad_indices(backend):
+    torch._dynamo.reset()
+    pool = _pool(n=5, entry=(3, 4))
+    g = torch.Generator().manual_seed(4)
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def select(pool, weights, index):
+        hard = gather_prompts(pool, index, backend=backend)
+        soft = mix_prompts(pool, weights, index, backend=backend)
+        return hard.square().sum() + (soft * soft.detach().sin()).sum()
+
+    compiled = torch.compile(select, fullgraph=True, backend="aot_eager")
+    index = torch.tensor([[4, -1, 4], [0, 2, 2]])  # duplicates and an empty slot
+    results = []
+    for fn in (select, compiled):
+        loss = fn(pool, weights, index)
+        results.append([loss] + list(torch.autograd.grad(loss, (pool, weights))))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-12)
+    for bad in ([[0, 5, 1], [0, 0, 0]], [[0, -2, 1], [0, 0, 0]], [[10**6, 0, 0], [0, 0, 0]]):
+        with pytest.raises(ValueError, match=r"index values must lie in \[-1, 4\]"):
+            compiled(pool, weights, torch.tensor(bad))

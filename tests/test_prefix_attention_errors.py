@@ -90,3 +90,49 @@ def test_ops_namespace_binds_functions_not_modules():
 
     for name in ("prefix_attention", "gather_prompts", "mix_prompts"):
         assert callable(getattr(fp.ops, name)), name
+
+
+# --- one rule for every backend (issue 10, item 7) -------------------------------------------------------------
+ALL_BACKENDS = ["auto", "torch", "triton", "reference"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("q_dtype, prefix_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                                   (torch.float32, torch.float16)])
+def test_prefix_dtype_other_than_q_is_refused_by_every_backend(backend, q_dtype, prefix_dtype):
+    inputs = {n: t.to(q_dtype) for n, t in _inputs().items()}
+    inputs["prefix_k"], inputs["prefix_v"] = inputs["prefix_k"].to(prefix_dtype), inputs["prefix_v"].to(prefix_dtype)
+    with pytest.raises(TypeError) as info:
+        fp.ops.prefix_attention(*inputs.values(), backend=backend)
+    assert "`prefix_k` must have q's dtype" in str(info.value) and str(q_dtype) in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name, value", [("softcap", float("inf")), ("softcap", float("nan")), ("softcap", 0.0 - 1),
+                                         ("scale", float("inf")), ("scale", float("nan")), ("scale", 0.0),
+                                         ("scale", -0.5), ("scale", float("-inf"))])
+def test_non_finite_or_non_positive_scale_and_softcap_are_refused(backend, name, value):
+    with pytest.raises(ValueError) as info:
+        _call(backend=backend, **{name: value})
+    assert f"`{name}` must be a positive finite float" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.int64])
+def test_every_backend_takes_any_integer_prefix_index(backend, dtype):
+    inputs = _inputs()
+    pool_k, pool_v = torch.randn(4, 2, 2, 8), torch.randn(4, 2, 2, 8)
+    index = torch.tensor([[3, -1 if dtype != torch.uint8 else 0], [1, 1]])
+    args = (inputs["q"], inputs["k"], inputs["v"], pool_k, pool_v)
+    out = fp.ops.prefix_attention(*args, prefix_index=index.to(dtype), backend=backend)
+    expected = fp.reference.prefix_attention(*args, prefix_index=index)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_in_bshd_layout_get_a_transpose_hint():
+    q = torch.randn(2, 8, 5, 16)
+    k = v = torch.randn(2, 5, 16, 16)  # [B, L, H, D] by mistake: 16 "heads" of k for 8 query heads
+    with pytest.raises(ValueError) as info:
+        fp.ops.prefix_attention(q, k, v)
+    message = str(info.value)
+    assert "must be a multiple" in message and "[B, L, H, D]" in message and "transpose(1, 2)" in message

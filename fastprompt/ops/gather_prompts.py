@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._select_backend import check_index, check_pool, load_cuda_backend, load_triton_kernels, resolve_backend
+from .index_range import check_index_values, checked_index
 
 __all__ = ["gather_prompts"]
 
@@ -35,6 +36,7 @@ def _torch_backward(grad_out: Tensor, index: Tensor, num_entries: int) -> Tensor
 
 @torch.library.custom_op("fastprompt::gather_prompts", mutates_args=())
 def _gather_op(pool: Tensor, index: Tensor, backend: str) -> Tensor:
+    check_index_values(index, pool.shape[0], "index")  # runs on real tensors under torch.compile too
     if backend == "cuda":
         return load_cuda_backend().gather_forward(pool, index)
     if backend == "triton":
@@ -89,7 +91,7 @@ def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Ten
     if backend == "reference":
         from fastprompt.reference_prompts import gather_prompts as reference
 
-        return reference(pool, index)
+        return reference(pool, checked_index(index, pool.shape[0], "index"))
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
     out = _gather_op(flat_pool, index.reshape(-1).long().contiguous(), backend)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._select_backend import check_index, check_pool, load_cuda_backend, load_triton_kernels, resolve_backend
+from .index_range import check_index_values, checked_index
 
 __all__ = ["mix_prompts"]
 
@@ -45,6 +46,8 @@ def _torch_backward(grad_out: Tensor, pool: Tensor, weights: Tensor, index: Opti
 
 @torch.library.custom_op("fastprompt::mix_prompts", mutates_args=())
 def _mix_op(pool: Tensor, weights: Tensor, index: Optional[Tensor], backend: str) -> Tensor:
+    if index is not None:  # runs on real tensors under torch.compile too
+        check_index_values(index, pool.shape[0], "index")
     if backend == "cuda":
         return load_cuda_backend().mix_forward(pool, weights, index)
     if backend == "triton":
@@ -123,7 +126,7 @@ def mix_prompts(pool: Tensor, weights: Tensor, index: Optional[Tensor] = None, *
     if backend == "reference":
         from fastprompt.reference_prompts import mix_prompts as reference
 
-        return reference(pool, weights, index)
+        return reference(pool, weights, None if index is None else checked_index(index, pool.shape[0], "index"))
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
     flat_index = None if index is None else index.long().contiguous()

@@ -16,18 +16,35 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
 from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs, check_prefix_attention_args
+from .index_range import check_index_values, checked_index
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PrefixAttentionArgs, check_prefix_attention_args
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 _BACKEND_MODULES = {name: f"fastprompt.ops.prefix_attention_{name}" for name in ("cuda", "triton", "torch")}
 
 
+def _import_backends() -> dict:
+    """Each backend module, or the ImportError saying why it is unavailable, imported once here: backend_module
+    is then a dict lookup, which torch.compile traces (importlib calls it cannot). The modules themselves import
+    nothing heavy (triton and the CUDA extension load on first use)."""
+    loaded = {}
+    for name, module_name in _BACKEND_MODULES.items():
+        try:
+            loaded[name] = importlib.import_module(module_name)
+        except ImportError as exc:  # e.g. triton not installed, or the CUDA extension not built
+            loaded[name] = ImportError(f"prefix_attention backend {name!r} is not available: {exc}")
+    return loaded
+
+
+_LOADED_BACKENDS = _import_backends()
+
+
 def backend_module(name: str):
     """The module implementing backend `name`, or raise ImportError saying why it is unavailable."""
-    try:
-        return importlib.import_module(_BACKEND_MODULES[name])
-    except ImportError as exc:  # e.g. triton not installed, or the CUDA extension not built
-        raise ImportError(f"prefix_attention backend {name!r} is not available: {exc}") from exc
+    module = _LOADED_BACKENDS[name]
+    if isinstance(module, ImportError):
+        raise module
+    return module
 
 
 def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool) -> Optional[str]:
@@ -63,6 +80,8 @@ def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool) -
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                 prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
                 scale: float, softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor]:
+    if prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile too
+        check_index_values(prefix_index, prefix_k.shape[0], "prefix_index")
     out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                                key_padding_mask, causal, scale, softcap, window)
     return _in_layout(out, _layout_strides(q)), lse.contiguous()
@@ -229,6 +248,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
     name = resolve_backend(backend, args, needs_grad)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
+        if args.prefix_mode == PREFIX_POOL:  # a custom op, so the check also runs inside a compiled graph
+            prefix_index = checked_index(prefix_index, args.prefix_k.shape[0], "prefix_index")
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
                                               key_padding_mask=args.key_padding_mask, causal=args.causal,
                                               scale=args.scale, softcap=args.softcap or None,

@@ -28,6 +28,17 @@ def applicable(q: Tensor, softcap: float) -> bool:
     return q.device.type == "cpu" and softcap == 0.0 and q.shape[-1] > 0
 
 
+def kernel_layout(t: Tensor) -> Tensor:
+    """t itself when its last dim is unit-stride, else a contiguous copy. The fused kernel reads each row of D
+    values as one contiguous run whatever the tensor's last-dim stride (PyTorch <= 2.13 gives silently wrong
+    results for e.g. `x[..., ::2]`); every other dim may have any stride, so the usual layouts are never copied."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _kernel_inputs(*tensors):
+    return tuple(None if t is None else kernel_layout(t) for t in tensors)
+
+
 def hidden_positions(lq: int, lk: int, causal: bool, window: int, device):
     """`[Lq, Lk]` bool, True where bottom-right causality or the sliding window hide sequence key j from query i;
     None when neither applies."""
@@ -84,12 +95,23 @@ def _unfold_shared(t: Tensor, batch: int) -> Tensor:
     return t.reshape(hq, batch, -1, *t.shape[3:]).transpose(0, 1)
 
 
+def _empty_sequence_part(q: Tensor):
+    """(out, lse) of attention over zero sequence keys: the kernel divides by Lk = 0 (SIGFPE), so no call."""
+    lse = torch.full(q.shape[:3], NEG_INF, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                     device=q.device)
+    return torch.zeros(q.shape, dtype=q.dtype, device=q.device), lse
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, window):
     batch = q.shape[0]
-    mask, is_causal, seq_empty = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
-    out_seq, lse_seq = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    if seq_empty is not None:  # the kernel reports lse 0 for a row with every key masked
-        lse_seq = lse_seq.masked_fill(seq_empty, NEG_INF)
+    q, k, v, prefix_k, prefix_v = _kernel_inputs(q, k, v, prefix_k, prefix_v)
+    if k.shape[2] == 0:
+        out_seq, lse_seq = _empty_sequence_part(q)
+    else:
+        mask, is_causal, seq_empty = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
+        out_seq, lse_seq = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        if seq_empty is not None:  # the kernel reports lse 0 for a row with every key masked
+            lse_seq = lse_seq.masked_fill(seq_empty, NEG_INF)
     if prefix_mode == PREFIX_NONE:
         out, lse = out_seq, lse_seq
     else:
@@ -180,13 +202,17 @@ def backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mo
     """Exact gradients when the lse output carries no gradient (see the module docstring). `delta`, when given, is
     the caller's row term rowsum(dO·O) [B, Hq, Lq] (reused by the shared-prefix path; computed there otherwise)."""
     batch = q.shape[0]
+    q, k, v, prefix_k, prefix_v = _kernel_inputs(q, k, v, prefix_k, prefix_v)
     # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0 instead of NaN.
     lse = lse.masked_fill(torch.isneginf(lse), float("inf")).to(torch.float64 if q.dtype == torch.float64
                                                                  else torch.float32)
     grad_out = _dense(grad_out)
     out = _dense(out)
-    mask, is_causal, _ = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
-    dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if k.shape[2] == 0:  # no sequence keys: no sequence share of the gradient (and no kernel call, see forward)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        mask, is_causal, _ = _sequence_mask(q, k.shape[2], key_padding_mask, causal, window)
+        dq, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     dprefix_k = dprefix_v = None
     if prefix_mode == PREFIX_SHARED and q.dtype in (torch.float32, torch.float64):
         dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)

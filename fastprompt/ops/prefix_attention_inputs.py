@@ -60,8 +60,10 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_p
     if v.shape != k.shape:
         raise ValueError(f"prefix_attention: `v` must have the shape of k {_shape(k)}, got {_shape(v)}")
     if hkv == 0 or hq % hkv != 0:
+        hint = ("; q, k and v are expected as [B, H, L, D]: did you pass [B, L, H, D]? "
+                "use .transpose(1, 2) on each")
         raise ValueError(f"prefix_attention: the query heads of `q` ({hq}) must be a multiple of the key/value "
-                         f"heads of `k` ({hkv})")
+                         f"heads of `k` ({hkv}, dim 1 of k {_shape(k)}){hint}")
     if lq == 0 or dim == 0:
         raise ValueError(f"prefix_attention: `q` must have Lq >= 1 and D >= 1, got {_shape(q)}")
     for name, t in (("k", k), ("v", v)):
@@ -96,8 +98,9 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_p
         raise ValueError(f"prefix_attention: `scale` must be a positive finite float or None, got {scale!r}")
     if softcap is None or softcap == 0:
         softcap = 0.0
-    elif not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0:
-        raise ValueError(f"prefix_attention: `softcap` must be a positive float or None, got {softcap!r}")
+    elif (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not math.isfinite(softcap)
+          or softcap <= 0):
+        raise ValueError(f"prefix_attention: `softcap` must be a positive finite float or None, got {softcap!r}")
     if window is None:
         window = -1
     elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -129,8 +132,12 @@ def _normalize_prefix(q, prefix_k, prefix_v, prefix_index, batch, hkv, dim):
     if prefix_v.shape != prefix_k.shape:
         raise ValueError(f"prefix_attention: `prefix_v` must have the shape of prefix_k {_shape(prefix_k)}, "
                          f"got {_shape(prefix_v)}")
-    if prefix_v.dtype != prefix_k.dtype:
-        raise TypeError(f"prefix_attention: `prefix_v` must have prefix_k's dtype {prefix_k.dtype}, got {prefix_v.dtype}")
+    # One rule for every backend: the prefix comes in q's dtype (no silent promotion either way). The model
+    # integration casts prefix parameters to the activations' dtype before calling the op.
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attention: `{name}` must have q's dtype {q.dtype}, got {t.dtype}; "
+                            f"cast it with {name}.to(q.dtype)")
     heads, plen, pdim = prefix_k.shape[-3:]
     if heads != hkv or pdim != dim:
         raise ValueError(f"prefix_attention: `prefix_k` must end in [Hkv={hkv}, P, D={dim}] to match k, "
@@ -159,16 +166,11 @@ def _normalize_prefix(q, prefix_k, prefix_v, prefix_index, batch, hkv, dim):
         raise TypeError(f"prefix_attention: `prefix_index` must be an integer tensor, got {prefix_index.dtype}")
     if prefix_index.device != q.device:
         raise ValueError(f"prefix_attention: `prefix_index` must be on q's device {q.device}, got {prefix_index.device}")
-    if prefix_index.dim() not in (1, 2) or prefix_index.shape[0] != batch or prefix_index.numel() == 0:
+    if prefix_index.dim() not in (1, 2) or prefix_index.shape[0] != batch or prefix_index.shape[-1] == 0:
         raise ValueError(f"prefix_attention: `prefix_index` must be [B={batch}] or [B={batch}, S] with S >= 1, "
                          f"got {_shape(prefix_index)}")
-    index = prefix_index.reshape(batch, -1).long()
-    pool_size = prefix_k.shape[0]
-    # One host sync to validate: an out-of-range index would otherwise read another tensor's memory in a kernel.
-    # Skipped while tracing (torch.compile), where the eager run has already checked the same code path.
-    if not torch.compiler.is_compiling():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < -1 or hi >= pool_size:
-            raise ValueError(f"prefix_attention: `prefix_index` entries must be in [-1, N={pool_size}) "
-                             f"(-1 = empty slot), got values in [{lo}, {hi}]")
+    index = prefix_index.reshape(batch, prefix_index.shape[1] if prefix_index.dim() == 2 else 1).long()
+    # The values are checked where the op runs (index_range.check_index_values), not here: this function is
+    # traced by torch.compile, where a data-dependent check cannot run.
     return prefix_k, prefix_v, index, PREFIX_POOL
+

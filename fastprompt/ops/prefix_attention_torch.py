@@ -102,7 +102,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
     if out is not None and cpu_flash.applicable(q, softcap):
         return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
                                   key_padding_mask, lse, causal, scale, window, delta=delta)
-    if delta.numel() == 0:  # the caller left the row term to the fused path; this one needs it
+    if out is not None and delta.numel() == 0:  # the caller left the row term to the fused path; this one needs it
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
     return explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
                              lse, delta, causal, scale, softcap, window)
