@@ -1,0 +1,290 @@
+"""Fused attention dropout in prefix_attention (dropout_p > 0).
+
+The mask is a pure function of (seed, offset, b, h, i, j) (fastprompt/ops/attention_dropout.py): the float64
+reference rebuilds it from the seed the op drew, so forward and all five gradients are compared exactly, on the
+torch path and on the Triton kernels (interpreted). Plus: the generator against Random123's published answers,
+the Triton generator against the torch one, keep rate and unbiasedness, reproducibility under torch.manual_seed,
+eval (dropout_p=0) untouched, torch.compile, and a BERT prefix-tuning training step in train() mode that matches an
+unpatched PEFT oracle drawing the same mask and builds no [B, H, P+S, D] K/V nor [B, H, Lq, P+S] scores.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastprompt as fp
+from attention_cases import Case, make_inputs, op_kwargs, relative_error
+from fastprompt import reference
+from fastprompt.ops import attention_dropout, prefix_attention_torch_dropout
+from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+_triton_ok = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not _triton_ok, reason="needs triton and TRITON_INTERPRET=1")
+
+
+def run_with_reference(case: Case, backend: str, dropout_p: float, seed: int = 1234, lse_grad: bool = True):
+    """Relative errors of out, lse and the five gradients of the op (backend) against the float64 reference that
+    uses the seed the op drew (replayed: torch.manual_seed(seed) before each draw)."""
+    inputs = make_inputs(case)
+    names = [n for n in NAMES if inputs[n] is not None]
+    ref_inputs = {n: (t.double() if n in names else t) for n, t in inputs.items()}
+    for n in names:
+        inputs[n].requires_grad_()
+        ref_inputs[n].requires_grad_()
+    torch.manual_seed(seed)
+    dropout_seed = draw_dropout_seed(inputs["q"].device)
+    torch.manual_seed(seed)
+    out, lse = fp.ops.prefix_attention(*(inputs[n] for n in NAMES), dropout_p=dropout_p, backend=backend,
+                                       return_lse=True, **op_kwargs(case, inputs))
+    ref_out, ref_lse = reference.prefix_attention(*(ref_inputs[n] for n in NAMES), dropout_p=dropout_p,
+                                                  dropout_seed=dropout_seed, return_lse=True,
+                                                  **op_kwargs(case, ref_inputs))
+    errors = {"out": relative_error(out, ref_out), "lse": relative_error(lse, ref_lse)}
+    grad_out = torch.randn_like(ref_out)
+    grad_lse = torch.randn_like(ref_lse).masked_fill(torch.isinf(ref_lse), 0.0)
+    loss = (out.double() * grad_out).sum()
+    ref_loss = (ref_out * grad_out).sum()
+    if lse_grad:
+        loss = loss + (lse.double().masked_fill(torch.isinf(ref_lse), 0.0) * grad_lse).sum()
+        ref_loss = ref_loss + (ref_lse.masked_fill(torch.isinf(ref_lse), 0.0) * grad_lse).sum()
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names])
+    ref_grads = torch.autograd.grad(ref_loss, [ref_inputs[n] for n in names])
+    for n, g, rg in zip(names, grads, ref_grads):
+        assert g.shape == inputs[n].shape and g.dtype == inputs[n].dtype, n
+        errors["d" + n] = relative_error(g, rg)
+    # the mask did something: the no-dropout output differs
+    plain = reference.prefix_attention(*(ref_inputs[n] for n in NAMES), **op_kwargs(case, ref_inputs))
+    assert relative_error(out.detach(), plain.detach()) > 1e-2
+    return errors
+
+
+def assert_errors_below(errors, tol, grad_tol):
+    bad = {n: e for n, e in errors.items() if e > (tol if n in ("out", "lse") else grad_tol)}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {errors})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generator
+
+def test_philox_matches_random123_known_answers():
+    """Philox4x32-10 known-answer vectors from Random123 (kat_vectors): counter, key -> output."""
+    kats = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in kats:
+        words = philox4x32(*(torch.tensor(c) for c in counter), torch.tensor(key[0]), torch.tensor(key[1]))
+        assert tuple(int(w) for w in words) == expected
+
+
+def test_grouped_mask_equals_elementwise_mask():
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0, 0xFFFFFFFE])
+    rows = torch.tensor([0, 7, 2**31 + 5])[:, None, None]
+    queries = torch.tensor([0, 3, 2**32 - 1])[None, :, None]
+    for start, count in ((0, 13), (5, 9), (3, 1), (6, 0)):
+        grouped = keep_mask(seed, 0.3, rows, queries, start, count)
+        keys = torch.arange(start, start + count)
+        assert torch.equal(grouped, keep_mask_elementwise(seed, 0.3, rows, queries, keys))
+
+
+if _triton_ok:  # module level: a jitted function resolves the names it calls among its module's globals
+    import triton
+    import triton.language as tl
+
+    from fastprompt.kernels.prefix_attention_dropout import dropout_keep, load_dropout_seed
+
+    @triton.jit
+    def _keep_kernel(SEED, Out, row_base, query_base, key_base, threshold, M: tl.constexpr, N: tl.constexpr):
+        seed_lo, seed_hi, offset = load_dropout_seed(SEED, True)
+        rows = row_base + tl.arange(0, M).to(tl.int64)
+        queries = query_base + tl.arange(0, M)
+        keys = key_base + tl.arange(0, N)
+        keep = dropout_keep(seed_lo, seed_hi, offset, rows[:, None], queries[:, None], keys[None, :], threshold)
+        tl.store(Out + tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :], keep.to(tl.int8))
+
+
+@needs_triton
+def test_triton_mask_equals_torch_mask():
+    for seed in (torch.tensor([1, 2, 3]), draw_dropout_seed("cpu")):
+        for p, row_base, query_base, key_base in ((0.1, 0, 0, 0), (0.5, 2**31 + 17, 1000, 2**30 + 3),
+                                                 (0.9, 12345, 2**31 - 16, 77)):
+            out = torch.empty(16, 32, dtype=torch.int8)
+            _keep_kernel[(1,)](seed, out, row_base, query_base, key_base, attention_dropout.dropout_threshold(p),
+                              M=16, N=32)
+            rows = torch.arange(row_base, row_base + 16)[:, None]
+            queries = torch.arange(query_base, query_base + 16)[:, None]
+            expected = keep_mask(seed, p, rows, queries, key_base, 32)
+            assert torch.equal(out.bool(), expected)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_and_pairwise_independence(p):
+    n_rows, n_keys = 512, 1024  # 2**19 decisions
+    seed = draw_dropout_seed("cpu")
+    keep = keep_mask(seed, p, torch.arange(n_rows)[:, None] * 3, torch.arange(n_rows)[:, None], 0, n_keys)
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    # neighbouring keys (the 4 words of one Philox call, and across calls) and neighbouring rows drop independently
+    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:, 0::4], keep[:, 1::4]), (keep[:, 3:-1:4], keep[:, 4::4]),
+                 (keep[:-1], keep[1:])):
+        both = (~a & ~b).double().mean().item()
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / a.numel()) ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exactness against the reference
+
+CASES = [
+    Case(batch=2, hq=4, hkv=2, lq=9, lk=11, dim=16, plen=5, mode="shared", padding="holes"),  # GQA, causal
+    Case(batch=3, hq=2, hkv=1, lq=7, lk=7, dim=8, plen=3, mode="pool_slots", pool_size=4, padding="left"),  # -1 slot
+    Case(batch=2, hq=2, hkv=2, lq=5, lk=9, dim=8, plen=4, mode="per_sample", padding="right", causal=False),
+    Case(batch=2, hq=3, hkv=1, lq=6, lk=6, dim=8, plen=2, mode="none", padding="none"),
+    Case(batch=2, hq=2, hkv=1, lq=6, lk=10, dim=8, plen=3, mode="shared", padding="empty_row", softcap=2.0, window=4),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_matches_reference(case, monkeypatch):
+    # tiny chunks: several query chunks, each regenerating its own part of the mask
+    monkeypatch.setattr(prefix_attention_torch_dropout, "CHUNK_SCORES", 64)
+    assert_errors_below(run_with_reference(case, "torch", 0.3), 1e-5, 1e-4)
+
+
+def test_torch_backend_float64_is_exact():
+    case = Case(batch=2, hq=4, hkv=2, lq=7, lk=9, dim=8, plen=3, mode="pool_slots", padding="holes",
+                dtype=torch.float64)
+    assert_errors_below(run_with_reference(case, "torch", 0.2), 1e-12, 1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=str)
+def test_triton_backend_matches_reference(case):
+    assert_errors_below(run_with_reference(case, "triton", 0.3, lse_grad=case.mode != "shared"), 1e-5, 1e-4)
+
+
+@needs_triton
+def test_triton_multi_tile_prefix_and_sequence():
+    # more keys than one 16-wide interpreter tile on both sides, P not a tile multiple, decode-like GQA packing
+    case = Case(batch=2, hq=4, hkv=1, lq=3, lk=37, dim=16, plen=19, mode="per_sample", padding="holes")
+    assert_errors_below(run_with_reference(case, "triton", 0.15), 1e-5, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics, reproducibility, eval
+
+def test_unbiased_over_many_seeds():
+    """E[out] over the mask equals the no-dropout output: per element, the mean of 400 draws lies within a few
+    standard errors of it (z-scores standard normal: mean square ~ 1, no outliers)."""
+    case = Case(batch=2, hq=2, hkv=1, lq=4, lk=6, dim=8, plen=3, mode="shared", padding="holes")
+    inputs = make_inputs(case, )
+    args = [inputs[n].double() for n in NAMES]
+    plain = fp.ops.prefix_attention(*args, backend="torch", **op_kwargs(case, inputs))
+    draws = torch.stack([fp.ops.prefix_attention(*args, dropout_p=0.4, backend="torch", **op_kwargs(case, inputs))
+                         for _ in range(400)])
+    mean, std = draws.mean(0), draws.std(0)
+    z = (mean - plain) / (std / draws.shape[0] ** 0.5)
+    assert torch.isfinite(z).all()
+    assert 0.75 < z.square().mean().item() < 1.3
+    assert z.abs().max().item() < 5.0
+
+
+def test_reproducible_under_manual_seed():
+    case = Case(batch=2, hq=4, hkv=2, lq=6, lk=8, dim=8, plen=3, mode="pool_slots", padding="holes")
+    inputs = make_inputs(case)
+
+    def step(seed):
+        tensors = [inputs[n].detach().clone().requires_grad_() for n in NAMES]
+        torch.manual_seed(seed)
+        out = fp.ops.prefix_attention(*tensors, dropout_p=0.25, backend="torch", **op_kwargs(case, inputs))
+        out.square().sum().backward()
+        return [out.detach()] + [t.grad for t in tensors]
+
+    first, again, other = step(7), step(7), step(8)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_each_call_draws_a_fresh_mask_from_the_generator():
+    case = Case(batch=1, hq=2, hkv=2, lq=5, lk=5, dim=8, plen=2, mode="shared")
+    inputs = make_inputs(case)
+    args = [inputs[n] for n in NAMES]
+    state = torch.get_rng_state()
+    a = fp.ops.prefix_attention(*args, dropout_p=0.5, backend="torch")
+    assert not torch.equal(torch.get_rng_state(), state)  # the seed came from torch's default generator
+    b = fp.ops.prefix_attention(*args, dropout_p=0.5, backend="torch")
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_eval_dropout_zero_is_deterministic_and_draws_nothing(backend):
+    case = Case(batch=2, hq=4, hkv=2, lq=6, lk=8, dim=16, plen=3, mode="shared", padding="holes")
+    inputs = make_inputs(case)
+    args = [inputs[n] for n in NAMES]
+    state = torch.get_rng_state()
+    a = fp.ops.prefix_attention(*args, backend=backend, **op_kwargs(case, inputs))
+    b = fp.ops.prefix_attention(*args, dropout_p=0.0, backend=backend, **op_kwargs(case, inputs))
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.1", True, None])
+def test_bad_dropout_p_is_refused(bad):
+    case = Case(batch=1, hq=2, hkv=2, lq=3, lk=3, dim=8, mode="none")
+    inputs = make_inputs(case)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fp.ops.prefix_attention(inputs["q"], inputs["k"], inputs["v"], dropout_p=bad, backend="torch")
+
+
+def test_cuda_backend_refuses_dropout_so_auto_falls_back():
+    from fastprompt.ops import prefix_attention_cuda
+
+    case = Case(batch=1, hq=2, hkv=2, lq=3, lk=3, dim=64, mode="none")
+    inputs = make_inputs(case)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    reason = prefix_attention_cuda.supports(q, k, v, None, None, 0, None, True, 0.0, -1, True, dropout_p=0.1)
+    assert reason is not None and "dropout" in reason
+    with pytest.raises(ValueError, match="cuda"):
+        fp.ops.prefix_attention(q, k, v, dropout_p=0.1, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+def test_opcheck_with_dropout():
+    from fastprompt.ops.prefix_attention import _forward_op
+    from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
+
+    case = Case(mode="pool_slots", padding="holes")
+    inputs = make_inputs(case)
+    for n in NAMES:
+        inputs[n].requires_grad_()
+    a = check_prefix_attention_args(*(inputs[n] for n in NAMES), inputs["prefix_index"], inputs["key_padding_mask"],
+                                    True, None, None, None)
+    args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
+            a.scale, a.softcap, a.window, "torch", 0.2, draw_dropout_seed("cpu"))
+    torch.library.opcheck(_forward_op, args)
+
+
+def test_torch_compile_with_dropout_matches_eager():
+    case = Case(mode="shared", padding="holes")
+    inputs = make_inputs(case)
+
+    def step(q, k, v, pk, pv):
+        out = fp.ops.prefix_attention(q, k, v, pk, pv, dropout_p=0.3, **op_kwargs(case, inputs))
+        return out.square().sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        tensors = [inputs[n].detach().clone().requires_grad_() for n in NAMES]
+        torch.manual_seed(11)
+        loss = fn(*tensors)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in tensors])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
