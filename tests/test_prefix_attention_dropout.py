@@ -288,3 +288,136 @@ def test_torch_compile_with_dropout_matches_eager():
         results.append([loss.detach()] + [t.grad for t in tensors])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A prefix-tuning training step in train() mode (transformers + PEFT + fastprompt.patch_model)
+
+ORACLE_ATTENTION = "fastprompt_test_dropout_oracle"
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention over the keys PEFT concatenated ([prefix; sequence]), with the 4D mask, and with dropout
+    drawn the fused op's way: a seed from torch's generator at the same point, the mask rebuilt by the reference
+    over the full [B, H, Lq, P + S] probabilities. Independent of fastprompt's patched path."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = query @ key.transpose(-1, -2) * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if dropout > 0 and module.training:
+        seed = draw_dropout_seed(query.device)
+        probs = probs * reference.dropout_keep(seed, dropout, probs.shape) / (1 - reference.dropout_p_exact(dropout))
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def _dropout_prefix_pair(family, task):
+    """(patched, oracle): identical PEFT prefix-tuning models with attention dropout 0.2 (hidden dropout 0.1)."""
+    import copy
+
+    import peft
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    from integration_helpers import _AUTO, peft_config, randomize_prompt_parameters, tiny_config
+
+    AttentionInterface.register(ORACLE_ATTENTION, _oracle_attention)
+    AttentionMaskInterface.register(ORACLE_ATTENTION, eager_mask)
+    cfg = tiny_config(family)
+    if family == "bert":
+        cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob = 0.2, 0.1
+    else:
+        cfg.attn_pdrop, cfg.resid_pdrop = 0.2, 0.1
+    torch.manual_seed(0)
+    base = _AUTO[task].from_config(cfg, attn_implementation=ORACLE_ATTENTION)
+    base2 = copy.deepcopy(base)
+    base2.config = copy.deepcopy(base.config)
+    patched = peft.get_peft_model(base, peft_config("prefix", task, num_virtual_tokens=5))
+    oracle = peft.get_peft_model(base2, peft_config("prefix", task, num_virtual_tokens=5))
+    randomize_prompt_parameters(patched)
+    oracle.load_state_dict(patched.state_dict())
+    fp.patch_model(patched)
+    return patched.train(), oracle.train()
+
+
+def _written_out_peft(peft_model):
+    """PEFT prefix tuning written out (ANCHORS.md §5: PEFT 0.21.2 refuses encoder prefix tuning on transformers
+    5.24): the base model over a cache holding the prefix, with the attention mask extended by P ones."""
+
+    def step(input_ids, attention_mask, labels):
+        batch = input_ids.shape[0]
+        plen = peft_model.peft_config["default"].num_virtual_tokens
+        mask = torch.cat([attention_mask.new_ones(batch, plen), attention_mask], dim=1)
+        return peft_model.base_model(input_ids=input_ids, attention_mask=mask, cache=peft_model.get_prompt(batch),
+                                     labels=labels)
+
+    return step
+
+
+@pytest.mark.parametrize("family,task", [("bert", "SEQ_CLS"), ("gpt2", "CAUSAL_LM")])
+def test_training_step_with_attention_dropout_matches_oracle(family, task):
+    """The patched model (fused dropout inside prefix_attention) and unpatched PEFT with an eager attention that
+    draws the same mask over the concatenated keys: one seed gives the same loss and prompt gradients; another
+    seed a different loss (dropout is on)."""
+    pytest.importorskip("peft")
+    from integration_helpers import assert_rel_close, labels_for, make_inputs as model_inputs, prompt_grads
+
+    patched, oracle = _dropout_prefix_pair(family, task)
+    ids, mask = model_inputs(padding="left")
+    labels = labels_for(task, ids, mask)
+    losses = []
+    for step in (patched, _written_out_peft(oracle)):
+        torch.manual_seed(7)
+        loss = step(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert_rel_close(losses[0], losses[1], 1e-5, what="loss with attention dropout")
+    grads_p, grads_o = prompt_grads(patched), prompt_grads(oracle)
+    assert grads_p.keys() == grads_o.keys() and grads_p
+    for name in grads_o:
+        assert_rel_close(grads_p[name], grads_o[name], 1e-4, what=name)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        other = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert not torch.equal(other, losses[0])
+    # eval(): no dropout, deterministic, no draw from the generator
+    patched.eval()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        a = patched(input_ids=ids, attention_mask=mask).logits
+        b = patched(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_bert_prefix_tuning_training_step_materializes_no_concat_nor_scores():
+    """BERT prefix tuning, train() with attention dropout 0.1: forward + backward build no [B, H, P+S, D] K/V and
+    no [B, H, Lq, P+S] scores (or masks) anywhere."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from test_prefix_attention_materialization import ShapeRecorder
+
+    batch, heads, dim, seq, plen = 3, 4, 8, 11, 5
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=heads * dim, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=heads, max_position_embeddings=64, num_labels=3,
+                                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    base = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=plen))
+    fp.patch_model(model)
+    model.train()
+    ids = torch.randint(3, 97, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :3] = 0
+    keys = plen + seq
+    forbidden = {(batch, h, keys, dim) for h in (1, heads)}  # concatenated K/V
+    forbidden |= {(batch, h, seq, keys) for h in (1, heads)}  # scores, probabilities, 4D masks over [prefix; seq]
+    recorder = ShapeRecorder()
+    with recorder:
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss
+        loss.backward()
+    bad = [(f, s) for f, s in recorder.shapes if s in forbidden]
+    assert not bad, f"materialized forbidden tensors: {bad}"
+    assert any("randint" in f for f, _ in recorder.shapes), "the fused op drew no dropout seed: dropout was off"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
