@@ -421,3 +421,17 @@ def test_bert_prefix_tuning_training_step_materializes_no_concat_nor_scores():
     assert not bad, f"materialized forbidden tensors: {bad}"
     assert any("randint" in f for f, _ in recorder.shapes), "the fused op drew no dropout seed: dropout was off"
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_flop_count_unchanged_by_dropout():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    case = Case(mode="shared", padding="holes")
+    inputs = make_inputs(case)
+    counts = []
+    for p in (0.0, 0.3):
+        tensors = [inputs[n].detach().clone().requires_grad_() for n in NAMES]
+        with FlopCounterMode(display=False) as counter:
+            fp.ops.prefix_attention(*tensors, dropout_p=p, backend="torch", **op_kwargs(case, inputs)).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
