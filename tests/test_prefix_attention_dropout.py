@@ -178,19 +178,21 @@ def test_triton_multi_tile_prefix_and_sequence():
 # Statistics, reproducibility, eval
 
 def test_unbiased_over_many_seeds():
-    """E[out] over the mask equals the no-dropout output: per element, the mean of 400 draws lies within a few
-    standard errors of it (z-scores standard normal: mean square ~ 1, no outliers)."""
-    case = Case(batch=2, hq=2, hkv=1, lq=4, lk=6, dim=8, plen=3, mode="shared", padding="holes")
-    inputs = make_inputs(case, )
+    """E[out] over the mask equals the no-dropout output: per element, the mean of 300 draws lies within a few
+    standard errors of it. The D entries of a row share one mask, so the z-scores are correlated within a row:
+    64 rows give a loose but meaningful band on their mean square. Seeded: a fixed, reproducible sample."""
+    torch.manual_seed(0)
+    case = Case(batch=2, hq=4, hkv=2, lq=8, lk=6, dim=4, plen=3, mode="shared", padding="holes")
+    inputs = make_inputs(case)
     args = [inputs[n].double() for n in NAMES]
     plain = fp.ops.prefix_attention(*args, backend="torch", **op_kwargs(case, inputs))
     draws = torch.stack([fp.ops.prefix_attention(*args, dropout_p=0.4, backend="torch", **op_kwargs(case, inputs))
-                         for _ in range(400)])
+                         for _ in range(300)])
     mean, std = draws.mean(0), draws.std(0)
     z = (mean - plain) / (std / draws.shape[0] ** 0.5)
     assert torch.isfinite(z).all()
-    assert 0.75 < z.square().mean().item() < 1.3
-    assert z.abs().max().item() < 5.0
+    assert 0.6 < z.square().mean().item() < 1.5
+    assert z.abs().max().item() < 5.0  # a missing 1 / (1 - p) rescale gives mean z² ~ 200
 
 
 def test_reproducible_under_manual_seed():
