@@ -16,12 +16,13 @@ The kept probabilities are scaled by 1 / (1 - p). The seed is three int64 words 
 torch.compile friendly) and is saved for backward. kernels/prefix_attention_dropout.py is the Triton twin of
 `keep_mask`; tests check both against Random123's published Philox4x32-10 answers.
 
-The torch implementation works in int64: a 32x32-bit product needs 64 bits, so the two round multipliers are split
-into 16-bit halves and every intermediate stays below 2**49.
+The torch implementation works in int64 (torch has no full uint32 arithmetic): a 32x32-bit product fits in 64 bits,
+wrapping past 2**63 without losing a bit.
 """
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -56,13 +57,12 @@ def dropout_scale(dropout_p: float) -> float:
 
 
 def _mul_hi_lo(multiplier: int, x: Tensor):
-    """(high, low) 32-bit words of multiplier * x for x in [0, 2**32), in int64 without overflow."""
-    m_hi, m_lo = multiplier >> 16, multiplier & 0xFFFF
-    p_lo = x * m_lo  # < 2**48
-    p_hi = x * m_hi  # < 2**48
-    high = (p_hi + (p_lo >> 16)) >> 16
-    low = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
-    return high, low
+    """(high, low) 32-bit words of multiplier * x for x in [0, 2**32), in int64.
+
+    The product can pass 2**63: int64 multiplication wraps (two's complement on every torch device), which keeps
+    all 64 bits of the true product, so both words are exact after masking (the known-answer tests check it)."""
+    product = x * multiplier
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
 def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0, k1, rounds: int = PHILOX_ROUNDS):

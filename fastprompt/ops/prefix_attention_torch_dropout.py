@@ -20,7 +20,8 @@ from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL
 from .prefix_attention_torch import _GRAD_EQ, _SCORE_EQ, _VALUE_EQ, _accumulator_dtype, _selected_prefix
 
 NEG_INF = float("-inf")
-CHUNK_SCORES = 1 << 19  # scores (all heads and batch rows) per query chunk: bounds every temporary
+CHUNK_SCORES = 1 << 18  # scores (all heads and batch rows) per query chunk: bounds every temporary, and keeps the
+# mask generator's int64 words (one per 4 scores) cache-sized
 
 
 class _Problem:
