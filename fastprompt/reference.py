@@ -3,6 +3,10 @@
 Everything the fast paths avoid happens here on purpose: the prefix is copied once per batch row, concatenated
 in front of the sequence keys/values, GQA heads are repeated, and a dense `[B, Hq, Lq, P + Lk]` visibility mask
 is built. Run it in float64 to get a reference that the kernels are measured against.
+
+Attention dropout draws its mask from `dropout_seed` with the counter-based generator every backend uses
+(fastprompt.ops.attention_dropout), one element at a time over the full `[B, Hq, Lq, S*P + Lk]` grid, so a
+backend's fused dropout is checked exactly, gradients included.
 """
 from __future__ import annotations
 
@@ -47,8 +51,11 @@ def sequence_visibility(lq: int, lk: int, *, causal: bool, window: Optional[int]
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None, key_padding_mask=None,
-                     causal=True, scale=None, softcap=None, window=None, return_lse=False):
-    """Same contract as `fastprompt.ops.prefix_attention` (DESIGN.md §1), computed in q's dtype."""
+                     causal=True, scale=None, softcap=None, window=None, dropout_p=0.0, dropout_seed=None,
+                     return_lse=False):
+    """Same contract as `fastprompt.ops.prefix_attention` (DESIGN.md §1), computed in q's dtype. With dropout_p > 0,
+    `dropout_seed` is the int64 `[seed_lo, seed_hi, offset]` the op drew (fastprompt.ops.attention_dropout); lse
+    stays the softmax's, before dropout."""
     batch, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -76,11 +83,30 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
     lse = torch.logsumexp(scores, dim=-1)
     empty = torch.isinf(lse)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    if dropout_p > 0:
+        probs = probs * dropout_keep(dropout_seed, dropout_p, probs.shape) / (1.0 - dropout_p_exact(dropout_p))
     out = torch.matmul(probs, values)
     out = out.masked_fill(empty[..., None], 0.0)
     if return_lse:
         return out, lse.float()
     return out
+
+
+def dropout_keep(seed: Tensor, dropout_p: float, shape) -> Tensor:
+    """`[B, Hq, Lq, K]` bool: the keep decision of every (b, h, i, j), keys j over [prefix slots; sequence]."""
+    from .ops.attention_dropout import keep_mask_elementwise
+
+    batch, heads, lq, keys = shape
+    b, h, i, j = (torch.arange(n, dtype=torch.int64, device=seed.device) for n in shape)
+    row = (b[:, None] * heads + h[None, :])[:, :, None, None]
+    return keep_mask_elementwise(seed, dropout_p, row, i[:, None], j[None, :])
+
+
+def dropout_p_exact(dropout_p: float) -> float:
+    """The drop probability the integer threshold realizes (dropout_p rounded to a multiple of 2**-31)."""
+    from .ops.attention_dropout import dropout_threshold
+
+    return dropout_threshold(dropout_p) / 2**31
 
 
 def gather_prompts(pool, index):  # re-exported here so every oracle lives in one namespace

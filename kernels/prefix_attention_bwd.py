@@ -8,6 +8,11 @@ Three kernels:
   entry prefix_index[b, s] and adds it into an fp32 [E, Hkv, P, D] buffer with atomics (FA3's approach), so a
   shared or pooled prefix's gradient is reduced over the batch without a B-fold copy. Per-sample prefixes
   (each entry used exactly once) store directly in the prefix dtype instead.
+
+Attention dropout (prefix_attention_dropout.py) is regenerated per tile from the seed: with Z the keep mask and
+r = 1 / (1 - p), out = (Z * P * r) V, so dV = (Z * P * r)^T dO, dP = Z * r * (dO V^T), and dS = P * (dP - delta)
+(dropped entries too: their dS is -P * delta). delta = rowsum(dO * O) still equals sum_j P_ij dP_ij because O is
+the dropped output, so the row term needs no change.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import triton.language as tl
 from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E_C, block_d,
                                       dot_precision, fit_block_m, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, load_sequence_tile, split_range)
+from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
 from .prefix_attention_fwd import _last_dim_contiguous, score_constants
 
 
@@ -36,16 +42,26 @@ def _load_query_rows(Q, DO, LSE, DELTA, q_off, do_off, l_off, row_ok, offs_d, d_
 
 
 @triton.jit
-def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale,
-                  APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK/dV contribution of one query tile, in key-major [N, M] orientation. `vis_t` read only if APPLY_MASK."""
+def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id, query_ids, key_j,
+                  APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr):
+    """dK/dV contribution of one query tile, in key-major [N, M] orientation. `vis_t` read only if APPLY_MASK.
+    Dropout: rng = (seed_lo, seed_hi, offset, threshold, 1 / (1 - p)), row_id = b * Hq + h (one query head),
+    query_ids [M], key_j [N] (key indices over [prefix; sequence])."""
     qk_t = mma(k, tl.trans(q), None, DOT_PRECISION)
     s_t, tanh_t = score_log2(qk_t, score_scale, cap_scale, HAS_SOFTCAP)
     p_t = tl.math.exp2(s_t - lse[None, :])
     if APPLY_MASK:
         p_t = tl.where(vis_t, p_t, 0.0)
-    dv = mma(p_t.to(q.dtype), do, dv, DOT_PRECISION)
-    dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
+    if HAS_DROPOUT:
+        seed_lo, seed_hi, offset, threshold, keep_scale = rng
+        keep_t = dropout_keep(seed_lo, seed_hi, offset, row_id, query_ids[None, :], key_j[:, None], threshold)
+        dv = mma(tl.where(keep_t, p_t * keep_scale, 0.0).to(q.dtype), do, dv, DOT_PRECISION)
+        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
+        dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+    else:
+        dv = mma(p_t.to(q.dtype), do, dv, DOT_PRECISION)
+        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if HAS_SOFTCAP:
         ds_t = ds_t * (1.0 - tanh_t * tanh_t)
@@ -54,15 +70,22 @@ def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale
 
 
 @triton.jit
-def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale,
-                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ contribution of one key tile, query-major [M, N]. `vis` read only if APPLY_MASK."""
+def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
+                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr):
+    """dQ contribution of one key tile, query-major [M, N]. `vis` read only if APPLY_MASK. Dropout as in
+    _kv_grad_tile, with row_ids [M] (rows span query heads here)."""
     qk = mma(q, tl.trans(k), None, DOT_PRECISION)
     s, tanh_s = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
     p = tl.math.exp2(s - lse[:, None])
     if APPLY_MASK:
         p = tl.where(vis, p, 0.0)
     dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+    if HAS_DROPOUT:
+        seed_lo, seed_hi, offset, threshold, keep_scale = rng
+        keep = dropout_keep(seed_lo, seed_hi, offset, row_ids[:, None], query_ids[:, None], key_j[None, :],
+                            threshold)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - tanh_s * tanh_s)
@@ -71,7 +94,7 @@ def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale,
 
 @triton.jit
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -80,11 +103,11 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    Lq, Lk, G, window,
-    score_scale, cap_scale, sm_scale,
+    Lq, Lk, G, window, prefix_keys,
+    score_scale, cap_scale, sm_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1).to(tl.int64)
@@ -125,8 +148,12 @@ def _prefix_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
+    rng = (seed_lo, seed_hi, seed_offset, dropout_threshold, dropout_scale)
+    key_j = prefix_keys + offs_n  # sequence keys come after the S*P prefix keys in dropout's key numbering
     for g in range(0, G):
         h = h_kv * G + g
+        row_id = b * (tl.num_programs(1) * G) + h
         q_base = b * stride_qb + h * stride_qh
         do_base = b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
@@ -136,23 +163,23 @@ def _prefix_attention_bwd_dkdv_kernel(
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
-                                   HAS_SOFTCAP, DOT_PRECISION)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id,
+                                   offs_m, key_j, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, score_scale, cap_scale, False,
-                                   HAS_SOFTCAP, DOT_PRECISION)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, score_scale, cap_scale, rng, row_id,
+                                   offs_m, key_j, False, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
         for start_m in range(full_hi, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, True,
-                                   HAS_SOFTCAP, DOT_PRECISION)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id,
+                                   offs_m, key_j, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
     dk = dk * sm_scale
     if HAS_KPM:
@@ -168,7 +195,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DQ, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -180,10 +207,10 @@ def _prefix_attention_bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_dqb, stride_dqh, stride_dqm,
     Lq, Lk, P, S, G, window,
-    score_scale, cap_scale, sm_scale,
+    score_scale, cap_scale, sm_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -203,6 +230,9 @@ def _prefix_attention_bwd_dq_kernel(
                                          b * stride_dob + row_h * stride_doh + offs_m * stride_dom,
                                          b * stride_lb + row_h * stride_lh + offs_m, row_ok, offs_d, d_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
+    rng = (seed_lo, seed_hi, seed_offset, dropout_threshold, dropout_scale)
+    row_ids = b * (tl.num_programs(1) * G) + row_h
 
     if HAS_PREFIX:
         P_full = (P // BLOCK_N) * BLOCK_N
@@ -218,7 +248,7 @@ def _prefix_attention_bwd_dq_kernel(
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), None, score_scale, cap_scale,
-                                  False, HAS_SOFTCAP, DOT_PRECISION)
+                                  rng, row_ids, offs_m, s * P + offs, False, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
             for start_n in range(p_full, p_end, BLOCK_N):
                 offs = start_n + offs_n0
                 kv_mask = (offs[:, None] < P) & d_ok[None, :]
@@ -226,7 +256,7 @@ def _prefix_attention_bwd_dq_kernel(
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
                 vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
                 dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), vis, score_scale, cap_scale,
-                                  True, HAS_SOFTCAP, DOT_PRECISION)
+                                  rng, row_ids, offs_m, s * P + offs, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
     m_first = start_m // G
     m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
@@ -237,15 +267,18 @@ def _prefix_attention_bwd_dq_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                               rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                               DOT_PRECISION, HAS_DROPOUT)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                               rng, row_ids, offs_m, S * P, False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                               DOT_PRECISION, HAS_DROPOUT)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                               rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                               DOT_PRECISION, HAS_DROPOUT)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + row_h[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -255,17 +288,18 @@ def _prefix_attention_bwd_dq_kernel(
 @triton.jit
 def _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                       stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                      rng, row_ids, query_ids, key_base,
                       EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     k, v, vis = load_sequence_tile(a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn,
                                    stride_mb, stride_mn, Lk, window, EDGE, HAS_KPM, CAUSAL, HAS_WINDOW)
-    return _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, EDGE or HAS_KPM, HAS_SOFTCAP,
-                        DOT_PRECISION)
+    return _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids,
+                        key_base + start_n + offs_n0, EDGE or HAS_KPM, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
 
 @triton.jit
 def _prefix_attention_bwd_dprefix_kernel(
-    Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV,
+    Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_pke, stride_pkh, stride_pkn,
     stride_pve, stride_pvh, stride_pvn,
@@ -275,9 +309,9 @@ def _prefix_attention_bwd_dprefix_kernel(
     stride_dpke, stride_dpkh, stride_dpkn,
     stride_dpve, stride_dpvh, stride_dpvn,
     Lq, P, G, num_p_tiles,
-    score_scale, cap_scale, sm_scale,
+    score_scale, cap_scale, sm_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     s = pid0 // num_p_tiles
@@ -301,8 +335,12 @@ def _prefix_attention_bwd_dprefix_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Prefix keys are visible to every query: no masks. Keys past P only touch rows that are never stored.
     m_end = tl.where(used, Lq, 0)
+    seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
+    rng = (seed_lo, seed_hi, seed_offset, dropout_threshold, dropout_scale)
+    key_j = s * P + offs_n  # slot s's keys in dropout's key numbering over [prefix slots; sequence]
     for g in range(0, G):
         h = h_kv * G + g
+        row_id = b * (tl.num_programs(1) * G) + h
         q_base = b * stride_qb + h * stride_qh
         do_base = b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
@@ -312,7 +350,8 @@ def _prefix_attention_bwd_dprefix_kernel(
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
             dk, dv = _kv_grad_tile(dk, dv, k.to(q.dtype), v.to(q.dtype), q, do, lse, delta, None, score_scale,
-                                   cap_scale, False, HAS_SOFTCAP, DOT_PRECISION)
+                                   cap_scale, rng, row_id, offs_m, key_j, False, HAS_SOFTCAP, DOT_PRECISION,
+                                   HAS_DROPOUT)
     dk = dk * sm_scale
 
     dpk_ptrs = DPK + entry * stride_dpke + h_kv * stride_dpkh + offs_n[:, None] * stride_dpkn + offs_d[None, :]
@@ -329,8 +368,10 @@ def _prefix_attention_bwd_dprefix_kernel(
 
 
 def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode: int,
-                              key_padding_mask, lse, delta, causal: bool, scale: float, softcap: float, window: int):
-    """Launch the three backward kernels on the normalized layout. Returns (dq, dk, dv, dprefix_k, dprefix_v)."""
+                              key_padding_mask, lse, delta, causal: bool, scale: float, softcap: float, window: int,
+                              dropout_p: float = 0.0, dropout_seed=None):
+    """Launch the three backward kernels on the normalized layout. Returns (dq, dk, dv, dprefix_k, dprefix_v).
+    dropout_p / dropout_seed: those of the forward (the mask is regenerated, not stored)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -341,7 +382,10 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
     score_scale, cap_scale = score_constants(scale, softcap)
-    flags = dict(HEAD_D=D, BLOCK_D=block_d(D), HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype))
+    drop = dropout_args(dropout_p, dropout_seed, q)
+    flags = dict(HEAD_D=D, BLOCK_D=block_d(D), HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+                 HAS_DROPOUT=drop.enabled)
+    prefix_keys = prefix_k.shape[2] * prefix_index.shape[1] if prefix_k is not None else 0
     seq_flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0)
 
     # gradients in their inputs' layouts (the kernels take strides), as the op promises
@@ -350,7 +394,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     if Lk > 0:
         cfg = fit_block_m(pick_config(BWD_DKDV_CONFIGS, D, q.element_size()), Lq)
         _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
-            q, k, v, do, lse, delta, kpm, dk, dv,
+            q, k, v, do, lse, delta, kpm, dk, dv, drop.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -359,8 +403,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
             kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            Lq, Lk, G, window,
-            score_scale, cap_scale, scale,
+            Lq, Lk, G, window, prefix_keys,
+            score_scale, cap_scale, scale, drop.threshold, drop.scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **seq_flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -375,7 +419,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
         pk, pv, pidx = q, q, q
     cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * G)
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq * G, cfg.block_m), Hkv, B)](
-        q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
+        q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -387,7 +431,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
         lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Lq, Lk, P, S, G, window,
-        score_scale, cap_scale, scale,
+        score_scale, cap_scale, scale, drop.threshold, drop.scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PREFIX=has_prefix, **flags, **seq_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -406,7 +450,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     cfg = fit_block_m(pick_config(BWD_DPREFIX_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
     num_p_tiles = triton.cdiv(P, cfg.block_n)
     _prefix_attention_bwd_dprefix_kernel[(num_p_tiles * S, Hkv, B)](
-        q, pk, pv, pidx, do, lse, delta, dpk, dpv,
+        q, pk, pv, pidx, do, lse, delta, dpk, dpv, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         pk.stride(0), pk.stride(1), pk.stride(2),
         pv.stride(0), pv.stride(1), pv.stride(2),
@@ -416,7 +460,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
         dpk.stride(0), dpk.stride(1), dpk.stride(2),
         dpv.stride(0), dpv.stride(1), dpv.stride(2),
         Lq, P, G, num_p_tiles,
-        score_scale, cap_scale, scale,
+        score_scale, cap_scale, scale, drop.threshold, drop.scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC=atomic, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

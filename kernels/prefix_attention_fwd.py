@@ -16,12 +16,17 @@ import triton.language as tl
 
 from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
                                       pick_config, score_log2, sequence_key_range, load_sequence_tile)
+from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale,
-                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold one key tile into the online softmax state. `vis` [M, N] is only read when APPLY_MASK."""
+def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
+                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr):
+    """Fold one key tile into the online softmax state. `vis` [M, N] is only read when APPLY_MASK. With dropout
+    (rng = (seed_lo, seed_hi, offset, threshold); row_ids = b * Hq + h and query_ids [M]; key_j [N], the tile's
+    key indices over [prefix; sequence]) the denominator l sums every probability, the accumulator only the kept
+    ones (the epilogue scales by 1 / (1 - p))."""
     qk = mma(q, tl.trans(k), None, DOT_PRECISION)
     s, _ = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
     if APPLY_MASK:
@@ -35,6 +40,11 @@ def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale,
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        seed_lo, seed_hi, offset, threshold = rng
+        keep = dropout_keep(seed_lo, seed_hi, offset, row_ids[:, None], query_ids[:, None], key_j[None, :],
+                            threshold)
+        p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
@@ -42,7 +52,7 @@ def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale,
 
 @triton.jit
 def _prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, PIDX, KPM, Out, Lse,
+    Q, K, V, PK, PV, PIDX, KPM, Out, Lse, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -53,10 +63,10 @@ def _prefix_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     Lq, Lk, P, S, G, window,
-    score_scale, cap_scale,
+    score_scale, cap_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -81,6 +91,10 @@ def _prefix_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Dropout's counter words for these rows: b * Hq + h and the query index (grid axis 1 runs over the Hkv heads).
+    seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
+    rng = (seed_lo, seed_hi, seed_offset, dropout_threshold)
+    row_ids = b * (tl.num_programs(1) * G) + row_h
 
     if HAS_PREFIX:
         P_full = (P // BLOCK_N) * BLOCK_N
@@ -97,7 +111,8 @@ def _prefix_attention_fwd_kernel(
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), None, score_scale,
-                                             cap_scale, False, HAS_SOFTCAP, DOT_PRECISION)
+                                             cap_scale, rng, row_ids, offs_m, s * P + offs, False, HAS_SOFTCAP,
+                                             DOT_PRECISION, HAS_DROPOUT)
             for start_n in range(p_full, p_end, BLOCK_N):  # the one partial tail tile, if P % BLOCK_N
                 offs = start_n + offs_n
                 kv_mask = (offs[:, None] < P) & d_ok[None, :]
@@ -105,7 +120,8 @@ def _prefix_attention_fwd_kernel(
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
                 vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), vis, score_scale,
-                                             cap_scale, True, HAS_SOFTCAP, DOT_PRECISION)
+                                             cap_scale, rng, row_ids, offs_m, s * P + offs, True, HAS_SOFTCAP,
+                                             DOT_PRECISION, HAS_DROPOUT)
 
     m_first = start_m // G
     m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
@@ -117,20 +133,26 @@ def _prefix_attention_fwd_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                                       cap_scale, rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
     # ... interior tiles only the padding mask (if any).
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                                       cap_scale, rng, row_ids, offs_m, S * P, False, HAS_KPM, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                                       cap_scale, rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = acc * (dropout_scale / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
     o_ptrs = Out + b * stride_ob + row_h[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -139,13 +161,14 @@ def _prefix_attention_fwd_kernel(
 
 @triton.jit
 def _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b,
-                   stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
+                   stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale, rng, row_ids,
+                   query_ids, key_base,
                    EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     k, v, vis = load_sequence_tile(a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn,
                                    stride_mb, stride_mn, Lk, window, EDGE, HAS_KPM, CAUSAL, HAS_WINDOW)
-    return _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, EDGE or HAS_KPM, HAS_SOFTCAP,
-                        DOT_PRECISION)
+    return _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids,
+                        key_base + start_n + offs_n, EDGE or HAS_KPM, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
 
 def _last_dim_contiguous(t):
@@ -160,8 +183,9 @@ def score_constants(scale: float, softcap: float):
 
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool,
-                             scale: float, softcap: float, window: int):
-    """Launch the forward kernel on the normalized layout (BACKEND_INTERFACE.md). Returns (out, lse fp32)."""
+                             scale: float, softcap: float, window: int, dropout_p: float = 0.0, dropout_seed=None):
+    """Launch the forward kernel on the normalized layout (BACKEND_INTERFACE.md). Returns (out, lse fp32).
+    With dropout_p > 0, `dropout_seed` is the int64 [seed_lo, seed_hi, offset] tensor (ops/attention_dropout.py)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -180,8 +204,9 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     cfg = fit_block_m(pick_config(FWD_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * (Hq // Hkv))
     score_scale, cap_scale = score_constants(scale, softcap)
     grid = (triton.cdiv(Lq * (Hq // Hkv), cfg.block_m), Hkv, B)  # rows = (query, head of the group) pairs
+    drop = dropout_args(dropout_p, dropout_seed, q)
     _prefix_attention_fwd_kernel[grid](
-        q, k, v, pk, pv, pidx, kpm, out, lse,
+        q, k, v, pk, pv, pidx, kpm, out, lse, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -192,10 +217,10 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         Lq, Lk, P, S, Hq // Hkv, window,
-        score_scale, cap_scale,
+        score_scale, cap_scale, drop.threshold, drop.scale,
         HEAD_D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_PREFIX=has_prefix, HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-        HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype), HAS_DROPOUT=drop.enabled,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

@@ -28,7 +28,7 @@ KERNELS = [
     ("prefix_attention_bwd", "_prefix_attention_bwd_dprefix_kernel", "BWD_DPREFIX_CONFIGS"),
 ]
 _FP32_POINTERS = {"Lse", "LSE", "DELTA"}
-_FLOAT_SCALARS = {"score_scale", "cap_scale", "sm_scale"}
+_FLOAT_SCALARS = {"score_scale", "cap_scale", "sm_scale", "dropout_scale"}
 _UNIT_STRIDES = {"stride_is", "stride_mn"}  # specialized to 1 at launch, as Triton does for int args equal to 1
 
 
@@ -45,11 +45,12 @@ def _signature(kernel, dtype: str, constexprs: dict):
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.startswith("stride_") or name in ("Lq", "Lk", "P", "S", "G", "window", "num_p_tiles"):
+        elif name.startswith("stride_") or name in ("Lq", "Lk", "P", "S", "G", "window", "num_p_tiles",
+                                                    "prefix_keys", "dropout_threshold"):
             signature[name] = "i32"
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
-        elif name == "PIDX":
+        elif name in ("PIDX", "DROPOUT_SEED"):
             signature[name] = "*i64"
         elif name == "KPM":
             signature[name] = "*u8"
@@ -67,8 +68,8 @@ def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features: bo
     constexprs = dict(HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     # features=True: every feature on, the largest variant of each kernel (prefix, padding mask, causal + window,
-    # softcap, atomics); False: the plain variant (no prefix, no mask, not causal).
-    for flag in ("HAS_PREFIX", "HAS_KPM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "ATOMIC"):
+    # softcap, atomics, attention dropout); False: the plain variant (no prefix, no mask, not causal, no dropout).
+    for flag in ("HAS_PREFIX", "HAS_KPM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "ATOMIC", "HAS_DROPOUT"):
         if flag in kernel.arg_names:
             constexprs[flag] = features
     for name in _UNIT_STRIDES & set(kernel.arg_names):

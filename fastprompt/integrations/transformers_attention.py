@@ -21,7 +21,6 @@ window (PEFT's prefix slides out of the window once P + position exceeds it); ev
 from __future__ import annotations
 
 import inspect
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -431,9 +430,6 @@ def fastprompt_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_of
     return attention_mask
 
 
-_warned_dropout = False
-
-
 def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
     """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
@@ -476,44 +472,12 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
             pk, pv = pk.to(query.device), pv.to(query.device)
             pidx = pidx.to(query.device) if pidx is not None else None
 
-    if dropout and dropout > 0.0 and module.training:
-        global _warned_dropout
-        if not _warned_dropout:
-            warnings.warn("fastprompt: attention dropout > 0 in training runs an explicit (unfused) attention path")
-            _warned_dropout = True
-        out = _explicit_attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
-                                               float(scaling), softcap, window, dropout)
-        return out.transpose(1, 2), None
+    # transformers passes the module's attention dropout in training and 0 in eval; the op fuses it
+    dropout_p = float(dropout) if dropout and module.training else 0.0
 
     from fastprompt.ops import prefix_attention
 
     out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
                            causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
-                           backend=backend)
+                           dropout_p=dropout_p, backend=backend)
     return out.transpose(1, 2), None
-
-
-def _explicit_attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, softcap, window, p):
-    """The op's semantics written out (the reference), plus dropout on the probabilities. Training with attention
-    dropout only; the fused op has no dropout."""
-    from fastprompt.reference import expand_prefix, sequence_visibility
-
-    batch, hq, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    visible = sequence_visibility(lq, lk, causal=causal, window=window, device=q.device).expand(batch, lq, lk)
-    if kpm is not None:
-        visible = visible & kpm[:, None, :]
-    if pk is not None:
-        pk_b, prefix_visible = expand_prefix(pk, pidx, batch)
-        pv_b, _ = expand_prefix(pv, pidx, batch)
-        k, v = torch.cat([pk_b, k], dim=2), torch.cat([pv_b, v], dim=2)
-        visible = torch.cat([prefix_visible[:, None, :].expand(batch, lq, -1), visible], dim=2)
-    group = hq // hkv
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-    probs = torch.nn.functional.dropout(probs, p=p, training=True)
-    return torch.matmul(probs, v)

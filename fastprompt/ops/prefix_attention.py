@@ -16,6 +16,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
 from . import prefix_attention_cpu_flash as cpu_flash
+from .attention_dropout import check_dropout_p, draw_dropout_seed
 from .index_range import check_index_values, checked_index
 from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PrefixAttentionArgs, check_prefix_attention_args
 
@@ -47,23 +48,25 @@ def backend_module(name: str):
     return module
 
 
-def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool) -> Optional[str]:
+def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool,
+                               dropout_p: float = 0.0) -> Optional[str]:
     """None when backend `name` can run these (normalized) arguments, else a one-line reason."""
     try:
         module = backend_module(name)
     except ImportError as exc:
         return str(exc)
     return module.supports(args.q, args.k, args.v, args.prefix_k, args.prefix_index, args.prefix_mode,
-                           args.key_padding_mask, args.causal, args.softcap, args.window, needs_grad)
+                           args.key_padding_mask, args.causal, args.softcap, args.window, needs_grad,
+                           dropout_p=dropout_p)
 
 
-def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool) -> str:
+def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool, dropout_p: float = 0.0) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
     if backend != "auto":
-        reason = backend_unsupported_reason(backend, args, needs_grad)
+        reason = backend_unsupported_reason(backend, args, needs_grad, dropout_p)
         if reason is not None:
             raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
         return backend
@@ -71,7 +74,7 @@ def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool) -
     # On the CPU the torch path is the fast one (the Triton interpreter is for tests only).
     candidates = ("cuda", "triton") if args.q.is_cuda else ()
     for name in candidates:
-        if backend_unsupported_reason(name, args, needs_grad) is None:
+        if backend_unsupported_reason(name, args, needs_grad, dropout_p) is None:
             return name
     return "torch"
 
@@ -79,12 +82,20 @@ def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool) -
 @torch.library.custom_op("fastprompt::prefix_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                 prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
-                scale: float, softcap: float, window: int, backend: str) -> tuple[Tensor, Tensor]:
+                scale: float, softcap: float, window: int, backend: str, dropout_p: float = 0.0,
+                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    # dropout_seed: int64 [seed_lo, seed_hi, offset] (ops/attention_dropout.py); an input, so the op is a pure function
     if prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile too
         check_index_values(prefix_index, prefix_k.shape[0], "prefix_index")
     out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                               key_padding_mask, causal, scale, softcap, window)
+                                               key_padding_mask, causal, scale, softcap, window,
+                                               **_dropout_kwargs(dropout_p, dropout_seed))
     return _in_layout(out, _layout_strides(q)), lse.contiguous()
+
+
+def _dropout_kwargs(dropout_p: float, dropout_seed: Optional[Tensor]) -> dict:
+    # passed only when on, so a backend without dropout (cuda) keeps its plain signature
+    return {"dropout_p": dropout_p, "dropout_seed": dropout_seed} if dropout_p > 0 else {}
 
 
 def _dense(x: Tensor) -> bool:
@@ -133,7 +144,7 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-                  window, backend):
+                  window, backend, dropout_p=0.0, dropout_seed=None):
     return (torch.empty_strided(q.shape, _layout_strides(q), dtype=q.dtype, device=q.device),
             q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
 
@@ -142,11 +153,12 @@ def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_pa
 def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
                  prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], prefix_mode: int,
                  key_padding_mask: Optional[Tensor], lse: Tensor, delta: Tensor, causal: bool, scale: float,
-                 softcap: float, window: int, backend: str,
-                 out: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 softcap: float, window: int, backend: str, out: Optional[Tensor], dropout_p: float = 0.0,
+                 dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # `out` is passed only when the lse output carries no gradient: then the torch backend may hand the whole
     # backward to PyTorch's fused CPU kernel, which recomputes the row term from out (prefix_attention_cpu_flash).
     extra = {"out": out} if backend == "torch" and out is not None else {}
+    extra.update(_dropout_kwargs(dropout_p, dropout_seed))
     dq, dk, dv, dpk, dpv = backend_module(backend).backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
         scale, softcap, window, **extra)
@@ -159,7 +171,7 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-                   causal, scale, softcap, window, backend, out):
+                   causal, scale, softcap, window, backend, out, dropout_p=0.0, dropout_seed=None):
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
@@ -172,22 +184,24 @@ def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_m
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window, \
-        backend = inputs
+        backend = inputs[:13]
+    dropout_p, dropout_seed = inputs[13:] if len(inputs) > 13 else (0.0, None)
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-    ctx.params = (prefix_mode, causal, scale, softcap, window, backend)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed)
+    ctx.params = (prefix_mode, causal, scale, softcap, window, backend, dropout_p)
     ctx.set_materialize_grads(False)  # an unused lse then arrives as None, not as zeros to be folded in
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse = ctx.saved_tensors
-    prefix_mode, causal, scale, softcap, window, backend = ctx.params
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed = ctx.saved_tensors
+    prefix_mode, causal, scale, softcap, window, backend, dropout_p = ctx.params
     # delta = rowsum(dO * O) - dlse: the FlashAttention backward's row term, with the lse output's gradient
     # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # The fused CPU backward takes `out` instead of a row term, and only when lse carries no gradient.
-    out_for_backend = out if grad_lse is None else None
+    # The fused CPU backward takes `out` instead of a row term, and only when lse carries no gradient and there is
+    # no dropout (its mask is the op's own, regenerated from dropout_seed; delta = rowsum(dO * O) still holds).
+    out_for_backend = out if grad_lse is None and dropout_p == 0 else None
     if _fused_cpu_backward(q, softcap, backend, out_for_backend):
         delta = lse.new_empty(0)  # PyTorch's fused CPU backward forms the row term itself: don't build it twice
     else:
@@ -196,10 +210,10 @@ def _backward(ctx, grad_out, grad_lse):
             delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                         key_padding_mask, lse, delta, causal, scale, softcap, window, backend,
-                                        out_for_backend)
+                                        out_for_backend, dropout_p, dropout_seed)
     if prefix_mode == PREFIX_NONE:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastprompt::prefix_attention_forward", _backward, setup_context=_setup_context)
@@ -230,15 +244,17 @@ def _backward_flops(grad_out_shape, q_shape, k_shape, v_shape, prefix_k_shape=No
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
                      prefix_v: Optional[Tensor] = None, *, prefix_index: Optional[Tensor] = None,
                      key_padding_mask: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
-                     softcap: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
-                     return_lse: bool = False):
+                     softcap: Optional[float] = None, window: Optional[int] = None, dropout_p: float = 0.0,
+                     backend: str = "auto", return_lse: bool = False):
     """Attention of `q` over the keys `[prefix; k]` and values `[prefix; v]`, read where they live.
 
     q `[B, Hq, Lq, D]`; k, v `[B, Hkv, Lk, D]` with `Hq % Hkv == 0`. The prefix is `[Hkv, P, D]` shared by the
     batch, `[B, Hkv, P, D]` per sample, or a pool `[N, Hkv, P, D]` read through `prefix_index` `[B]` or `[B, S]`
     (S entries laid end to end; -1 = empty slot); None for no prefix. Prefix keys are always visible;
     `key_padding_mask [B, Lk]` (True = real token), bottom-right `causal`, sliding `window` and `softcap` apply as
-    in DESIGN.md §1. Returns out `[B, Hq, Lq, D]` (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32.
+    in DESIGN.md §1. `dropout_p`: dropout on the attention probabilities, fused (Philox mask regenerated in
+    backward from a seed drawn from torch's generator at call time; pass 0 in eval). Returns out `[B, Hq, Lq, D]`
+    (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32 (the softmax's, before dropout).
     """
     args = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
                                        softcap, window)
@@ -246,18 +262,21 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         t is not None and t.requires_grad for t in (args.q, args.k, args.v, args.prefix_k, args.prefix_v))
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
-    name = resolve_backend(backend, args, needs_grad)
+    dropout_p = check_dropout_p(dropout_p)
+    dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
+    name = resolve_backend(backend, args, needs_grad, dropout_p)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
         if args.prefix_mode == PREFIX_POOL:  # a custom op, so the check also runs inside a compiled graph
             prefix_index = checked_index(prefix_index, args.prefix_k.shape[0], "prefix_index")
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
                                               key_padding_mask=args.key_padding_mask, causal=args.causal,
                                               scale=args.scale, softcap=args.softcap or None,
-                                              window=None if args.window < 0 else args.window, return_lse=True)
+                                              window=None if args.window < 0 else args.window,
+                                              dropout_p=dropout_p, dropout_seed=dropout_seed, return_lse=True)
         return (out, lse.float()) if return_lse else out
     out, lse = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
                            args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
-                           args.window, name)
+                           args.window, name, dropout_p, dropout_seed)
     if return_lse:
         return out, lse.float()
     return out

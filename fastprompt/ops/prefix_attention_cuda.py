@@ -48,7 +48,9 @@ def _triton_backward_reason(q, k, v, prefix_k, prefix_index, prefix_mode, key_pa
 
 
 def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window,
-             needs_grad) -> Optional[str]:
+             needs_grad, dropout_p: float = 0.0) -> Optional[str]:
+    if dropout_p > 0.0:
+        return "the CUDA kernels have no attention dropout (the Triton backend fuses it)"
     if extension() is None:
         return extension_error()
     if not (q.is_cuda and k.is_cuda and v.is_cuda):

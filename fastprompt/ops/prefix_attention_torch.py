@@ -23,7 +23,8 @@ from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL
 NEG_INF = float("-inf")
 
 
-def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, needs_grad):
+def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, needs_grad,
+             dropout_p=0.0):
     return None  # the torch path is exact for the whole contract
 
 
@@ -89,7 +90,12 @@ def _row_max(seq: Tensor, pre: Optional[Tensor]) -> Tensor:
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-            window):
+            window, dropout_p=0.0, dropout_seed=None):
+    if dropout_p > 0:  # attention dropout: its own chunked path (prefix_attention_torch_dropout)
+        from . import prefix_attention_torch_dropout as with_dropout
+
+        return with_dropout.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
+                                    causal, scale, softcap, window, dropout_p, dropout_seed)
     if cpu_flash.applicable(q, softcap):
         return cpu_flash.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal,
                                  scale, window)
@@ -98,7 +104,13 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-             causal, scale, softcap, window, out=None):
+             causal, scale, softcap, window, out=None, dropout_p=0.0, dropout_seed=None):
+    if dropout_p > 0:
+        from . import prefix_attention_torch_dropout as with_dropout
+
+        return with_dropout.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
+                                     key_padding_mask, lse, delta, causal, scale, softcap, window, dropout_p,
+                                     dropout_seed)
     if out is not None and cpu_flash.applicable(q, softcap):
         return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
                                   key_padding_mask, lse, causal, scale, window, delta=delta)

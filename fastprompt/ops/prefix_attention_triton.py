@@ -2,7 +2,7 @@
 
 The kernels (kernels/prefix_attention_{fwd,bwd}.py) cover the whole contract: no prefix, shared, per-sample and
 pooled prefixes (empty -1 slots included), GQA/MQA, any key padding, bottom-right causal, sliding window, softcap,
-Lq != Lk, any P, head dims up to 256, fp16/bf16/fp32. `supports` names what remains (other dtypes, CPU tensors
+Lq != Lk, any P, head dims up to 256, fp16/bf16/fp32, attention dropout (Philox mask regenerated per tile). `supports` names what remains (other dtypes, CPU tensors
 without the interpreter, sizes past the kernels' index arithmetic).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _interpreting() -> bool:
 
 
 def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window,
-             needs_grad) -> Optional[str]:
+             needs_grad, dropout_p: float = 0.0) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not q.is_cuda and not _interpreting():
@@ -78,7 +78,7 @@ def _on_device(t):
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-            window):
+            window, dropout_p=0.0, dropout_seed=None):
     _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, False)
     from fastprompt.kernels.prefix_attention_fwd import prefix_attention_forward
 
@@ -87,11 +87,12 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
         return torch.zeros_like(q), torch.full((batch, hq, lq), float("-inf"), dtype=torch.float32, device=q.device)
     with _on_device(q):
         return prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal),
-                                        float(scale), float(softcap), _effective_window(window, lq, k.shape[2]))
+                                        float(scale), float(softcap), _effective_window(window, lq, k.shape[2]),
+                                        float(dropout_p), dropout_seed)
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-             scale, softcap, window):
+             scale, softcap, window, dropout_p=0.0, dropout_seed=None):
     _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, True)
     from fastprompt.kernels.prefix_attention_bwd import prefix_attention_backward
 
@@ -103,4 +104,5 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
     with _on_device(q):
         return prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, int(prefix_mode),
                                          key_padding_mask, lse.float(), delta.float(), bool(causal), float(scale),
-                                         float(softcap), _effective_window(window, lq, k.shape[2]))
+                                         float(softcap), _effective_window(window, lq, k.shape[2]),
+                                         float(dropout_p), dropout_seed)
