@@ -212,7 +212,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                      prefix_v: Optional[Tensor] = None, *, prefix_index: Optional[Tensor] = None,
                      key_padding_mask: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
                      softcap: Optional[float] = None, window: Optional[int] = None, backend: str = "auto",
-                     return_lse: bool = False):
+                     return_lse: bool = False, attn_bias: Optional[Tensor] = None,
+                     prefix_bias: Optional[Tensor] = None):
     """Attention of `q` over the keys `[prefix; k]` and values `[prefix; v]`, read where they live.
 
     q `[B, Hq, Lq, D]`; k, v `[B, Hkv, Lk, D]` with `Hq % Hkv == 0`. The prefix is `[Hkv, P, D]` shared by the
@@ -220,6 +221,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     (S entries laid end to end; -1 = empty slot); None for no prefix. Prefix keys are always visible;
     `key_padding_mask [B, Lk]` (True = real token), bottom-right `causal`, sliding `window` and `softcap` apply as
     in DESIGN.md §1. Returns out `[B, Hq, Lq, D]` (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32.
+    `attn_bias [1|B, Hq, Lq, Lk]` / `prefix_bias [1|B, Hq, Lq, S*P]`: additive score biases over the sequence /
+    prefix keys (T5's relative position bias; no gradient; torch and reference backends, see prefix_attention_bias).
     """
     args = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
                                        softcap, window)
@@ -227,6 +230,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         t is not None and t.requires_grad for t in (args.q, args.k, args.v, args.prefix_k, args.prefix_v))
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
+    if attn_bias is not None or prefix_bias is not None:
+        return _biased(args, backend, attn_bias, prefix_bias, return_lse)
     name = resolve_backend(backend, args, needs_grad)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
         out, lse = reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
@@ -240,3 +245,24 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     if return_lse:
         return out, lse.float()
     return out
+
+
+def _biased(args, backend, attn_bias, prefix_bias, return_lse):
+    """prefix_attention with additive score biases: the torch path or the reference (prefix_attention_bias)."""
+    from . import prefix_attention_bias as biased
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    reason = biased.bias_unsupported_reason(backend)
+    if reason is not None:
+        raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
+    attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
+    if backend == "reference":
+        out, lse = reference.prefix_attention(
+            args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,
+            key_padding_mask=args.key_padding_mask, causal=args.causal, scale=args.scale,
+            softcap=args.softcap or None, window=None if args.window < 0 else args.window, return_lse=True,
+            attn_bias=attn_bias, prefix_bias=prefix_bias)
+    else:
+        out, lse = biased.biased_prefix_attention(args, attn_bias, prefix_bias)
+    return (out, lse.float()) if return_lse else out
