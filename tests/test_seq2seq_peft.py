@@ -140,3 +140,17 @@ def test_seq2seq_refusals():
     patched, _ = peft_seq2seq_pair("t5", _config("prefix", num_transformer_submodules=1))
     with pytest.raises(ValueError, match="num_transformer_submodules=2"):
         fastprompt.patch_model(patched)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_prefix_gradient_checkpointing(family):
+    """PEFT refuses prefix tuning under gradient checkpointing; the patched model trains with it (non-reentrant)
+    and gets the gradients of the unpatched PEFT model without checkpointing; reentrant is refused clearly."""
+    patched, oracle = peft_seq2seq_pair(family, _config("prefix"))
+    fastprompt.patch_model(patched)
+    patched.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    _assert_parity(patched, oracle, family, "prefix")
+    patched.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="non-reentrant"):
+        _step(patched, family, "prefix")

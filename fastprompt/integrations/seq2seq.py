@@ -41,6 +41,7 @@ from .transformers_attention import (
     _AttentionState,
     _EnableToken,
     _hf_model,
+    _uses_reentrant_checkpointing,
     check_supports_attention_interface,
     fastprompt_attention_mask,
 )
@@ -150,6 +151,13 @@ def _inject_prefixes_hook(layer, args, kwargs):
     state = layer.__dict__.get(_LAYER_STATE_ATTR)
     if state is None or state.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
         return None
+    if _uses_reentrant_checkpointing(layer) and any(
+            lp.key.requires_grad or lp.value.requires_grad for lp in state.prefixes.values()):
+        # reentrant checkpointing differentiates positional inputs only: a keyword prefix would be
+        # back-propagated once per layer through one shared graph
+        raise ValueError(
+            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
     kwargs[SEQ2SEQ_PREFIXES_KWARG] = state.prefixes
     return args, kwargs
 
