@@ -302,9 +302,10 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
             pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
             pidx = pidx.to(query.device) if pidx is not None else None
         if attn_bias is not None and slot.bias_module is not None:
+            # a pool's S selected entries lie end to end: S*P prefix positions, as a cache of them would hold
             slots = pidx.reshape(pidx.shape[0], -1).shape[1] if pidx is not None else 1
-            bias = t5_prefix_bias(slot.bias_module, pk.shape[-2], query.shape[2], key.shape[2] - query.shape[2])
-            prefix_bias = (bias.repeat(1, 1, 1, slots) if slots > 1 else bias).to(query.dtype)
+            prefix_bias = t5_prefix_bias(slot.bias_module, pk.shape[-2] * slots, query.shape[2],
+                                         key.shape[2] - query.shape[2]).to(query.dtype)
 
     if dropout and dropout > 0.0 and module.training:
         out = _attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
@@ -417,3 +418,43 @@ def _seq2seq_prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **
         return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
     # the cache holds real tokens only; the prefix is read by the attention (no get_prompt cache at prefill)
     return self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastprompt's own prompts (prompt_attach) on encoder-decoder models
+
+
+def check_own_prompt_seq2seq(model, prompt) -> None:
+    """Prefix-placement prompts (PrefixTuning, PTuningV2, PromptPool, MultiTaskPrompt with prefix placement) go to
+    the decoder's self-attention, layer l of the prompt to decoder layer l, with PEFT's encoder-decoder semantics
+    (the prefix sits where a P-long cache would: BART decoder positions start at P, T5's prefix keys take the
+    relative positions 0..P-1). Input-level prompts are refused here (generate() runs the encoder apart from the
+    patched forward, so a prompt before the encoder input would be silently dropped there): PEFT's PromptTuning /
+    P-tuning patched with patch_model cover that case."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise ValueError(f"fastprompt: encoder-decoder model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(SEQ2SEQ_MODEL_TYPES)})")
+    if prompt.placement != "prefix":
+        raise NotImplementedError(
+            f"fastprompt: {type(prompt).__name__} with placement={prompt.placement!r} on an encoder-decoder model is "
+            "not supported; use a prefix-placement prompt, or PEFT's PromptTuning / P-tuning with "
+            "fastprompt.patch_model(peft_model)")
+    layers, heads, dim = _decoder_dims(model)
+    config = prompt.config
+    if (config.num_layers, config.num_kv_heads, config.head_dim) != (layers, heads, dim):
+        raise ValueError(
+            f"fastprompt: {type(prompt).__name__} is shaped for {config.num_layers} layers x {config.num_kv_heads} "
+            f"heads x {config.head_dim} dims; the decoder of {model_type!r} has {layers} x {heads} x {dim}")
+
+
+class own_prompt_prefixes(decoder_prefixes):
+    """`{layer: LayerPrefix}` from a fastprompt prompt module, placed in the decoder's self-attention."""
+
+    def __init__(self, model, prefixes):
+        from .transformers_attention import _normalize_prefixes
+
+        placed = {("self", layer): lp for layer, lp in _normalize_prefixes(prefixes).items()}
+        shift = max((lp.key.shape[-2] * (lp.index.reshape(lp.index.shape[0], -1).shape[1]
+                                         if lp.index is not None else 1) for lp in placed.values()), default=0)
+        super().__init__(model, placed, position_shift=shift)
