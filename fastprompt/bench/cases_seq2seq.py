@@ -3,7 +3,7 @@
 - training step (forward + backward + AdamW step) on a summarization-shaped batch: source S, target T, prefix P;
 - summarization-style greedy generation of T new tokens.
 Shapes: the issue's reference B=8, source 256, target 64, P=20 on a small random T5 (v1.1-style gated-GELU);
-"smoke" shrinks everything for the tests.
+"default" mode runs a smaller T5 on a shorter batch on the CPU; "smoke" shrinks everything for the tests.
 """
 from __future__ import annotations
 
@@ -110,7 +110,12 @@ def seq2seq_cases(mode: str = "default", gpu: bool = False) -> list:
     if mode == "smoke":
         tiny = T5Shape(layers=2, d_model=32, heads=4, d_kv=8, d_ff=64, vocab=128)
         return [seq2seq_train_case(tiny, 2, 16, 8, 4, reps=1)]  # the generate row runs from "quick" up
-    shape = T5Shape() if mode != "quick" else T5Shape(layers=2, d_model=128, heads=4, d_kv=32, d_ff=256, vocab=512)
+    if mode == "full" or gpu:  # the reference shape
+        shape, batch, source, target = T5Shape(), 8, 256, 64
+    elif mode == "default":  # the reference shape takes minutes per row on a 2-core CPU
+        shape, batch, source, target = T5Shape(layers=2, d_model=128, heads=4, d_kv=32, d_ff=256, vocab=512), 4, 128, 32
+    else:
+        shape, batch, source, target = T5Shape(layers=2, d_model=64, heads=4, d_kv=16, d_ff=128, vocab=256), 2, 64, 16
     reps = 3 if mode == "full" else 2
-    return [seq2seq_train_case(shape, 8, 256, 64, 20, reps=reps),
-            seq2seq_generate_case(shape, 8, 256, 64, 20, reps=reps)]
+    return [seq2seq_train_case(shape, batch, source, target, 20, reps=reps),
+            seq2seq_generate_case(shape, batch, source, target, 20, reps=reps)]
