@@ -25,7 +25,6 @@ positions are shifted by P (a pre-hook on its positional embedding).
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
