@@ -52,10 +52,13 @@ def sequence_visibility(lq: int, lk: int, *, causal: bool, window: Optional[int]
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None, key_padding_mask=None,
                      causal=True, scale=None, softcap=None, window=None, dropout_p=0.0, dropout_seed=None,
-                     return_lse=False):
+                     return_lse=False, attn_bias=None, prefix_bias=None):
     """Same contract as `fastprompt.ops.prefix_attention` (DESIGN.md §1), computed in q's dtype. With dropout_p > 0,
     `dropout_seed` is the int64 `[seed_lo, seed_hi, offset]` the op drew (fastprompt.ops.attention_dropout); lse
-    stays the softmax's, before dropout."""
+    stays the softmax's, before dropout.
+
+    attn_bias `[1|B, Hq, Lq, Lk]` / prefix_bias `[1|B, Hq, Lq, S*P]`: added to the (capped) scores of the sequence /
+    prefix keys (T5's relative position bias)."""
     batch, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -78,6 +81,13 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if attn_bias is not None or prefix_bias is not None:
+        zeros = lambda n: scores.new_zeros(1, hq, lq, n)
+        bias = (attn_bias if attn_bias is not None else zeros(lk)).to(scores.dtype).expand(batch, -1, -1, -1)
+        if pk is not None:
+            pre = (prefix_bias if prefix_bias is not None else zeros(pk.shape[2])).to(scores.dtype)
+            bias = torch.cat([pre.expand(batch, -1, -1, -1), bias], dim=-1)
+        scores = scores + bias
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
 
     lse = torch.logsumexp(scores, dim=-1)

@@ -48,7 +48,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
             train_case("pool", tiny, 2, 16, 4, reps=1),
             generate_case(tiny, 2, 8, 4, 3, reps=1),
             generate_case(tiny, 4, 8, 4, 3, tasks=2, reps=1),
-        ] + seed_cases(mode)
+        ] + seed_cases(mode) + _seq2seq_cases(mode, gpu)
 
     seqs = (128, 512, 1024, 2048, 4096) if gpu else (64, 128, 256, 512)
     prefixes = (8, 32, 100, 200) if gpu else (8, 32, 128, 200)
@@ -107,7 +107,13 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
                                     tags=("sweep_dim",)))
         for s in (256, 1024):
             sweeps.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
-    return cases + seed_cases(mode) + sweeps  # sweeps last: under a time budget they are what gets skipped
+    return cases + seed_cases(mode) + _seq2seq_cases(mode, gpu) + sweeps  # sweeps last: under a time budget they are what gets skipped
+
+
+def _seq2seq_cases(mode, gpu):
+    from .cases_seq2seq import seq2seq_cases  # encoder-decoder rows (T5 prefix tuning), own module
+
+    return seq2seq_cases(mode, gpu)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ def _check_patchable(model):
     if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
         raise ValueError(f"fastprompt: PEFT method {peft_type} is not supported by patch_model")
     task = _value(config.task_type)
+    if task == "SEQ_2_SEQ_LM":  # encoder-decoder models: their own checks (T5 / mT5 / BART)
+        from .seq2seq import check_seq2seq_patchable
+
+        return check_seq2seq_patchable(model, config)
     if task not in SUPPORTED_TASK_TYPES:
         raise ValueError(
             f"fastprompt: task type {task} is not supported (supported: {', '.join(SUPPORTED_TASK_TYPES)})")
@@ -126,14 +130,20 @@ def patch_peft_model(model, *, backend: str = "auto"):
         raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
     if is_patched(model):
         record = model.__dict__[_PATCH_ATTR]
-        if record.method == "prefix" and backend != record.backend:
+        if record.method in ("prefix", "seq2seq_prefix") and backend != record.backend:
             set_backend(model.get_base_model(), backend)
             record.backend = backend
         return model
     config = _check_patchable(model)
     method = "prefix" if _value(config.peft_type) == "PREFIX_TUNING" else "input"
+    if method == "prefix" and _value(config.task_type) == "SEQ_2_SEQ_LM":
+        method = "seq2seq_prefix"
     record = _PeftPatch(method=method, backend=backend)
-    if method == "prefix":
+    if method == "seq2seq_prefix":
+        from .seq2seq import seq2seq_prefix_replacements
+
+        replacements = seq2seq_prefix_replacements(model, record, backend)
+    elif method == "prefix":
         record.layout = model_layout(model.get_base_model())
         record.layers = _find_layers(model.get_base_model())[1]
         record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
@@ -164,7 +174,7 @@ def unpatch_peft_model(model):
     from .prompt_hoisting import uninstall_peft_hoisting
 
     uninstall_peft_hoisting(model)
-    names = ("forward", "generate", "prepare_inputs_for_generation") if record.method == "prefix" else ("get_prompt",)
+    names = ("get_prompt",) if record.method == "input" else ("forward", "generate", "prepare_inputs_for_generation")
     for name in names:
         if name in model.__dict__:
             object.__delattr__(model, name)

@@ -68,6 +68,11 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
             return model  # patching twice with the same prompt is a no-op
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
     prompt.check_compatible(model)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
+        from .seq2seq import check_own_prompt_seq2seq
+
+        check_own_prompt_seq2seq(model, prompt)
     if prompt.placement == "input" and model.get_input_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings: input-level prompts cannot be placed")
 
@@ -81,11 +86,12 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
 
     token = None
     if prompt.placement == "prefix":
+        from .seq2seq import enable_seq2seq_attention
         from .transformers_attention import enable_fastprompt_attention
 
         kwargs = {} if backend is None else {"backend": backend}
         try:
-            token = enable_fastprompt_attention(model, **kwargs)
+            token = (enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)(model, **kwargs)
         except Exception:
             _restore_requires_grad(model, requires_grad)
             raise
@@ -240,7 +246,7 @@ def _wrapped_signature(signature: inspect.Signature, accepts_var_kwargs: bool) -
 
 
 def _batch_size(kw) -> int:
-    for name in ("input_ids", "inputs_embeds"):
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         t = kw.get(name)
         if t is not None:
             return t.shape[0]
@@ -297,10 +303,12 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
             if task is not None:
                 out = real_token_outputs(task, out, num, spans)
     else:
+        from .seq2seq import own_prompt_prefixes
         from .transformers_attention import layer_prefixes
 
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
-        with layer_prefixes(model, prefixes), query_pass.reusing_lower_layers(model, reuse, kw, state.signature):
+        place = own_prompt_prefixes if getattr(model.config, "is_encoder_decoder", False) else layer_prefixes
+        with place(model, prefixes), query_pass.reusing_lower_layers(model, reuse, kw, state.signature):
             out = state.bound_forward(**kw)
     if heads is not None and prefill:
         out = attach_head_outputs(prompt, out, head_mask, task_ids, head_labels)

@@ -245,7 +245,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                      prefix_v: Optional[Tensor] = None, *, prefix_index: Optional[Tensor] = None,
                      key_padding_mask: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
                      softcap: Optional[float] = None, window: Optional[int] = None, dropout_p: float = 0.0,
-                     backend: str = "auto", return_lse: bool = False):
+                     backend: str = "auto", return_lse: bool = False, attn_bias: Optional[Tensor] = None,
+                     prefix_bias: Optional[Tensor] = None):
     """Attention of `q` over the keys `[prefix; k]` and values `[prefix; v]`, read where they live.
 
     q `[B, Hq, Lq, D]`; k, v `[B, Hkv, Lk, D]` with `Hq % Hkv == 0`. The prefix is `[Hkv, P, D]` shared by the
@@ -255,6 +256,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     in DESIGN.md §1. `dropout_p`: dropout on the attention probabilities, fused (Philox mask regenerated in
     backward from a seed drawn from torch's generator at call time; pass 0 in eval). Returns out `[B, Hq, Lq, D]`
     (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32 (the softmax's, before dropout).
+    `attn_bias [1|B, Hq, Lq, Lk]` / `prefix_bias [1|B, Hq, Lq, S*P]`: additive score biases over the sequence /
+    prefix keys (T5's relative position bias; no gradient; torch and reference backends, see prefix_attention_bias).
     """
     args = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
                                        softcap, window)
@@ -263,6 +266,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
     dropout_p = check_dropout_p(dropout_p)
+    if attn_bias is not None or prefix_bias is not None:
+        if dropout_p > 0:
+            raise NotImplementedError(
+                "prefix_attention: dropout_p > 0 together with attn_bias / prefix_bias (T5 training with attention "
+                "dropout) is not fused yet; train with dropout off in attention (e.g. T5 config dropout_rate=0.0) "
+                "or in eval mode")
+        return _biased(args, backend, attn_bias, prefix_bias, return_lse)
     dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
     name = resolve_backend(backend, args, needs_grad, dropout_p)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
@@ -280,3 +290,24 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     if return_lse:
         return out, lse.float()
     return out
+
+
+def _biased(args, backend, attn_bias, prefix_bias, return_lse):
+    """prefix_attention with additive score biases: the torch path or the reference (prefix_attention_bias)."""
+    from . import prefix_attention_bias as biased
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    reason = biased.bias_unsupported_reason(backend)
+    if reason is not None:
+        raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
+    attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
+    if backend == "reference":
+        out, lse = reference.prefix_attention(
+            args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,
+            key_padding_mask=args.key_padding_mask, causal=args.causal, scale=args.scale,
+            softcap=args.softcap or None, window=None if args.window < 0 else args.window, return_lse=True,
+            attn_bias=attn_bias, prefix_bias=prefix_bias)
+    else:
+        out, lse = biased.biased_prefix_attention(args, attn_bias, prefix_bias)
+    return (out, lse.float()) if return_lse else out

@@ -59,8 +59,10 @@ _GRAD_EQ = {PREFIX_SHARED: "bhgqp,bhgqd->hpd", PREFIX_PER_SAMPLE: "bhgqp,bhgqd->
             PREFIX_POOL: "bhgqsp,bhgqd->bshpd"}
 
 
-def _scores(qg, k, pk, prefix_index, mode, key_padding_mask, causal, scale, softcap, window):
-    """Capped, masked scores: (sequence `[B,Hkv,G,Lq,Lk]`, prefix `[B,Hkv,G,Lq,(S,)P]` or None, tanh terms)."""
+def _scores(qg, k, pk, prefix_index, mode, key_padding_mask, causal, scale, softcap, window, seq_bias=None,
+            pre_bias=None):
+    """Capped, biased, masked scores: (sequence `[B,Hkv,G,Lq,Lk]`, prefix `[B,Hkv,G,Lq,(S,)P]` or None, tanh terms).
+    seq_bias / pre_bias: additive biases already shaped to broadcast against those (see _grouped_bias)."""
     seq = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
     pre = torch.einsum(_SCORE_EQ[mode], qg, pk) * scale if mode != PREFIX_NONE else None
     seq_tanh = pre_tanh = None
@@ -70,6 +72,10 @@ def _scores(qg, k, pk, prefix_index, mode, key_padding_mask, causal, scale, soft
         if pre is not None:
             pre_tanh = torch.tanh(pre / softcap)
             pre = pre_tanh * softcap
+    if seq_bias is not None:
+        seq = seq + seq_bias
+    if pre_bias is not None and pre is not None:
+        pre = pre + pre_bias
     position_mask, padding_mask = _sequence_masks(qg[:, :, 0], k.shape[2], key_padding_mask, causal, window)
     if position_mask is not None:
         seq = seq.masked_fill(position_mask, NEG_INF)
@@ -120,8 +126,20 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
                              lse, delta, causal, scale, softcap, window)
 
 
+def _grouped_bias(bias, hkv, mode, slots):
+    """An additive bias `[1|B, Hq, Lq, N]` viewed as the grouped scores' `[1|B, Hkv, G, Lq, N]` (pool prefix:
+    `[..., S, P]`), a view, in float. None stays None."""
+    if bias is None:
+        return None
+    b, hq, lq, n = bias.shape
+    grouped = bias.reshape(b, hkv, hq // hkv, lq, n)
+    if mode == PREFIX_POOL and slots is not None:
+        grouped = grouped.reshape(b, hkv, hq // hkv, lq, slots, n // slots)
+    return grouped
+
+
 def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                     softcap, window):
+                     softcap, window, attn_bias=None, prefix_bias=None):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     acc = _accumulator_dtype(q.dtype)
@@ -131,7 +149,10 @@ def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key
     if prefix_mode != PREFIX_NONE:
         pk = _selected_prefix(prefix_k, prefix_index, prefix_mode, acc)
         pv = _selected_prefix(prefix_v, prefix_index, prefix_mode, acc)
-    seq, pre, _, _ = _scores(qg, kf, pk, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window)
+    slots = prefix_index.shape[1] if prefix_index is not None else None
+    seq, pre, _, _ = _scores(qg, kf, pk, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window,
+                             _grouped_bias(attn_bias, hkv, prefix_mode, None),
+                             _grouped_bias(prefix_bias, hkv, prefix_mode, slots))
 
     row_max = _row_max(seq, pre)
     empty = torch.isinf(row_max)  # every key hidden: all scores are -inf
@@ -151,7 +172,7 @@ def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key
 
 
 def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse,
-                      delta, causal, scale, softcap, window):
+                      delta, causal, scale, softcap, window, attn_bias=None, prefix_bias=None):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -167,8 +188,10 @@ def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefi
     if prefix_mode != PREFIX_NONE:
         pk = _selected_prefix(prefix_k, prefix_index, prefix_mode, acc)
         pv = _selected_prefix(prefix_v, prefix_index, prefix_mode, acc)
+    slots = prefix_index.shape[1] if prefix_index is not None else None
     seq, pre, seq_tanh, pre_tanh = _scores(qg, kf, pk, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                                           softcap, window)
+                                           softcap, window, _grouped_bias(attn_bias, hkv, prefix_mode, None),
+                                           _grouped_bias(prefix_bias, hkv, prefix_mode, slots))
 
     def score_grad(p, dp, tanh_term, pad):
         ds = p * (dp - delta_g[..., None] if pad == 0 else dp - delta_g[..., None, None])

@@ -53,7 +53,7 @@ def model_dims(model_or_config) -> Dict[str, Any]:
             f"cannot read hidden_size / num_hidden_layers / num_attention_heads from {type(config).__name__}"
         )
     kv_heads = get("num_key_value_heads", "n_head_kv") or heads
-    head_dim = get("head_dim") or hidden // heads
+    head_dim = get("head_dim", "d_kv") or hidden // heads  # d_kv: T5 / mT5 (Flan-T5 small: 512 // 6 != 64)
     return dict(
         hidden_size=int(hidden),
         num_layers=int(layers),

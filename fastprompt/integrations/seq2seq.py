@@ -1,0 +1,459 @@
+"""Encoder-decoder prompt learning (T5 / Flan-T5 / mT5, BART): PEFT's methods on SEQ_2_SEQ_LM, patched.
+
+What PEFT 0.21.2 computes (read from peft_model.py, and checked by instrumenting the attention on transformers
+5.23.0 and 5.24.0, which agree):
+- Prompt tuning / P-tuning: the first P of the `num_transformer_submodules`·P prompt vectors go before the encoder
+  input (attention_mask gets P ones); the decoder gets nothing. Multitask prompt tuning: the same before the encoder,
+  and with num_transformer_submodules=2 the second P vectors before the decoder input (labels get P times -100,
+  decoder_attention_mask P ones). fastprompt only replaces `get_prompt` there (peft.py `_input_get_prompt`: the
+  encoder runs once on the virtual tokens, the prompt is expanded, not repeated B times); PEFT's forward does the rest.
+- Prefix tuning: `get_prompt` builds an EncoderDecoderCache from the prefix and then RESETS its cross-attention
+  cache to an empty DynamicCache (PEFT: "invalidate the cross attention cache"), so the prefix reaches the decoder's
+  self-attention only; the encoder and the cross-attention see none. Which prefix rows layer l reads follows from
+  PEFT duplicating the `[.., 2L, ..]` K/V rows and splitting them in chunks of 4: self-attention K/V of layer l are
+  rows (4l mod 2L, 4l+1 mod 2L) of the adapter's `(P, 2L, H, D)` view. The decoder sees a P-long cache: BART's
+  learned positions start at P, T5's relative position bias is computed with the prefix keys at positions 0..P-1
+  and the queries at P + past + i.
+
+The patched prefix path keeps those semantics without the cache: the prefix encoder runs once on P tokens, each
+decoder layer's self-attention reads its `[H, P, D]` prefix in place through `prefix_attention` (no B-fold copies, no
+concatenated K/V, no 4D mask), the KV cache holds real tokens only (generation: the encoder runs once, beams share
+the one prefix). T5's position bias reaches the op as `attn_bias` (what T5 computed for the real keys, unchanged:
+relative positions between real tokens do not move) plus `prefix_bias` for the prefix keys, computed here from the
+first layer's relative attention bias exactly as T5's `compute_bias` does for a P-longer cache. BART's decoder
+positions are shifted by P (a pre-hook on its positional embedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .transformers_attention import (
+    _LAYER_STATE_ATTR,
+    _SLOT_ATTR,
+    _STATE_ATTR,
+    LayerPrefix,
+    _AttentionSlot,
+    _AttentionState,
+    _EnableToken,
+    _hf_model,
+    _uses_reentrant_checkpointing,
+    check_supports_attention_interface,
+    fastprompt_attention_mask,
+)
+
+SEQ2SEQ_ATTENTION_NAME = "fastprompt_seq2seq"
+SEQ2SEQ_PREFIXES_KWARG = "fastprompt_seq2seq_prefixes"
+SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "bart")
+
+__all__ = ["SEQ2SEQ_MODEL_TYPES", "check_seq2seq_patchable", "enable_seq2seq_attention", "seq2seq_prefixes",
+           "decoder_prefixes", "peft_seq2seq_layer_prefixes", "t5_prefix_bias"]
+
+
+def _value(x):
+    return getattr(x, "value", x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model structure
+
+
+def _stacks(hf):
+    """(encoder, decoder) stacks of a T5 / mT5 / BART model."""
+    return hf.get_encoder(), hf.get_decoder()
+
+
+def _layers(stack) -> torch.nn.ModuleList:
+    for name in ("block", "layers"):
+        layers = getattr(stack, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise TypeError(f"fastprompt: cannot find the layers of {type(stack).__name__}")
+
+
+def _self_attention(layer):
+    return layer.layer[0].SelfAttention if hasattr(layer, "layer") else layer.self_attn
+
+
+def _cross_attention(layer):
+    if hasattr(layer, "layer"):
+        return layer.layer[1].EncDecAttention if len(layer.layer) > 2 else None
+    return getattr(layer, "encoder_attn", None)
+
+
+def _decoder_dims(hf):
+    config = hf.config
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+    heads = getattr(config, "num_heads", None) or getattr(config, "decoder_attention_heads", None)
+    dim = getattr(config, "d_kv", None) or config.d_model // heads
+    return layers, heads, dim
+
+
+def check_seq2seq_patchable(model, config):
+    """The checks of peft.patch_peft_model for SEQ_2_SEQ_LM adapters; returns the adapter config."""
+    hf = model.get_base_model()
+    model_type = getattr(hf.config, "model_type", type(hf).__name__)
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        check_supports_attention_interface(hf)
+        raise ValueError(
+            f"fastprompt: model_type {model_type!r} ({type(hf).__name__}) is not supported for SEQ_2_SEQ_LM by "
+            f"patch_model: its prompt-learning semantics were not validated (supported: "
+            f"{', '.join(SEQ2SEQ_MODEL_TYPES)})")
+    # T5 / mT5 / BART call ALL_ATTENTION_FUNCTIONS.get_interface in their attention (transformers 5) without
+    # declaring _supports_attention_backend; the switch itself is verified in enable_seq2seq_attention.
+    if _value(config.peft_type) == "PREFIX_TUNING":
+        if config.num_transformer_submodules != 2:
+            raise ValueError(
+                "fastprompt: SEQ_2_SEQ_LM prefix tuning needs num_transformer_submodules=2 (PEFT's default for "
+                f"encoder-decoder models), got {config.num_transformer_submodules}")
+        layers, heads, dim = _decoder_dims(hf)
+        if (config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads) != (
+                layers, heads, dim):
+            raise ValueError(
+                f"fastprompt: the prefix is shaped for {config.num_layers} layers x {config.num_attention_heads} "
+                f"heads x {config.token_dim // config.num_attention_heads} dims but the decoder of {model_type!r} has "
+                f"{layers} x {heads} x {dim}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention plumbing: the "fastprompt_seq2seq" implementation
+
+
+@dataclass
+class _Seq2SeqSlot(_AttentionSlot):
+    role: str = "self"                  # "encoder" | "self" (decoder self-attention) | "cross"
+    bias_module: Any = None             # T5: the stack's first self-attention (owner of relative_attention_bias)
+
+
+_registered = False
+
+
+def _register_once() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEQ2SEQ_ATTENTION_NAME, seq2seq_attention_forward)
+    AttentionMaskInterface.register(SEQ2SEQ_ATTENTION_NAME, fastprompt_attention_mask)
+    _registered = True
+
+
+def _inject_prefixes_hook(layer, args, kwargs):
+    # As in transformers_attention: the prefixes travel as a layer keyword, so a checkpointed layer's recompute
+    # (after the patched forward returned) reads the same tensors.
+    state = layer.__dict__.get(_LAYER_STATE_ATTR)
+    if state is None or state.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
+        return None
+    if _uses_reentrant_checkpointing(layer) and any(
+            lp.key.requires_grad or lp.value.requires_grad for lp in state.prefixes.values()):
+        # reentrant checkpointing differentiates positional inputs only: a keyword prefix would be
+        # back-propagated once per layer through one shared graph
+        raise ValueError(
+            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+    kwargs[SEQ2SEQ_PREFIXES_KWARG] = state.prefixes
+    return args, kwargs
+
+
+def _shift_positions_hook(module, args, kwargs):
+    # BART's learned decoder positions: PEFT's P-long cache makes real tokens start at P
+    state = module.__dict__.get(_LAYER_STATE_ATTR)
+    shift = getattr(state, "position_shift", 0) if state is not None and state.prefixes is not None else 0
+    if not shift:
+        return None
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    elif len(args) >= 2:
+        args = (args[0], args[1] + shift, *args[2:])
+    else:
+        kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
+    return args, kwargs
+
+
+def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
+    """Switch THIS encoder-decoder model to the "fastprompt_seq2seq" attention; returns the restore token
+    (transformers_attention.disable_fastprompt_attention undoes it)."""
+    from .transformers_attention import _check_backend
+
+    _check_backend(backend)
+    hf = _hf_model(model)
+    if getattr(hf, _STATE_ATTR, None) is not None:
+        raise ValueError("fastprompt: this model already runs fastprompt attention; unpatch it first")
+    _register_once()
+    previous = hf.config._attn_implementation
+    state = _AttentionState(backend)
+    state.position_shift = 0
+    slotted, hooks = [], []
+    encoder, decoder = _stacks(hf)
+    for role_stack, stack in (("encoder", encoder), ("decoder", decoder)):
+        layers = _layers(stack)
+        first = _self_attention(layers[0])
+        bias_module = first if getattr(first, "has_relative_attention_bias", False) else None
+        for idx, layer in enumerate(layers):
+            attn = _self_attention(layer)
+            attn.__dict__[_SLOT_ATTR] = _Seq2SeqSlot(idx, state, "encoder" if role_stack == "encoder" else "self",
+                                                      bias_module)
+            slotted.append(attn)
+            cross = _cross_attention(layer)
+            if cross is not None:
+                cross.__dict__[_SLOT_ATTR] = _Seq2SeqSlot(idx, state, "cross", None)
+                slotted.append(cross)
+            object.__setattr__(layer, _LAYER_STATE_ATTR, state)
+            slotted.append(layer)
+            hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
+    positions = getattr(decoder, "embed_positions", None)
+    if positions is not None:
+        object.__setattr__(positions, _LAYER_STATE_ATTR, state)
+        slotted.append(positions)
+        hooks.append(positions.register_forward_pre_hook(_shift_positions_hook, with_kwargs=True))
+    hf.set_attn_implementation(SEQ2SEQ_ATTENTION_NAME)
+    if hf.config._attn_implementation != SEQ2SEQ_ATTENTION_NAME:
+        for hook in hooks:
+            hook.remove()
+        for sub in slotted:
+            for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
+                sub.__dict__.pop(attr, None)
+        raise TypeError(f"fastprompt: {type(hf).__name__} refused the attention implementation switch")
+    object.__setattr__(hf, _STATE_ATTR, state)
+    return _EnableToken(hf, previous, hooks, slotted)
+
+
+class decoder_prefixes:
+    """Inside the block, decoder layer l's self-attention reads `prefixes[("self", l)]` (and cross-attention
+    `prefixes[("cross", l)]`, encoder layer l `prefixes[("encoder", l)]` where given). `position_shift`: how far the
+    prefix moves learned decoder positions (PEFT: P)."""
+
+    def __init__(self, model, prefixes: dict, position_shift: int = 0):
+        self.state = getattr(_hf_model(model), _STATE_ATTR, None)
+        if self.state is None or not hasattr(self.state, "position_shift"):
+            raise ValueError("fastprompt: decoder_prefixes needs enable_seq2seq_attention(model) first")
+        self.prefixes, self.shift = prefixes, position_shift
+
+    def __enter__(self):
+        self.previous = (self.state.prefixes, self.state.position_shift)
+        self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
+        return self.prefixes
+
+    def __exit__(self, *exc):
+        self.state.prefixes, self.state.position_shift = self.previous
+        return False
+
+
+def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -> Tensor:
+    """T5's relative position bias `[1, H, Lq, P]` for P prefix keys at positions 0..P-1 seen by queries at
+    positions P + past + i (PEFT's prefix-as-cache), as T5Attention.compute_bias computes it for that cache."""
+    device = bias_module.relative_attention_bias.weight.device
+    context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + (past + num_prefix)
+    memory = torch.arange(num_prefix, dtype=torch.long, device=device)[None, :]
+    buckets = bias_module._relative_position_bucket(
+        memory - context, bidirectional=not bias_module.is_decoder,
+        num_buckets=bias_module.relative_attention_num_buckets,
+        max_distance=bias_module.relative_attention_max_distance)
+    return bias_module.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                              scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """AttentionInterface function of encoder-decoder models: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]`."""
+    from fastprompt.ops import prefix_attention
+
+    slot = module.__dict__.get(_SLOT_ATTR)
+    prefixes = kwargs.get(SEQ2SEQ_PREFIXES_KWARG)
+    if prefixes is None and slot is not None:
+        prefixes = slot.state.prefixes
+    role = slot.role if isinstance(slot, _Seq2SeqSlot) else None
+    prefix = prefixes.get((role, slot.layer_idx)) if (prefixes and role is not None) else None
+    backend = slot.state.backend if slot is not None else "auto"
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"fastprompt attention expects a 2D key padding mask (or None); got a "
+                             f"{attention_mask.dim()}D mask")
+        attention_mask = attention_mask.to(torch.bool)
+        if attention_mask.shape[1] < key.shape[2]:  # static cache: drop the empty trailing slots
+            key, value = key[:, :, : attention_mask.shape[1]], value[:, :, : attention_mask.shape[1]]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    if role == "cross":
+        is_causal = False
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    # T5: position_bias is what T5 computed for the keys it sees (real tokens only here). Its cross-attention has no
+    # relative bias (the bias is zeros): dropped, so the fast paths run.
+    attn_bias = prefix_bias = None
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None and role != "cross":
+        attn_bias = position_bias[..., : key.shape[2]]
+        if attn_bias.requires_grad and attn_bias.grad_fn is None:
+            attn_bias = attn_bias.detach()  # T5's zeros marked requires_grad for checkpointing: nothing to learn
+    pk = pv = pidx = None
+    if prefix is not None:
+        pk, pv, pidx = prefix.key, prefix.value, prefix.index
+        if pk.dtype != query.dtype or pk.device != query.device:
+            pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
+            pidx = pidx.to(query.device) if pidx is not None else None
+        if attn_bias is not None and slot.bias_module is not None:
+            # a pool's S selected entries lie end to end: S*P prefix positions, as a cache of them would hold
+            slots = pidx.reshape(pidx.shape[0], -1).shape[1] if pidx is not None else 1
+            prefix_bias = t5_prefix_bias(slot.bias_module, pk.shape[-2] * slots, query.shape[2],
+                                         key.shape[2] - query.shape[2]).to(query.dtype)
+
+    if dropout and dropout > 0.0 and module.training:
+        out = _attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
+                                      float(scaling), attn_bias, prefix_bias, dropout)
+        return out.transpose(1, 2), None
+    out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
+                           causal=bool(is_causal), scale=float(scaling), backend=backend,
+                           attn_bias=attn_bias, prefix_bias=prefix_bias)
+    return out.transpose(1, 2), None
+
+
+def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p):
+    """The op's semantics written out, plus dropout on the probabilities (training with attention dropout)."""
+    from fastprompt.reference import expand_prefix, sequence_visibility
+
+    batch, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    visible = sequence_visibility(lq, lk, causal=causal, window=None, device=q.device).expand(batch, lq, lk)
+    if kpm is not None:
+        visible = visible & kpm[:, None, :]
+    bias = attn_bias.expand(batch, -1, -1, -1) if attn_bias is not None else None
+    if pk is not None:
+        pk_b, prefix_visible = expand_prefix(pk, pidx, batch)
+        pv_b, _ = expand_prefix(pv, pidx, batch)
+        k, v = torch.cat([pk_b, k], dim=2), torch.cat([pv_b, v], dim=2)
+        visible = torch.cat([prefix_visible[:, None, :].expand(batch, lq, -1), visible], dim=2)
+        if bias is not None:
+            pre = prefix_bias if prefix_bias is not None else bias.new_zeros(1, hq, lq, pk_b.shape[2])
+            bias = torch.cat([pre.expand(batch, -1, -1, -1), bias], dim=-1)
+    group = hq // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(torch.nn.functional.dropout(probs, p=p, training=True), v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT prefix tuning on SEQ_2_SEQ_LM
+
+
+def peft_seq2seq_layer_prefixes(kv: Tensor) -> dict:
+    """Decoder self-attention prefixes from the adapter's `[2L, H, P, D]` K/V, in PEFT's layer order (see the
+    module docstring: layer l reads rows 4l mod 2L and 4l+1 mod 2L)."""
+    rows = kv.shape[0]
+    return {("self", layer): LayerPrefix(kv[(4 * layer) % rows], kv[(4 * layer + 1) % rows])
+            for layer in range(rows // 2)}
+
+
+def seq2seq_prefixes(model) -> dict:
+    from .peft import prefix_kv
+
+    return peft_seq2seq_layer_prefixes(prefix_kv(model))
+
+
+def seq2seq_prefix_replacements(model, record, backend: str) -> dict:
+    """Called by peft.patch_peft_model: enable the attention, return the PeftModel methods to replace."""
+    record.attention_token = enable_seq2seq_attention(model.get_base_model(), backend=backend)
+    return {"forward": _seq2seq_prefix_forward, "generate": _seq2seq_prefix_generate,
+            "prepare_inputs_for_generation": _seq2seq_prefix_prepare_inputs_for_generation}
+
+
+def _is_active_prefix(model) -> bool:
+    return _value(model.active_peft_config.peft_type) == "PREFIX_TUNING"
+
+
+def _check_attention(model):
+    attn = model.get_base_model().config._attn_implementation
+    if attn != SEQ2SEQ_ATTENTION_NAME:
+        raise RuntimeError(
+            f"fastprompt: the patched model's attention implementation was changed to {attn!r}; the prefix only "
+            "reaches the attention through fastprompt's. Call unpatch_model(model) before switching it.")
+
+
+def _seq2seq_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                            decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                            **kwargs):
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=return_dict)
+    if not _is_active_prefix(self):  # the active adapter changed since patching
+        return type(self).forward(self, task_ids=task_ids, **call, **kwargs)
+    _check_attention(self)
+    config = self.active_peft_config
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    call.update(kwargs)
+    # decoder_attention_mask stays real-token only: the prefix is always visible inside the op
+    with decoder_prefixes(self, seq2seq_prefixes(self), position_shift=config.num_virtual_tokens):
+        return self.base_model(**call)
+
+
+def _seq2seq_prefix_generate(self, *args, **kwargs):
+    adapter_disabled = getattr(self.prepare_inputs_for_generation, "__func__", None) is not \
+        _seq2seq_prefix_prepare_inputs_for_generation
+    if not _is_active_prefix(self) or adapter_disabled:
+        return type(self).generate(self, *args, **kwargs)
+    _check_attention(self)
+    with torch.no_grad():
+        prefixes = seq2seq_prefixes(self)  # once per call, shared by every row and beam
+    with decoder_prefixes(self, prefixes, position_shift=self.active_peft_config.num_virtual_tokens):
+        return type(self).generate(self, *args, **kwargs)
+
+
+def _seq2seq_prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+    if not _is_active_prefix(self):
+        return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
+    # the cache holds real tokens only; the prefix is read by the attention (no get_prompt cache at prefill)
+    return self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastprompt's own prompts (prompt_attach) on encoder-decoder models
+
+
+def check_own_prompt_seq2seq(model, prompt) -> None:
+    """Prefix-placement prompts (PrefixTuning, PTuningV2, PromptPool, MultiTaskPrompt with prefix placement) go to
+    the decoder's self-attention, layer l of the prompt to decoder layer l, with PEFT's encoder-decoder semantics
+    (the prefix sits where a P-long cache would: BART decoder positions start at P, T5's prefix keys take the
+    relative positions 0..P-1). Input-level prompts are refused here (generate() runs the encoder apart from the
+    patched forward, so a prompt before the encoder input would be silently dropped there): PEFT's PromptTuning /
+    P-tuning patched with patch_model cover that case."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise ValueError(f"fastprompt: encoder-decoder model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(SEQ2SEQ_MODEL_TYPES)})")
+    if prompt.placement != "prefix":
+        raise NotImplementedError(
+            f"fastprompt: {type(prompt).__name__} with placement={prompt.placement!r} on an encoder-decoder model is "
+            "not supported; use a prefix-placement prompt, or PEFT's PromptTuning / P-tuning with "
+            "fastprompt.patch_model(peft_model)")
+    layers, heads, dim = _decoder_dims(model)
+    config = prompt.config
+    if (config.num_layers, config.num_kv_heads, config.head_dim) != (layers, heads, dim):
+        raise ValueError(
+            f"fastprompt: {type(prompt).__name__} is shaped for {config.num_layers} layers x {config.num_kv_heads} "
+            f"heads x {config.head_dim} dims; the decoder of {model_type!r} has {layers} x {heads} x {dim}")
+
+
+class own_prompt_prefixes(decoder_prefixes):
+    """`{layer: LayerPrefix}` from a fastprompt prompt module, placed in the decoder's self-attention."""
+
+    def __init__(self, model, prefixes):
+        from .transformers_attention import _normalize_prefixes
+
+        placed = {("self", layer): lp for layer, lp in _normalize_prefixes(prefixes).items()}
+        shift = max((lp.key.shape[-2] * (lp.index.reshape(lp.index.shape[0], -1).shape[1]
+                                         if lp.index is not None else 1) for lp in placed.values()), default=0)
+        super().__init__(model, placed, position_shift=shift)
