@@ -90,3 +90,27 @@ def check_index(index, pool: torch.Tensor, name: str, allowed_dims, batch=None) 
     if index.device != pool.device:
         raise ValueError(f"{name} is on {index.device} but pool is on {pool.device}; put them on one device")
     # The values ([-1, N)) are checked where the op runs (fastprompt/ops/index_range.py), also under torch.compile.
+
+
+# Pools of these dtypes are gathered / mixed by plain autograd-tracked indexing and matmuls on the torch backend
+# in eager mode (index_select forward, index_add_ backward): what `pool[index]` and `weights @ pool` do, with no
+# custom-op dispatch (which costs more than the work at prompt-pool sizes). Half precision keeps the custom ops,
+# whose backward accumulates in float32; torch.compile keeps them too (their bodies check the index at run time).
+PLAIN_TORCH_DTYPES = (torch.float32, torch.float64)
+
+
+def plain_torch_path(backend: str, pool: torch.Tensor) -> bool:
+    return backend == "torch" and pool.dtype in PLAIN_TORCH_DTYPES and not torch.compiler.is_compiling()
+
+
+def index_has_empty(index: torch.Tensor, size: int, name: str) -> bool:
+    """check_index_values (the same ValueError) that also says whether an empty slot (-1) is present: one
+    aminmax, one host sync."""
+    from .index_range import _MESSAGES
+
+    if index.numel() == 0:
+        return False
+    lo, hi = (int(x) for x in torch.aminmax(index))
+    if lo < -1 or hi >= size:
+        raise ValueError(_MESSAGES[name].format(n=size, last=size - 1, lo=lo, hi=hi))
+    return lo < 0

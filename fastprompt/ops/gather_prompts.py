@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._select_backend import check_index, check_pool, load_cuda_backend, load_triton_kernels, resolve_backend
+from ._select_backend import (check_index, check_pool, index_has_empty, load_cuda_backend, load_triton_kernels,
+                              plain_torch_path, resolve_backend)
 from .index_range import check_index_values, checked_index
 
 __all__ = ["gather_prompts"]
@@ -94,5 +95,18 @@ def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Ten
         return reference(pool, checked_index(index, pool.shape[0], "index"))
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
-    out = _gather_op(flat_pool, index.reshape(-1).long().contiguous(), backend)
+    flat_index = index.reshape(-1).long().contiguous()
+    if plain_torch_path(backend, pool):
+        out = _plain_gather(flat_pool, flat_index, index_has_empty(flat_index, pool.shape[0], "index"))
+    else:
+        out = _gather_op(flat_pool, flat_index, backend)
     return out.reshape(*index.shape, *entry_shape)
+
+
+def _plain_gather(flat_pool: Tensor, flat_index: Tensor, has_empty: bool) -> Tensor:
+    """The torch backend as plain autograd-tracked ops: index_select (backward: zeros + index_add_, the same
+    scatter-add as the custom op's, in the same order), empty slots zeroed by an out-of-place masked_fill."""
+    if not has_empty:
+        return flat_pool.index_select(0, flat_index)
+    out = flat_pool.index_select(0, flat_index.clamp_min(0))
+    return out.masked_fill((flat_index < 0)[:, None], 0)

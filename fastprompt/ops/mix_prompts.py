@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._select_backend import check_index, check_pool, load_cuda_backend, load_triton_kernels, resolve_backend
+from ._select_backend import (check_index, check_pool, load_cuda_backend, load_triton_kernels, plain_torch_path,
+                              resolve_backend)
 from .index_range import check_index_values, checked_index
 
 __all__ = ["mix_prompts"]
@@ -130,5 +131,10 @@ def mix_prompts(pool: Tensor, weights: Tensor, index: Optional[Tensor] = None, *
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
     flat_index = None if index is None else index.long().contiguous()
-    out = _mix_op(flat_pool, weights.contiguous(), flat_index, backend)
+    if index is None and plain_torch_path(backend, pool):
+        # dense mixing is one matmul: plain autograd (backward: the same two matmuls as the custom op's) without
+        # the custom-op dispatch, which costs more than the work at prompt-pool sizes
+        out = weights @ flat_pool
+    else:
+        out = _mix_op(flat_pool, weights.contiguous(), flat_index, backend)
     return out.reshape(weights.shape[0], *entry_shape)

@@ -48,6 +48,16 @@ def backend_module(name: str):
     return module
 
 
+def _plain_eager_inference(needs_grad: bool) -> bool:
+    """Whether the call may skip the custom-op machinery and run the backend directly: nothing to differentiate,
+    not traced by torch.compile, and no dispatch / function mode or functorch transform watching (FlopCounterMode
+    and fastprompt.bench.metrics count through the op, so they keep seeing it). A decode step is a few hundred
+    microseconds of kernel per layer, and the op's dispatch (autograd redispatch, alias checks, the compile
+    guard) costs a sizeable share of that; the result is the same tensors (and the same index check) either way."""
+    return (not needs_grad and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active())
+
+
 def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool,
                                dropout_p: float = 0.0) -> Optional[str]:
     """None when backend `name` can run these (normalized) arguments, else a one-line reason."""
@@ -79,18 +89,25 @@ def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool, d
     return "torch"
 
 
-@torch.library.custom_op("fastprompt::prefix_attention_forward", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-                prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
-                scale: float, softcap: float, window: int, backend: str, dropout_p: float = 0.0,
-                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    # dropout_seed: int64 [seed_lo, seed_hi, offset] (ops/attention_dropout.py); an input, so the op is a pure function
+def _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
+                  window, backend, dropout_p=0.0, dropout_seed=None):
+    """The forward op's body, also run directly by eager inference calls (_plain_eager_inference)."""
     if prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile too
         check_index_values(prefix_index, prefix_k.shape[0], "prefix_index")
     out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                                key_padding_mask, causal, scale, softcap, window,
                                                **_dropout_kwargs(dropout_p, dropout_seed))
     return _in_layout(out, _layout_strides(q)), lse.contiguous()
+
+
+@torch.library.custom_op("fastprompt::prefix_attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+                prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
+                scale: float, softcap: float, window: int, backend: str, dropout_p: float = 0.0,
+                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    # dropout_seed: int64 [seed_lo, seed_hi, offset] (ops/attention_dropout.py); an input, so the op is a pure function
+    return _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
+                         softcap, window, backend, dropout_p, dropout_seed)
 
 
 def _dropout_kwargs(dropout_p: float, dropout_seed: Optional[Tensor]) -> dict:
@@ -284,9 +301,14 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                                               window=None if args.window < 0 else args.window,
                                               dropout_p=dropout_p, dropout_seed=dropout_seed, return_lse=True)
         return (out, lse.float()) if return_lse else out
-    out, lse = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
-                           args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
-                           args.window, name, dropout_p, dropout_seed)
+    if _plain_eager_inference(needs_grad):
+        out, lse = _forward_impl(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                                 args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
+                                 args.window, name, dropout_p, dropout_seed)
+    else:
+        out, lse = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                               args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
+                               args.window, name, dropout_p, dropout_seed)
     if return_lse:
         return out, lse.float()
     return out
