@@ -11,9 +11,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import baselines
+from .oracle import Oracle, greedy_no_cache
 from .models import ModelShape, build_base, build_peft, explicit_pool_forward, token_batch
 
-__all__ = ["Side", "Case", "attention_case", "gather_case", "mix_case", "train_case", "generate_case"]
+__all__ = ["Side", "Case", "attention_case", "gather_case", "mix_case", "train_case", "generate_case", "compared_sides"]
 
 
 @dataclass
@@ -28,7 +29,8 @@ class Case:
     group: str      # "attention" | "prompts op" | "train step" | "generate"
     name: str
     params: dict
-    build: Callable[[str], dict]  # device -> {"fastprompt": Side, "baseline": Side[, "no_prefix": Side]}
+    build: Callable[[str], dict]  # device -> {"fastprompt": Side, "baseline": Side[, "no_prefix": Side]
+    #                               [, "oracle": Oracle]}
     baseline: str = "peft"
     tol: float = 1e-4
     reps: int = 5
@@ -36,6 +38,27 @@ class Case:
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+def compared_sides(built: dict) -> dict:
+    """The timed and counted sides of a built case (its oracle, if any, is neither)."""
+    return {name: side for name, side in built.items() if isinstance(side, Side)}
+
+
+def _float64_truth(fn, inputs: dict, grad_of=(), grad_out=None) -> Callable[[], dict]:
+    """An oracle computing `fn(**inputs)` in float64 from copies of the inputs; with `grad_of` (input names), also
+    the gradients of <out, grad_out> with respect to them, keyed d<name>."""
+    def truth():
+        wide = {k: (v.detach().double().requires_grad_(k in grad_of) if isinstance(v, torch.Tensor)
+                    and v.is_floating_point() else v) for k, v in inputs.items()}
+        with torch.enable_grad():
+            out = fn(**wide)
+            result = {"out": out.detach()}
+            if grad_of:
+                grads = torch.autograd.grad(out, [wide[k] for k in grad_of], grad_out.double())
+                result.update({f"d{k}": g for k, g in zip(grad_of, grads)})
+        return result
+    return truth
 
 
 def _grads(loss_or_out, inputs, grad_out=None) -> tuple:
@@ -51,6 +74,8 @@ def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv:
     """prefix attention, kind "fwd" | "fwd+bwd" | "decode" (Lq = 1 over a cache of `seq` tokens)."""
 
     def build(device):
+        from fastprompt import reference
+
         g = torch.Generator().manual_seed(0)
 
         def rnd(*shape, grad=False):
@@ -74,8 +99,12 @@ def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv:
                     return baselines.peft_style_decode(q, peft_k, peft_v, k_new, v_new)
 
             keep = [q, k_new, v_new, cache_k, cache_v, pk, pv, peft_k, peft_v]
+            truth = _float64_truth(
+                lambda q, k, v, pk, pv: reference.prefix_attention(q, k, v, pk, pv, causal=True),
+                dict(q=q, k=torch.cat([cache_k, k_new], 2), v=torch.cat([cache_v, v_new], 2), pk=pk, pv=pv))
             return {"fastprompt": Side(fp_step, lambda: {"out": fp_step()}, keep),
-                    "baseline": Side(peft_step, lambda: {"out": peft_step()}, keep)}
+                    "baseline": Side(peft_step, lambda: {"out": peft_step()}, keep),
+                    "oracle": Oracle(truth, "fastprompt.reference in float64", "the PEFT path", 1e-4)}
 
         q = rnd(batch, hq, seq, dim, grad=train)
         k, v = rnd(batch, hkv, seq, dim, grad=train), rnd(batch, hkv, seq, dim, grad=train)
@@ -105,8 +134,13 @@ def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv:
 
         from fastprompt.ops import prefix_attention
 
+        names = ("q", "k", "v", "prefix_k", "prefix_v")
+        truth = _float64_truth(
+            lambda q, k, v, prefix_k, prefix_v: reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True),
+            dict(zip(names, leaves)), names if train else (), grad_out)
         return {"fastprompt": run(lambda *a: prefix_attention(*a, causal=True)),
-                "baseline": run(baselines.peft_style_attention)}
+                "baseline": run(baselines.peft_style_attention),
+                "oracle": Oracle(truth, "fastprompt.reference in float64", "the PEFT path", 1e-4)}
 
     params = dict(kind=kind, B=batch, S=seq, P=plen, Hq=hq, Hkv=hkv, D=dim)
     return Case("attention", f"prefix attention {kind}", params, build, "peft", 1e-4, reps, tuple(tags))
@@ -132,7 +166,12 @@ def gather_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -
                 return {"out": out.detach(), "dpool": _grads(out, (table,), grad_out)[0]}
             return Side(step, check, [table, index, grad_out])
 
-        return {"fastprompt": side(lambda: gather_prompts(table, index)), "baseline": side(lambda: table[index])}
+        from fastprompt.reference_prompts import gather_prompts as reference_gather
+
+        truth = _float64_truth(lambda pool, index: reference_gather(pool, index), dict(pool=table, index=index),
+                               ("pool",), grad_out)
+        return {"fastprompt": side(lambda: gather_prompts(table, index)), "baseline": side(lambda: table[index]),
+                "oracle": Oracle(truth, "fastprompt.reference_prompts in float64", "plain torch", 1e-5)}
 
     return Case("prompts op", "gather_prompts fwd+bwd", dict(B=batch, N=pool, L=length, d=width), build, "torch",
                 1e-5, reps)
@@ -159,8 +198,13 @@ def mix_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> C
                 return {"out": out.detach(), "dpool": d_table, "dweights": d_weights}
             return Side(step, check, [table, weights, grad_out])
 
+        from fastprompt.reference_prompts import mix_prompts as reference_mix
+
+        truth = _float64_truth(lambda pool, weights: reference_mix(pool, weights), dict(pool=table, weights=weights),
+                               ("pool", "weights"), grad_out)
         return {"fastprompt": side(lambda: mix_prompts(table, weights)),
-                "baseline": side(lambda: torch.einsum("bn,nld->bld", weights, table))}
+                "baseline": side(lambda: torch.einsum("bn,nld->bld", weights, table)),
+                "oracle": Oracle(truth, "fastprompt.reference_prompts in float64", "plain torch", 1e-5)}
 
     return Case("prompts op", "mix_prompts fwd+bwd", dict(B=batch, N=pool, L=length, d=width), build, "torch",
                 1e-5, reps)
@@ -327,9 +371,25 @@ def generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens
                     with layer_prefixes(fp_model.get_base_model(), pooled):
                         return type(fp_model).generate(fp_model, input_ids=ids, attention_mask=mask, **gen)
 
+        eos = peft_model.generation_config.eos_token_id  # held back by min_new_tokens = max_new_tokens
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+        def truth():  # greedy argmax over the unpatched PEFT model's full forward, no generation cache
+            out = torch.empty(batch, seq + new_tokens, dtype=ids.dtype, device=device)
+            for t in range(tasks):
+                rows = (task_ids == t).nonzero().flatten()
+                peft_model.set_adapter(f"task{t}")
+                out[rows] = greedy_no_cache(
+                    lambda i, m: peft_model(input_ids=i, attention_mask=m).logits,
+                    ids[rows], mask[rows], new_tokens, banned=eos_ids)
+            peft_model.set_adapter("task0")
+            return {"tokens": out}
+
         keep = list(peft_model.parameters()) + list(fp_model.parameters())
         return {"fastprompt": Side(fp_step, lambda: {"tokens": fp_step()}, keep),
-                "baseline": Side(peft_step, lambda: {"tokens": peft_step()}, keep)}
+                "baseline": Side(peft_step, lambda: {"tokens": peft_step()}, keep),
+                "oracle": Oracle(truth, "greedy argmax over the unpatched PEFT model's forward, no cache",
+                                 "PEFT generate")}
 
     name = "generate, mixed-task batch" if tasks > 1 else "generate"
     params = dict(model=shape.label(), B=batch, S=seq, P=plen, new=new_tokens)

@@ -14,13 +14,17 @@ from typing import Iterable, Optional
 import torch
 
 from . import metrics
-from .cases import Case, attention_case, gather_case, generate_case, mix_case, train_case
+from .cases import Case, attention_case, compared_sides, gather_case, generate_case, mix_case, train_case
 from .cases_hoisting import hoisting_cases
 from .cases_seed import seed_cases
+from .chart import chart
+from .oracle import verdict
+from .report import (fmt_bytes, fmt_ratio, fmt_time, format_table, legend, markdown_report,
+                     short_params, summary_line)
 from .models import ModelShape
 
-__all__ = ["suite", "run_case", "run_suite", "format_table", "write_outputs", "compare_outputs", "machine_info",
-           "REFERENCE_SHAPE", "FIGURES"]
+__all__ = ["suite", "run_case", "run_suite", "format_table", "legend", "summary_line", "write_outputs",
+           "compare_outputs", "machine_info", "REFERENCE_SHAPE", "FIGURES"]
 
 REFERENCE_SHAPE = ModelShape(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=1024, vocab=1024)
 FIGURES = ("time_s", "new_bytes", "saved_bytes", "flops", "peak_bytes")
@@ -174,9 +178,13 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
     record = {"group": case.group, "name": case.name, "params": case.params, "baseline": case.baseline,
               "tags": list(case.tags), "tol": case.tol}
     try:
-        sides = case.build(device)
-        ok, diff = compare_outputs(sides["fastprompt"].check(), sides["baseline"].check(), case.tol)
+        built = case.build(device)
+        sides = compared_sides(built)
+        outputs = {name: sides[name].check() for name in ("fastprompt", "baseline")}
+        ok, diff = compare_outputs(outputs["fastprompt"], outputs["baseline"], case.tol)
         record["equal"], record["max_rel_diff"] = ok, diff
+        _judge(record, built.get("oracle"), outputs)
+        outputs = built = None
         times = _interleaved_times(sides, device, reps or case.reps) if timing else {n: [] for n in sides}
         figures = {}
         for name, side in sides.items():
@@ -191,6 +199,8 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
         record["figures"] = figures
         fp, base = figures["fastprompt"], figures["baseline"]
         record["ratios"] = {k: _ratio(fp[k], base[k]) for k in FIGURES + ("cuda_peak_bytes",)}
+        # run-to-run spread of the time ratio: fastprompt / baseline of each turn-about pair of steps
+        record["time_ratio_reps"] = [a / b for a, b in zip(times["fastprompt"], times["baseline"]) if b > 0]
         if "no_prefix" in figures:
             none = figures["no_prefix"]
             over_fp = fp["new_bytes"] - none["new_bytes"]
@@ -202,11 +212,35 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
     except Exception as exc:  # one broken case must not sink the whole run: report it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["equal"] = False
+        record["verdict"] = "error"
     finally:
         sides = None
         if case.group in ("train step", "generate"):
             gc.collect()  # free the models (module graphs hold reference cycles) before the next case
     return record
+
+
+def _judge(record: dict, oracle, outputs: dict) -> None:
+    """Check each side against the pair's oracle (fastprompt.bench.oracle) and record the verdict; a baseline
+    that the oracle contradicts is named with the versions it ran on."""
+    fp_ok = base_ok = None
+    if oracle is not None:
+        truth = oracle.truth()
+        tol = oracle.tol
+        fp_ok, fp_diff = compare_outputs(outputs["fastprompt"], truth, tol)
+        base_ok, base_diff = compare_outputs(outputs["baseline"], truth, tol)
+        record["oracle"] = {"what": oracle.what, "tol": tol, "fastprompt_diff": fp_diff, "baseline_diff": base_diff,
+                            "fastprompt_ok": fp_ok, "baseline_ok": base_ok}
+    record["verdict"] = verdict(record["equal"], fp_ok, base_ok)
+    if record["verdict"] == "baseline wrong":
+        v = versions()
+        record["reason"] = (f"baseline wrong: {oracle.baseline} on transformers {v['transformers']}"
+                            + (f", peft {v['peft']}" if "PEFT" in oracle.baseline else "")
+                            + f" (differs from the oracle, {oracle.what}, by {base_diff:.2g}; "
+                              f"fastprompt by {fp_diff:.2g})")
+    elif record["verdict"] == "fastprompt wrong":
+        record["reason"] = (f"fastprompt wrong: differs from the oracle ({oracle.what}) by {fp_diff:.2g} "
+                            f"(tolerance {tol:g})")
 
 
 def _counts(side) -> tuple[int, int, int]:
@@ -258,57 +292,7 @@ def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True,
 # reporting
 
 
-def _fmt_ratio(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def _fmt_time(s) -> str:
-    if s is None or (isinstance(s, float) and math.isnan(s)):
-        return "-"
-    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
-
-
-def _short_params(params: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items() if k != "kind")
-
-
-def format_table(results: list[dict], markdown: bool = False) -> str:
-    """One row per compared pair: fastprompt / baseline for each figure (below 1 = fastprompt better)."""
-    head = ["group", "case", "shape", "vs", "ms fp", "ms base", "time", "new bytes", "saved", "FLOPs", "peak",
-            "equal (max rel diff)"]
-    rows = []
-    for r in results:
-        if "skipped" in r:
-            continue
-        if "error" in r:
-            rows.append([r["group"], r["name"], _short_params(r["params"]), r["baseline"], "-", "-", "-", "-", "-",
-                         "-", "-", f"ERROR {r['error'][:60]}"])
-            continue
-        ratios = r["ratios"]
-        figs = r["figures"]
-        eq = ("yes" if r["equal"] else "NO") + f" ({r['max_rel_diff']:.1e})"
-        peak = ratios.get("cuda_peak_bytes") or ratios["peak_bytes"]
-        rows.append([r["group"], r["name"], _short_params(r["params"]), r["baseline"],
-                     _fmt_time(figs["fastprompt"]["time_s"]), _fmt_time(figs["baseline"]["time_s"]),
-                     _fmt_ratio(ratios["time_s"]), _fmt_ratio(ratios["new_bytes"]), _fmt_ratio(ratios["saved_bytes"]),
-                     _fmt_ratio(ratios["flops"]), _fmt_ratio(peak), eq])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt.format(*head), sep] + [fmt.format(*row) for row in rows])
+_fmt_ratio, _fmt_bytes, _fmt_time, _short_params = fmt_ratio, fmt_bytes, fmt_time, short_params
 
 
 def targets(results: list[dict]) -> list[dict]:
@@ -381,99 +365,23 @@ def versions() -> dict:
 
 
 def write_outputs(results: list[dict], out_dir: str, meta: dict) -> dict:
-    """bench.json (every figure), bench.png (speed and memory ratios across sequence / prefix lengths),
-    bench.md (the table). Returns their paths."""
+    """bench.json (every figure), bench.png (every pair's ratios, and the sequence / prefix sweeps), bench.md (the
+    header, the full table, the legend). Returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "bench.json"), "png": os.path.join(out_dir, "bench.png"),
              "table": os.path.join(out_dir, "bench.md")}
     payload = {"meta": meta, "targets": targets(results), "results": results}
     with open(paths["json"], "w") as fh:
         json.dump(payload, fh, indent=1, default=str)
+    rows = targets(results)
     with open(paths["table"], "w") as fh:
-        fh.write(format_table(results, markdown=True) + "\n")
-    _chart(results, paths["png"], meta)
+        fh.write(markdown_report(results, meta, format_targets(rows) if rows else ""))
+    chart(results, paths["png"], meta)
     return paths
-
-
-def _sweep(results, tag, axis):
-    """fwd+bwd attention rows of one sweep plus the reference row when it lies on the same line."""
-    rows = [r for r in results if "error" not in r and "skipped" not in r and r["group"] == "attention"
-            and r["params"]["kind"] == "fwd+bwd" and tag in r["tags"]]
-    if not rows:
-        return []
-    fixed = {k: v for k, v in rows[0]["params"].items() if k != axis}
-    for r in results:
-        if ("reference" in r.get("tags", ()) and r["group"] == "attention" and "error" not in r
-                and "skipped" not in r and r not in rows
-                and {k: v for k, v in r["params"].items() if k != axis} == fixed):
-            rows.append(r)
-    return sorted(rows, key=lambda r: r["params"][axis])
-
-
-_LINES = (("time_s", "time", "o-"), ("new_bytes", "new bytes", "s-"), ("peak_bytes", "peak live bytes", "^-"),
-          ("saved_bytes", "saved for backward", "d-"))
-
-
-def _chart(results: list[dict], path: str, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for ax, (axis, tag, what) in zip(axes, (("S", "sweep_seq", "sequence length S"),
-                                            ("P", "sweep_prefix", "prefix length P"))):
-        rows = _sweep(results, tag, axis)
-        xs = [r["params"][axis] for r in rows]
-        for key, label, style in _LINES:
-            ys = [r["ratios"].get(key) for r in rows]
-            if any(y is not None for y in ys):
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
-        fixed = ", ".join(f"{k}={v}" for k, v in rows[0]["params"].items() if k not in (axis, "kind")) if rows else ""
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        if xs:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel(what)
-        ax.set_title(f"prefix attention fwd+bwd vs PEFT path\n{fixed}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-    axes[0].set_ylabel("fastprompt / baseline (below 1: fastprompt better)")
-    axes[0].legend(fontsize=8)
-
-    ax = axes[2]  # end to end: one bar group per training step / generation case
-    rows = [r for r in results if r["group"] in ("train step", "generate") and "error" not in r
-            and "skipped" not in r]
-    labels = [f"{r['name'].split(' (')[0]}\nB={r['params']['B']} S={r['params']['S']} P={r['params']['P']}"
-              for r in rows]
-    width = 0.2
-    for n, (key, label, _) in enumerate(_LINES):
-        ys = [r["ratios"].get(key) or float("nan") for r in rows]
-        ax.bar([i + (n - 1.5) * width for i in range(len(rows))], ys, width, label=label)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), labels, fontsize=6.5, rotation=30, ha="right")
-    ax.set_title("end to end: training step / generation", fontsize=9)
-    if rows:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    machine = meta.get("machine", {})
-    fig.suptitle(f"fastprompt vs PEFT + transformers on {machine.get('gpu') or machine.get('cpu', '?')} "
-                 f"({meta.get('mode', '')}, {meta.get('date', '')[:16]})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def summary_line(results: list[dict]) -> str:
-    run = [r for r in results if "skipped" not in r]
-    ok = sum(1 for r in run if r.get("equal"))
-    skipped = len(results) - len(run)
-    line = f"{ok}/{len(run)} compared pairs gave equal outputs"
-    return line + (f" ({skipped} sweep cases skipped: time budget)" if skipped else "")
 
 
 def median(xs):

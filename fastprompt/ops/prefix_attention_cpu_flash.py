@@ -191,17 +191,17 @@ def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, sc
         dq_j.baddbmm_(ds, pk[h].expand(batch, plen, dim), alpha=scale)
         # sum over rows into the one prefix gradient: no [B, P, D] partials. One matmul over all B·Lq rows when
         # the [B, Lq, D] view folds into rows (q/dO strided [B, L, H, D], as transformers passes them), else per row.
+        # Otherwise (q/dO strided [B, H, L, D]) one addbmm_ sums the per-row products in one call, with no
+        # per-row Python loop and no [B, P, D] partials.
         q_rows, do_rows = _as_rows(q_j), _as_rows(do_j)
         if q_rows is not None:
             dpk[h].addmm_(ds.view(-1, plen).t(), q_rows, alpha=scale)
         else:
-            for b in range(batch):
-                dpk[h].addmm_(ds[b].t(), q_j[b], alpha=scale)
+            dpk[h].addbmm_(ds.transpose(1, 2), q_j, alpha=scale)
         if do_rows is not None:
             dpv[h].addmm_(p.view(-1, plen).t(), do_rows)
         else:
-            for b in range(batch):
-                dpv[h].addmm_(p[b].t(), do_j[b])
+            dpv[h].addbmm_(p.transpose(1, 2), do_j)
     return dpk.unsqueeze(0), dpv.unsqueeze(0)
 
 
