@@ -57,6 +57,7 @@ def test_bench_smoke_writes_json_png_and_all_pairs_agree(tmp_path):
                 "transformers ", "peft ", "| command | "):
         assert row in header, row
     assert "| # | group | case | shape |" in md and "columns:" in md
+    for r in results:
         for side in ("fastprompt", "baseline"):
             fig = r["figures"][side]
             assert fig["time_s"] > 0 and fig["new_bytes"] > 0
@@ -87,8 +88,11 @@ def _sabotaged_gather(pool, index, **kwargs):
 
 
 def test_bench_exits_nonzero_when_fastprompt_disagrees_with_the_oracle(tmp_path, monkeypatch, capsys):
-    import fastprompt.ops.gather_prompts as gather_module
+    import importlib
+
     from fastprompt import cli
+
+    gather_module = importlib.import_module("fastprompt.ops.gather_prompts")  # the module, not the function
 
     monkeypatch.setattr(gather_module, "gather_prompts", _sabotaged_gather)
     code = cli.main(["bench", "--smoke", "--filter", "gather", "--out", str(tmp_path), "--no-progress"])
