@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--after", required=True)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="before_after_out")
+    parser.add_argument("--collect", action="store_true", help="only tabulate the runs already in --out")
     parser.add_argument("bench_args", nargs="*")
     args = parser.parse_args(argv)
     bench_args = args.bench_args or ["--budget", "0"]
@@ -56,6 +57,11 @@ def main(argv=None) -> int:
         order = ("before", "after") if i % 2 == 0 else ("after", "before")
         for name in order:
             out = os.path.join(args.out, f"{name}_{i}")
+            if args.collect:
+                if os.path.exists(os.path.join(out, "bench.json")):
+                    with open(os.path.join(out, "bench.json")) as fh:
+                        runs[name].append(json.load(fh))
+                continue
             runs[name].append(_run(trees[name], out, bench_args))
             print(f"run {i} {name}: {runs[name][-1]['meta']['runtime_s']:.0f} s", file=sys.stderr)
     rows = {}
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
             _fmt(vals("before", "new_bytes")), _fmt(vals("after", "new_bytes")), _fmt(vals("after", "peak_bytes")),
             "/".join(sorted(set(verdicts.get(key, ["-"]))))]) + " |")
     meta = runs["after"][-1]["meta"]
-    print(f"\n{args.runs} runs per checkout, turn about; {meta['machine']['cpu']}, "
+    print(f"\n{len(runs['after'])} runs per checkout, turn about; {meta['machine']['cpu']}, "
           f"{meta['machine']['torch_threads']} torch thread(s); versions {meta['versions']}", file=sys.stderr)
     return 0
 
