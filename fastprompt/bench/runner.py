@@ -150,8 +150,14 @@ def compare_outputs(a: dict, b: dict, tol: float) -> tuple[bool, float]:
     return worst <= tol, worst
 
 
-def _interleaved_times(sides: dict, device: str, reps: int, warmup: int = 1) -> dict:
-    """Time the sides turn about (A, B, A, B, ...) so load changes on a shared machine hit both alike."""
+MIN_TIMED_S = 1.5  # short steps are repeated (more turns) until the turns took this long, up to MAX_TURNS
+MAX_TURNS = 400
+
+
+def _interleaved_times(sides: dict, device: str, reps: int, warmup: int = 1, min_seconds: float = 0.0) -> dict:
+    """Time the sides turn about (A, B, B, A, A, B, ...: the order flips every turn, so neither side always runs
+    right after the other) so load changes on a shared machine hit both alike. At least `reps` turns, more for
+    steps too short for a few turns to give a stable median on a loaded machine (until `min_seconds`)."""
     for side in sides.values():
         for _ in range(warmup):
             side.step()
@@ -159,12 +165,16 @@ def _interleaved_times(sides: dict, device: str, reps: int, warmup: int = 1) -> 
     times = {name: [] for name in sides}
     import time
 
-    for _ in range(reps):
-        for name, side in sides.items():
+    names = list(sides)
+    begin = time.perf_counter()
+    turn = 0
+    while turn < reps or (time.perf_counter() - begin < min_seconds and turn < MAX_TURNS):
+        for name in (names if turn % 2 == 0 else names[::-1]):
             start = time.perf_counter()
-            side.step()
+            sides[name].step()
             metrics.synchronize(device)
             times[name].append(time.perf_counter() - start)
+        turn += 1
     return times
 
 
@@ -185,7 +195,9 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
         record["equal"], record["max_rel_diff"] = ok, diff
         _judge(record, built.get("oracle"), outputs)
         outputs = built = None
-        times = _interleaved_times(sides, device, reps or case.reps) if timing else {n: [] for n in sides}
+        min_seconds = MIN_TIMED_S if case.group in ("attention", "prompts op") and reps is None else 0.0
+        times = (_interleaved_times(sides, device, reps or case.reps, min_seconds=min_seconds) if timing
+                 else {n: [] for n in sides})
         figures = {}
         for name, side in sides.items():
             fig = metrics.StepFigures(times_s=times[name])
