@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastprompt.bench import metrics
+from fastprompt.bench.cases import compared_sides
+from fastprompt.bench.oracle import verdict
 from fastprompt.bench.runner import compare_outputs
 
 _CACHE: dict = {}
@@ -32,14 +34,24 @@ def prepared(case, device):
     if key not in _CACHE:
         _CACHE.clear()  # one pair's models at a time
         gc.collect()
-        sides = case.build(device)
-        equal, diff = compare_outputs(sides["fastprompt"].check(), sides["baseline"].check(), case.tol)
+        built = case.build(device)
+        sides = compared_sides(built)
+        outputs = {name: sides[name].check() for name in ("fastprompt", "baseline")}
+        equal, diff = compare_outputs(outputs["fastprompt"], outputs["baseline"], case.tol)
+        oracle = built.get("oracle")
+        fp_ok = base_ok = None
+        if oracle is not None:  # each side against the same oracle (fastprompt.bench.oracle)
+            truth = oracle.truth()
+            fp_ok = compare_outputs(outputs["fastprompt"], truth, oracle.tol)[0]
+            base_ok = compare_outputs(outputs["baseline"], truth, oracle.tol)[0]
+        outputs = built = None
         for side in sides.values():
             side.step()  # warm
         figures = {name: _counts(side, device) for name, side in sides.items()}
         ratios = {k: (figures["fastprompt"][k] / figures["baseline"][k]) if figures["baseline"].get(k) else None
                   for k in figures["fastprompt"]}
-        _CACHE[key] = (sides, {"equal": equal, "max_rel_diff": diff, "figures": figures, "ratios": ratios})
+        _CACHE[key] = (sides, {"equal": equal, "max_rel_diff": diff, "figures": figures, "ratios": ratios,
+                               "verdict": verdict(equal, fp_ok, base_ok)})
     return _CACHE[key]
 
 
@@ -54,6 +66,7 @@ def run_benchmark(benchmark, case, provider, device, rounds=None):
         **{k: v for k, v in info["figures"][name].items()},
         "ratio_fastprompt_over_baseline": info["ratios"],
         "equal_outputs": info["equal"],
+        "verdict": info["verdict"],
         "max_rel_diff": info["max_rel_diff"],
     })
     if torch.device(device).type == "cuda":
@@ -63,7 +76,10 @@ def run_benchmark(benchmark, case, provider, device, rounds=None):
     else:
         step = side.step
     benchmark.pedantic(step, rounds=rounds or case.reps, warmup_rounds=1, iterations=1)
-    assert info["equal"], f"fastprompt and {case.baseline} disagree: max relative difference {info['max_rel_diff']}"
+    # a baseline the oracle contradicts (PEFT generate on transformers 5.24) is reported, not failed
+    assert info["verdict"] in ("equal", "baseline wrong"), (
+        f"fastprompt and {case.baseline} disagree ({info['verdict']}): max relative difference "
+        f"{info['max_rel_diff']}")
 
 
 PROVIDERS = pytest.mark.parametrize("provider", ["fastprompt", "peft"])
