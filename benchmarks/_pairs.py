@@ -10,7 +10,7 @@ import torch
 from fastprompt.bench import metrics
 from fastprompt.bench.cases import compared_sides
 from fastprompt.bench.oracle import verdict
-from fastprompt.bench.runner import compare_outputs
+from fastprompt.bench.runner import MAX_TURNS, MIN_TIMED_S, compare_outputs
 
 _CACHE: dict = {}
 
@@ -75,7 +75,15 @@ def run_benchmark(benchmark, case, provider, device, rounds=None):
             torch.cuda.synchronize()
     else:
         step = side.step
-    benchmark.pedantic(step, rounds=rounds or case.reps, warmup_rounds=1, iterations=1)
+    if rounds is None:  # short steps: enough rounds for a stable median on a loaded machine (as fastprompt bench)
+        import time
+
+        start = time.perf_counter()
+        step()
+        once = max(time.perf_counter() - start, 1e-6)
+        rounds = max(case.reps, min(MAX_TURNS, int(MIN_TIMED_S / once))) if case.group in (
+            "attention", "prompts op") else case.reps
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
     # a baseline the oracle contradicts (PEFT generate on transformers 5.24) is reported, not failed
     assert info["verdict"] in ("equal", "baseline wrong"), (
         f"fastprompt and {case.baseline} disagree ({info['verdict']}): max relative difference "

@@ -60,4 +60,4 @@ def test_prefix_attention_heads(benchmark, device, provider, heads):
 @PROVIDERS
 @pytest.mark.parametrize("cache", [256, 1024])
 def test_prefix_attention_decode(benchmark, device, provider, cache):
-    run_benchmark(benchmark, attention_case("decode", 8, cache, 32), provider, device, rounds=20)
+    run_benchmark(benchmark, attention_case("decode", 8, cache, 32), provider, device)
