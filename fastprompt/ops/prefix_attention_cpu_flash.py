@@ -161,8 +161,34 @@ def _as_rows(t: Tensor):
         return None
 
 
+_GROUP_BLOCK_BYTES = 4 << 20  # score blocks up to this size cover a whole GQA group at once
+
+
+def _heads(t: Tensor, j: int, g: int):
+    """Query heads j..j+g-1 of t [B, H, L(, D)] as one [B, g·L(, D)] view, or None when the memory layout does not
+    allow it (g = 1 always does)."""
+    if g == 1:
+        return t[:, j]
+    try:
+        return t[:, j:j + g].view(t.shape[0], g * t.shape[2], *t.shape[3:])
+    except RuntimeError:
+        return None
+
+
+def _head_block(q, grad_out, out, lse, delta, group: int, plen: int) -> int:
+    """How many query heads one step of the written-out prefix backward covers: the whole GQA group when its
+    score block is small (short sequences, where per-call overhead dominates the per-head loop) and q, dO, lse
+    and the row term's inputs fold into one [B, G·Lq, ...] view ([B, H, L, D] memory), else one head."""
+    batch, _, lq, _ = q.shape
+    if group == 1 or batch * group * lq * plen * q.element_size() > _GROUP_BLOCK_BYTES:
+        return 1
+    folded = (q, grad_out, lse) + ((out,) if delta is None else (delta,))
+    return group if all(_heads(t, 0, group) is not None for t in folded) else 1
+
+
 def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, scale, dq):
-    """The shared prefix's share of the backward, written out per query head with small [B, Lq, P] score blocks:
+    """The shared prefix's share of the backward, written out per query head (or per GQA group of heads, see
+    _head_block) with small [B, g·Lq, P] score blocks:
     P = exp(q·pkᵀ·scale − lse), dS = P ∘ (dO·pvᵀ − delta); dq += scale·dS·pk in place; dpk = scale·Σ dSᵀ·q and
     dpv = Σ Pᵀ·dO accumulated straight into one [Hkv, P, D] (never a per-row copy). Unlike handing the prefix to
     the flash kernel's backward, it needs no folded copies of q, dO and O and no second dq; the score blocks are
@@ -170,29 +196,36 @@ def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, sc
     batch, hq, lq, dim = q.shape
     hkv, plen = prefix_k.shape[1], prefix_k.shape[2]
     group = hq // hkv
+    g = _head_block(q, grad_out, out, lse, delta, group, plen)
+    rows = g * lq
     pk, pv = prefix_k[0], prefix_v[0]
     dpk = torch.zeros(pk.shape, dtype=q.dtype, device=q.device)
     dpv = torch.zeros(pv.shape, dtype=q.dtype, device=q.device)
-    p = torch.empty(batch, lq, plen, dtype=q.dtype, device=q.device)
+    p = torch.empty(batch, rows, plen, dtype=q.dtype, device=q.device)
     ds = torch.empty_like(p)
-    row = torch.empty(batch, lq, dim, dtype=q.dtype, device=q.device) if delta is None else None
-    delta_j = torch.empty(batch, lq, dtype=q.dtype, device=q.device) if delta is None else None
-    for j in range(hq):
+    row = torch.empty(batch, rows, dim, dtype=q.dtype, device=q.device) if delta is None else None
+    delta_j = torch.empty(batch, rows, dtype=q.dtype, device=q.device) if delta is None else None
+    dq_part = None
+    for j in range(0, hq, g):
         h = j // group
-        q_j, do_j, dq_j = q[:, j], grad_out[:, j], dq[:, j]  # [B, Lq, D] views
+        q_j, do_j, lse_j = _heads(q, j, g), _heads(grad_out, j, g), _heads(lse, j, g)  # [B, g·Lq(, D)] views
         if delta is None:
-            torch.sum(torch.mul(do_j, out[:, j], out=row), dim=-1, out=delta_j)
+            torch.sum(torch.mul(do_j, _heads(out, j, g), out=row), dim=-1, out=delta_j)
         else:
-            delta_j = delta[:, j]
+            delta_j = _heads(delta, j, g)
         torch.bmm(q_j, pk[h].t().expand(batch, dim, plen), out=p)
-        p.mul_(scale).sub_(lse[:, j, :, None]).exp_()  # global probabilities of the prefix keys
+        p.mul_(scale).sub_(lse_j[..., None]).exp_()  # global probabilities of the prefix keys
         torch.bmm(do_j, pv[h].t().expand(batch, dim, plen), out=ds)
         ds.sub_(delta_j[..., None]).mul_(p)
-        dq_j.baddbmm_(ds, pk[h].expand(batch, plen, dim), alpha=scale)
-        # sum over rows into the one prefix gradient: no [B, P, D] partials. One matmul over all B·Lq rows when
-        # the [B, Lq, D] view folds into rows (q/dO strided [B, L, H, D], as transformers passes them), else per row.
-        # Otherwise (q/dO strided [B, H, L, D]) one addbmm_ sums the per-row products in one call, with no
-        # per-row Python loop and no [B, P, D] partials.
+        dq_j = _heads(dq, j, g)
+        if dq_j is not None:
+            dq_j.baddbmm_(ds, pk[h].expand(batch, plen, dim), alpha=scale)
+        else:  # dq in the kernel's [B, L, H, D] order: a group's rows do not fold; add through a [B, g, Lq, D] view
+            dq_part = torch.bmm(ds, pk[h].expand(batch, plen, dim), out=dq_part)
+            dq[:, j:j + g].add_(dq_part.view(batch, g, lq, dim), alpha=scale)
+        # Sum over rows into the one prefix gradient: no [B, P, D] partials. One matmul over all rows when the
+        # [B, g·Lq, D] view folds into rows (q/dO strided [B, L, H, D], as transformers passes them); otherwise
+        # (q/dO strided [B, H, L, D]) one addbmm_ sums the per-row products in one call.
         q_rows, do_rows = _as_rows(q_j), _as_rows(do_j)
         if q_rows is not None:
             dpk[h].addmm_(ds.view(-1, plen).t(), q_rows, alpha=scale)
