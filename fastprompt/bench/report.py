@@ -3,6 +3,7 @@ and verdict, and bench.md with the machine / versions / threads / date header, t
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Optional
 
 from .oracle import VERDICTS
@@ -28,8 +29,8 @@ COLUMNS = (
     ("fp ms", "fastprompt's median step time, milliseconds (sides timed turn about: A, B, A, B, ...)"),
     ("base ms", "the baseline's median step time, milliseconds"),
     ("time", "fp ms / base ms (below 1.00x: fastprompt faster)"),
-    ("±", "run-to-run spread of the time ratio: half the range of the per-turn ratios (a time ratio within "
-          "1.00x ± this is a tie)"),
+    ("±", "run-to-run spread of the time ratio: half the interquartile range of the per-turn ratios (half the "
+          "range below 4 turns); a time ratio within 1.00x ± this is a tie"),
     ("new", "bytes newly allocated during the step, fastprompt / baseline (below 1.00x: fastprompt allocates less)"),
     ("peak", "peak bytes alive at once during the step, fastprompt / baseline"),
     ("saved", "bytes saved for backward, fastprompt / baseline (- for steps without backward)"),
@@ -93,10 +94,15 @@ def verdict_of(r: dict) -> str:
 
 
 def time_spread(r: dict) -> Optional[float]:
-    reps = r.get("time_ratio_reps") or []
+    """Half the interquartile range of the per-turn time ratios (robust to the few turns a loaded machine
+    preempts); half the range when there are fewer than 4 turns."""
+    reps = sorted(r.get("time_ratio_reps") or [])
     if len(reps) < 2:
         return None
-    return (max(reps) - min(reps)) / 2
+    if len(reps) < 4:
+        return (reps[-1] - reps[0]) / 2
+    q1, _, q3 = statistics.quantiles(reps, n=4)
+    return (q3 - q1) / 2
 
 
 def _equal_cell(r: dict) -> str:
@@ -189,7 +195,7 @@ def summary_line(results: list[dict]) -> str:
 
 
 def _markdown_table(results: list[dict]) -> str:
-    head = ["#", "group", "case", "shape", "vs", "ms fp", "ms base", "time", "time per turn (min-max)", "new bytes",
+    head = ["#", "group", "case", "shape", "vs", "ms fp", "ms base", "time", "time per turn", "new bytes",
             "new bytes fp", "peak", "saved", "FLOPs", "equal", "max rel diff", "vs oracle: fp / base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, r, row in _rows(results):
@@ -198,7 +204,9 @@ def _markdown_table(results: list[dict]) -> str:
                 "ERROR", "-", r["error"][:200].replace("|", "/")]
         else:
             reps = r.get("time_ratio_reps") or []
-            spread = f"{min(reps):.2f}-{max(reps):.2f}x" if reps else "-"
+            quart = statistics.quantiles(reps, n=4) if len(reps) >= 4 else None
+            spread = (f"{quart[0]:.2f}-{quart[2]:.2f}x (IQR, {len(reps)} turns)" if quart else
+                      f"{min(reps):.2f}-{max(reps):.2f}x ({len(reps)} turns)" if reps else "-")
             oracle = r.get("oracle")
             odiff = f"{oracle['fastprompt_diff']:.1e} / {oracle['baseline_diff']:.1e}" if oracle else "no oracle"
             cells = [str(n), r["group"], r["name"], short_params(r["params"]), r["baseline"], row[3], row[4], row[5],
