@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from typing import Optional, Sequence
 
@@ -55,7 +56,9 @@ def _bench(args) -> int:
     if rows:
         print("\ntargets (benchmark goals):")
         print(runner.format_targets(rows))
-    print(f"\n{runner.summary_line(results)}; runtime {meta['runtime_s']:.0f} s")
+    print()
+    print(textwrap.fill(f"{runner.summary_line(results)}; runtime {meta['runtime_s']:.0f} s", width=120,
+                        subsequent_indent="  "))
     print(f"wrote {paths['json']}, {paths['png']}, {paths['table']} (full shapes and figures)")
     verdicts = [r.get("verdict", "error") for r in results if "skipped" not in r]
     if "fastprompt wrong" in verdicts:  # a wrong result is a bug, whatever the speed

@@ -111,6 +111,8 @@ def chart(results: list[dict], path: str, meta: dict) -> None:
         if xs:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
+        else:
+            ax.set_xticks([])
         lo, hi, ticks = _log_ratio_axis(plotted)
         ax.set_yscale("log", base=2)
         ax.set_ylim(lo, hi)
