@@ -21,11 +21,13 @@ COLUMNS = (
     ("#", "row number (the same in bench.md and the chart)"),
     ("case", "the compared pair (bench.md has the full shape): attn = prefix attention op (q heads q, KV heads kv, "
              "head dim D), gather / mix = prompt-pool ops, train = one training step (forward + backward + AdamW), "
+             "qpass = a prompt-pool step with its own query pass (full first pass, or the layers below k reused), "
              "generate = greedy batched generation (new = new tokens; tasks = a mixed-task batch); B batch, "
              "S sequence, P prefix length, L layers, h hidden size"),
     ("vs", "the baseline: peft = the PEFT + transformers path (real PEFT models end to end); torch = plain torch "
            "indexing / einsum; explicit = the same prompt pool run the PEFT way (per-row prefixes in a "
-           "DynamicCache); peft/task = one PEFT generate per task adapter"),
+           "DynamicCache); peft/task = one PEFT generate per task adapter; query given = the same prompt-pool step "
+           "with its query given (no query pass)"),
     ("fp ms", "fastprompt's median step time, milliseconds (sides timed turn about: A, B, A, B, ...)"),
     ("base ms", "the baseline's median step time, milliseconds"),
     ("time", "fp ms / base ms (below 1.00x: fastprompt faster)"),
@@ -76,7 +78,12 @@ def short_case(r: dict) -> str:
         return f"{r['name'].split('_')[0]} fwd+bwd B{p['B']} N{p['N']} L{p['L']} d{p['d']}"
     shape = f"{_model(p['model'])} B{p['B']} S{p['S']} P{p['P']}"
     if r["group"] == "train step":
-        method = {"prefix tuning": "prefix", "prompt tuning": "prompt"}.get(r["name"], "pool top4")
+        name = r["name"]
+        if name.startswith("pool query pass"):  # fastprompt/bench/cases_seed.py
+            layer = p.get("prompts", "").split()[-1].split("-")[0] if "query_layer" in name else ""
+            method = f"qpass reuse<{layer}" if layer else "qpass full"
+        else:
+            method = {"prefix tuning": "prefix", "prompt tuning": "prompt"}.get(name, "pool top4")
         return f"train {method} {shape}"
     if "tasks" in p:
         return f"generate {p['tasks']} tasks {shape} new{p['new']}"
