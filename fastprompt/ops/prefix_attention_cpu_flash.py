@@ -106,6 +106,7 @@ def _empty_sequence_part(q: Tensor):
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, window):
     batch = q.shape[0]
     q, k, v, prefix_k, prefix_v = _kernel_inputs(q, k, v, prefix_k, prefix_v)
+    seq_empty = None
     if k.shape[2] == 0:
         out_seq, lse_seq = _empty_sequence_part(q)
     else:
