@@ -22,12 +22,14 @@ COLUMNS = (
     ("case", "the compared pair (bench.md has the full shape): attn = prefix attention op (q heads q, KV heads kv, "
              "head dim D), gather / mix = prompt-pool ops, train = one training step (forward + backward + AdamW), "
              "qpass = a prompt-pool step with its own query pass (full first pass, or the layers below k reused), "
+             "hoisted = prompt tuning with the virtual tokens run once per step, "
              "generate = greedy batched generation (new = new tokens; tasks = a mixed-task batch); B batch, "
              "S sequence, P prefix length, L layers, h hidden size"),
     ("vs", "the baseline: peft = the PEFT + transformers path (real PEFT models end to end); torch = plain torch "
            "indexing / einsum; explicit = the same prompt pool run the PEFT way (per-row prefixes in a "
            "DynamicCache); peft/task = one PEFT generate per task adapter; query given = the same prompt-pool step "
-           "with its query given (no query pass)"),
+           "with its query given (no query pass); PEFT semantics = PEFT's prompt tuning written out through the base "
+           "model's generate (the hoisting cases; PEFT's own generate is wrong on transformers 5.24)"),
     ("fp ms", "fastprompt's median step time, milliseconds (sides timed turn about: A, B, A, B, ...)"),
     ("base ms", "the baseline's median step time, milliseconds"),
     ("time", "fp ms / base ms (below 1.00x: fastprompt faster)"),
@@ -83,15 +85,21 @@ def short_case(r: dict) -> str:
             layer = p.get("prompts", "").split()[-1].split("-")[0] if "query_layer" in name else ""
             method = f"qpass reuse<{layer}" if layer else "qpass full"
         else:
-            method = {"prefix tuning": "prefix", "prompt tuning": "prompt"}.get(name, "pool top4")
+            method = {"prefix tuning": "prefix", "prompt tuning": "prompt", "prompt pool (prefix, top-4)": "pool top4",
+                      "prompt tuning, hoisted": "prompt hoisted"}.get(name, name.split(" (")[0][:16])
         return f"train {method} {shape}"
+    if "hoisted" in r["name"]:
+        return f"generate hoisted {shape} new{p['new']}"
     if "tasks" in p:
         return f"generate {p['tasks']} tasks {shape} new{p['new']}"
     return f"generate {shape} new{p['new']}"
 
 
 def _short_baseline(name: str) -> str:
-    return "peft/task" if name.startswith("peft, 1 batch") else name
+    """At most 14 characters (bench.md and the legend have the full name)."""
+    if name.startswith("peft, 1 batch"):
+        return "peft/task"
+    return name.split(" (")[0].split(" via ")[0][:14]
 
 
 def verdict_of(r: dict) -> str:
