@@ -33,6 +33,8 @@ from . import query_pass
 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
+from .cache_compat import cache_length, get_cache
+
 PROMPT_ATTR = "fastprompt_prompt"
 _STATE_ATTR = "_fastprompt_attach_state"
 _MISSING = object()
@@ -151,16 +153,6 @@ def _model_device(model):
     return None if p is None else p.device
 
 
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
-        return int(past[0][0].shape[-2])
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the query
 
@@ -256,8 +248,8 @@ def _batch_size(kw) -> int:
 def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
     prompt = state.prompt
     batch = _batch_size(kw)
-    past = kw.get("past_key_values")
-    prefill = _cache_length(past) == 0
+    past = get_cache(kw)  # `cache` (transformers 5.24+) or `past_key_values` (older, or the deprecated alias)
+    prefill = cache_length(past) == 0
     device = _model_device(model)
 
     if prompt.needs_task_ids:
