@@ -277,12 +277,15 @@ def sequence_logprob_no_cache(forward, ids, mask, sequences, *, eos=None, positi
     search's num_return_sequences): row r continues prompt r // (R // B). Returns [R] float64."""
     reps = sequences.shape[0] // ids.shape[0]
     mask = mask.repeat_interleave(reps, dim=0)
+    extra = {k: v.repeat_interleave(reps, dim=0) if torch.is_tensor(v) and v.dim() and v.shape[0] == ids.shape[0]
+             else v for k, v in extra.items()}  # per-row arguments (task_ids) follow their rows
     start = ids.shape[1]
     new = sequences[:, start:]
     full_mask = torch.cat([mask, torch.ones_like(new)], 1)
     with torch.no_grad():
         logits = _full_forward_logits(forward, sequences, full_mask, positions, extra)
-    logprobs = torch.log_softmax(logits[:, start - 1:-1].double(), dim=-1)
+    # counted from the end: an input-level PEFT model's logits also cover its P virtual tokens in front
+    logprobs = torch.log_softmax(logits[:, -new.shape[1] - 1:-1].double(), dim=-1)
     picked = logprobs.gather(-1, new[..., None])[..., 0]
     if eos is not None:  # tokens after the first eos are padding, not scored by beam search
         is_eos = (new == eos).long()
@@ -338,3 +341,60 @@ def peft_refuses_encoder_prefix_tuning() -> bool:
     if '"cache"' in source or "'cache'" in source:
         return False
     return "past_key_values" not in inspect.signature(transformers.BertModel.forward).parameters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT's prefix tuning written out by hand: the oracle where PEFT refuses to run it (sequence classification and
+# encoders on transformers >= 5.24, where PEFT looks for a `past_key_values` parameter that is now `cache`).
+
+
+class HandWrittenPeftPrefix:
+    """PEFT's prefix-tuning semantics for an (unpatched) PeftModel, without PEFT's forward:
+    `base_model(input_ids, attention_mask=[ones(P); mask], cache=model.get_prompt(B), labels=...)`, user
+    position_ids shifted by P, token_type_ids kept for sequence classification only (PEFT's rules). The cache goes
+    under the name the installed transformers takes. Parameters and gradients are the PeftModel's."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, position_ids=None,
+                 token_type_ids=None, **kwargs):
+        from fastprompt.integrations.cache_compat import cache_kwarg
+
+        model = self.model
+        config = model.active_peft_config
+        task = getattr(config.task_type, "value", config.task_type)
+        num = config.num_virtual_tokens
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch = source.shape[0]
+        if attention_mask is not None:
+            attention_mask = torch.cat([torch.ones(batch, num, dtype=attention_mask.dtype), attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + num
+        base = model.get_base_model()
+        call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=position_ids, **kwargs)
+        if task == "SEQ_CLS" and token_type_ids is not None:
+            call["token_type_ids"] = token_type_ids
+        if task != "FEATURE_EXTRACTION":
+            call["labels"] = labels
+        call[cache_kwarg(base.forward)] = model.get_prompt(batch)
+        return base(**call)
+
+
+def peft_or_hand_written_prefix(oracle, ids, mask):
+    """The unpatched PeftModel where PEFT runs prefix tuning on this model, else its semantics written out."""
+    try:
+        with torch.no_grad():
+            oracle(input_ids=ids[:1], attention_mask=None if mask is None else mask[:1])
+    except ValueError as err:
+        if "past key values" not in str(err):
+            raise
+        return HandWrittenPeftPrefix(oracle)
+    return oracle

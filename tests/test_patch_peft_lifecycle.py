@@ -7,6 +7,7 @@ import torch
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import (
     assert_rel_close,
+    greedy_no_cache,
     make_inputs,
     peft_config,
     tiny_model,
@@ -232,8 +233,10 @@ def test_disable_adapter_context_on_a_patched_model():
                                oracle.generate(input_ids=ids, attention_mask=mask, **gen))
         assert_rel_close(patched(input_ids=ids, attention_mask=mask).logits,
                          oracle(input_ids=ids, attention_mask=mask).logits, 1e-5, what="re-enabled")
+        # with the adapter back, generate() follows PEFT's full forward again (no-cache oracle: PEFT's own
+        # generate() is not right on every transformers release)
         assert torch.equal(patched.generate(input_ids=ids, attention_mask=mask, **gen),
-                           oracle.generate(input_ids=ids, attention_mask=mask, **gen))
+                           greedy_no_cache(oracle, ids, mask, 4, eos=3))
 
 
 def test_switching_attention_away_is_refused():
