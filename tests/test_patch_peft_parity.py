@@ -122,3 +122,14 @@ def test_hand_written_prefix_semantics_equal_peft_where_peft_runs(family, task):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     assert_step_parity(HandWrittenPeftPrefix(model), twin, task, ids, mask, what=f"{family}/{task}/hand-written",
                        position_ids=position_ids)
+
+
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
+def test_mpt_one_task_id_for_the_whole_batch(family, task):
+    """PEFT broadcasts a single task id over the batch (its own MPT tests pass task_ids=[0] with batch 2)."""
+    patched, oracle = tiny_peft_pair(family, "mpt", task)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=2, padding="left")
+    assert_step_parity(patched, oracle, task, ids, mask, what=f"{family}/mpt/one task id", task_ids=torch.tensor([0]))
+    with pytest.raises(ValueError, match="task_ids"):
+        patched(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1, 2]))

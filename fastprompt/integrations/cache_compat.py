@@ -8,7 +8,7 @@ it, and once the alias is gone.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, MutableMapping, Optional
+from typing import Any, MutableMapping, Optional
 
 CACHE_KEYS = ("cache", "past_key_values")  # the new name first: when both are given, transformers uses `cache`
 
@@ -41,13 +41,13 @@ def set_cache(kwargs: MutableMapping[str, Any], cache: Any, key: str) -> None:
     kwargs[key] = cache
 
 
-def cache_kwarg(fn: Callable) -> str:
-    """The name `fn` takes the cache under: `cache` when its signature names it, else `past_key_values`
-    (transformers before 5.24, and callables that take it through **kwargs only)."""
+def cache_kwarg(fn) -> str:
+    """The name `fn` (a callable or its inspect.Signature) takes the cache under: the one its signature names;
+    for a callable that takes it through **kwargs only, the name the installed transformers uses."""
     try:
-        params = inspect.signature(fn).parameters
+        params = (fn if isinstance(fn, inspect.Signature) else inspect.signature(fn)).parameters
     except (TypeError, ValueError):
-        return "past_key_values"
+        return _library_default()
     if "cache" in params:
         return "cache"
     if "past_key_values" in params:

@@ -198,6 +198,15 @@ class _AttentionState:
         self.prefixes: Optional[Mapping[int, LayerPrefix]] = None
         self.users = 1
 
+    # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process);
+    # the prefixes of an open `layer_prefixes` block are not part of the saved state.
+    def __getstate__(self):
+        return {**self.__dict__, "prefixes": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _register_once()
+
 
 @dataclass
 class _AttentionSlot:
