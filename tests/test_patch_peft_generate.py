@@ -203,3 +203,15 @@ def test_generate_matches_peft_generate(method, num_beams):
     extra = _task_ids(method)
     got = _generate(patched, ids, mask, num_beams=num_beams, **extra).sequences
     assert torch.equal(got, _generate(oracle, ids, mask, num_beams=num_beams, **extra).sequences)
+
+
+@pytest.mark.parametrize("method", ["prompt", "mpt"])
+def test_input_level_generate_static_cache(method):
+    """generate(cache_implementation="static") sizes the cache for the real tokens; the patched model makes room
+    for the P virtual tokens the cache also holds (without it: IndexError, the cache overflows)."""
+    patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    extra = _task_ids(method)
+    got = _generate(patched, ids, mask, cache_implementation="static", **extra)
+    assert_greedy_matches(got.sequences, _oracle_greedy(oracle, method, ids, mask, **extra), f"{method}/static")
