@@ -248,3 +248,18 @@ def test_switching_attention_away_is_refused():
     ids, mask = make_inputs(padding="left")
     with pytest.raises(RuntimeError, match="unpatch_model"):
         patched(input_ids=ids, attention_mask=mask)
+
+
+def test_no_private_peft_or_transformers_imports():
+    """Private helpers come and go between releases (peft 0.20 has no `_get_return_dict_transformers_v4`):
+    fastprompt imports no underscore name from peft or transformers."""
+    import ast
+    import pathlib
+
+    offenders = []
+    for path in pathlib.Path(fastprompt.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("peft", "transformers"):
+                offenders += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                              if a.name.startswith("_")]
+    assert not offenders, offenders

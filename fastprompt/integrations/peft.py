@@ -9,13 +9,14 @@ save_pretrained / from_pretrained are untouched):
   no `[prefix; seq]` concatenation, no 4D mask. Real tokens keep PEFT's positions (P, P+1, ...: PEFT sees a P-long
   cache), prefix keys are never rotated. In generate() the KV cache holds real tokens only. Gradient checkpointing
   works (PEFT refuses it): non-reentrant directly, reentrant through a gradient bridge (`_PrefixGradBridge`).
-- Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt` and
+- Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt`, `generate` and
   `prepare_inputs_for_generation` are replaced. The encoder runs once on `[1, P]` and the prompt is expanded (a
   view), never repeated per row; MPT multiplies the shared prompt by each row's task factors without looking the
   embedding up B times (one task id for the whole batch is broadcast, as PEFT does). PEFT's own forward does the
   rest. In generate() the prompt enters at the prefill step only and decode steps extend the mask past it: PEFT
   0.21.2 decides "prefill" by looking for `past_key_values`, which transformers >= 5.24 calls `cache`, and so
-  re-inserts the virtual tokens at every step there (see cache_compat).
+  re-inserts the virtual tokens at every step there (see cache_compat). A static cache gets room for the prompt.
+- The replaced methods are `_PatchedMethod`s: the patched model pickles, torch.saves and deep-copies, still patched.
 """
 from __future__ import annotations
 
