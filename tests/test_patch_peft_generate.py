@@ -78,18 +78,24 @@ def test_beam_scores_are_the_no_cache_log_probabilities(method, family):
     assert_beam_scores_match(got, oracle, ids, mask, eos=EOS, positions=method.startswith("prefix"), **extra)
 
 
+@pytest.mark.parametrize("hoist", [True, False])
 @pytest.mark.parametrize("method", INPUT_LEVEL)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_input_level_generate_matches_no_cache_oracle(family, method):
-    """Patched prompt tuning / P-tuning / MPT: the prompt enters at prefill only, as in PEFT's full forward."""
+def test_input_level_generate_matches_no_cache_oracle(family, method, hoist):
+    """Patched prompt tuning / P-tuning / MPT, hoisted (the prompt K/V computed once, a prefix of the attention) and
+    not (the prompt enters the cache at prefill only): the tokens of PEFT's full forward."""
+    from fastprompt.integrations.prompt_hoisting import HOISTED, last_prompt_path, set_prompt_hoisting
+
     patched, oracle = tiny_peft_pair(family, method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
+    set_prompt_hoisting(patched, hoist)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
     extra = _task_ids(method)
     got = _generate(patched, ids, mask, **extra)
     assert_greedy_matches(got.sequences, _oracle_greedy(oracle, method, ids, mask, **extra), f"{family}/{method}")
-    # the cache holds the prompt once, then the real tokens
-    assert output_cache(got).get_seq_length() == P + got.sequences.shape[1] - 1
+    assert (last_prompt_path(patched) == HOISTED) == hoist
+    # hoisted: the cache holds the real tokens only; unhoisted: the prompt once, then the real tokens
+    assert output_cache(got).get_seq_length() == (0 if hoist else P) + got.sequences.shape[1] - 1
 
 
 def test_mpt_generate_one_task_id_for_the_batch():
@@ -209,8 +215,11 @@ def test_generate_matches_peft_generate(method, num_beams):
 def test_input_level_generate_static_cache(method):
     """generate(cache_implementation="static") sizes the cache for the real tokens; the patched model makes room
     for the P virtual tokens the cache also holds (without it: IndexError, the cache overflows)."""
+    from fastprompt.integrations.prompt_hoisting import set_prompt_hoisting
+
     patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
+    set_prompt_hoisting(patched, False)  # the unhoisted path: the cache holds the prompt too
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
     extra = _task_ids(method)
     got = _generate(patched, ids, mask, cache_implementation="static", **extra)

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
+from .patched_method import PatchedMethod as _PatchedMethod
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
 from .transformers_attention import (
     ATTENTION_NAME,
@@ -173,38 +174,6 @@ def patch_peft_model(model, *, backend: str = "auto"):
 
         install_peft_hoisting(model, backend)
     return model
-
-
-class _PatchedMethod:
-    """A module-level function of this file bound to one PeftModel instance, as an instance attribute.
-
-    Not a `types.MethodType`: a bound method pickles as `getattr(model, "<function name>")`, a name the PeftModel
-    does not have (PEFT's __getattr__ then fails on the half-loaded model). This pickles as (function, model), so
-    pickle, torch.save / torch.load and copy.deepcopy give a model that is still patched, bound to itself."""
-
-    def __init__(self, func, model):
-        self.__func__ = func
-        self.__self__ = model
-
-    def __call__(self, *args, **kwargs):
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    def __reduce__(self):
-        return (_PatchedMethod, (self.__func__, self.__self__))
-
-    @property
-    def __signature__(self):  # as a bound method's: without `self` (generate() validates kwargs against it)
-        import inspect
-
-        signature = inspect.signature(self.__func__)
-        return signature.replace(parameters=list(signature.parameters.values())[1:])
-
-    @property
-    def __name__(self):
-        return self.__func__.__name__
-
-    def __repr__(self):
-        return f"<fastprompt-patched method {self.__func__.__name__} of {type(self.__self__).__name__}>"
 
 
 def _replaced_names(method: str) -> tuple:

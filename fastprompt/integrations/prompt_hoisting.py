@@ -27,7 +27,6 @@ Opt out per model with `set_prompt_hoisting(model, False)` (or `patch_model(...,
 from __future__ import annotations
 
 import dataclasses
-import types
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .patched_method import PatchedMethod
 from .transformers_attention import (
     PREFIXES_KWARG,
     BridgedPrefixes,
@@ -340,8 +340,9 @@ def install_peft_hoisting(model, backend: str = "auto") -> bool:
     token = enable_fastprompt_attention(hf, backend=backend)
     saved = {name: model.__dict__.get(name) for name in ("forward", "generate")}
     record = _PeftHoisting(token, saved, model.forward, model.generate)
-    object.__setattr__(model, "forward", types.MethodType(_peft_forward, model))
-    object.__setattr__(model, "generate", types.MethodType(_peft_generate, model))
+    # PatchedMethod, not types.MethodType: the patched model pickles / torch.saves / deep-copies (see its docstring)
+    object.__setattr__(model, "forward", PatchedMethod(_peft_forward, model))
+    object.__setattr__(model, "generate", PatchedMethod(_peft_generate, model))
     object.__setattr__(model, _PEFT_ATTR, record)
     return True
 
