@@ -426,10 +426,7 @@ def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = 
         if task_ids is None:
             raise ValueError("task_ids cannot be None")
         # MultitaskPromptEmbedding.forward without the per-row embedding lookup: shared prompt * task factors
-        task_ids = torch.as_tensor(task_ids, device=tokens.device).reshape(-1)
-        if task_ids.shape[0] not in (1, batch_size):
-            raise ValueError(f"task_ids must hold one task id per row ({batch_size}) or one for the whole batch, "
-                             f"got {task_ids.shape[0]}")
+        task_ids = check_mpt_task_ids(task_ids, batch_size, tokens.device)
         shared = encoder.embedding(tokens)                                     # [P, D], once
         task_prompts = torch.matmul(encoder.prefix_task_cols.index_select(0, task_ids),
                                     encoder.prefix_task_rows.index_select(0, task_ids))  # [B or 1, P, D]
@@ -440,6 +437,17 @@ def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = 
     else:
         prompts = encoder(tokens[None])                                        # [1, P, D], once (LSTM needs a batch)
     return prompts.expand(batch_size, -1, -1)
+
+
+def check_mpt_task_ids(task_ids, batch_size: int, device=None) -> torch.Tensor:
+    """MPT's task ids as a 1D LongTensor: one per row, or one for the whole batch (PEFT broadcasts it)."""
+    if task_ids is None:
+        raise ValueError("task_ids cannot be None")
+    task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
+    if task_ids.shape[0] not in (1, batch_size):
+        raise ValueError(f"task_ids must hold one task id per row ({batch_size}) or one for the whole batch, "
+                         f"got {task_ids.shape[0]}")
+    return task_ids
 
 
 def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
