@@ -228,3 +228,173 @@ def assert_step_parity(patched, oracle, task, ids, mask, what="", **kwargs):
     assert grads_p.keys() == grads_o.keys() and grads_p, f"{what}: trainable parameters differ"
     for name in grads_o:
         assert_rel_close(grads_p[name], grads_o[name], 1e-4, what=f"{what} grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Oracles for generation that rest on nothing but a model's full forward (no cache, no generate(), no PEFT/transformers
+# generation machinery): they cannot rot when that machinery changes.
+
+
+def generate_positions(mask):
+    """The position ids transformers' generate() builds from a 2D mask: cumsum(mask) - 1, pads at 0."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _full_forward_logits(forward, tokens, mask, positions, extra):
+    kwargs = dict(input_ids=tokens, attention_mask=mask, use_cache=False, **extra)
+    if positions:
+        kwargs["position_ids"] = generate_positions(mask)
+    return forward(**kwargs).logits
+
+
+def greedy_no_cache(forward, ids, mask, steps, *, pad=PAD, eos=None, positions=True, **extra):
+    """Greedy decoding as a step-by-step argmax over `forward`'s logits for the WHOLE sequence so far (no cache).
+
+    `forward` is the unpatched model's forward (a PeftModel's, or a plain model's); each step it sees the full
+    tokens and mask, and (`positions=True`) generate()'s padding-aware position ids. Rows that emitted `eos` get
+    `pad` afterwards and decoding stops once every row is finished, as generate() does. `extra` goes to every call
+    (e.g. task_ids). Returns [B, S + new] token ids."""
+    tokens, m = ids.clone(), mask.clone()
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = _full_forward_logits(forward, tokens, m, positions, extra)
+            nxt = logits[:, -1].argmax(-1)
+            if eos is not None:
+                nxt = nxt.masked_fill(finished, pad)
+                finished = finished | (nxt == eos)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            m = torch.cat([m, torch.ones_like(nxt[:, None])], 1)
+            if eos is not None and bool(finished.all()):
+                break
+    return tokens
+
+
+def sequence_logprob_no_cache(forward, ids, mask, sequences, *, eos=None, positions=True, **extra):
+    """Sum of the log-probabilities of each row's generated tokens (after `ids`) under `forward`'s full-sequence
+    logits (no cache), up to and including its first `eos`. `sequences` [R, S + new] with R a multiple of B (beam
+    search's num_return_sequences): row r continues prompt r // (R // B). Returns [R] float64."""
+    reps = sequences.shape[0] // ids.shape[0]
+    mask = mask.repeat_interleave(reps, dim=0)
+    extra = {k: v.repeat_interleave(reps, dim=0) if torch.is_tensor(v) and v.dim() and v.shape[0] == ids.shape[0]
+             else v for k, v in extra.items()}  # per-row arguments (task_ids) follow their rows
+    start = ids.shape[1]
+    new = sequences[:, start:]
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        logits = _full_forward_logits(forward, sequences, full_mask, positions, extra)
+    # counted from the end: an input-level PEFT model's logits also cover its P virtual tokens in front
+    logprobs = torch.log_softmax(logits[:, -new.shape[1] - 1:-1].double(), dim=-1)
+    picked = logprobs.gather(-1, new[..., None])[..., 0]
+    if eos is not None:  # tokens after the first eos are padding, not scored by beam search
+        is_eos = (new == eos).long()
+        after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+        picked = picked.masked_fill(after_eos, 0.0)
+    return picked.sum(-1)
+
+
+def assert_greedy_matches(got, expected, what=""):
+    assert torch.equal(got, expected), f"{what}: generate() tokens\n{got}\n!= no-cache greedy oracle\n{expected}"
+
+
+def assert_beam_scores_match(output, forward, ids, mask, *, eos=None, positions=True, rel=1e-4, **extra):
+    """Beam search with length_penalty=0: each returned sequence's score is its summed log-probability. Check it
+    against the same sum under the full no-cache forward (so every step's logits were the model's own)."""
+    want = sequence_logprob_no_cache(forward, ids, mask, output.sequences, eos=eos, positions=positions, **extra)
+    got = output.sequences_scores.double()
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()),
+                               msg=lambda m: f"beam scores vs no-cache log-probabilities: {m}")
+
+
+def peft_generate_is_right() -> bool:
+    """PEFT's prompt-learning generate() follows the cache under the name the installed transformers uses.
+
+    PEFT <= 0.21.2 looks for `past_key_values` in the generation kwargs; transformers >= 5.24 calls it `cache`, so
+    PEFT re-inserts the prompt at every step (input-level methods) or drops its prefix cache (prefix tuning)."""
+    import inspect
+
+    import peft
+    from transformers.generation.utils import GenerationMixin
+
+    renamed = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    if not renamed:
+        return True
+    source = inspect.getsource(peft.PeftModelForCausalLM.prepare_inputs_for_generation)
+    return '"cache"' in source or "'cache'" in source
+
+
+def peft_versions() -> str:
+    import peft
+
+    return f"peft {peft.__version__} on transformers {transformers.__version__}"
+
+
+def peft_refuses_encoder_prefix_tuning() -> bool:
+    """PEFT's sequence-classification / encoder prefix tuning needs a `past_key_values` parameter; transformers
+    >= 5.24 names it `cache`, so PEFT raises "Model does not support past key values ..."."""
+    import inspect
+
+    import peft
+
+    source = inspect.getsource(peft.PeftModelForSequenceClassification._prefix_tuning_forward)
+    if '"cache"' in source or "'cache'" in source:
+        return False
+    return "past_key_values" not in inspect.signature(transformers.BertModel.forward).parameters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT's prefix tuning written out by hand: the oracle where PEFT refuses to run it (sequence classification and
+# encoders on transformers >= 5.24, where PEFT looks for a `past_key_values` parameter that is now `cache`).
+
+
+class HandWrittenPeftPrefix:
+    """PEFT's prefix-tuning semantics for an (unpatched) PeftModel, without PEFT's forward:
+    `base_model(input_ids, attention_mask=[ones(P); mask], cache=model.get_prompt(B), labels=...)`, user
+    position_ids shifted by P, token_type_ids kept for sequence classification only (PEFT's rules). The cache goes
+    under the name the installed transformers takes. Parameters and gradients are the PeftModel's."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, position_ids=None,
+                 token_type_ids=None, **kwargs):
+        from fastprompt.integrations.cache_compat import cache_kwarg
+
+        model = self.model
+        config = model.active_peft_config
+        task = getattr(config.task_type, "value", config.task_type)
+        num = config.num_virtual_tokens
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch = source.shape[0]
+        if attention_mask is not None:
+            attention_mask = torch.cat([torch.ones(batch, num, dtype=attention_mask.dtype), attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + num
+        base = model.get_base_model()
+        call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=position_ids, **kwargs)
+        if task == "SEQ_CLS" and token_type_ids is not None:
+            call["token_type_ids"] = token_type_ids
+        if task != "FEATURE_EXTRACTION":
+            call["labels"] = labels
+        call[cache_kwarg(base.forward)] = model.get_prompt(batch)
+        return base(**call)
+
+
+def peft_or_hand_written_prefix(oracle, ids, mask):
+    """The unpatched PeftModel where PEFT runs prefix tuning on this model, else its semantics written out."""
+    try:
+        with torch.no_grad():
+            oracle(input_ids=ids[:1], attention_mask=None if mask is None else mask[:1])
+    except ValueError as err:
+        if "past key values" not in str(err):
+            raise
+        return HandWrittenPeftPrefix(oracle)
+    return oracle

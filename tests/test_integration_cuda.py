@@ -1,11 +1,20 @@
-"""On a GPU: a patched PEFT prefix-tuned model with backend="auto" (CUDA / Triton kernels) = unpatched PEFT.
+"""On a GPU: a patched PEFT prefix-tuned model with backend="auto" (CUDA / Triton kernels) = unpatched PEFT
+(its forward; generation against the no-cache oracle over that forward).
 
 Skipped on CPU-only machines (the CPU lane covers the torch and Triton-interpreter backends)."""
 import pytest
 import torch
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from integration_helpers import assert_step_parity, make_inputs, tiny_peft_pair
+from integration_helpers import (
+    assert_beam_scores_match,
+    assert_greedy_matches,
+    assert_step_parity,
+    greedy_no_cache,
+    make_inputs,
+    peft_or_hand_written_prefix,
+    tiny_peft_pair,
+)
 
 import fastprompt.patching as fpp
 
@@ -27,6 +36,7 @@ def test_patched_prefix_tuning_on_gpu(family, task):
     patched, oracle = patched.cuda(), oracle.cuda()
     fpp.patch_model(patched)
     ids, mask = make_inputs(padding="hole")
+    oracle = peft_or_hand_written_prefix(oracle, ids, mask)
     assert_step_parity(patched, oracle, task, ids.cuda(), mask.cuda(), what=f"cuda/{family}")
 
 
@@ -36,4 +46,7 @@ def test_patched_generate_on_gpu():
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
     kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=1)
-    assert torch.equal(patched.generate(**kwargs, num_beams=2), oracle.generate(**kwargs, num_beams=2))
+    ids, mask = ids.cuda(), mask.cuda()
+    assert_greedy_matches(patched.generate(**kwargs), greedy_no_cache(oracle, ids, mask, 6, eos=3), "cuda greedy")
+    beams = patched.generate(**kwargs, num_beams=2, length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
+    assert_beam_scores_match(beams, oracle, ids, mask, eos=3)

@@ -55,7 +55,10 @@ def _explicit_prefix_model_output(model, ids, mask, prefixes):
         cache.update(lp.key[None].expand(batch, -1, -1, -1), lp.value[None].expand(batch, -1, -1, -1), idx)
     full_mask = torch.cat([torch.ones(batch, P, dtype=mask.dtype), mask], dim=1)
     pos = torch.arange(P, P + ids.shape[1])[None]
-    return oracle(input_ids=ids, attention_mask=full_mask, past_key_values=cache, position_ids=pos).logits
+    from fastprompt.integrations.cache_compat import cache_kwarg
+
+    prefix_cache = {cache_kwarg(oracle.forward): cache}  # `cache` from transformers 5.24, `past_key_values` before
+    return oracle(input_ids=ids, attention_mask=full_mask, position_ids=pos, **prefix_cache).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

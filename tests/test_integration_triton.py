@@ -5,7 +5,7 @@ import os
 import pytest
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from integration_helpers import assert_step_parity, make_inputs, tiny_peft_pair
+from integration_helpers import assert_step_parity, make_inputs, peft_or_hand_written_prefix, tiny_peft_pair
 
 import fastprompt.patching as fpp
 
@@ -41,5 +41,6 @@ def test_patched_prefix_tuning_on_triton(family, task, padding, monkeypatch):
     patched, oracle = tiny_peft_pair(family, "prefix", task, num_virtual_tokens=3)
     fpp.patch_model(patched, backend="triton")
     ids, mask = make_inputs(batch=2, seq=5, padding=padding)
+    oracle = peft_or_hand_written_prefix(oracle, ids, mask)
     assert_step_parity(patched, oracle, task, ids, mask, what=f"triton/{family}")
     assert backends and set(backends) == {"triton"}

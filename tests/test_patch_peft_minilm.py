@@ -1,11 +1,17 @@
-"""The real pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden): patched PEFT = unpatched PEFT."""
+"""The real pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden): patched PEFT = unpatched PEFT (for prefix
+tuning on transformers >= 5.24, where PEFT refuses encoders, PEFT's semantics written out by hand)."""
 import os
 
 import pytest
 import torch
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from integration_helpers import assert_step_parity, peft_config, randomize_prompt_parameters
+from integration_helpers import (
+    assert_step_parity,
+    peft_config,
+    peft_or_hand_written_prefix,
+    randomize_prompt_parameters,
+)
 
 import fastprompt.patching as fpp
 
@@ -47,5 +53,7 @@ def test_minilm_seq_cls_parity(minilm_parts, method, padding_side):
     randomize_prompt_parameters(patched)
     oracle.load_state_dict(patched.state_dict())
     fpp.patch_model(patched)
+    if method == "prefix":
+        oracle = peft_or_hand_written_prefix(oracle, batch["input_ids"], batch["attention_mask"])
     assert_step_parity(patched, oracle, "SEQ_CLS", batch["input_ids"], batch["attention_mask"],
                        what=f"minilm/{method}/{padding_side}", token_type_ids=batch["token_type_ids"])

@@ -9,6 +9,7 @@ from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import (
     assert_rel_close,
     make_inputs,
+    peft_or_hand_written_prefix,
     prompt_grads,
     run_step,
     tiny_peft_pair,
@@ -30,6 +31,7 @@ def test_gradient_checkpointing(family, task):
         patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert any(getattr(m, "gradient_checkpointing", False) for m in patched.modules())
     ids, mask = make_inputs(padding="left")
+    oracle = peft_or_hand_written_prefix(oracle, ids, mask)
     main_c, loss_c = run_step(patched, task, ids, mask)
     main_o, loss_o = run_step(oracle, task, ids, mask)
     assert_rel_close(loss_c, loss_o, 1e-5, what="loss")
@@ -52,6 +54,7 @@ def test_reentrant_gradient_checkpointing(family, task):
         patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         ids, mask = make_inputs(padding="left")
         _, loss_c = run_step(patched, task, ids, mask)
+    oracle = peft_or_hand_written_prefix(oracle, ids, mask)
     _, loss_o = run_step(oracle, task, ids, mask)
     assert_rel_close(loss_c, loss_o, 1e-5, what="loss")
     grads_c, grads_o = prompt_grads(patched), prompt_grads(oracle)

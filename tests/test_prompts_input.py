@@ -8,6 +8,7 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach, detach
 
 import prompts_helpers as H
+from integration_helpers import greedy_no_cache
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, positions_from_mask, prompt_grads, reference_copy, tiny_model, zero_grads
 
@@ -150,22 +151,18 @@ def test_bert_pool_cls_query_with_token_type_ids():
 
 
 def _greedy_reference(prompt, twin, ids, mask, steps, task_ids=None):
-    tokens, m = ids.clone(), mask.clone()
-    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+    """No-cache greedy decoding over the unpatched twin fed the reference prompt rows explicitly each step."""
     with torch.no_grad():
         rows, _ = _reference_rows(prompt, twin, ids, mask, task_ids)
-        P = rows[0].shape[0]
-        for _ in range(steps):
-            embeds = twin.get_input_embeddings()(tokens)
-            full = torch.stack([torch.cat([rows[b], embeds[b]], 0) for b in range(tokens.shape[0])])
-            ext = torch.cat([torch.ones(tokens.shape[0], P, dtype=m.dtype), m], 1)
-            logits = twin(inputs_embeds=full, attention_mask=ext, position_ids=positions_from_mask(ext)).logits
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            nxt = nxt.masked_fill(finished, H.PAD)  # generate() pads rows that emitted EOS
-            finished = finished | (nxt == H.EOS)
-            tokens = torch.cat([tokens, nxt], 1)
-            m = torch.cat([m, torch.ones_like(nxt)], 1)
-    return tokens
+    prompts = torch.stack(rows).detach()
+    P = prompts.shape[1]
+
+    def forward(input_ids, attention_mask, **_):
+        embeds = torch.cat([prompts, twin.get_input_embeddings()(input_ids)], 1)
+        ext = torch.cat([torch.ones(input_ids.shape[0], P, dtype=attention_mask.dtype), attention_mask], 1)
+        return twin(inputs_embeds=embeds, attention_mask=ext, position_ids=positions_from_mask(ext))
+
+    return greedy_no_cache(forward, ids, mask, steps, pad=H.PAD, eos=H.EOS, positions=False)
 
 
 @pytest.mark.parametrize("kind", ["prompt_vocab", "pool_hard"])

@@ -8,6 +8,8 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach
 from fastprompt.ops.gather_prompts import gather_prompts
 
+import prompts_helpers as H
+from integration_helpers import greedy_no_cache
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, prompt_grads, tiny_model, tiny_config, zero_grads
 
@@ -65,6 +67,10 @@ def test_mixed_task_generate_equals_per_task_generate(kind):
     ids, mask = make_inputs(batch=4, seq=5, padding="left")
     full = model.generate(ids, attention_mask=mask, task_ids=TASKS, max_new_tokens=4, do_sample=False,
                           pad_token_id=0)
+    # the truth: a no-cache greedy argmax over the attached model's full forward (checked against the reference in
+    # the forward tests), untouched by generate()'s cache handling
+    want = greedy_no_cache(model, ids, mask, 4, pad=H.PAD, eos=H.EOS, task_ids=TASKS)
+    assert torch.equal(full, want)
     for t in TASKS.unique():
         rows = torch.nonzero(TASKS == t).flatten()
         part = model.generate(ids[rows], attention_mask=mask[rows], task_ids=TASKS[rows], max_new_tokens=4,

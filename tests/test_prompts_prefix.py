@@ -9,6 +9,7 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach
 
 import prompts_helpers as H
+from integration_helpers import greedy_no_cache
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, positions_from_mask, prompt_grads, reference_copy, tiny_model, zero_grads
 
@@ -162,23 +163,15 @@ def test_prefix_dropout_only_in_training():
 
 
 def _greedy_reference(prompt, twin, ids, mask, steps):
-    tokens, m = ids.clone(), mask.clone()
-    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+    """No-cache greedy decoding over the unpatched twin whose attention concatenates the reference prefixes."""
     with torch.no_grad():
         ref = _reference_prefixes(prompt, twin, ids, mask)
-        prefixes = ref[0] if isinstance(ref, tuple) else ref
-        H.REFERENCE_PREFIXES.update(prefixes)
-        try:
-            for _ in range(steps):
-                logits = twin(input_ids=tokens, attention_mask=m, position_ids=positions_from_mask(m)).logits
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                nxt = nxt.masked_fill(finished, H.PAD)  # generate() pads rows that emitted EOS
-                finished = finished | (nxt == H.EOS)
-                tokens = torch.cat([tokens, nxt], 1)
-                m = torch.cat([m, torch.ones_like(nxt)], 1)
-        finally:
-            H.REFERENCE_PREFIXES.clear()
-    return tokens
+    prefixes = ref[0] if isinstance(ref, tuple) else ref
+    H.REFERENCE_PREFIXES.update(prefixes)
+    try:
+        return greedy_no_cache(twin, ids, mask, steps, pad=H.PAD, eos=H.EOS)
+    finally:
+        H.REFERENCE_PREFIXES.clear()
 
 
 @pytest.mark.parametrize("kind", ["prefix_reparam", "pool_hard", "pool_soft"])

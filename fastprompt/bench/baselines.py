@@ -27,8 +27,20 @@ def _attention_module(num_heads: int, num_kv_heads: int):
     return SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads, is_causal=True, training=False)
 
 
+def _sdpa_functions():
+    """transformers' own SDPA attention and mask functions, through the public registries (AttentionInterface /
+    AttentionMaskInterface, the objects models dispatch through) rather than their module paths."""
+    from transformers import AttentionInterface
+
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # older 5.x export it from masking_utils only
+        from transformers.masking_utils import AttentionMaskInterface
+    return AttentionInterface()["sdpa"], AttentionMaskInterface()["sdpa"]
+
+
 def _sdpa(module, q, k, v, mask, scale):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    sdpa_attention_forward, _ = _sdpa_functions()
 
     out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=scale)
     return out  # [B, Lq, Hq, D]
@@ -38,7 +50,7 @@ def peft_style_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pref
                          scale: Optional[float] = None) -> Tensor:
     """Causal attention of q `[B, Hq, S, D]` over `[prefix; k]`, prefix `[Hkv, P, D]` shared, the PEFT way.
     Returns `[B, Hq, S, D]` (the same layout as fastprompt.ops.prefix_attention)."""
-    from transformers.masking_utils import sdpa_mask
+    _, sdpa_mask = _sdpa_functions()
 
     batch, hq, lq, dim = q.shape
     hkv, plen = prefix_k.shape[0], prefix_k.shape[1]
@@ -56,7 +68,7 @@ def peft_style_decode(q: Tensor, cache_k: Tensor, cache_v: Tensor, k_new: Tensor
                       scale: Optional[float] = None) -> Tensor:
     """One decode step the PEFT way: the cache holds `[prefix rows; tokens]`; it is re-concatenated with the new
     token (DynamicLayer.update), then transformers' SDPA path runs over all P+S+1 keys."""
-    from transformers.masking_utils import sdpa_mask
+    _, sdpa_mask = _sdpa_functions()
 
     batch, hq, lq, dim = q.shape
     keys = torch.cat([cache_k, k_new], dim=2)

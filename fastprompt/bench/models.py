@@ -98,8 +98,10 @@ def explicit_pool_forward(model, prompt, input_ids, query, labels=None):
                      values.permute(0, 2, 1, 3, 4).reshape(b, hkv, plen, dim), layer)
     mask = torch.ones(batch, plen + seq, dtype=torch.long, device=input_ids.device)
     positions = torch.arange(seq, device=input_ids.device)[None].expand(batch, -1)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                labels=labels, use_cache=False)
+    from fastprompt.integrations.cache_compat import cache_kwarg
+
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, labels=labels, use_cache=False,
+                **{cache_kwarg(model.forward): cache})  # `cache` from transformers 5.24, `past_key_values` before
     loss = out.loss
     if loss is not None and prompt.config.add_aux_loss:
         loss = loss + (-prompt.config.pull_constraint_coeff * chosen_sim.mean()).to(loss.dtype)

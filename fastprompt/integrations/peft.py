@@ -9,18 +9,24 @@ save_pretrained / from_pretrained are untouched):
   no `[prefix; seq]` concatenation, no 4D mask. Real tokens keep PEFT's positions (P, P+1, ...: PEFT sees a P-long
   cache), prefix keys are never rotated. In generate() the KV cache holds real tokens only. Gradient checkpointing
   works (PEFT refuses it): non-reentrant directly, reentrant through a gradient bridge (`_PrefixGradBridge`).
-- Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt` is replaced. The encoder runs
-  once on `[1, P]` and the prompt is expanded (a view), never repeated per row; MPT multiplies the shared prompt by
-  each row's task factors without looking the embedding up B times. PEFT's own forward does the rest.
+- Prompt tuning, P-tuning (MLP / LSTM encoder), multitask prompt tuning: `get_prompt`, `generate` and
+  `prepare_inputs_for_generation` are replaced. The encoder runs once on `[1, P]` and the prompt is expanded (a
+  view), never repeated per row; MPT multiplies the shared prompt by each row's task factors without looking the
+  embedding up B times (one task id for the whole batch is broadcast, as PEFT does). PEFT's own forward does the
+  rest. In generate() the prompt enters at the prefill step only and decode steps extend the mask past it: PEFT
+  0.21.2 decides "prefill" by looking for `past_key_values`, which transformers >= 5.24 calls `cache`, and so
+  re-inserts the virtual tokens at every step there (see cache_compat). A static cache gets room for the prompt.
+- The replaced methods are `_PatchedMethod`s: the patched model pickles, torch.saves and deep-copies, still patched.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
+from .patched_method import PatchedMethod as _PatchedMethod
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
 from .transformers_attention import (
     ATTENTION_NAME,
@@ -153,17 +159,27 @@ def patch_peft_model(model, *, backend: str = "auto"):
             "prepare_inputs_for_generation": _prefix_prepare_inputs_for_generation,
         }
     else:
-        replacements = {"get_prompt": _input_get_prompt}
+        replacements = {
+            "get_prompt": _input_get_prompt,
+            "generate": _input_generate,
+            "prepare_inputs_for_generation": _input_prepare_inputs_for_generation,
+        }
     for name, fn in replacements.items():
         if name in model.__dict__:
             record.saved[name] = model.__dict__[name]
-        object.__setattr__(model, name, types.MethodType(fn, model))
+        object.__setattr__(model, name, _PatchedMethod(fn, model))
     object.__setattr__(model, _PATCH_ATTR, record)
     if method == "input":  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
         from .prompt_hoisting import install_peft_hoisting
 
         install_peft_hoisting(model, backend)
     return model
+
+
+def _replaced_names(method: str) -> tuple:
+    if method == "input":
+        return ("get_prompt", "generate", "prepare_inputs_for_generation")
+    return ("forward", "generate", "prepare_inputs_for_generation")  # prefix tuning, decoder or seq2seq
 
 
 def unpatch_peft_model(model):
@@ -174,7 +190,7 @@ def unpatch_peft_model(model):
     from .prompt_hoisting import uninstall_peft_hoisting
 
     uninstall_peft_hoisting(model)
-    names = ("get_prompt",) if record.method == "input" else ("forward", "generate", "prepare_inputs_for_generation")
+    names = _replaced_names(record.method)
     for name in names:
         if name in model.__dict__:
             object.__delattr__(model, name)
@@ -184,6 +200,33 @@ def unpatch_peft_model(model):
         disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PATCH_ATTR)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT's rules, written here rather than imported: PEFT's private helpers come and go between releases
+# (`peft.peft_model._get_return_dict_transformers_v4` does not exist in peft 0.20).
+
+
+def default_return_dict(config) -> bool:
+    """`return_dict` when the caller gave none: the config's `return_dict` (transformers 5 removed the
+    `use_return_dict` property), never in torchscript mode (transformers 4's rule). What PEFT 0.21 computes."""
+    return bool(getattr(config, "return_dict", True)) and not getattr(config, "torchscript", False)
+
+
+def adjust_prompt_learning_kwargs(config, kwargs: dict, *, remove_token_type_ids: bool = True) -> None:
+    """PEFT's `_adjust_prompt_learning_kwargs`: prefix tuning shifts user position ids by P (the prefix sits where
+    a P-long cache would); input-level methods ignore them; token_type_ids dropped where PEFT drops them."""
+    import warnings
+
+    if kwargs.get("position_ids") is not None:
+        if _value(config.peft_type) == "PREFIX_TUNING":
+            kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
+        else:
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+            kwargs["position_ids"] = None
+    if remove_token_type_ids and kwargs.get("token_type_ids") is not None:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        kwargs["token_type_ids"] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,18 +338,17 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     source = input_ids if input_ids is not None else inputs_embeds
     batch, seq = source.shape[0], source.shape[1]
     if return_dict is None:
-        from peft.peft_model import _get_return_dict_transformers_v4
-
-        return_dict = _get_return_dict_transformers_v4(self.config)
+        return_dict = default_return_dict(self.config)
     # PEFT's own rules: user position ids shifted by P; token_type_ids dropped except for the classification tasks
     user_positions = kwargs.get("position_ids")
-    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=task not in
-                                        _TASKS_KEEPING_TOKEN_TYPES)
+    adjust_prompt_learning_kwargs(config, kwargs, remove_token_type_ids=task not in _TASKS_KEEPING_TOKEN_TYPES)
     record = self.__dict__[_PATCH_ATTR]
     if user_positions is not None and not record.layout.shifts_positions:
         kwargs["position_ids"] = user_positions  # a family without a cache argument: nothing shifts them
-    past = kwargs.get("past_key_values")
-    past_length = past.get_seq_length() if past is not None else 0
+    past = pop_cache(kwargs)  # either name; handed on under the one the base model's forward takes
+    past_length = cache_length(past)
+    if past is not None:
+        kwargs[cache_kwarg(self.get_base_model().forward)] = past
     if attention_mask is None:  # explicit, so transformers never guesses packed sequences from our position ids
         attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=source.device)
     if kwargs.get("position_ids") is None:
@@ -361,8 +403,7 @@ def _prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     if model_kwargs.get("position_ids") is not None:
         model_kwargs["position_ids"] = model_kwargs["position_ids"] + num_tokens
     else:
-        cache = model_kwargs.get("past_key_values")
-        past_length = cache.get_seq_length() if cache is not None else 0
+        past_length = cache_length(get_cache(model_kwargs))
         model_kwargs["position_ids"] = _prefix_positions(self, model_kwargs.get("input_ids"),
                                                          model_kwargs.get("inputs_embeds"), past_length, num_tokens,
                                                          model_kwargs.get("attention_mask"))
@@ -385,12 +426,93 @@ def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = 
         if task_ids is None:
             raise ValueError("task_ids cannot be None")
         # MultitaskPromptEmbedding.forward without the per-row embedding lookup: shared prompt * task factors
+        task_ids = check_mpt_task_ids(task_ids, batch_size, tokens.device)
         shared = encoder.embedding(tokens)                                     # [P, D], once
         task_prompts = torch.matmul(encoder.prefix_task_cols.index_select(0, task_ids),
-                                    encoder.prefix_task_rows.index_select(0, task_ids))  # [B, P, D]
-        return shared[None] * task_prompts
+                                    encoder.prefix_task_rows.index_select(0, task_ids))  # [B or 1, P, D]
+        # one task id for the whole batch: broadcast over the rows, as PEFT's MultitaskPromptEmbedding does
+        return (shared[None] * task_prompts).expand(batch_size, -1, -1)
     if config.inference_mode:
         prompts = encoder.embedding.weight[None]
     else:
         prompts = encoder(tokens[None])                                        # [1, P, D], once (LSTM needs a batch)
     return prompts.expand(batch_size, -1, -1)
+
+
+def check_mpt_task_ids(task_ids, batch_size: int, device=None) -> torch.Tensor:
+    """MPT's task ids as a 1D LongTensor: one per row, or one for the whole batch (PEFT broadcasts it)."""
+    if task_ids is None:
+        raise ValueError("task_ids cannot be None")
+    task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
+    if task_ids.shape[0] not in (1, batch_size):
+        raise ValueError(f"task_ids must hold one task id per row ({batch_size}) or one for the whole batch, "
+                         f"got {task_ids.shape[0]}")
+    return task_ids
+
+
+def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
+    """One generation step of an input-level prompt (prompt tuning, P-tuning, MPT) on the base model.
+
+    Prefill (no cache, or an empty one): `[prompt; embed(input_ids)]` as inputs_embeds, the mask extended with P
+    ones. Decode (the cache already holds the prompt): the new token ids only, the mask extended with P ones.
+    Positions are the base model's own (input-level methods ignore position ids, PEFT's rule), so every step sees
+    exactly what PEFT's full forward sees for the whole sequence. The cache is looked up under both names.
+    """
+    config = self.active_peft_config
+    peft_type = _value(config.peft_type)
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):  # the active adapter changed
+        return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
+    mask = kwargs.get("attention_mask")
+    model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    num_tokens = config.num_virtual_tokens
+    prefill = cache_length(get_cache(model_kwargs)) == 0
+    embeds = model_kwargs.get("inputs_embeds")
+    ids = model_kwargs.get("input_ids")
+    source = embeds if embeds is not None else ids
+    batch = source.shape[0]
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f"fastprompt: generate() with an input-level prompt takes a 2D attention_mask, got "
+                             f"{mask.dim()}D")
+        # The base model's own (2D) mask extended past the prompt; the base prepare step may have turned the mask
+        # into a 4D one sized without the prompt (static caches), so it is rebuilt from the 2D mask here.
+        model_kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, num_tokens), mask], dim=1)
+    model_kwargs.pop("position_ids", None)  # generate()'s positions count real tokens only; the model's own are right
+    adjust_prompt_learning_kwargs(config, model_kwargs)
+    if prefill:
+        if embeds is None:
+            embeds = self.word_embeddings(ids)
+        prompts = self.get_prompt(batch_size=batch, task_ids=task_ids).to(embeds.dtype)
+        model_kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        model_kwargs["input_ids"] = None
+    return model_kwargs
+
+
+def _input_generate(self, *args, **kwargs):
+    """PEFT's generate(); a static cache generate() would size for the real tokens only gets room for the prompt."""
+    config = self.active_peft_config
+    if (_value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+            and kwargs.get("cache_implementation") == "static" and get_cache(kwargs) is None):
+        kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
+    from transformers import StaticCache
+
+    source = kwargs.get("input_ids", args[0] if args else None)
+    if source is None:
+        source = kwargs.get("inputs_embeds")
+    if source is None:
+        return kwargs  # generate() starts from a BOS token: leave its own sizing (and error) alone
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    total = source.shape[1] + max_new if max_new is not None else kwargs.get("max_length",
+                                                                           generation_config.max_length)
+    base = model.get_base_model()
+    text_config = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else \
+        base.config
+    kwargs = dict(kwargs)
+    kwargs.pop("cache_implementation")
+    kwargs[cache_kwarg(base.generate)] = StaticCache(config=text_config, max_cache_len=total + num_tokens)
+    return kwargs

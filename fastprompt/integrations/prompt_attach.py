@@ -33,9 +33,10 @@ from . import query_pass
 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
+from .cache_compat import cache_kwarg, cache_length, get_cache, set_cache
+
 PROMPT_ATTR = "fastprompt_prompt"
 _STATE_ATTR = "_fastprompt_attach_state"
-_MISSING = object()
 
 __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
 
@@ -43,13 +44,30 @@ __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
 @dataclass
 class _AttachState:
     prompt: PromptModule
-    original_forward: Any  # the instance's own `forward` attribute before attach, or _MISSING
+    original_forward: Any  # the instance's own `forward` attribute before attach, or None (a singleton: pickles)
     bound_forward: Any  # the method the wrapper calls
-    signature: inspect.Signature
+    signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
     requires_grad: Dict[str, bool]
     attention_token: Any = None
     # generate(): the per-row query / task ids chosen at the prefill step, keyed by the cache object
     by_cache: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
+
+    def forward_signature(self) -> inspect.Signature:
+        if self.signature is None:
+            self.signature = inspect.signature(self.bound_forward)
+        return self.signature
+
+    # pickle / torch.save / deepcopy: the queries kept for live caches are per-generate() bookkeeping (weak keys do
+    # not pickle), and a signature's annotations need not pickle; both are rebuilt after loading.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["signature"] = None
+        state["by_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.by_cache = weakref.WeakKeyDictionary()
 
 
 def attached_prompt(model) -> Optional[PromptModule]:
@@ -108,11 +126,11 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     if device is not None:
         prompt.to(device)
     model.add_module(PROMPT_ATTR, prompt)
-    original = model.__dict__.get("forward", _MISSING)
+    original = model.__dict__.get("forward")
     bound = model.forward
     state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, _STATE_ATTR, state)
-    model.forward = _make_forward(model, state)
+    model.forward = _PatchedForward(model)
     return model
 
 
@@ -122,7 +140,7 @@ def detach(model):
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
-    if state.original_forward is _MISSING:
+    if state.original_forward is None:
         model.__dict__.pop("forward", None)
     else:
         model.forward = state.original_forward
@@ -149,16 +167,6 @@ def _model_device(model):
         return emb.weight.device
     p = next(model.parameters(), None)
     return None if p is None else p.device
-
-
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
-        return int(past[0][0].shape[-2])
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,13 +219,42 @@ def _masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
 # the patched forward
 
 
-def _make_forward(model, state: _AttachState):
-    signature = state.signature
-    accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    model_ref = weakref.ref(model)
+class _PatchedForward:
+    """The attached model's forward: the model's own arguments plus `task_ids=` and `prompt_query=`.
 
-    def forward(*args, task_ids: Optional[Tensor] = None, prompt_query: Optional[Tensor] = None, **kwargs):
-        model = model_ref()
+    A callable object rather than a closure so that the model pickles, saves with torch.save and deep-copies (a copy
+    gets a forward bound to the copy). It holds the model weakly (no reference cycle through the instance's own
+    attribute) and reads the attach state from the model on every call.
+    """
+
+    __wrapped_by_fastprompt__ = True
+    __doc__ = "fastprompt-patched forward: the model's own arguments plus task_ids= and prompt_query=."
+
+    def __init__(self, model):
+        self._model_ref = weakref.ref(model)
+
+    def __reduce__(self):
+        return (_PatchedForward, (self._model_ref(),))
+
+    def _state(self):
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("fastprompt: the model this forward belonged to no longer exists")
+        state = model.__dict__.get(_STATE_ATTR)
+        if state is None:
+            raise RuntimeError("fastprompt: this forward belongs to a model whose prompt was detached")
+        return model, state
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        _, state = self._state()
+        signature = state.forward_signature()
+        accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        return _wrapped_signature(signature, accepts_var_kwargs)
+
+    def __call__(self, *args, task_ids: Optional[Tensor] = None, prompt_query: Optional[Tensor] = None, **kwargs):
+        model, state = self._state()
+        signature = state.forward_signature()
         try:
             bound = signature.bind_partial(*args, **kwargs)
         except TypeError as err:
@@ -227,11 +264,6 @@ def _make_forward(model, state: _AttachState):
         if var_kw is not None and var_kw in kw:
             kw.update(kw.pop(var_kw))
         return _patched_call(model, state, kw, task_ids, prompt_query)
-
-    forward.__signature__ = _wrapped_signature(signature, accepts_var_kwargs)
-    forward.__doc__ = "fastprompt-patched forward: the model's own arguments plus task_ids= and prompt_query=."
-    forward.__wrapped_by_fastprompt__ = True
-    return forward
 
 
 def _wrapped_signature(signature: inspect.Signature, accepts_var_kwargs: bool) -> inspect.Signature:
@@ -256,8 +288,10 @@ def _batch_size(kw) -> int:
 def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
     prompt = state.prompt
     batch = _batch_size(kw)
-    past = kw.get("past_key_values")
-    prefill = _cache_length(past) == 0
+    past = get_cache(kw)  # `cache` (transformers 5.24+) or `past_key_values` (older, or the deprecated alias)
+    if past is not None:  # handed on under the one name the model's forward takes
+        set_cache(kw, past, cache_kwarg(state.forward_signature()))
+    prefill = cache_length(past) == 0
     device = _model_device(model)
 
     if prompt.needs_task_ids:

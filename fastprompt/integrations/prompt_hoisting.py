@@ -27,7 +27,6 @@ Opt out per model with `set_prompt_hoisting(model, False)` (or `patch_model(...,
 from __future__ import annotations
 
 import dataclasses
-import types
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .patched_method import PatchedMethod
 from .transformers_attention import (
     PREFIXES_KWARG,
     BridgedPrefixes,
@@ -340,8 +340,9 @@ def install_peft_hoisting(model, backend: str = "auto") -> bool:
     token = enable_fastprompt_attention(hf, backend=backend)
     saved = {name: model.__dict__.get(name) for name in ("forward", "generate")}
     record = _PeftHoisting(token, saved, model.forward, model.generate)
-    object.__setattr__(model, "forward", types.MethodType(_peft_forward, model))
-    object.__setattr__(model, "generate", types.MethodType(_peft_generate, model))
+    # PatchedMethod, not types.MethodType: the patched model pickles / torch.saves / deep-copies (see its docstring)
+    object.__setattr__(model, "forward", PatchedMethod(_peft_forward, model))
+    object.__setattr__(model, "generate", PatchedMethod(_peft_generate, model))
     object.__setattr__(model, _PEFT_ATTR, record)
     return True
 
@@ -374,12 +375,16 @@ def _peft_blocker(model, total_length: Optional[int]) -> Optional[str]:
     return hoisting_blocker(model.get_base_model(), config.num_virtual_tokens, total_length)
 
 
-def _peft_prompt_rows(model, task_ids: Optional[Tensor]):
+def _peft_prompt_rows(model, task_ids: Optional[Tensor], batch: Optional[int] = None):
     """The distinct prompts `[U, P, H]` and each row's index into them (None: one shared prompt)."""
     config = model.active_peft_config
     if _value(config.peft_type) == "MULTITASK_PROMPT_TUNING":
         if task_ids is None:
             raise ValueError("task_ids cannot be None")
+        if batch is not None:  # one id per row or one for the batch, else a clear error naming task_ids
+            from .peft import check_mpt_task_ids
+
+            task_ids = check_mpt_task_ids(task_ids, batch)
         unique, rows = torch.unique(task_ids, return_inverse=True)
         return model.get_prompt(batch_size=unique.shape[0], task_ids=unique), rows
     return model.get_prompt(batch_size=1)[:1], None
@@ -417,7 +422,7 @@ def _peft_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
     if inputs_embeds is None:
         inputs_embeds = self.word_embeddings(input_ids)
     batch, num = inputs_embeds.shape[0], config.num_virtual_tokens
-    prompts, rows = _peft_prompt_rows(self, task_ids)
+    prompts, rows = _peft_prompt_rows(self, task_ids, inputs_embeds.shape[0])
     prompt_pass = prompt_kv_pass(hf, prompts.to(inputs_embeds.dtype), want_logits=True,
                                  want_hidden=bool(output_hidden_states))
     positions = torch.arange(num, num + seq, device=inputs_embeds.device)[None].expand(batch, seq)
@@ -484,7 +489,7 @@ def _peft_generate(self, *args, **kwargs):
     batch, seq = input_ids.shape
     num = config.num_virtual_tokens
     with torch.no_grad():
-        prompts, rows = _peft_prompt_rows(self, task_ids)
+        prompts, rows = _peft_prompt_rows(self, task_ids, batch)
         prompt_pass = prompt_kv_pass(hf, prompts.to(hf.get_input_embeddings().weight.dtype))
     positions = torch.arange(num, num + seq, device=input_ids.device)[None].expand(batch, seq)
     wrapper = _PrefixesForGeneration(hf, prompt_pass, rows, batch)

@@ -27,6 +27,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cache_compat import get_cache
+
 __all__ = ["compute", "reusing_lower_layers", "LowerLayers", "query_layer_of"]
 
 
@@ -124,7 +126,7 @@ def _can_reuse(model, prompt, layers, k: int, kw) -> bool:
     prompt_layers = getattr(prompt, "layers", ())
     if not prompt_layers or min(prompt_layers) < k:
         return False  # a prompt below k changes what the lower layers compute
-    if kw.get("past_key_values") is not None or kw.get("use_cache") is True:
+    if get_cache(kw) is not None or kw.get("use_cache") is True:  # `cache` or `past_key_values`
         return False  # the skipped layers would leave no cache entries
     if kw.get("output_hidden_states") or kw.get("output_attentions"):
         return False  # the skipped layers' own outputs are asked for

@@ -179,7 +179,10 @@ def check_supports_attention_interface(hf) -> None:
     config = _text_config(hf.config)
     model_type = getattr(config, "model_type", type(hf).__name__)
     cls = type(hf)
-    if not getattr(cls, "_supports_attention_backend", False) or not cls._can_set_attn_implementation():
+    # private class facts of transformers 5; where a release lacks one, the switch itself is checked afterwards
+    # (enable_fastprompt_attention verifies that the model took the "fastprompt" implementation)
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if getattr(cls, "_supports_attention_backend", None) is False or (callable(can_set) and not can_set()):
         raise TypeError(
             f"fastprompt: cannot patch {cls.__name__} (model_type={model_type!r}): its attention does not go through "
             "transformers' AttentionInterface, so a registered attention function would never be called"
@@ -197,6 +200,15 @@ class _AttentionState:
         self.backend = backend
         self.prefixes: Optional[Mapping[int, LayerPrefix]] = None
         self.users = 1
+
+    # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process);
+    # the prefixes of an open `layer_prefixes` block are not part of the saved state.
+    def __getstate__(self):
+        return {**self.__dict__, "prefixes": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _register_once()
 
 
 @dataclass
@@ -223,7 +235,11 @@ def _register_once() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # exported at the top level from some 5.x release on; masking_utils has it in all
+        from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, fastprompt_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, fastprompt_attention_mask)
