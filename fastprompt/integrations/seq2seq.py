@@ -306,14 +306,39 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
             prefix_bias = t5_prefix_bias(slot.bias_module, pk.shape[-2] * slots, query.shape[2],
                                          key.shape[2] - query.shape[2]).to(query.dtype)
 
-    if dropout and dropout > 0.0 and module.training:
+    dropout_p = float(dropout) if dropout and module.training else 0.0
+    if pk is None and attn_bias is not None and query.shape[1] == key.shape[1]:
+        # No prefix (T5's encoder, or a decoder without one): the very SDPA call transformers' own "sdpa" path
+        # makes, T5's bias as a float mask. The fused op has nothing to read in place here, and its biased path
+        # is an explicit composition, slower than SDPA on the CPU.
+        out = _sdpa_with_bias(query, key, value, attention_mask, attn_bias, bool(is_causal), float(scaling), dropout_p)
+        return out.transpose(1, 2), None
+    if dropout_p > 0.0:
         out = _attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
-                                      float(scaling), attn_bias, prefix_bias, dropout)
+                                      float(scaling), attn_bias, prefix_bias, dropout_p)
         return out.transpose(1, 2), None
     out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
                            causal=bool(is_causal), scale=float(scaling), backend=backend,
                            attn_bias=attn_bias, prefix_bias=prefix_bias)
     return out.transpose(1, 2), None
+
+
+def _sdpa_with_bias(q, k, v, kpm, bias, causal, scale, dropout_p):
+    """SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]`, padding and bottom-right causality
+    folded into it with the dtype's minimum, as transformers' masks do."""
+    batch, heads, lq, _ = q.shape
+    lk = k.shape[2]
+    mask = bias.to(q.dtype).expand(batch, heads, lq, lk)
+    hidden = None
+    if kpm is not None:
+        hidden = ~kpm[:, None, None, :]
+    if causal:
+        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
+        hidden = future if hidden is None else hidden | future
+    if hidden is not None:
+        mask = mask.masked_fill(hidden, torch.finfo(q.dtype).min)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                            scale=scale)
 
 
 def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p):
