@@ -4,9 +4,8 @@ the outputs/gradients to compare. Cases are built lazily (`Case.build`) so only 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -239,6 +238,42 @@ def _train_side(model, forward, params_for_check) -> Side:
     return Side(step, check, exclude)
 
 
+def peft_train_sides(shape: ModelShape, method: str, plen: int, ids, mask, device) -> dict:
+    """{"baseline": a PEFT training step, "fastprompt": the same PEFT model patched}, method "prefix" | "prompt"."""
+    import fastprompt as fp
+
+    sides = {}
+    for name, patch in (("baseline", False), ("fastprompt", True)):
+        model = build_peft(shape, method, plen, device)
+        model.train()
+        if patch:
+            fp.patch_model(model)
+
+        def forward(model=model):
+            return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+        def named(model=model):
+            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        sides[name] = _train_side(model, forward, named)
+    return sides
+
+
+def no_prefix_side(shape: ModelShape, ids, mask, device) -> Side:
+    """The frozen base model's step without any prompt (backward down to the input embeddings): what a prompt's
+    extra cost is measured against."""
+    base = build_base(shape, device)
+    base.train()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    embed = base.get_input_embeddings()
+
+    def no_prefix_step():
+        embeds = embed(ids).detach().requires_grad_()
+        base(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
+
+    return Side(no_prefix_step, lambda: {}, list(base.parameters()) + list(base.buffers()))
+
+
 def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, *, with_no_prefix: bool = False,
                tags=(), reps: int = 3) -> Case:
     """method "prefix" | "prompt" (PEFT vs the same PEFT model patched) or "pool" (fastprompt PromptPool, prefix
@@ -249,20 +284,7 @@ def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, 
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
         sides = {}
         if method in ("prefix", "prompt"):
-            import fastprompt as fp
-
-            for name, patch in (("baseline", False), ("fastprompt", True)):
-                model = build_peft(shape, method, plen, device)
-                model.train()
-                if patch:
-                    fp.patch_model(model)
-
-                def forward(model=model):
-                    return model(input_ids=ids, attention_mask=mask, labels=ids).loss
-
-                def named(model=model):
-                    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                sides[name] = _train_side(model, forward, named)
+            sides.update(peft_train_sides(shape, method, plen, ids, mask, device))
         elif method == "pool":
             import fastprompt as fp
             from fastprompt.prompts import PromptPool
@@ -298,17 +320,7 @@ def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, 
             raise ValueError(f"unknown method {method!r}")
 
         if with_no_prefix:
-            base = build_base(shape, device)
-            base.train()
-            for p in base.parameters():
-                p.requires_grad_(False)
-            embed = base.get_input_embeddings()
-
-            def no_prefix_step():
-                embeds = embed(ids).detach().requires_grad_()
-                base(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
-
-            sides["no_prefix"] = Side(no_prefix_step, lambda: {}, list(base.parameters()) + list(base.buffers()))
+            sides["no_prefix"] = no_prefix_side(shape, ids, mask, device)
         return sides
 
     names = {"prefix": "prefix tuning", "prompt": "prompt tuning", "pool": "prompt pool (prefix, top-4)"}

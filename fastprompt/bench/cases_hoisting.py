@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from .cases import Case, Side, _train_side
+from .cases import Case, Side, peft_train_sides
 from .models import ModelShape, build_peft, token_batch
 
 __all__ = ["hoist_train_case", "hoist_generate_case", "hoisting_cases", "predicted_ratios", "cache_bytes",
@@ -59,24 +59,9 @@ def predicted_ratios(shape: ModelShape, batch: int, seq: int, plen: int, new: in
 
 def hoist_train_case(shape: ModelShape, batch: int, seq: int, plen: int, reps: int = 3, tags=()) -> Case:
     def build(device):
-        import fastprompt as fp
-
         ids = token_batch(batch, seq, shape.vocab, device)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-        sides = {}
-        for name, patch in (("baseline", False), ("fastprompt", True)):
-            model = build_peft(shape, "prompt", plen, device)
-            model.train()
-            if patch:
-                fp.patch_model(model)
-
-            def forward(model=model):
-                return model(input_ids=ids, attention_mask=mask, labels=ids).loss
-
-            def named(model=model):
-                return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            sides[name] = _train_side(model, forward, named)
-        return sides
+        return peft_train_sides(shape, "prompt", plen, ids, mask, device)
 
     params = dict(model=shape.label(), B=batch, S=seq, P=plen)
     return Case("train step", "prompt tuning, hoisted", params, build, "peft", 2e-3, reps, tuple(tags))

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .cases import Case, Side, _train_side
+from .cases import Case, _train_side, no_prefix_side
 from .models import ModelShape, build_base, token_batch
 
 __all__ = ["query_pass_case", "seed_cases"]
@@ -57,17 +57,7 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
                 return [(n, p) for n, p in pool.named_parameters() if p.requires_grad]
             sides[name] = _train_side(model, forward, named)
 
-        base = build_base(shape, device)
-        base.train()
-        for p in base.parameters():
-            p.requires_grad_(False)
-        embed = base.get_input_embeddings()
-
-        def no_prefix_step():
-            embeds = embed(ids).detach().requires_grad_()
-            base(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
-
-        sides["no_prefix"] = Side(no_prefix_step, lambda: {}, list(base.parameters()) + list(base.buffers()))
+        sides["no_prefix"] = no_prefix_side(shape, ids, mask, device)
         return sides
 
     how = "full first pass" if query_layer is None else f"query_layer={query_layer}, lower layers reused"

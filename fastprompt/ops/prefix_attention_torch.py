@@ -214,16 +214,23 @@ def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefi
         dq = dq + torch.einsum(_VALUE_EQ[prefix_mode], ds_pre, pk)
         dpk = torch.einsum(_GRAD_EQ[prefix_mode], ds_pre, qg)
         dpv = torch.einsum(_GRAD_EQ[prefix_mode], p_pre, dog)
-        if prefix_mode == PREFIX_SHARED:
-            dprefix_k, dprefix_v = dpk.unsqueeze(0), dpv.unsqueeze(0)
-        elif prefix_mode == PREFIX_PER_SAMPLE:
-            dprefix_k, dprefix_v = dpk, dpv
-        else:  # scatter-add each row's slots into the pool entries they read (empty slots carry zeros)
-            flat_index = prefix_index.clamp(min=0).reshape(-1)
-            dprefix_k = torch.zeros(prefix_k.shape, dtype=acc, device=q.device)
-            dprefix_v = torch.zeros(prefix_v.shape, dtype=acc, device=q.device)
-            dprefix_k.index_add_(0, flat_index, dpk.flatten(0, 1))
-            dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
-        dprefix_k, dprefix_v = dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)
+        dprefix_k, dprefix_v = prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix_v, acc)
     dq = dq.reshape(batch, hq, lq, dim).to(q.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dprefix_k, dprefix_v
+
+
+def prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix_v, acc):
+    """The prefix gradients in the entries layout `[E, Hkv, P, D]` and the prefix's dtype, from what the torch
+    paths accumulate: `[Hkv, P, D]` (shared: already summed over rows), `[B, Hkv, P, D]` (per sample), or
+    `[B, S, Hkv, P, D]` per row and slot (pool: scatter-added into the entries read; empty slots carry zeros)."""
+    if prefix_mode == PREFIX_SHARED:
+        dprefix_k, dprefix_v = dpk.unsqueeze(0), dpv.unsqueeze(0)
+    elif prefix_mode == PREFIX_PER_SAMPLE:
+        dprefix_k, dprefix_v = dpk, dpv
+    else:
+        flat_index = prefix_index.clamp(min=0).reshape(-1)
+        dprefix_k = torch.zeros(prefix_k.shape, dtype=acc, device=prefix_k.device)
+        dprefix_v = torch.zeros(prefix_v.shape, dtype=acc, device=prefix_v.device)
+        dprefix_k.index_add_(0, flat_index, dpk.flatten(0, 1))
+        dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
+    return dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)

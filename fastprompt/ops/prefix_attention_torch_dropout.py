@@ -16,8 +16,9 @@ import torch
 
 from .attention_dropout import dropout_scale, keep_mask
 from .prefix_attention_cpu_flash import hidden_positions
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
-from .prefix_attention_torch import _GRAD_EQ, _SCORE_EQ, _VALUE_EQ, _accumulator_dtype, _selected_prefix
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL
+from .prefix_attention_torch import (_GRAD_EQ, _SCORE_EQ, _VALUE_EQ, _accumulator_dtype, _selected_prefix,
+                                     prefix_grads_per_entry)
 
 NEG_INF = float("-inf")
 CHUNK_SCORES = 1 << 18  # scores (all heads and batch rows) per query chunk: bounds every temporary, and keeps the
@@ -174,16 +175,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
 
     dprefix_k = dprefix_v = None
     if prefix_mode != PREFIX_NONE:
-        if prefix_mode == PREFIX_SHARED:
-            dprefix_k, dprefix_v = dpk.unsqueeze(0), dpv.unsqueeze(0)
-        elif prefix_mode == PREFIX_PER_SAMPLE:
-            dprefix_k, dprefix_v = dpk, dpv
-        else:  # scatter-add each row's slots into the pool entries they read (empty slots carry zeros)
-            flat_index = prefix_index.clamp(min=0).reshape(-1)
-            dprefix_k = torch.zeros(prefix_k.shape, dtype=pb.acc, device=q.device)
-            dprefix_v = torch.zeros(prefix_v.shape, dtype=pb.acc, device=q.device)
-            dprefix_k.index_add_(0, flat_index, dpk.flatten(0, 1))
-            dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
-        dprefix_k, dprefix_v = dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)
+        dprefix_k, dprefix_v = prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix_v,
+                                                      pb.acc)
     return (dq.reshape(pb.batch, pb.hq, pb.lq, pb.dim).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dprefix_k,
             dprefix_v)
