@@ -15,6 +15,7 @@ import torch
 
 from . import metrics
 from .cases import Case, attention_case, compared_sides, gather_case, generate_case, mix_case, train_case
+from .cases_dropout import dropout_cases
 from .cases_hoisting import hoisting_cases
 from .cases_seed import seed_cases
 from .chart import chart
@@ -52,7 +53,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
             train_case("pool", tiny, 2, 16, 4, reps=1),
             generate_case(tiny, 2, 8, 4, 3, reps=1),
             generate_case(tiny, 4, 8, 4, 3, tasks=2, reps=1),
-        ] + seed_cases(mode) + _seq2seq_cases(mode, gpu)
+        ] + seed_cases(mode) + _seq2seq_cases(mode, gpu) + dropout_cases(mode)
 
     seqs = (128, 512, 1024, 2048, 4096) if gpu else (64, 128, 256, 512)
     prefixes = (8, 32, 100, 200) if gpu else (8, 32, 128, 200)
@@ -111,7 +112,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
                                     tags=("sweep_dim",)))
         for s in (256, 1024):
             sweeps.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
-    return cases + seed_cases(mode) + _seq2seq_cases(mode, gpu) + sweeps  # sweeps last: under a time budget they are what gets skipped
+    return cases + seed_cases(mode) + _seq2seq_cases(mode, gpu) + dropout_cases(mode, gpu) + sweeps  # sweeps last: under a time budget they are what gets skipped
 
 
 def _seq2seq_cases(mode, gpu):
