@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from seq2seq_helpers import peft_seq2seq_pair, seq2seq_inputs
+from seq2seq_helpers import requires_seq2seq_transformers, peft_seq2seq_pair, seq2seq_inputs
+
+pytestmark = requires_seq2seq_transformers
 
 import fastprompt
 

@@ -12,7 +12,9 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from seq2seq_helpers import prompt_grads, rel, seq2seq_inputs, tiny_seq2seq
+from seq2seq_helpers import requires_seq2seq_transformers, prompt_grads, rel, seq2seq_inputs, tiny_seq2seq
+
+pytestmark = requires_seq2seq_transformers
 
 import fastprompt
 from fastprompt.prompts import PrefixTuning, PromptPool, PromptTuning, PTuningV2

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
-from seq2seq_helpers import SEQ2SEQ_FAMILIES, peft_seq2seq_pair, prompt_grads, rel, seq2seq_inputs
+from seq2seq_helpers import (SEQ2SEQ_FAMILIES, _seq2seq_supported, peft_seq2seq_pair, prompt_grads, rel,
+                             requires_seq2seq_transformers, seq2seq_inputs, tiny_seq2seq)
 
 import fastprompt
 
@@ -58,6 +59,7 @@ def _assert_parity(patched, oracle, family, method, **extra):
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning_mlp", "ptuning_lstm", "mpt"])
 @pytest.mark.parametrize("family", SEQ2SEQ_FAMILIES)
+@requires_seq2seq_transformers
 def test_seq2seq_parity(family, method):
     patched, oracle = peft_seq2seq_pair(family, _config(method))
     fastprompt.patch_model(patched)
@@ -65,6 +67,7 @@ def test_seq2seq_parity(family, method):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
+@requires_seq2seq_transformers
 def test_seq2seq_prefix_projection_and_one_submodule_prompt(family):
     patched, oracle = peft_seq2seq_pair(family, _config("prefix_proj"))
     fastprompt.patch_model(patched)
@@ -74,6 +77,7 @@ def test_seq2seq_prefix_projection_and_one_submodule_prompt(family):
     _assert_parity(patched, oracle, family, "prompt")
 
 
+@requires_seq2seq_transformers
 def test_t5_prefix_relative_bias_long_distances():
     """More virtual tokens than the bias has exact buckets, explicit decoder_input_ids: the prefix keys land in the
     logarithmic buckets, and the patched model still equals PEFT."""
@@ -85,6 +89,7 @@ def test_t5_prefix_relative_bias_long_distances():
                    decoder_attention_mask=decoder_mask)
 
 
+@requires_seq2seq_transformers
 def test_seq2seq_prefix_read_in_place(monkeypatch):
     """The op gets one shared [H, P, D] prefix per decoder self-attention (no B copies, no concatenation), none in
     the cross-attention, and T5's bias as attn_bias + prefix_bias. T5's encoder self-attention has no prefix and
@@ -110,6 +115,7 @@ def test_seq2seq_prefix_read_in_place(monkeypatch):
     assert all(c[1] == (4, 3, 8) and c[2] and c[3] and c[4] for c in prefixed)
 
 
+@requires_seq2seq_transformers
 def test_seq2seq_unpatch_restores_and_adapter_saves_unchanged(tmp_path):
     patched, oracle = peft_seq2seq_pair("bart", _config("prefix"))
     before = {k: v.clone() for k, v in patched.state_dict().items()}
@@ -129,6 +135,7 @@ def test_seq2seq_unpatch_restores_and_adapter_saves_unchanged(tmp_path):
     _assert_parity(patched, oracle, "bart", "prefix")
 
 
+@requires_seq2seq_transformers
 def test_seq2seq_refusals():
     import transformers
 
@@ -144,6 +151,7 @@ def test_seq2seq_refusals():
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
+@requires_seq2seq_transformers
 def test_seq2seq_prefix_gradient_checkpointing(family):
     """PEFT refuses prefix tuning under gradient checkpointing; the patched model trains with it (non-reentrant)
     and gets the gradients of the unpatched PEFT model without checkpointing; reentrant is refused clearly."""
@@ -155,3 +163,13 @@ def test_seq2seq_prefix_gradient_checkpointing(family):
     patched.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="non-reentrant"):
         _step(patched, family, "prefix")
+
+
+
+@pytest.mark.skipif(_seq2seq_supported(), reason="this transformers is supported: nothing is refused")
+def test_seq2seq_refused_on_older_transformers():
+    from fastprompt.prompts import PrefixTuning
+
+    model = tiny_seq2seq("t5", 0)
+    with pytest.raises(ValueError, match="encoder-decoder prompt learning .* needs transformers >="):
+        fastprompt.patch_model(model, PrefixTuning(model.config, num_virtual_tokens=3))

@@ -92,8 +92,26 @@ def _decoder_dims(hf):
     return layers, heads, dim
 
 
+# Encoder-decoder prompt learning is checked in CI on transformers 5.24 (the locked and newest lanes); older
+# releases build their caches and pass T5's bias differently, and PEFT 0.20 cannot wrap T5/BART on 5.20 at all.
+MIN_SEQ2SEQ_TRANSFORMERS = (5, 24)
+
+
+def check_seq2seq_transformers() -> None:
+    """Refuse encoder-decoder prompt learning on a transformers older than the one it is tested with."""
+    import transformers
+
+    from .._versions import _release
+
+    if _release(transformers.__version__)[:2] < MIN_SEQ2SEQ_TRANSFORMERS:
+        need = ".".join(str(n) for n in MIN_SEQ2SEQ_TRANSFORMERS)
+        raise ValueError(f"fastprompt: encoder-decoder prompt learning (T5, BART, ...) needs transformers >= {need}, "
+                         f"the versions it is tested with; installed {transformers.__version__}")
+
+
 def check_seq2seq_patchable(model, config):
     """The checks of peft.patch_peft_model for SEQ_2_SEQ_LM adapters; returns the adapter config."""
+    check_seq2seq_transformers()
     hf = model.get_base_model()
     model_type = getattr(hf.config, "model_type", type(hf).__name__)
     if model_type not in SEQ2SEQ_MODEL_TYPES:
@@ -455,6 +473,7 @@ def check_own_prompt_seq2seq(model, prompt) -> None:
     relative positions 0..P-1). Input-level prompts are refused here (generate() runs the encoder apart from the
     patched forward, so a prompt before the encoder input would be silently dropped there): PEFT's PromptTuning /
     P-tuning patched with patch_model cover that case."""
+    check_seq2seq_transformers()
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in SEQ2SEQ_MODEL_TYPES:
         raise ValueError(f"fastprompt: encoder-decoder model_type {model_type!r} is not supported (supported: "
