@@ -16,7 +16,7 @@ from typing import Optional
 TESTED_RANGES = {
     "torch": ("2.13.0", "2.14.1"),
     "triton": ("3.8.0", "3.9.0"),
-    "transformers": ("5.20.0", "5.24.0"),
+    "transformers": ("5.23.0", "5.24.0"),
     "peft": ("0.20.0", "0.21.2"),
 }
 
@@ -54,7 +54,7 @@ def range_status(package: str, version: Optional[str]) -> str:
 
 
 def untested_versions() -> list[str]:
-    """One line per installed package outside its tested range, e.g. 'transformers 5.30.0 (tested 5.20.0-5.24.0)'."""
+    """One line per installed package outside its tested range, e.g. 'transformers 5.30.0 is newer than tested (5.23.0 - 5.24.0)'."""
     lines = []
     for name, version in installed_versions().items():
         status = range_status(name, version)

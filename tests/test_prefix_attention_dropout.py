@@ -352,8 +352,11 @@ def _written_out_peft(peft_model):
         batch = input_ids.shape[0]
         plen = peft_model.peft_config["default"].num_virtual_tokens
         mask = torch.cat([attention_mask.new_ones(batch, plen), attention_mask], dim=1)
-        return peft_model.base_model(input_ids=input_ids, attention_mask=mask, cache=peft_model.get_prompt(batch),
-                                     labels=labels)
+        from fastprompt.integrations.cache_compat import cache_kwarg
+
+        base = peft_model.get_base_model()  # the cache under the name this transformers takes
+        return base(input_ids=input_ids, attention_mask=mask, labels=labels,
+                    **{cache_kwarg(base.forward): peft_model.get_prompt(batch)})
 
     return step
 

@@ -105,8 +105,8 @@ def check_seq2seq_transformers() -> None:
 
     if _release(transformers.__version__)[:2] < MIN_SEQ2SEQ_TRANSFORMERS:
         need = ".".join(str(n) for n in MIN_SEQ2SEQ_TRANSFORMERS)
-        raise ValueError(f"fastprompt: encoder-decoder prompt learning (T5, BART, ...) needs transformers >= {need}, "
-                         f"the versions it is tested with; installed {transformers.__version__}")
+        raise ValueError(f"fastprompt: encoder-decoder prompt learning (SEQ_2_SEQ_LM: T5, BART, ...) needs "
+                         f"transformers >= {need}, the versions it is tested with; installed {transformers.__version__}")
 
 
 def check_seq2seq_patchable(model, config):
