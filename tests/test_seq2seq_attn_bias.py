@@ -73,3 +73,20 @@ def test_bias_errors():
         prefix_attention(q, k, v, pk, pv, attn_bias=bias, backend="triton")
     with pytest.raises(TypeError, match="attn_bias"):
         prefix_attention(q, k, v, pk, pv, attn_bias=[1.0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("bad", [3, -2, 10**6])
+def test_biased_call_refuses_a_bad_pool_index(backend, bad):
+    """The biased path runs no forward-op body, so it checks the pool index itself (eager and compiled alike)."""
+    q = torch.randn(2, 2, 3, 8)
+    k = v = torch.randn(2, 2, 4, 8)
+    pool = torch.randn(3, 2, 2, 8)
+    bias = torch.randn(1, 2, 3, 4)
+    index = torch.tensor([0, bad])
+    with pytest.raises(ValueError, match="prefix_index"):
+        prefix_attention(q, k, v, pool, pool, prefix_index=index, attn_bias=bias, backend=backend)
+    compiled = torch.compile(lambda i: prefix_attention(q, k, v, pool, pool, prefix_index=i, attn_bias=bias,
+                                                        backend=backend), backend="aot_eager")
+    with pytest.raises(Exception, match="prefix_index"):
+        compiled(index)

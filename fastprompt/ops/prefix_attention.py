@@ -324,6 +324,8 @@ def _biased(args, backend, attn_bias, prefix_bias, return_lse):
     if reason is not None:
         raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
     attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
+    if args.prefix_mode == PREFIX_POOL:  # no op body runs this check here: route the index through the checking op
+        args.prefix_index = checked_index(args.prefix_index, args.prefix_k.shape[0], "prefix_index")
     if backend == "reference":
         out, lse = reference.prefix_attention(
             args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,
