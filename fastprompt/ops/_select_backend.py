@@ -101,16 +101,3 @@ PLAIN_TORCH_DTYPES = (torch.float32, torch.float64)
 
 def plain_torch_path(backend: str, pool: torch.Tensor) -> bool:
     return backend == "torch" and pool.dtype in PLAIN_TORCH_DTYPES and not torch.compiler.is_compiling()
-
-
-def index_has_empty(index: torch.Tensor, size: int, name: str) -> bool:
-    """check_index_values (the same ValueError) that also says whether an empty slot (-1) is present: one
-    aminmax, one host sync."""
-    from .index_range import _MESSAGES
-
-    if index.numel() == 0:
-        return False
-    lo, hi = (int(x) for x in torch.aminmax(index))
-    if lo < -1 or hi >= size:
-        raise ValueError(_MESSAGES[name].format(n=size, last=size - 1, lo=lo, hi=hi))
-    return lo < 0

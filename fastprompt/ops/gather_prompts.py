@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._select_backend import (check_index, check_pool, index_has_empty, load_cuda_backend, load_triton_kernels,
+from ._select_backend import (check_index, check_pool, load_cuda_backend, load_triton_kernels,
                               plain_torch_path, resolve_backend)
 from .index_range import check_index_values, checked_index
 
@@ -97,7 +97,7 @@ def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Ten
     flat_pool = pool.reshape(pool.shape[0], -1)
     flat_index = index.reshape(-1).long().contiguous()
     if plain_torch_path(backend, pool):
-        out = _plain_gather(flat_pool, flat_index, index_has_empty(flat_index, pool.shape[0], "index"))
+        out = _plain_gather(flat_pool, flat_index, check_index_values(flat_index, pool.shape[0], "index"))
     else:
         out = _gather_op(flat_pool, flat_index, backend)
     return out.reshape(*index.shape, *entry_shape)

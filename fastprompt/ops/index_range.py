@@ -19,14 +19,16 @@ _MESSAGES = {
 }
 
 
-def check_index_values(index: Tensor, size: int, name: str) -> None:
-    """Raise ValueError unless every entry of `index` lies in [-1, size). `name` picks the op's wording."""
+def check_index_values(index: Tensor, size: int, name: str) -> bool:
+    """Raise ValueError unless every entry of `index` lies in [-1, size). `name` picks the op's wording.
+    Returns whether an empty slot (-1) is present (one aminmax, one host sync, for both answers)."""
     if index.numel() == 0:
-        return
+        return False
     lo, hi = torch.aminmax(index)
     lo, hi = int(lo), int(hi)
     if lo < -1 or hi >= size:
         raise ValueError(_MESSAGES[name].format(n=size, last=size - 1, lo=lo, hi=hi))
+    return lo < 0
 
 
 @torch.library.custom_op("fastprompt::checked_index", mutates_args=())
