@@ -21,8 +21,13 @@ SCENARIOS = ("peft_prefix_tuning", "prompt_pool")
 
 def _run(mode: str, out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, str(WORKER), "--mode", mode, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=900)
+    for attempt in range(2):
+        result = subprocess.run([sys.executable, str(WORKER), "--mode", mode, "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=900)
+        # torch 2.13's gloo can abort a rank at process-group teardown ("terminate called without an active
+        # exception", seen once in CI): a rank killed by a signal is run again once; any other failure fails.
+        if result.returncode == 0 or "terminated with signal" not in result.stderr:
+            break
     assert result.returncode == 0, f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
 
