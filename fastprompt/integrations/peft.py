@@ -158,6 +158,11 @@ def patch_peft_model(model, *, backend: str = "auto"):
             "generate": _prefix_generate,
             "prepare_inputs_for_generation": _prefix_prepare_inputs_for_generation,
         }
+    elif _value(config.task_type) == "SEQ_2_SEQ_LM":
+        # Encoder-decoder: the prompt goes before the ENCODER input. PEFT's generate() is right as it is (the prompt
+        # once per call, before the encoder, which generate() runs once; beams expand its output) and so is its
+        # prepare step (the base model's); the causal-LM ones below would add the prompt to the decoder input.
+        replacements = {"get_prompt": _input_get_prompt}
     else:
         replacements = {
             "get_prompt": _input_get_prompt,
