@@ -12,8 +12,11 @@
     fastprompt.integrations.transformers_attention (no cache entries, real tokens keep their positions).
 - generate() works for causal LMs: the prompt enters at the prefill step; decode steps extend the mask / positions
   (input placement) or re-read the same prefixes, with the pool selection made at prefill kept per cache object.
+- encoder-decoder models (T5 / mT5 / BART): input-level prompts go before the encoder input, prefixes into the
+  decoder's self-attention; generate() is wrapped too (fastprompt.integrations.seq2seq_own_prompts).
 The query of a pool / selector is the frozen model's own encoding of the input: a first pass without prompts under
-no_grad (mean / [CLS] / last token of the last hidden state), or the masked mean of the input embeddings.
+no_grad (mean / [CLS] / last token of the last hidden state; the encoder's on an encoder-decoder model), or the
+masked mean of the input embeddings.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class _AttachState:
     signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
     requires_grad: Dict[str, bool]
     attention_token: Any = None
+    original_generate: Any = None  # encoder-decoder models: the instance's own `generate` attribute before attach
     # generate(): the per-row query / task ids chosen at the prefill step, keyed by the cache object
     by_cache: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -131,6 +135,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, _STATE_ATTR, state)
     model.forward = _PatchedForward(model)
+    if encoder_decoder:
+        from .seq2seq_own_prompts import install_generate
+
+        install_generate(model, state)
     return model
 
 
@@ -144,6 +152,10 @@ def detach(model):
         model.__dict__.pop("forward", None)
     else:
         model.forward = state.original_forward
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq_own_prompts import remove_generate
+
+        remove_generate(model, state)
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
@@ -182,6 +194,8 @@ def compute_query(model, state: Optional[_AttachState], mode: str, input_ids, at
             return _masked_mean(embeds, attention_mask)
         base = getattr(model, "base_model", model)
         call = state.bound_forward if (base is model and state is not None) else base
+        if getattr(model.config, "is_encoder_decoder", False):
+            call = model.get_encoder()  # the decoder needs a target: the query is the encoder's encoding
         kwargs = dict(attention_mask=attention_mask)
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds
@@ -287,11 +301,18 @@ def _batch_size(kw) -> int:
 
 def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
     prompt = state.prompt
+    encoder_side = prompt.placement == "input" and getattr(model.config, "is_encoder_decoder", False)
+    if encoder_side:
+        from .seq2seq_own_prompts import prompt_in_encoder_outputs
+
+        if prompt_in_encoder_outputs(kw):
+            return state.bound_forward(**kw)
     batch = _batch_size(kw)
     past = get_cache(kw)  # `cache` (transformers 5.24+) or `past_key_values` (older, or the deprecated alias)
     if past is not None:  # handed on under the one name the model's forward takes
         set_cache(kw, past, cache_kwarg(state.forward_signature()))
-    prefill = cache_length(past) == 0
+    # encoder-decoder input placement: the prompt enters with the encoder, whatever the decoder cache holds
+    prefill = encoder_side or cache_length(past) == 0
     device = _model_device(model)
 
     if prompt.needs_task_ids:
@@ -332,7 +353,7 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                 spans = take_span_targets(kw)
                 return_tuple = kw.get("return_dict") is False
                 kw["return_dict"] = True
-            num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids)
+            num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids, encoder_side)
             out = state.bound_forward(**kw)
             if task is not None:
                 out = real_token_outputs(task, out, num, spans)
@@ -355,7 +376,9 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     return out.to_tuple() if return_tuple else out
 
 
-def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids) -> int:
+def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids,
+                         encoder_side: bool = False) -> int:
+    """encoder_side: an encoder-decoder model's encoder input; labels and the decoder are the target's, untouched."""
     num = prompt.num_input_tokens()
     mask = kw.get("attention_mask")
     if not prefill:
@@ -382,6 +405,8 @@ def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query,
         if mask.dim() != 2:
             raise ValueError("input-level prompts need a 2D attention_mask [B, L]")
         kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
+    if encoder_side:
+        return num
     labels = kw.get("labels")
     if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:
         kw["labels"] = torch.cat([labels.new_full((batch, num, *labels.shape[2:]), -100), labels], dim=1)

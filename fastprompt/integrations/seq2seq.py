@@ -467,28 +467,41 @@ def _seq2seq_prefix_prepare_inputs_for_generation(self, *args, task_ids=None, **
 
 
 def check_own_prompt_seq2seq(model, prompt) -> None:
-    """Prefix-placement prompts (PrefixTuning, PTuningV2, PromptPool, MultiTaskPrompt with prefix placement) go to
-    the decoder's self-attention, layer l of the prompt to decoder layer l, with PEFT's encoder-decoder semantics
-    (the prefix sits where a P-long cache would: BART decoder positions start at P, T5's prefix keys take the
-    relative positions 0..P-1). Input-level prompts are refused here (generate() runs the encoder apart from the
-    patched forward, so a prompt before the encoder input would be silently dropped there): PEFT's PromptTuning /
-    P-tuning patched with patch_model cover that case."""
+    """Where fastprompt's own prompts go on an encoder-decoder model (PEFT's semantics for the matching method):
+    input placement before the encoder input (fastprompt.integrations.seq2seq_own_prompts); prefix placement in the
+    decoder's self-attention, layer l of the prompt to decoder layer l (the prefix sits where PEFT's P-long cache
+    would: BART decoder positions start at P, T5's prefix keys take the relative positions 0..P-1)."""
     check_seq2seq_transformers()
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in SEQ2SEQ_MODEL_TYPES:
         raise ValueError(f"fastprompt: encoder-decoder model_type {model_type!r} is not supported (supported: "
                          f"{', '.join(SEQ2SEQ_MODEL_TYPES)})")
-    if prompt.placement != "prefix":
-        raise NotImplementedError(
-            f"fastprompt: {type(prompt).__name__} with placement={prompt.placement!r} on an encoder-decoder model is "
-            "not supported; use a prefix-placement prompt, or PEFT's PromptTuning / P-tuning with "
-            "fastprompt.patch_model(peft_model)")
+    name = type(prompt).__name__
+    if getattr(prompt.config, "query_layer", None) is not None:
+        raise ValueError(f"fastprompt: {name} with query_layer={prompt.config.query_layer} on an encoder-decoder "
+                         "model is not supported: the query is the encoder's last hidden state (query_layer=None)")
+    if getattr(prompt, "heads", None) is not None:
+        raise ValueError(f"fastprompt: {name} with heads= (task heads on the last hidden state) is not supported on "
+                         "an encoder-decoder model; use its language-model head (labels=) instead")
+    if prompt.placement == "input":
+        if not _is_seq2seq_lm(model):
+            raise ValueError(
+                f"fastprompt: {name} with placement='input' on {type(model).__name__}: an input-level prompt goes "
+                "before the encoder input of a sequence-to-sequence LM (T5ForConditionalGeneration, "
+                f"BartForConditionalGeneration, ...), which {type(model).__name__} is not")
+        return
     layers, heads, dim = _decoder_dims(model)
     config = prompt.config
     if (config.num_layers, config.num_kv_heads, config.head_dim) != (layers, heads, dim):
         raise ValueError(
-            f"fastprompt: {type(prompt).__name__} is shaped for {config.num_layers} layers x {config.num_kv_heads} "
+            f"fastprompt: {name} is shaped for {config.num_layers} layers x {config.num_kv_heads} "
             f"heads x {config.head_dim} dims; the decoder of {model_type!r} has {layers} x {heads} x {dim}")
+
+
+def _is_seq2seq_lm(model) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class own_prompt_prefixes(decoder_prefixes):
