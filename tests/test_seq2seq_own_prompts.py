@@ -86,7 +86,7 @@ def _encoder_query(ref, ids, mask):
     return (hidden * m).sum(1) / m.sum(1)
 
 
-def _hand_prompts(kind, p, query, batch):
+def _hand_prompts(kind, p, query, batch, task_ids):
     """[B, P, d] prompt rows and the aux loss, written out from the prompt's parameters."""
     if kind == "prompt_tuning":
         return p.embedding.expand(batch, -1, -1), None
@@ -101,10 +101,10 @@ def _hand_prompts(kind, p, query, batch):
         chosen, index = sim.topk(p.config.top_k, dim=-1)
         return p.pool[index].reshape(batch, -1, p.pool.shape[-1]), -p.config.pull_constraint_coeff * chosen.mean()
     if kind == "multitask_selector":
-        logits = torch.einsum("bnd,bd->bn", p.selector_weight[TASK_IDS], query) + p.selector_bias[TASK_IDS]
+        logits = torch.einsum("bnd,bd->bn", p.selector_weight[task_ids], query) + p.selector_bias[task_ids]
         return torch.einsum("bn,nld->bld", torch.softmax(logits, -1), p.pool), None
     if kind == "multitask_mpt":
-        return p.shared_prompt[None] * (p.task_cols[TASK_IDS] @ p.task_rows[TASK_IDS]), None
+        return p.shared_prompt[None] * (p.task_cols[task_ids] @ p.task_rows[task_ids]), None
     raise KeyError(kind)
 
 
@@ -122,7 +122,7 @@ def _prefix_cache(prefixes, batch):
     return cache
 
 
-def _oracle(ref, kind, p, ids, mask, *, labels=None, decoder_input_ids=None, decoder_mask=None):
+def _oracle(ref, kind, p, ids, mask, *, labels=None, decoder_input_ids=None, decoder_mask=None, task_ids=TASK_IDS):
     batch = ids.shape[0]
     query = _encoder_query(ref, ids, mask)
     target = dict(labels=labels, decoder_input_ids=decoder_input_ids)
@@ -137,7 +137,7 @@ def _oracle(ref, kind, p, ids, mask, *, labels=None, decoder_input_ids=None, dec
         assert cache.get_seq_length() == plen + target_len  # the prefix cache was read and extended
         aux = p.aux_loss if kind == "pool_prefix" else None
     else:
-        prompts, aux = _hand_prompts(kind, p, query, batch)
+        prompts, aux = _hand_prompts(kind, p, query, batch, task_ids)
         embeds = torch.cat([prompts, ref.get_input_embeddings()(ids)], 1)
         enc_mask = torch.cat([torch.ones(batch, prompts.shape[1], dtype=torch.long), mask], 1)
         out = ref(inputs_embeds=embeds, attention_mask=enc_mask, decoder_attention_mask=decoder_mask,
@@ -216,6 +216,43 @@ def test_own_prompt_generate_equals_no_cache_greedy_loop(family, kind):
             again = base.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                   **_task_kwargs(kind))
         assert torch.equal(again, expected)
+
+
+def _beam_oracle(ref, kind, p, ids, mask, steps, num_beams):
+    """Per input row: the `num_beams` best sequences by summed log-probability, best first, with those sums."""
+    results = []
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            beams = torch.full((1, 1), ref.config.decoder_start_token_id, dtype=torch.long)
+            scores = torch.zeros(1, dtype=torch.float64)
+            for _ in range(steps):
+                n = beams.shape[0]
+                logits = _oracle(ref, kind, p, ids[row:row + 1].expand(n, -1), mask[row:row + 1].expand(n, -1),
+                                 decoder_input_ids=beams, task_ids=TASK_IDS[row:row + 1].expand(n)).logits[:, -1]
+                logp = torch.log_softmax(logits.double(), dim=-1)
+                scores, flat = (scores[:, None] + logp).reshape(-1).topk(num_beams)
+                beams = torch.cat([beams[flat // logp.shape[-1]], (flat % logp.shape[-1])[:, None]], dim=1)
+            results.append((beams, scores))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "pool_hard", "multitask_selector", "prefix", "pool_prefix"])
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_own_prompt_beam_search_equals_oracle_search(family, kind):
+    # per-row prompts (pool selection, task ids) follow their row into its beams; the encoder runs once on B rows
+    base, ref, prompt, oracle_prompt = _setup(family, kind)
+    base.generation_config.eos_token_id = None
+    ids, mask, _, _ = seq2seq_inputs(family)
+    batch, beams, steps = ids.shape[0], 3, 3
+    with torch.no_grad():
+        out = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                            num_beams=beams, num_return_sequences=beams, length_penalty=1.0, output_scores=True,
+                            return_dict_in_generate=True, **_task_kwargs(kind))
+    sequences = out.sequences.view(batch, beams, -1)
+    scores = out.sequences_scores.view(batch, beams).double()
+    for row, (want_beams, want_scores) in enumerate(_beam_oracle(ref, kind, oracle_prompt, ids, mask, steps, beams)):
+        assert torch.equal(sequences[row], want_beams), row
+        torch.testing.assert_close(scores[row] * steps, want_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_input_prompt_forward_with_given_encoder_outputs_passes_through():
