@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from ..ops.prefix_attention_decode import shared_prefix_decode
 from .families import ROBERTA, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"
@@ -490,6 +491,13 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
 
     # transformers passes the module's attention dropout in training and 0 in eval; the op fuses it
     dropout_p = float(dropout) if dropout and module.training else 0.0
+
+    if pk is not None and pidx is None and query.shape[2] == 1 and backend in ("auto", "torch"):
+        # a generate() step over a shared prefix on the CPU: the lean path (None where it does not apply)
+        out = shared_prefix_decode(query, key, value, pk, pv, attention_mask, float(scaling), softcap, window,
+                                   dropout_p)
+        if out is not None:
+            return out.transpose(1, 2), None
 
     from fastprompt.ops import prefix_attention
 
