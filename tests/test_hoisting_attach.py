@@ -128,3 +128,29 @@ def test_generate_matches_no_cache_greedy_loop(kind, cache, monkeypatch):
             nxt = last.argmax(-1, keepdim=True)
             tokens, m = torch.cat([tokens, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
     assert torch.equal(got.sequences, tokens)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sampling_with_a_seed_matches_the_oracle_sampler(cache):
+    model, twin, prompt = _setup("llama", "prompt")
+    ids, mask = make_inputs(batch=3, seq=5, padding="left")
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    torch.manual_seed(321)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=None,
+                         top_p=None, temperature=1.0, pad_token_id=PAD, return_dict_in_generate=True, **kwargs)
+    assert last_prompt_path(model) == HOISTED
+    assert got.past_key_values.get_seq_length() == ids.shape[1] + 3  # real tokens only
+    torch.manual_seed(321)
+    tokens, m = ids, mask
+    num = prompt.num_input_tokens()
+    with torch.no_grad():
+        for _ in range(4):  # the oracle sampler: one multinomial draw per step over the full no-cache forward
+            ext = torch.cat([torch.ones(3, num, dtype=m.dtype), m], 1)
+            logits = _reference(prompt, twin, tokens, m, None, None,
+                                positions=(ext.cumsum(-1) - 1).clamp(min=0)).logits
+            nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), dim=-1), num_samples=1)
+            tokens, m = torch.cat([tokens, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    # min_new_tokens only masks EOS (3), which the oracle sampler may draw: compare up to its first EOS per row
+    before_eos = (tokens[:, 5:] == 3).int().cumsum(1) == 0
+    assert before_eos.any()
+    assert torch.equal(got.sequences[:, 5:][before_eos], tokens[:, 5:][before_eos])

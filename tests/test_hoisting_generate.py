@@ -76,15 +76,15 @@ def test_greedy_matches_no_cache_oracle(family, method, cache, monkeypatch):
     assert got.past_key_values.get_seq_length() == ids.shape[1] + NEW - 1
 
 
-@pytest.mark.parametrize("method", ["prompt", "mpt"])
-def test_beam_scores_are_log_probabilities_under_the_unhoisted_forward(method):
+@pytest.mark.parametrize("method,cache", [("prompt", "dynamic"), ("mpt", "dynamic"), ("prompt", "static")])
+def test_beam_scores_are_log_probabilities_under_the_unhoisted_forward(method, cache):
     patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
     extra = _task_ids(method)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     got = _generate(patched, ids, mask, num_beams=3, num_return_sequences=2, length_penalty=0.0, do_sample=False,
-                    output_scores=True,
-                    **extra)
+                    output_scores=True, **extra, **kwargs)
     assert last_prompt_path(patched) == HOISTED
     seqs = got.sequences
     rows_extra = {k: v.repeat_interleave(2) for k, v in extra.items()}
@@ -98,14 +98,18 @@ def test_beam_scores_are_log_probabilities_under_the_unhoisted_forward(method):
 
 
 @pytest.mark.parametrize("method", ["prompt", "mpt"])
-def test_sampling_with_a_seed_matches_the_oracle_sampler(method):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sampling_with_a_seed_matches_the_oracle_sampler(method, cache):
     patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="right")
     extra = _task_ids(method)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     torch.manual_seed(123)
-    got = _generate(patched, ids, mask, do_sample=True, top_k=None, top_p=None, temperature=1.0, **extra)
+    got = _generate(patched, ids, mask, do_sample=True, top_k=None, top_p=None, temperature=1.0, **extra, **kwargs)
     assert last_prompt_path(patched) == HOISTED
+    # the cache holds the real tokens only
+    assert got.past_key_values.get_seq_length() == ids.shape[1] + NEW - 1
     # min_new_tokens only masks EOS, which the oracle sampler may draw: compare where it did not
     want = _sampling_oracle(oracle, ids, mask, NEW, extra, seed=123)
     first_eos = (want[:, 6:] == EOS).int().cumsum(1) == 0
