@@ -88,4 +88,4 @@ def shared_prefix_decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pref
     out_pre = out_pre.transpose(0, 2).reshape(batch, hkv, group, dim)
     weight = torch.sigmoid(lse_pre - lse_seq)  # the prefix's share of the softmax mass, exp(lse_prefix - lse)
     out = torch.lerp(out_seq, out_pre, weight[..., None])  # [B, Hkv, G, D] in out_seq's (contiguous) layout
-    return out.reshape(batch, 1, hq, dim).transpose(1, 2)
+    return out.reshape(batch, hq, 1, dim)  # [B, Hkv, G, D] memory: also contiguous as [B, 1, Hq, D]
