@@ -34,6 +34,11 @@ def predicted_ratios(shape: ModelShape, batch: int, seq: int, plen: int, new: in
     train:  tokens (B·S + P) / (B·(P + S)); attention pairs (B·S·(P + S) + P²) / (B·(P + S)²)
     prefill: the same token ratio; generate (dense): (P + B·S + B·(new - 1)) / (B·(P + S) + B·(new - 1));
     cache: (S + new - 1) / (P + S + new - 1) (the last token is never cached).
+
+    Generation TIME does not follow the FLOPs where decoding steps are overhead-bound (a CPU at the default shape):
+    each of the new - 1 steps runs B tokens through the same layers on both sides (only the attention differs: the
+    shared prompt K/V plus the cached real tokens vs P + S + t cached keys per row), so
+    time ≈ (prompt pass + prefill(B·S) + (new - 1)·step) / (prefill(B·(P + S)) + (new - 1)·step).
     """
     h, inter, layers, vocab = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     kv = h * shape.kv_heads // shape.heads

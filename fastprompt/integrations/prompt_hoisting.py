@@ -21,7 +21,8 @@ unhoisted model lets early virtual tokens slide out of view), dropout in trainin
 mask per row for the virtual tokens), prompts that depend on the input (pools / selectors: never hoisted),
 `output_attentions`, a caller-supplied KV cache in a PEFT forward, and tasks other than causal LM.
 
-Generation computes the prompt K/V once (no_grad) and the KV cache holds the real tokens only.
+Generation computes the prompt K/V once (no_grad) and the KV cache holds the real tokens only. Each decoding step
+(one query per row) over the shared prompt K/V takes the lean CPU path of ops/prefix_attention_decode.py.
 Opt out per model with `set_prompt_hoisting(model, False)` (or `patch_model(..., hoist_prompts=False)`).
 """
 from __future__ import annotations
@@ -452,6 +453,7 @@ class _PrefixesForGeneration:
         self.inner = hf.prepare_inputs_for_generation
         self.prompt_pass, self.rows, self.batch = prompt_pass, rows, batch
         self.shared = prompt_pass.layer_prefixes(None) if rows is None else None
+        self.pooled = {}  # rows per batch expansion (beams x returned sequences): built once, not once per step
 
     def __call__(self, *args, **kwargs):
         model_inputs = self.inner(*args, **kwargs)
@@ -462,7 +464,11 @@ class _PrefixesForGeneration:
             if source is None:
                 source = model_inputs["inputs_embeds"]
             expand = source.shape[0] // self.batch
-            model_inputs[PREFIXES_KWARG] = self.prompt_pass.layer_prefixes(self.rows.repeat_interleave(expand))
+            prefixes = self.pooled.get(expand)
+            if prefixes is None:
+                prefixes = self.prompt_pass.layer_prefixes(self.rows.repeat_interleave(expand))
+                self.pooled[expand] = prefixes
+            model_inputs[PREFIXES_KWARG] = prefixes
         return model_inputs
 
 
