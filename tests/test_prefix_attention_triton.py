@@ -26,6 +26,11 @@ from attention_cases import Case, check_against_reference, relative_error  # noq
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {F32: 1e-4, F16: 2e-2, BF16: 2e-2}
+# Gradients in bfloat16 (8-bit mantissa): the kernel rounds P and dS to bf16 before its dot products, as FlashAttention
+# does, and a gradient that is a short sum (P = 1, Lq = 1: one term per element) keeps that rounding whole. Over fresh
+# random inputs the relative error of d(prefix_k) in such a case has median 0.006 and reached 0.021 once in CI
+# (triton 3.9); 4e-2 is ten bf16 ulps, still far below what a wrong gradient gives (order 1).
+GRAD_TOL = {F32: 1e-4, F16: 2e-2, BF16: 4e-2}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend module, normalized layout
@@ -120,8 +125,8 @@ def _check_backend(batch=2, hq=4, hkv=2, lq=6, lk=9, dim=32, plen=5, mode=1, dty
     else:
         assert grads[3].dtype == pk.dtype and grads[4].dtype == pv.dtype
     assert not torch.isnan(out).any()
-    bad = {n: e for n, e in errors.items() if e > tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+    bad = {n: e for n, e in errors.items() if e > (tol if n in ("out", "lse") else GRAD_TOL[dtype])}
+    assert not bad, f"relative errors above {tol} (gradients {GRAD_TOL[dtype]}): {bad} (all: {errors})"
     return out, lse
 
 
@@ -191,8 +196,7 @@ OP_CASES = [
 
 @pytest.mark.parametrize("case", OP_CASES, ids=str)
 def test_op_triton_matches_reference(case):
-    tol = TOL[case.dtype]
-    check_against_reference(case, _triton_op, tol=tol, grad_tol=tol)
+    check_against_reference(case, _triton_op, tol=TOL[case.dtype], grad_tol=GRAD_TOL[case.dtype])
 
 
 def test_op_triton_matches_torch_backend_without_lse_grad():
