@@ -73,3 +73,25 @@ def test_plain_dense_mix_matches_the_reference():
 def test_plain_gather_refuses_an_out_of_range_index():
     with pytest.raises(ValueError, match="index values must lie in"):
         gather_prompts(torch.randn(3, 4), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("index", [[2, 0, 2, 1], [2, -1, 0, -1], [-1, -1, -1, -1]])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_cpu_gather_without_a_range_pass_matches_the_reference(index, dtype):
+    # the CPU path lets index_select bounds-check; an index it refuses is then looked at (empty slots or an error)
+    pool = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor(index, dtype=dtype)
+    grad = torch.randn(4, 5, 7, dtype=torch.float64)
+    out = gather_prompts(pool, index)
+    (dpool,) = torch.autograd.grad(out, pool, grad)
+    ref = reference.gather_prompts(pool, index.long())
+    (dref,) = torch.autograd.grad(ref, pool, grad)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(dpool, dref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [[0, 3], [-2, 0], [[1, -1], [3, 0]]])
+def test_cpu_gather_refuses_an_out_of_range_index_with_the_ops_error(bad):
+    pool = torch.randn(3, 4, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"index values must lie in \[-1, 2\]"):
+        gather_prompts(pool, torch.tensor(bad))

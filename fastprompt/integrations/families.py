@@ -77,7 +77,8 @@ FAMILIES: dict[str, FamilyFacts] = {
     # encoders
     "bert": FamilyFacts(encoder=True, rotary=False),
     "electra": FamilyFacts(encoder=True, rotary=False,
-                           quirks=("input-level prompts need embedding_size == hidden_size (PEFT's token_dim)",)),
+                           quirks=("input-level prompts live in embedding_size space: prepended to the word "
+                                   "embeddings, before embeddings_project lifts them to hidden_size",)),
     "roberta": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),
     "xlm-roberta": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),
     "camembert": FamilyFacts(encoder=True, rotary=False, position_style=ROBERTA),

@@ -397,6 +397,9 @@ def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query,
     prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids).to(embeds.dtype)
     if prompts.dim() == 2:
         prompts = prompts.unsqueeze(0).expand(batch, -1, -1)  # shared prompt: a view, not B copies
+    if prompts.shape[-1] != embeds.shape[-1]:  # e.g. a prompt built for another model's embedding width
+        raise ValueError(f"{type(prompt).__name__} makes prompts {prompts.shape[-1]} wide, but this model's input "
+                         f"embeddings are {embeds.shape[-1]} wide (embedding_size); build the prompt from this model")
     num = prompts.shape[1]
     length = embeds.shape[1]
     kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)

@@ -93,6 +93,8 @@ def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Ten
         from fastprompt.reference_prompts import gather_prompts as reference
 
         return reference(pool, checked_index(index, pool.shape[0], "index"))
+    if plain_torch_path(backend, pool) and pool.device.type == "cpu" and index.dtype in _SELECT_INDEX_DTYPES:
+        return _cpu_gather(pool, index)
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
     flat_index = index.reshape(-1).long().contiguous()
@@ -110,3 +112,26 @@ def _plain_gather(flat_pool: Tensor, flat_index: Tensor, has_empty: bool) -> Ten
         return flat_pool.index_select(0, flat_index)
     out = flat_pool.index_select(0, flat_index.clamp_min(0))
     return out.masked_fill((flat_index < 0)[:, None], 0)
+
+
+_SELECT_INDEX_DTYPES = (torch.int64, torch.int32)  # what index_select takes as it is
+
+
+def _cpu_gather(pool: Tensor, index: Tensor) -> Tensor:
+    """The plain torch path on the CPU, with no separate range check in the common call.
+
+    On the CPU index_select bounds-checks every entry against [0, N) itself (IndexError, before any output is
+    formed), so an index with no empty slot needs neither the aminmax pass of check_index_values nor flattened
+    views of the pool: at prompt-pool sizes those cost as much as the gather (what `pool[index]` does not pay).
+    Only an index index_select refuses is looked at: -1 entries (empty slots) take the masked gather, anything
+    else raises check_index_values' ValueError. Backward: index_select's own (zeros + index_add_ into the pool
+    gradient). On CUDA an out-of-range index_select is a device-side assert, so CUDA keeps the explicit check."""
+    flat = index if index.dim() == 1 else index.reshape(-1)
+    try:
+        out = pool.index_select(0, flat)
+    except IndexError:
+        if not check_index_values(flat, pool.shape[0], "index"):  # raises for values outside [-1, N)
+            raise
+        empty = (flat < 0).view(-1, *([1] * (pool.dim() - 1)))
+        out = pool.index_select(0, flat.clamp_min(0)).masked_fill(empty, 0)
+    return out if index.dim() == 1 else out.reshape(*index.shape, *pool.shape[1:])

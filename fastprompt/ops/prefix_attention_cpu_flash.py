@@ -189,6 +189,25 @@ def _head_block(q, grad_out, out, lse, delta, group: int, plen: int) -> int:
     return group if all(_heads(t, 0, group) is not None for t in folded) else 1
 
 
+# Score blocks (all heads) up to this size hand the shared prefix's backward to the fused kernel (_kernel_prefix_
+# backward): at these sizes (S <= 64 at B=8, Hq=8, P=32; P <= 8 at S=256; the 4-layer h256 model at S=128) the
+# written-out loop's ~15 small ops per head cost more than the work, and q / dO in transformers' [B, L, H, D] order
+# do not fold into a GQA group's rows. Larger blocks keep the written-out loop, whose buffers stay per head.
+_KERNEL_BLOCK_BYTES = 512 << 10
+
+
+def _kernel_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq):
+    """The shared prefix's share of the backward by PyTorch's fused kernel, the prefix read through a batch-stride-0
+    view (as in forward: no per-row copy of it), with the merged out and lse (so the kernel's probabilities are the
+    global ones, see the module docstring). The kernel returns its own dq share, added into `dq`, and per-row
+    prefix gradients `[B, Hkv, P, D]` (small at these sizes), summed over the batch."""
+    batch = q.shape[0]
+    pk, pv = prefix_k.expand(batch, *prefix_k.shape[1:]), prefix_v.expand(batch, *prefix_v.shape[1:])
+    dq_prefix, dpk, dpv = _flash_backward(grad_out, q, pk, pv, out, lse, 0.0, False, scale=scale)
+    dq.add_(dq_prefix)
+    return dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+
+
 def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, scale, dq):
     """The shared prefix's share of the backward, written out per query head (or per GQA group of heads, see
     _head_block) with small [B, g·Lq, P] score blocks:
@@ -198,6 +217,8 @@ def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, sc
     two buffers reused by every head. `delta` (rowsum(dO·O), [B, Hq, Lq]) is computed per head when None."""
     batch, hq, lq, dim = q.shape
     hkv, plen = prefix_k.shape[1], prefix_k.shape[2]
+    if batch * hq * lq * plen * q.element_size() <= _KERNEL_BLOCK_BYTES:
+        return _kernel_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq)
     group = hq // hkv
     g = _head_block(q, grad_out, out, lse, delta, group, plen)
     rows = g * lq

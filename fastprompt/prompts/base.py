@@ -54,8 +54,14 @@ def model_dims(model_or_config) -> Dict[str, Any]:
         )
     kv_heads = get("num_key_value_heads", "n_head_kv") or heads
     head_dim = get("head_dim", "d_kv") or hidden // heads  # d_kv: T5 / mT5 (Flan-T5 small: 512 // 6 != 64)
+    # Factorized input embeddings (ELECTRA, ALBERT): the word embeddings are embedding_size wide and a projection
+    # (ELECTRA's embeddings_project) lifts them to hidden_size inside the model; input-level prompts are prepended
+    # to the word embeddings, so they live in that narrower space. 0 = no factorization (the prompt is hidden_size).
+    embedding = get("embedding_size")
+    embedding = int(embedding) if embedding is not None and int(embedding) != int(hidden) else 0
     return dict(
         hidden_size=int(hidden),
+        embedding_size=embedding,
         num_layers=int(layers),
         num_heads=int(heads),
         num_kv_heads=int(kv_heads),
@@ -74,8 +80,15 @@ class PromptConfig:
     num_kv_heads: int = 0
     head_dim: int = 0
     model_type: str = ""
+    embedding_size: int = 0  # width of the model's input embeddings when it differs from hidden_size (ELECTRA)
 
     prompt_type: ClassVar[str] = ""
+
+    @property
+    def input_width(self) -> int:
+        """The width of input-level prompts: the word embeddings' (embedding_size) where the model factorizes them,
+        else hidden_size."""
+        return int(self.embedding_size) or int(self.hidden_size)
 
     @classmethod
     def from_model_config(cls, model_or_config, **kwargs) -> "PromptConfig":
@@ -90,6 +103,8 @@ class PromptConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if int(self.embedding_size) < 0:
+            raise ValueError(f"embedding_size must be >= 0 (0 = hidden_size), got {self.embedding_size!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = {"prompt_type": self.prompt_type, "format_version": FORMAT_VERSION}
@@ -229,7 +244,7 @@ class PromptModule(nn.Module):
     def check_compatible(self, model_or_config) -> None:
         """Raise ValueError when this prompt was built for a model of another shape."""
         dims = model_dims(model_or_config)
-        keys = ["hidden_size"]
+        keys = ["hidden_size"] if self.placement == "prefix" else ["hidden_size", "embedding_size"]
         if self.placement == "prefix":
             keys += ["num_layers", "num_kv_heads", "head_dim"]
         mismatched = [k for k in keys if int(getattr(self.config, k)) != dims[k]]

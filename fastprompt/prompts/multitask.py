@@ -105,17 +105,17 @@ class MultiTaskPrompt(PromptModule):
         self.heads = heads
         self.encoder = build_encoder(c, custom_encoder)
         g = torch.Generator().manual_seed(c.seed)
-        d = c.hidden_size
+        d, width = c.hidden_size, c.input_width  # query features are hidden_size; prompts live in the input width
         if c.variant == "selector":
-            self.pool = nn.Parameter(torch.randn(c.pool_size, c.length, d, generator=g) * c.init_std)
+            self.pool = nn.Parameter(torch.randn(c.pool_size, c.length, width, generator=g) * c.init_std)
             self.selector_weight = nn.Parameter(torch.randn(c.num_tasks, c.pool_size, d, generator=g) / d**0.5)
             self.selector_bias = nn.Parameter(torch.zeros(c.num_tasks, c.pool_size))
         else:
-            self.shared_prompt = nn.Parameter(torch.randn(c.length, d, generator=g) * c.init_std)
+            self.shared_prompt = nn.Parameter(torch.randn(c.length, width, generator=g) * c.init_std)
             # u_t v_tᵀ starts near all-ones: every task starts from the shared prompt.
             scale = c.rank**-0.5
             self.task_cols = nn.Parameter(scale + 0.02 * torch.randn(c.num_tasks, c.length, c.rank, generator=g))
-            self.task_rows = nn.Parameter(scale + 0.02 * torch.randn(c.num_tasks, c.rank, d, generator=g))
+            self.task_rows = nn.Parameter(scale + 0.02 * torch.randn(c.num_tasks, c.rank, width, generator=g))
 
     @property
     def needs_query(self) -> bool:

@@ -101,7 +101,7 @@ class PromptPool(PromptModule):
         self.keys = nn.Parameter(torch.empty(c.pool_size, c.hidden_size).uniform_(-1, 1, generator=g))
         if c.placement == "input":
             self.layers = ()
-            self.pool = nn.Parameter(torch.randn(c.pool_size, c.length, c.hidden_size, generator=g) * c.init_std)
+            self.pool = nn.Parameter(torch.randn(c.pool_size, c.length, c.input_width, generator=g) * c.init_std)
         else:
             self.layers = normalize_layers(c.layers, c.num_layers)
             shape = (len(self.layers), 2, c.pool_size, c.num_kv_heads, c.length, c.head_dim)
@@ -177,7 +177,7 @@ class PromptPool(PromptModule):
         index, values = self._select_and_record(query)
         if index is not None:
             chosen = gather_prompts(self.pool, index)  # [B, k, length, d]
-            return chosen.reshape(batch_size, -1, self.config.hidden_size)
+            return chosen.reshape(batch_size, -1, self.config.input_width)
         return mix_prompts(self.pool, values.to(self.pool.dtype))  # [B, length, d]
 
     def layer_prefixes(self, batch_size, *, query=None, task_ids=None) -> Dict[int, object]:

@@ -62,15 +62,16 @@ class PromptTuning(PromptModule):
         config = self._make_config(config, kwargs)
         super().__init__(config)
         c = self.config
-        self.embedding = nn.Parameter(torch.empty(c.num_virtual_tokens, c.hidden_size))
+        self.embedding = nn.Parameter(torch.empty(c.num_virtual_tokens, c.input_width))
         self._initialize(_word_embedding_weight(word_embeddings), tokenizer)
 
     @torch.no_grad()
     def _initialize(self, table: Optional[Tensor], tokenizer) -> None:
         c = self.config
         g = torch.Generator().manual_seed(c.seed)
-        if table is not None and table.shape[1] != c.hidden_size:
-            raise ValueError(f"word_embeddings width {table.shape[1]} != hidden_size {c.hidden_size}")
+        if table is not None and table.shape[1] != c.input_width:
+            raise ValueError(f"word_embeddings width {table.shape[1]} != the prompt width {c.input_width} "
+                             "(the model's embedding_size, else hidden_size)")
         if c.init == "random":
             std = float(table.float().std()) if table is not None else c.init_std
             self.embedding.copy_(torch.randn(self.embedding.shape, generator=g) * std)

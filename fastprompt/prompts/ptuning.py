@@ -45,7 +45,7 @@ class PTuning(PromptModule):
         config = self._make_config(config, kwargs)
         super().__init__(config)
         c = self.config
-        d = c.hidden_size
+        d = c.input_width  # the prompt is prepended to the word embeddings (embedding_size on ELECTRA)
         h = c.encoder_hidden_size or d
         g = torch.Generator().manual_seed(c.seed)
         self.embedding = nn.Parameter(torch.randn(c.num_virtual_tokens, d, generator=g) * c.init_std)
