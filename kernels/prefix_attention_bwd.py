@@ -23,6 +23,7 @@ import triton.language as tl
 from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E_C, block_d,
                                       dot_precision, fit_block_m, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, load_sequence_tile, split_range)
+from .prefix_attention_bias import bias_args, bias_tile
 from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
 from .prefix_attention_fwd import _last_dim_contiguous, score_constants
 
@@ -42,14 +43,17 @@ def _load_query_rows(Q, DO, LSE, DELTA, q_off, do_off, l_off, row_ok, offs_d, d_
 
 
 @triton.jit
-def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id, query_ids, key_j,
-                  APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr):
-    """dK/dV contribution of one query tile, in key-major [N, M] orientation. `vis_t` read only if APPLY_MASK.
+def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, bias_t, score_scale, cap_scale, rng, row_id, query_ids,
+                  key_j, APPLY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """dK/dV contribution of one query tile, in key-major [N, M] orientation. `vis_t` read only if APPLY_MASK,
+    `bias_t` [N, M] (log2 domain) only if HAS_BIAS: the bias enters the recomputed probabilities, not dS's form.
     Dropout: rng = (seed_lo, seed_hi, offset, threshold, 1 / (1 - p)), row_id = b * Hq + h (one query head),
     query_ids [M], key_j [N] (key indices over [prefix; sequence])."""
     qk_t = mma(k, tl.trans(q), None, DOT_PRECISION)
     s_t, tanh_t = score_log2(qk_t, score_scale, cap_scale, HAS_SOFTCAP)
+    if HAS_BIAS:
+        s_t = s_t + bias_t
     p_t = tl.math.exp2(s_t - lse[None, :])
     if APPLY_MASK:
         p_t = tl.where(vis_t, p_t, 0.0)
@@ -70,13 +74,15 @@ def _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale
 
 
 @triton.jit
-def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
-                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr):
-    """dQ contribution of one key tile, query-major [M, N]. `vis` read only if APPLY_MASK. Dropout as in
-    _kv_grad_tile, with row_ids [M] (rows span query heads here)."""
+def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, bias, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
+                 APPLY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """dQ contribution of one key tile, query-major [M, N]. `vis` read only if APPLY_MASK, `bias` [M, N] only if
+    HAS_BIAS. Dropout as in _kv_grad_tile, with row_ids [M] (rows span query heads here)."""
     qk = mma(q, tl.trans(k), None, DOT_PRECISION)
     s, tanh_s = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
+    if HAS_BIAS:
+        s = s + bias
     p = tl.math.exp2(s - lse[:, None])
     if APPLY_MASK:
         p = tl.where(vis, p, 0.0)
@@ -93,21 +99,29 @@ def _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, rng, 
 
 
 @triton.jit
+def _key_major_bias(BIAS, base, offs_m, offs_n, Lq, num_keys, stride_bm, stride_bn, HAS_BIAS: tl.constexpr):
+    """The `[N, M]` (key-major) bias tile of keys offs_n (columns of the bias) and queries offs_m of one head."""
+    return bias_tile(BIAS, base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm,
+                     (offs_n[:, None] < num_keys) & (offs_m[None, :] < Lq), HAS_BIAS)
+
+
+@triton.jit
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DROPOUT_SEED,
+    Q, K, V, DO, LSE, DELTA, KPM, BIAS, DK, DV, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh,
     stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     Lq, Lk, G, window, prefix_keys,
     score_scale, cap_scale, sm_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1).to(tl.int64)
@@ -157,29 +171,33 @@ def _prefix_attention_bwd_dkdv_kernel(
         q_base = b * stride_qb + h * stride_qh
         do_base = b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
+        bias_base = b * stride_bb + h * stride_bh
         for start_m in range(lo, full_lo, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id,
-                                   offs_m, key_j, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+            bias_t = _key_major_bias(BIAS, bias_base, offs_m, offs_n, Lq, Lk, stride_bm, stride_bn, HAS_BIAS)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, bias_t, score_scale, cap_scale, rng,
+                                   row_id, offs_m, key_j, True, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, score_scale, cap_scale, rng, row_id,
-                                   offs_m, key_j, False, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+            bias_t = _key_major_bias(BIAS, bias_base, offs_m, offs_n, Lq, Lk, stride_bm, stride_bn, HAS_BIAS)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, None, bias_t, score_scale, cap_scale, rng,
+                                   row_id, offs_m, key_j, False, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
         for start_m in range(full_hi, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
             vis_t = sequence_visible(offs_m[None, :] + shift, offs_n[:, None], Lk, window, CAUSAL, HAS_WINDOW)
-            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, score_scale, cap_scale, rng, row_id,
-                                   offs_m, key_j, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+            bias_t = _key_major_bias(BIAS, bias_base, offs_m, offs_n, Lq, Lk, stride_bm, stride_bn, HAS_BIAS)
+            dk, dv = _kv_grad_tile(dk, dv, k, v, q, do, lse, delta, vis_t, bias_t, score_scale, cap_scale, rng,
+                                   row_id, offs_m, key_j, True, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
     dk = dk * sm_scale
     if HAS_KPM:
@@ -195,7 +213,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, PIDX, KPM, DO, LSE, DELTA, DQ, DROPOUT_SEED,
+    Q, K, V, PK, PV, PIDX, KPM, BIAS, PBIAS, DO, LSE, DELTA, DQ, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -203,6 +221,8 @@ def _prefix_attention_bwd_dq_kernel(
     stride_pve, stride_pvh, stride_pvn,
     stride_ib, stride_is,
     stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh,
     stride_dqb, stride_dqh, stride_dqm,
@@ -211,6 +231,7 @@ def _prefix_attention_bwd_dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PBIAS: tl.constexpr,
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -233,6 +254,8 @@ def _prefix_attention_bwd_dq_kernel(
     seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
     rng = (seed_lo, seed_hi, seed_offset, dropout_threshold, dropout_scale)
     row_ids = b * (tl.num_programs(1) * G) + row_h
+    bias_rows = b * stride_bb + row_h * stride_bh + offs_m * stride_bm
+    pbias_rows = b * stride_pbb + row_h * stride_pbh + offs_m * stride_pbm
 
     if HAS_PREFIX:
         P_full = (P // BLOCK_N) * BLOCK_N
@@ -247,16 +270,22 @@ def _prefix_attention_bwd_dq_kernel(
                 offs = start_n + offs_n0
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), None, score_scale, cap_scale,
-                                  rng, row_ids, offs_m, s * P + offs, False, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+                pbias = bias_tile(PBIAS, pbias_rows[:, None] + (s * P + offs)[None, :] * stride_pbn,
+                                  row_ok[:, None] & (offs < P)[None, :], HAS_PBIAS)
+                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), None, pbias, score_scale,
+                                  cap_scale, rng, row_ids, offs_m, s * P + offs, False, HAS_PBIAS, HAS_SOFTCAP,
+                                  DOT_PRECISION, HAS_DROPOUT)
             for start_n in range(p_full, p_end, BLOCK_N):
                 offs = start_n + offs_n0
                 kv_mask = (offs[:, None] < P) & d_ok[None, :]
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
                 vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
-                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), vis, score_scale, cap_scale,
-                                  rng, row_ids, offs_m, s * P + offs, True, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+                pbias = bias_tile(PBIAS, pbias_rows[:, None] + (s * P + offs)[None, :] * stride_pbn,
+                                  row_ok[:, None] & (offs < P)[None, :], HAS_PBIAS)
+                dq = _q_grad_tile(dq, q, do, lse, delta, k.to(q.dtype), v.to(q.dtype), vis, pbias, score_scale,
+                                  cap_scale, rng, row_ids, offs_m, s * P + offs, True, HAS_PBIAS, HAS_SOFTCAP,
+                                  DOT_PRECISION, HAS_DROPOUT)
 
     m_first = start_m // G
     m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
@@ -267,18 +296,18 @@ def _prefix_attention_bwd_dq_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                               DOT_PRECISION, HAS_DROPOUT)
+                               rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn, True, HAS_KPM,
+                               CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT, HAS_BIAS)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               rng, row_ids, offs_m, S * P, False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                               DOT_PRECISION, HAS_DROPOUT)
+                               rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn, False, HAS_KPM,
+                               CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT, HAS_BIAS)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                                stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                               rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                               DOT_PRECISION, HAS_DROPOUT)
+                               rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn, True, HAS_KPM,
+                               CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT, HAS_BIAS)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + row_h[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -288,22 +317,27 @@ def _prefix_attention_bwd_dq_kernel(
 @triton.jit
 def _dq_sequence_tile(dq, q, do, lse, delta, a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b,
                       stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale,
-                      rng, row_ids, query_ids, key_base,
+                      rng, row_ids, query_ids, key_base, BIAS, bias_rows, row_ok, stride_bn,
                       EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                      HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
     k, v, vis = load_sequence_tile(a, start_n, offs_n0, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn,
                                    stride_mb, stride_mn, Lk, window, EDGE, HAS_KPM, CAUSAL, HAS_WINDOW)
-    return _q_grad_tile(dq, q, do, lse, delta, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids,
-                        key_base + start_n + offs_n0, EDGE or HAS_KPM, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+    offs = start_n + offs_n0
+    bias = bias_tile(BIAS, bias_rows[:, None] + offs[None, :] * stride_bn, row_ok[:, None] & (offs < Lk)[None, :],
+                     HAS_BIAS)
+    return _q_grad_tile(dq, q, do, lse, delta, k, v, vis, bias, score_scale, cap_scale, rng, row_ids, query_ids,
+                        key_base + offs, EDGE or HAS_KPM, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
 
 @triton.jit
 def _prefix_attention_bwd_dprefix_kernel(
-    Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV, DROPOUT_SEED,
+    Q, PK, PV, PIDX, PBIAS, DO, LSE, DELTA, DPK, DPV, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_pke, stride_pkh, stride_pkn,
     stride_pve, stride_pvh, stride_pvn,
     stride_ib, stride_is,
+    stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh,
     stride_dpke, stride_dpkh, stride_dpkn,
@@ -312,6 +346,7 @@ def _prefix_attention_bwd_dprefix_kernel(
     score_scale, cap_scale, sm_scale, dropout_threshold, dropout_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_PBIAS: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     s = pid0 // num_p_tiles
@@ -344,14 +379,17 @@ def _prefix_attention_bwd_dprefix_kernel(
         q_base = b * stride_qb + h * stride_qh
         do_base = b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
+        # slot s's columns of prefix_bias: offs_n < P only (a tail tile's extra keys would read the next slot)
+        pbias_base = b * stride_pbb + h * stride_pbh + s * P * stride_pbn
         for start_m in range(0, m_end, BLOCK_M):
             offs_m = start_m + offs_m0
             q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, q_base + offs_m * stride_qm,
                                                  do_base + offs_m * stride_dom, l_base + offs_m, offs_m < Lq,
                                                  offs_d, d_ok)
-            dk, dv = _kv_grad_tile(dk, dv, k.to(q.dtype), v.to(q.dtype), q, do, lse, delta, None, score_scale,
-                                   cap_scale, rng, row_id, offs_m, key_j, False, HAS_SOFTCAP, DOT_PRECISION,
-                                   HAS_DROPOUT)
+            pbias_t = _key_major_bias(PBIAS, pbias_base, offs_m, offs_n, Lq, P, stride_pbm, stride_pbn, HAS_PBIAS)
+            dk, dv = _kv_grad_tile(dk, dv, k.to(q.dtype), v.to(q.dtype), q, do, lse, delta, None, pbias_t,
+                                   score_scale, cap_scale, rng, row_id, offs_m, key_j, False, HAS_PBIAS, HAS_SOFTCAP,
+                                   DOT_PRECISION, HAS_DROPOUT)
     dk = dk * sm_scale
 
     dpk_ptrs = DPK + entry * stride_dpke + h_kv * stride_dpkh + offs_n[:, None] * stride_dpkn + offs_d[None, :]
@@ -369,9 +407,10 @@ def _prefix_attention_bwd_dprefix_kernel(
 
 def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode: int,
                               key_padding_mask, lse, delta, causal: bool, scale: float, softcap: float, window: int,
-                              dropout_p: float = 0.0, dropout_seed=None):
+                              dropout_p: float = 0.0, dropout_seed=None, attn_bias=None, prefix_bias=None):
     """Launch the three backward kernels on the normalized layout. Returns (dq, dk, dv, dprefix_k, dprefix_v).
-    dropout_p / dropout_seed: those of the forward (the mask is regenerated, not stored)."""
+    dropout_p / dropout_seed: those of the forward (the mask is regenerated, not stored). attn_bias / prefix_bias:
+    those of the forward (they get no gradient)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -386,6 +425,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     flags = dict(HEAD_D=D, BLOCK_D=block_d(D), HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype),
                  HAS_DROPOUT=drop.enabled)
     prefix_keys = prefix_k.shape[2] * prefix_index.shape[1] if prefix_k is not None else 0
+    bias, pbias = bias_args(attn_bias, q), bias_args(prefix_bias if prefix_k is not None else None, q)
     seq_flags = dict(HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0)
 
     # gradients in their inputs' layouts (the kernels take strides), as the op promises
@@ -394,18 +434,19 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     if Lk > 0:
         cfg = fit_block_m(pick_config(BWD_DKDV_CONFIGS, D, q.element_size()), Lq)
         _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
-            q, k, v, do, lse, delta, kpm, dk, dv, drop.seed,
+            q, k, v, do, lse, delta, kpm, bias.tensor, dk, dv, drop.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             lse.stride(0), lse.stride(1),
             kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+            *bias.strides,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             Lq, Lk, G, window, prefix_keys,
             score_scale, cap_scale, scale, drop.threshold, drop.scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **seq_flags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=bias.enabled, **flags, **seq_flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -419,7 +460,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
         pk, pv, pidx = q, q, q
     cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * G)
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq * G, cfg.block_m), Hkv, B)](
-        q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq, drop.seed,
+        q, k, v, pk, pv, pidx, kpm, bias.tensor, pbias.tensor, do, lse, delta, dq, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -427,12 +468,14 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
         pv.stride(0) if has_prefix else 0, pv.stride(1) if has_prefix else 0, pv.stride(2) if has_prefix else 0,
         pidx.stride(0) if has_prefix else 0, pidx.stride(1) if has_prefix else 0,
         kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+        *bias.strides, *pbias.strides,
         do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Lq, Lk, P, S, G, window,
         score_scale, cap_scale, scale, drop.threshold, drop.scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PREFIX=has_prefix, **flags, **seq_flags,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PREFIX=has_prefix, HAS_BIAS=bias.enabled,
+        HAS_PBIAS=pbias.enabled, **flags, **seq_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -450,18 +493,19 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     cfg = fit_block_m(pick_config(BWD_DPREFIX_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq)
     num_p_tiles = triton.cdiv(P, cfg.block_n)
     _prefix_attention_bwd_dprefix_kernel[(num_p_tiles * S, Hkv, B)](
-        q, pk, pv, pidx, do, lse, delta, dpk, dpv, drop.seed,
+        q, pk, pv, pidx, pbias.tensor, do, lse, delta, dpk, dpv, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         pk.stride(0), pk.stride(1), pk.stride(2),
         pv.stride(0), pv.stride(1), pv.stride(2),
         pidx.stride(0), pidx.stride(1),
+        *pbias.strides,
         do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1),
         dpk.stride(0), dpk.stride(1), dpk.stride(2),
         dpv.stride(0), dpv.stride(1), dpv.stride(2),
         Lq, P, G, num_p_tiles,
         score_scale, cap_scale, scale, drop.threshold, drop.scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC=atomic, **flags,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC=atomic, HAS_PBIAS=pbias.enabled, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

@@ -16,24 +16,29 @@ import triton.language as tl
 
 from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
                                       pick_config, score_log2, sequence_key_range, load_sequence_tile)
+from .prefix_attention_bias import bias_args, bias_tile
 from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
-                 APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr):
-    """Fold one key tile into the online softmax state. `vis` [M, N] is only read when APPLY_MASK. With dropout
+def _attend_tile(acc, l_i, m_i, q, k, v, vis, bias, score_scale, cap_scale, rng, row_ids, query_ids, key_j,
+                 APPLY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Fold one key tile into the online softmax state. `vis` [M, N] is only read when APPLY_MASK, `bias` [M, N]
+    (log2 domain, prefix_attention_bias.py) only when HAS_BIAS. With dropout
     (rng = (seed_lo, seed_hi, offset, threshold); row_ids = b * Hq + h and query_ids [M]; key_j [N], the tile's
     key indices over [prefix; sequence]) the denominator l sums every probability, the accumulator only the kept
     ones (the epilogue scales by 1 / (1 - p))."""
     qk = mma(q, tl.trans(k), None, DOT_PRECISION)
     s, _ = score_log2(qk, score_scale, cap_scale, HAS_SOFTCAP)
+    if HAS_BIAS:
+        s = s + bias
     if APPLY_MASK:
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if APPLY_MASK:
-        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
+    if APPLY_MASK or HAS_BIAS:
+        # A row with nothing visible yet keeps m = -inf (a -inf bias hides keys too); subtracting 0 instead keeps
+        # exp2 at 0 rather than NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
@@ -52,7 +57,7 @@ def _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, rng, row_i
 
 @triton.jit
 def _prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, PIDX, KPM, Out, Lse, DROPOUT_SEED,
+    Q, K, V, PK, PV, PIDX, KPM, BIAS, PBIAS, Out, Lse, DROPOUT_SEED,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -60,6 +65,8 @@ def _prefix_attention_fwd_kernel(
     stride_pve, stride_pvh, stride_pvn,
     stride_ib, stride_is,
     stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     Lq, Lk, P, S, G, window,
@@ -67,6 +74,7 @@ def _prefix_attention_fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PBIAS: tl.constexpr,
 ):
     # Heaviest query tiles first: under causal masking the last tiles see the most keys (better tail balance).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -95,6 +103,9 @@ def _prefix_attention_fwd_kernel(
     seed_lo, seed_hi, seed_offset = load_dropout_seed(DROPOUT_SEED, HAS_DROPOUT)
     rng = (seed_lo, seed_hi, seed_offset, dropout_threshold)
     row_ids = b * (tl.num_programs(1) * G) + row_h
+    # Element offsets of these rows in attn_bias / prefix_bias (a broadcast batch has stride 0).
+    bias_rows = b * stride_bb + row_h * stride_bh + offs_m * stride_bm
+    pbias_rows = b * stride_pbb + row_h * stride_pbh + offs_m * stride_pbm
 
     if HAS_PREFIX:
         P_full = (P // BLOCK_N) * BLOCK_N
@@ -110,18 +121,22 @@ def _prefix_attention_fwd_kernel(
                 offs = start_n + offs_n
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), None, score_scale,
-                                             cap_scale, rng, row_ids, offs_m, s * P + offs, False, HAS_SOFTCAP,
-                                             DOT_PRECISION, HAS_DROPOUT)
+                pbias = bias_tile(PBIAS, pbias_rows[:, None] + (s * P + offs)[None, :] * stride_pbn,
+                                  row_ok[:, None] & (offs < P)[None, :], HAS_PBIAS)
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), None, pbias,
+                                             score_scale, cap_scale, rng, row_ids, offs_m, s * P + offs, False,
+                                             HAS_PBIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
             for start_n in range(p_full, p_end, BLOCK_N):  # the one partial tail tile, if P % BLOCK_N
                 offs = start_n + offs_n
                 kv_mask = (offs[:, None] < P) & d_ok[None, :]
                 k = tl.load(pk_base + offs[:, None] * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(pv_base + offs[:, None] * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
                 vis = (offs[None, :] < P) & (offs_m[:, None] >= 0)
-                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), vis, score_scale,
-                                             cap_scale, rng, row_ids, offs_m, s * P + offs, True, HAS_SOFTCAP,
-                                             DOT_PRECISION, HAS_DROPOUT)
+                pbias = bias_tile(PBIAS, pbias_rows[:, None] + (s * P + offs)[None, :] * stride_pbn,
+                                  row_ok[:, None] & (offs < P)[None, :], HAS_PBIAS)
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k.to(q.dtype), v.to(q.dtype), vis, pbias,
+                                             score_scale, cap_scale, rng, row_ids, offs_m, s * P + offs, True,
+                                             HAS_PBIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
     m_first = start_m // G
     m_last = (tl.minimum(start_m + BLOCK_M, num_rows) - 1) // G
@@ -133,19 +148,22 @@ def _prefix_attention_fwd_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW,
-                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+                                       cap_scale, rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn,
+                                       True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT,
+                                       HAS_BIAS)
     # ... interior tiles only the padding mask (if any).
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, rng, row_ids, offs_m, S * P, False, HAS_KPM, CAUSAL, HAS_WINDOW,
-                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+                                       cap_scale, rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn,
+                                       False, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT,
+                                       HAS_BIAS)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM,
                                        b, stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale,
-                                       cap_scale, rng, row_ids, offs_m, S * P, True, HAS_KPM, CAUSAL, HAS_WINDOW,
-                                       HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+                                       cap_scale, rng, row_ids, offs_m, S * P, BIAS, bias_rows, row_ok, stride_bn,
+                                       True, HAS_KPM, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT,
+                                       HAS_BIAS)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -162,13 +180,17 @@ def _prefix_attention_fwd_kernel(
 @triton.jit
 def _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b,
                    stride_kn, stride_vn, stride_mb, stride_mn, Lk, window, score_scale, cap_scale, rng, row_ids,
-                   query_ids, key_base,
+                   query_ids, key_base, BIAS, bias_rows, row_ok, stride_bn,
                    EDGE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
     k, v, vis = load_sequence_tile(a, start_n, offs_n, offs_d, d_ok, k_base, v_base, KPM, b, stride_kn, stride_vn,
                                    stride_mb, stride_mn, Lk, window, EDGE, HAS_KPM, CAUSAL, HAS_WINDOW)
-    return _attend_tile(acc, l_i, m_i, q, k, v, vis, score_scale, cap_scale, rng, row_ids, query_ids,
-                        key_base + start_n + offs_n, EDGE or HAS_KPM, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
+    offs = start_n + offs_n
+    bias = bias_tile(BIAS, bias_rows[:, None] + offs[None, :] * stride_bn, row_ok[:, None] & (offs < Lk)[None, :],
+                     HAS_BIAS)
+    return _attend_tile(acc, l_i, m_i, q, k, v, vis, bias, score_scale, cap_scale, rng, row_ids, query_ids,
+                        key_base + offs, EDGE or HAS_KPM, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
 
 def _last_dim_contiguous(t):
@@ -183,9 +205,12 @@ def score_constants(scale: float, softcap: float):
 
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool,
-                             scale: float, softcap: float, window: int, dropout_p: float = 0.0, dropout_seed=None):
+                             scale: float, softcap: float, window: int, dropout_p: float = 0.0, dropout_seed=None,
+                             attn_bias=None, prefix_bias=None):
     """Launch the forward kernel on the normalized layout (BACKEND_INTERFACE.md). Returns (out, lse fp32).
-    With dropout_p > 0, `dropout_seed` is the int64 [seed_lo, seed_hi, offset] tensor (ops/attention_dropout.py)."""
+    With dropout_p > 0, `dropout_seed` is the int64 [seed_lo, seed_hi, offset] tensor (ops/attention_dropout.py).
+    attn_bias `[1|B, Hq, Lq, Lk]` / prefix_bias `[1|B, Hq, Lq, S*P]`: additive score biases, any strides
+    (kernels/prefix_attention_bias.py)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -205,8 +230,9 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     score_scale, cap_scale = score_constants(scale, softcap)
     grid = (triton.cdiv(Lq * (Hq // Hkv), cfg.block_m), Hkv, B)  # rows = (query, head of the group) pairs
     drop = dropout_args(dropout_p, dropout_seed, q)
+    bias, pbias = bias_args(attn_bias, q), bias_args(prefix_bias if has_prefix else None, q)
     _prefix_attention_fwd_kernel[grid](
-        q, k, v, pk, pv, pidx, kpm, out, lse, drop.seed,
+        q, k, v, pk, pv, pidx, kpm, bias.tensor, pbias.tensor, out, lse, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -214,6 +240,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         pv.stride(0) if has_prefix else 0, pv.stride(1) if has_prefix else 0, pv.stride(2) if has_prefix else 0,
         pidx.stride(0) if has_prefix else 0, pidx.stride(1) if has_prefix else 0,
         kpm.stride(0) if has_kpm else 0, kpm.stride(1) if has_kpm else 0,
+        *bias.strides, *pbias.strides,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         Lq, Lk, P, S, Hq // Hkv, window,
@@ -221,6 +248,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         HEAD_D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_PREFIX=has_prefix, HAS_KPM=has_kpm, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0.0, DOT_PRECISION=dot_precision(q.dtype), HAS_DROPOUT=drop.enabled,
+        HAS_BIAS=bias.enabled, HAS_PBIAS=pbias.enabled,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

@@ -69,8 +69,8 @@ def test_bias_errors():
         prefix_attention(q, k, v, prefix_bias=pbias)
     with pytest.raises(ValueError, match="requires grad"):
         prefix_attention(q, k, v, pk, pv, attn_bias=bias.clone().requires_grad_(True))
-    with pytest.raises(ValueError, match="backend='triton'.*torch and reference"):
-        prefix_attention(q, k, v, pk, pv, attn_bias=bias, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'.*CUDA kernels take no attn_bias"):
+        prefix_attention(q, k, v, pk, pv, attn_bias=bias, backend="cuda")
     with pytest.raises(TypeError, match="attn_bias"):
         prefix_attention(q, k, v, pk, pv, attn_bias=[1.0])
 

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
 from . import prefix_attention_cpu_flash as cpu_flash
+from . import prefix_attention_triton_bias as triton_bias  # registers the biased Triton custom ops
 from .attention_dropout import check_dropout_p, draw_dropout_seed
 from .index_range import check_index_values, checked_index
 from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PrefixAttentionArgs, check_prefix_attention_args
@@ -305,7 +306,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     backward from a seed drawn from torch's generator at call time; pass 0 in eval). Returns out `[B, Hq, Lq, D]`
     (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32 (the softmax's, before dropout).
     `attn_bias [1|B, Hq, Lq, Lk]` / `prefix_bias [1|B, Hq, Lq, S*P]`: additive score biases over the sequence /
-    prefix keys (T5's relative position bias; no gradient; torch and reference backends, see prefix_attention_bias).
+    prefix keys (T5's relative position bias; no gradient; torch, triton and reference backends, see
+    prefix_attention_bias and prefix_attention_triton_bias).
     """
     args = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
                                        softcap, window)
@@ -320,7 +322,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                 "prefix_attention: dropout_p > 0 together with attn_bias / prefix_bias (T5 training with attention "
                 "dropout) is not fused yet; train with dropout off in attention (e.g. T5 config dropout_rate=0.0) "
                 "or in eval mode")
-        return _biased(args, backend, attn_bias, prefix_bias, return_lse)
+        return _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad)
     dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
     name = resolve_backend(backend, args, needs_grad, dropout_p)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
@@ -346,19 +348,20 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     return out
 
 
-def _biased(args, backend, attn_bias, prefix_bias, return_lse):
-    """prefix_attention with additive score biases: the torch path or the reference (prefix_attention_bias)."""
+def _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad):
+    """prefix_attention with additive score biases: the Triton kernels, the torch path (prefix_attention_bias) or
+    the reference; prefix_attention_triton_bias picks one."""
     from . import prefix_attention_bias as biased
 
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
-    reason = biased.bias_unsupported_reason(backend)
-    if reason is not None:
-        raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {reason}")
     attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
+    backend = triton_bias.resolve_biased_backend(backend, args, attn_bias, prefix_bias, needs_grad)
     if args.prefix_mode == PREFIX_POOL:  # no op body runs this check here: route the index through the checking op
         args.prefix_index = checked_index(args.prefix_index, args.prefix_k.shape[0], "prefix_index")
-    if backend == "reference":
+    if backend == "triton":
+        out, lse = triton_bias.biased_prefix_attention(args, attn_bias, prefix_bias, needs_grad)
+    elif backend == "reference":
         out, lse = reference.prefix_attention(
             args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,
             key_padding_mask=args.key_padding_mask, causal=args.causal, scale=args.scale,

@@ -7,26 +7,17 @@ Both reach the op as `attn_bias [1|B, Hq, Lq, Lk]` and `prefix_bias [1|B, Hq, Lq
 `[prefix; sequence]` bias, keys and values are never built.
 
 Backends: the exact torch composition (prefix_attention_torch.explicit_forward/backward, which recomputes the
-biased scores in backward from the saved log-sum-exp) and the reference. The Triton and CUDA kernels take no
-bias: `bias_unsupported_reason` says so, and backend="auto" picks the torch path. The bias gets no gradient
-(T5's relative attention bias belongs to the frozen base model); a bias that requires grad is refused.
+biased scores in backward from the saved log-sum-exp), the Triton kernels (prefix_attention_triton_bias, which
+also picks the backend: Triton for CUDA tensors under "auto") and the reference. The CUDA (_C) kernels take no
+bias. The bias gets no gradient (T5's relative attention bias belongs to the frozen base model); a bias that
+requires grad is refused.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs
-
-BIAS_BACKENDS = ("torch", "reference")
-
-
-def bias_unsupported_reason(backend: str) -> Optional[str]:
-    if backend in BIAS_BACKENDS or backend == "auto":
-        return None
-    return f"attn_bias / prefix_bias are supported by the {' and '.join(BIAS_BACKENDS)} backends only"
 
 
 def _check_one(name: str, bias, args: PrefixAttentionArgs, keys: int, layout: str) -> Tensor:

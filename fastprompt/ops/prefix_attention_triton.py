@@ -2,8 +2,10 @@
 
 The kernels (kernels/prefix_attention_{fwd,bwd}.py) cover the whole contract: no prefix, shared, per-sample and
 pooled prefixes (empty -1 slots included), GQA/MQA, any key padding, bottom-right causal, sliding window, softcap,
-Lq != Lk, any P, head dims up to 256, fp16/bf16/fp32, attention dropout (Philox mask regenerated per tile). `supports` names what remains (other dtypes, CPU tensors
-without the interpreter, sizes past the kernels' index arithmetic).
+Lq != Lk, any P, head dims up to 256, fp16/bf16/fp32, attention dropout (Philox mask regenerated per tile), and
+additive score biases over sequence and prefix keys (T5's relative position bias; `supports_bias`, reached through
+prefix_attention_triton_bias). `supports` names what remains (other dtypes, CPU tensors without the interpreter,
+sizes past the kernels' index arithmetic).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MAX_GRID_YZ = 65535  # CUDA grid limit on axes 1 and 2 (heads, batch)
 _INT32_MAX = 2**31 - 1
+_BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _interpreting() -> bool:
@@ -60,6 +63,20 @@ def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, cau
     return None
 
 
+def supports_bias(q, attn_bias, prefix_bias) -> Optional[str]:
+    """None when the kernels can read these (already validated, `[1|B, Hq, Lq, N]`) biases, else a reason."""
+    for name, bias in (("attn_bias", attn_bias), ("prefix_bias", prefix_bias)):
+        if bias is None:
+            continue
+        if bias.dtype not in _BIAS_DTYPES:
+            return f"triton kernels take a float16, bfloat16, float32 or float64 `{name}`, got {bias.dtype}"
+        # The kernels add (query * row stride) and (key * column stride) in int32 before the int64 (b, h) base.
+        spans = (bias.shape[2] * bias.stride(2), bias.shape[3] * bias.stride(3))
+        if max(spans) > _INT32_MAX:
+            return f"`{name}` spans more than 2**31 elements along a query row or key column (int32 indexing)"
+    return None
+
+
 def _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, needs_grad):
     reason = supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window,
                       needs_grad)
@@ -77,9 +94,17 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _check_bias(q, attn_bias, prefix_bias):
+    reason = supports_bias(q, attn_bias, prefix_bias)
+    if reason is not None:
+        raise ValueError(f"prefix_attention: the triton backend cannot run this call: {reason}")
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-            window, dropout_p=0.0, dropout_seed=None):
+            window, dropout_p=0.0, dropout_seed=None, attn_bias=None, prefix_bias=None):
+    """(out, lse); attn_bias / prefix_bias: validated `[1|B, Hq, Lq, Lk]` / `[1|B, Hq, Lq, S*P]` or None."""
     _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, False)
+    _check_bias(q, attn_bias, prefix_bias)
     from fastprompt.kernels.prefix_attention_fwd import prefix_attention_forward
 
     batch, hq, lq, _ = q.shape
@@ -88,12 +113,13 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     with _on_device(q):
         return prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal),
                                         float(scale), float(softcap), _effective_window(window, lq, k.shape[2]),
-                                        float(dropout_p), dropout_seed)
+                                        float(dropout_p), dropout_seed, attn_bias, prefix_bias)
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-             scale, softcap, window, dropout_p=0.0, dropout_seed=None):
+             scale, softcap, window, dropout_p=0.0, dropout_seed=None, attn_bias=None, prefix_bias=None):
     _check(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, True)
+    _check_bias(q, attn_bias, prefix_bias)
     from fastprompt.kernels.prefix_attention_bwd import prefix_attention_backward
 
     batch, hq, lq, _ = q.shape
@@ -105,4 +131,4 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
         return prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, int(prefix_mode),
                                          key_padding_mask, lse.float(), delta.float(), bool(causal), float(scale),
                                          float(softcap), _effective_window(window, lq, k.shape[2]),
-                                         float(dropout_p), dropout_seed)
+                                         float(dropout_p), dropout_seed, attn_bias, prefix_bias)
