@@ -12,6 +12,8 @@ _LAZY = {
     "BWD_DKDV_CONFIGS": "prefix_attention_common",
     "BWD_DQ_CONFIGS": "prefix_attention_common",
     "BWD_DPREFIX_CONFIGS": "prefix_attention_common",
+    "BIASED_FWD_CONFIGS": "prefix_attention_common",
+    "BIASED_BWD_DQ_CONFIGS": "prefix_attention_common",
     "pick_config": "prefix_attention_common",
     "fit_block_m": "prefix_attention_common",
 }

@@ -13,6 +13,9 @@ Attention dropout (prefix_attention_dropout.py) is regenerated per tile from the
 r = 1 / (1 - p), out = (Z * P * r) V, so dV = (Z * P * r)^T dO, dP = Z * r * (dO V^T), and dS = P * (dP - delta)
 (dropped entries too: their dS is -P * delta). delta = rowsum(dO * O) still equals sum_j P_ij dP_ij because O is
 the dropped output, so the row term needs no change.
+
+Additive score biases (prefix_attention_bias.py) enter the recomputed probabilities only: each kernel loads the
+bias tile of its score tile (key-major in dK/dV and dPrefix), and dS keeps its form; the biases get no gradient.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS, LOG2E_C, block_d,
+from .prefix_attention_common import (BIASED_BWD_DQ_CONFIGS, BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS,
+                                      LOG2E_C, block_d,
                                       dot_precision, fit_block_m, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, load_sequence_tile, split_range)
 from .prefix_attention_bias import bias_args, bias_tile
@@ -458,7 +462,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     else:
         P, S = 0, 0
         pk, pv, pidx = q, q, q
-    cfg = fit_block_m(pick_config(BWD_DQ_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * G)
+    dq_configs = BIASED_BWD_DQ_CONFIGS if bias.enabled or pbias.enabled else BWD_DQ_CONFIGS
+    cfg = fit_block_m(pick_config(dq_configs, D, max(q.element_size(), pk.element_size())), Lq * G)
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq * G, cfg.block_m), Hkv, B)](
         q, k, v, pk, pv, pidx, kpm, bias.tensor, pbias.tensor, do, lse, delta, dq, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),

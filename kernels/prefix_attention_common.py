@@ -54,6 +54,11 @@ BWD_DPREFIX_CONFIGS = [
     TileConfig(32, 64, 4, 2, 128),
     TileConfig(16, 64, 4, 1, 256),
 ]
+# With an additive score bias (prefix_attention_bias.py) the forward and dQ kernels hold one more fp32 score-sized
+# tile: at head dims <= 64 the 4-warp configs spill on sm_90 (ptxas: 384 / 76 bytes of spill stores), the 8-warp
+# ones do not, so biased calls take the 8-warp config there (the same tiles).
+BIASED_FWD_CONFIGS = [dataclasses.replace(FWD_CONFIGS[0], num_warps=8), *FWD_CONFIGS[1:]]
+BIASED_BWD_DQ_CONFIGS = [dataclasses.replace(BWD_DQ_CONFIGS[0], num_warps=8), *BWD_DQ_CONFIGS[1:]]
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest legal tl.dot tile keeps tests fast.
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1, 1 << 30)
 

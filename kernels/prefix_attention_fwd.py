@@ -6,7 +6,8 @@ tensor is ever built. One online softmax (running max m, sum l, fp32 accumulator
 
 Grid: (row tiles, Hkv, B). A tile's rows are the (query, head) pairs of one GQA group, so each K/V tile is read
 once per group rather than once per query head. Batch and heads sit on grid axes 2 and 1 (CUDA's 65535 limit
-applies to each separately, not to B * H).
+applies to each separately, not to B * H). Additive score biases (T5's relative position bias, HAS_BIAS /
+HAS_PBIAS) are read tile by tile where they live (prefix_attention_bias.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
+from .prefix_attention_common import (BIASED_FWD_CONFIGS, FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
                                       pick_config, score_log2, sequence_key_range, load_sequence_tile)
 from .prefix_attention_bias import bias_args, bias_tile
 from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
@@ -226,11 +227,12 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         pk, pv, pidx = q, q, q  # never read (HAS_PREFIX=False); any pointer will do
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
-    cfg = fit_block_m(pick_config(FWD_CONFIGS, D, max(q.element_size(), pk.element_size())), Lq * (Hq // Hkv))
+    bias, pbias = bias_args(attn_bias, q), bias_args(prefix_bias if has_prefix else None, q)
+    configs = BIASED_FWD_CONFIGS if bias.enabled or pbias.enabled else FWD_CONFIGS
+    cfg = fit_block_m(pick_config(configs, D, max(q.element_size(), pk.element_size())), Lq * (Hq // Hkv))
     score_scale, cap_scale = score_constants(scale, softcap)
     grid = (triton.cdiv(Lq * (Hq // Hkv), cfg.block_m), Hkv, B)  # rows = (query, head of the group) pairs
     drop = dropout_args(dropout_p, dropout_seed, q)
-    bias, pbias = bias_args(attn_bias, q), bias_args(prefix_bias if has_prefix else None, q)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, pk, pv, pidx, kpm, bias.tensor, pbias.tensor, out, lse, drop.seed,
         q.stride(0), q.stride(1), q.stride(2),

@@ -306,3 +306,15 @@ def test_refusals_name_the_reason():
             prefix_attention(q, k, v, attn_bias=bias.to(torch.float8_e4m3fn), backend="triton")
     with pytest.raises(ValueError, match="requires grad"):
         prefix_attention(q, k, v, attn_bias=bias.requires_grad_(True), backend="triton")
+
+
+def test_flop_counter_counts_the_biased_op():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(2, 2, 3, 16, requires_grad=True), torch.randn(2, 2, 4, 16, requires_grad=True),
+               torch.randn(2, 2, 4, 16, requires_grad=True))
+    pk = torch.randn(2, 5, 16, requires_grad=True)
+    bias = torch.randn(1, 2, 3, 4)
+    with FlopCounterMode(display=False) as counter:
+        prefix_attention(q, k, v, pk, pk, attn_bias=bias, backend="triton").sum().backward()
+    assert counter.get_total_flops() == (4 + 10) * 2 * 2 * 3 * (4 + 5) * 16

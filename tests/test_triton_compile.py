@@ -3,7 +3,8 @@
 Checks that each kernel x tile config compiles, fits the target's shared memory, and lowers its matmuls to
 tensor-core instructions (mma.sync on sm_80, wgmma or mma.sync on sm_90). TRITON_INTERPRET is read when kernels
 are decorated and the test session sets it, so the compiles run in one subprocess with it unset; that process
-(this file run as a script) prints one JSON line per compile.
+(this file run as a script) prints one JSON line per compile, with the registers per thread ptxas reports.
+Only the selected tests' kernels are compiled (`-k bias` compiles the biased variants alone).
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ KERNELS = [
     ("prefix_attention_bwd", "_prefix_attention_bwd_dprefix_kernel", "BWD_DPREFIX_CONFIGS"),
 ]
 _FP32_POINTERS = {"Lse", "LSE", "DELTA"}
+_BIAS_FLAGS = ("HAS_BIAS", "HAS_PBIAS")
 _FLOAT_SCALARS = {"score_scale", "cap_scale", "sm_scale", "dropout_scale"}
-_UNIT_STRIDES = {"stride_is", "stride_mn"}  # specialized to 1 at launch, as Triton does for int args equal to 1
+# specialized to 1 at launch, as Triton does for int args equal to 1 (a bias's key stride is 1 unless transposed)
+_UNIT_STRIDES = {"stride_is", "stride_mn", "stride_bn", "stride_pbn"}
 
 
 def _import_kernels():
@@ -61,17 +64,26 @@ def _signature(kernel, dtype: str, constexprs: dict):
     return signature
 
 
-def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features: bool):
+# T5 with a prefix: prefix, padding mask, causal decoder, atomics for the shared prefix's gradient; no window,
+# softcap or attention dropout (a biased call refuses dropout).
+_T5_FEATURES = {"HAS_PREFIX", "HAS_KPM", "CAUSAL", "ATOMIC"}
+
+
+def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features, bias: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
 
     constexprs = dict(HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     # features=True: every feature on, the largest variant of each kernel (prefix, padding mask, causal + window,
-    # softcap, atomics, attention dropout); False: the plain variant (no prefix, no mask, not causal, no dropout).
+    # softcap, atomics, attention dropout); False: the plain variant (no prefix, no mask, not causal, no dropout);
+    # a set: those flags on. bias: also the additive score biases (attn_bias / prefix_bias, T5's position bias).
     for flag in ("HAS_PREFIX", "HAS_KPM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "ATOMIC", "HAS_DROPOUT"):
         if flag in kernel.arg_names:
-            constexprs[flag] = features
+            constexprs[flag] = flag in features if isinstance(features, (set, frozenset)) else features
+    for flag in _BIAS_FLAGS:
+        if flag in kernel.arg_names:
+            constexprs[flag] = bias
     for name in _UNIT_STRIDES & set(kernel.arg_names):
         constexprs[name] = 1
     signature = _signature(kernel, dtype, constexprs)
@@ -84,7 +96,31 @@ def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features: bo
     compiled = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = compiled.asm["ptx"]
     return dict(shared=compiled.metadata.shared, mma_sync=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"),
-                seconds=round(time.time() - start, 2))
+                **_resource_usage(compiled.asm.get("cubin")), seconds=round(time.time() - start, 2))
+
+
+def _resource_usage(cubin) -> dict:
+    """Registers per thread and stack bytes per thread (spills live there) of the compiled kernel, from cuobjdump's
+    resource usage (-1 when that tool is missing). Without a GPU the launcher never loads the binary, so Triton's
+    own n_regs / n_spills stay unset."""
+    import re
+    import shutil
+    import tempfile
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")  # bundled next to ptxas
+    if not os.path.exists(tool):
+        tool = shutil.which("cuobjdump") or ""
+    if not cubin or not tool:
+        return dict(registers=-1, stack=-1)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = {key: re.search(rf"{key}:(\d+)", usage) for key in ("REG", "STACK")}
+    return dict(registers=int(found["REG"].group(1)) if found["REG"] else -1,
+                stack=int(found["STACK"].group(1)) if found["STACK"] else -1)
 
 
 def _jobs():
@@ -109,11 +145,28 @@ def _jobs():
             jobs.append(dict(kernel=ki, config=-1, arch=90, dtype="bf16", head_dim=128, decode=True))
         if name == "_prefix_attention_fwd_kernel":
             jobs.append(dict(kernel=ki, config=1, arch=90, dtype="fp16", head_dim=128, plain=True))
+        # With attn_bias / prefix_bias on sm_90: T5's feature set (_T5_FEATURES) at every config, bf16 and fp16
+        # alternating, and its decode step (Lq = 1: T5's decoder generating, head dim 64) of the query-tiled
+        # kernels; every feature plus the biases at the d128 config.
+        for ci, cfg in enumerate(_configs(kernels, dict(kernel=ki, bias=True))):
+            jobs.append(dict(kernel=ki, config=ci, arch=90, dtype=("bf16", "fp16")[ci % 2], head_dim=cfg.max_head_dim,
+                             t5=True, bias=True))
+        if name in ("_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel"):
+            jobs.append(dict(kernel=ki, config=-1, arch=90, dtype="bf16", head_dim=64, decode=True, t5=True,
+                             bias=True))
+        jobs.append(dict(kernel=ki, config=1, arch=90, dtype="fp16", head_dim=128, bias=True))
     return jobs
 
 
+def _configs(kernels, job):
+    """The config list the launcher picks from: biased calls have their own for some kernels."""
+    name = KERNELS[job["kernel"]][2]
+    return getattr(kernels, "BIASED_" + name, None) if job.get("bias") and hasattr(kernels, "BIASED_" + name) \
+        else getattr(kernels, name)
+
+
 def _job_config(kernels, job):
-    cfgs = getattr(kernels, KERNELS[job["kernel"]][2])
+    cfgs = _configs(kernels, job)
     cfg = cfgs[job["config"]] if job["config"] >= 0 else kernels.pick_config(
         cfgs, job["head_dim"], 4 if job["dtype"] == "fp32" else 2)
     return kernels.fit_block_m(cfg, 1) if job.get("decode") else cfg
@@ -121,7 +174,11 @@ def _job_config(kernels, job):
 
 def _job_id(job) -> str:
     name = KERNELS[job["kernel"]][1].strip("_").replace("prefix_attention_", "")
-    variant = "plain" if job.get("plain") else "decode" if job.get("decode") else "all"
+    variant = "plain" if job.get("plain") else "decode" if job.get("decode") else "t5" if job.get("t5") else "all"
+    if job.get("t5") and job.get("decode"):
+        variant += "-t5"
+    if job.get("bias"):
+        variant += "-bias"
     return f"{name}-cfg{job['config']}-sm{job['arch']}-{job['dtype']}-d{job['head_dim']}-{variant}"
 
 
@@ -130,14 +187,18 @@ def _worker(shard: int, shards: int) -> None:
     kernels = _import_kernels()
     import importlib
 
-    for job in _jobs()[shard::shards]:
+    selected = os.environ.get("FASTPROMPT_COMPILE_IDS")
+    jobs = [job for job in _jobs() if selected is None or _job_id(job) in selected.split(",")]
+    for job in jobs[shard::shards]:
         module, name, configs = KERNELS[job["kernel"]]
         kernel = getattr(importlib.import_module(f"fastprompt.kernels.{module}"), name)
         cfg = _job_config(kernels, job)
         record = dict(id=_job_id(job), block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
         try:
-            record.update(_compile_one(kernel, cfg, job["dtype"], job["head_dim"], job["arch"], not job.get("plain")))
+            features = _T5_FEATURES if job.get("t5") else not job.get("plain")
+            record.update(_compile_one(kernel, cfg, job["dtype"], job["head_dim"], job["arch"], features,
+                                       bool(job.get("bias"))))
         except Exception as exc:  # reported per compile so one failure does not hide the others
             causes, err = [], exc
             while err is not None:
@@ -148,8 +209,12 @@ def _worker(shard: int, shards: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def compile_results():
+def compile_results(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # only the jobs of the tests selected in this session (-k, node ids)
+    env["FASTPROMPT_COMPILE_IDS"] = ",".join(
+        _job_id(item.callspec.params["job"]) for item in request.session.items
+        if item.module is sys.modules[__name__] and hasattr(item, "callspec") and "job" in item.callspec.params)
     env["TRITON_CACHE_DIR"] = env.get("FASTPROMPT_TRITON_AOT_CACHE", str(REPO / ".pytest_cache" / "triton_aot"))
     # Compiles are CPU-bound and independent: a few worker processes, each taking every n-th job.
     shards = max(1, min(4, os.cpu_count() or 1))

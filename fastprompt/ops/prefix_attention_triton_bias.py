@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .prefix_attention_inputs import PREFIX_NONE, PrefixAttentionArgs
 
@@ -149,6 +150,22 @@ def _backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("fastprompt::prefix_attention_biased_forward", _backward,
                                 setup_context=_setup_context)
+
+
+# FlopCounterMode (and fastprompt.bench.metrics) count these ops as the unbiased ones: same leading arguments.
+# get_raw: the unbiased formulas, as registered, take the raw arguments and reduce them to shapes themselves.
+@register_flop_formula(torch.ops.fastprompt.prefix_attention_biased_forward, get_raw=True)
+def _forward_flops(*args, **kwargs) -> int:
+    from .prefix_attention import _forward_flops as unbiased
+
+    return unbiased(*args, **kwargs)
+
+
+@register_flop_formula(torch.ops.fastprompt.prefix_attention_biased_backward, get_raw=True)
+def _backward_flops(*args, **kwargs) -> int:
+    from .prefix_attention import _backward_flops as unbiased
+
+    return unbiased(*args, **kwargs)
 
 
 def biased_prefix_attention(args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool):
