@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (BIASED_FWD_CONFIGS, FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision, fit_block_m, mma,
-                                      pick_config, score_log2, sequence_key_range, load_sequence_tile)
+from .prefix_attention_common import (BIASED_FWD_CONFIGS, FWD_CONFIGS, LN2_C, LOG2E, block_d, dot_precision,
+                                      fit_block_m, mma, pick_config, score_log2, sequence_key_range,
+                                      load_sequence_tile)
 from .prefix_attention_bias import bias_args, bias_tile
 from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
 
