@@ -101,18 +101,21 @@ def _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_pa
     """The forward op's body, also run directly by eager inference calls (_plain_eager_inference)."""
     if prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile too
         check_index_values(prefix_index, prefix_k.shape[0], "prefix_index")
-    out, lse = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                               key_padding_mask, causal, scale, softcap, window,
-                                               **_dropout_kwargs(dropout_p, dropout_seed))
-    return _in_layout(out, _layout_strides(q)), lse.contiguous()
+    result = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
+                                             key_padding_mask, causal, scale, softcap, window,
+                                             **_dropout_kwargs(dropout_p, dropout_seed))
+    # a third result: the torch backend's packed dropout keep mask, handed to its backward (empty elsewhere)
+    kept = result[2] if len(result) > 2 else q.new_empty(0, dtype=torch.uint8)
+    return _in_layout(result[0], _layout_strides(q)), result[1].contiguous(), kept
 
 
 @torch.library.custom_op("fastprompt::prefix_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                 prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
                 scale: float, softcap: float, window: int, backend: str, dropout_p: float = 0.0,
-                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     # dropout_seed: int64 [seed_lo, seed_hi, offset] (ops/attention_dropout.py); an input, so the op is a pure function
+    # returns out, lse, and the torch backend's packed dropout keep mask (uint8; empty for other backends / no dropout)
     return _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
                          softcap, window, backend, dropout_p, dropout_seed)
 
@@ -170,7 +173,17 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
                   window, backend, dropout_p=0.0, dropout_seed=None):
     return (torch.empty_strided(q.shape, _layout_strides(q), dtype=q.dtype, device=q.device),
-            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)),
+            q.new_empty(_kept_mask_bytes(q, k, prefix_k, prefix_index, backend, dropout_p), dtype=torch.uint8))
+
+
+def _kept_mask_bytes(q, k, prefix_k, prefix_index, backend, dropout_p):
+    if backend != "torch" or dropout_p == 0:
+        return 0
+    from .prefix_attention_torch_dropout import kept_mask_bytes
+
+    prefix_keys = 0 if prefix_k is None else prefix_index.shape[1] * prefix_k.shape[2]
+    return kept_mask_bytes(q.shape[0], q.shape[1], q.shape[2], k.shape[2], prefix_keys)
 
 
 @torch.library.custom_op("fastprompt::prefix_attention_backward", mutates_args=())
@@ -178,18 +191,21 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
                  prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], prefix_mode: int,
                  key_padding_mask: Optional[Tensor], lse: Tensor, delta: Tensor, causal: bool, scale: float,
                  softcap: float, window: int, backend: str, out: Optional[Tensor], dropout_p: float = 0.0,
-                 dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 dropout_seed: Optional[Tensor] = None,
+                 dropout_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # `out` is passed only when the lse output carries no gradient: then the torch backend may hand the whole
     # backward to PyTorch's fused CPU kernel, which recomputes the row term from out (prefix_attention_cpu_flash).
     return _backward_impl(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse,
-                          delta, causal, scale, softcap, window, backend, out, dropout_p, dropout_seed)
+                          delta, causal, scale, softcap, window, backend, out, dropout_p, dropout_seed, dropout_keep)
 
 
 def _backward_impl(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-                   causal, scale, softcap, window, backend, out, dropout_p=0.0, dropout_seed=None):
+                   causal, scale, softcap, window, backend, out, dropout_p=0.0, dropout_seed=None, dropout_keep=None):
     """The backward op's body, also run directly by eager training calls (_EagerPrefixAttention)."""
     extra = {"out": out} if backend == "torch" and out is not None else {}
     extra.update(_dropout_kwargs(dropout_p, dropout_seed))
+    if dropout_keep is not None and dropout_keep.numel() > 0:  # the mask the torch backend's forward kept
+        extra["dropout_keep"] = dropout_keep
     dq, dk, dv, dpk, dpv = backend_module(backend).backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
         scale, softcap, window, **extra)
@@ -202,7 +218,7 @@ def _backward_impl(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_m
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-                   causal, scale, softcap, window, backend, out, dropout_p=0.0, dropout_seed=None):
+                   causal, scale, softcap, window, backend, out, dropout_p=0.0, dropout_seed=None, dropout_keep=None):
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
@@ -217,14 +233,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window, \
         backend = inputs[:13]
     dropout_p, dropout_seed = inputs[13:] if len(inputs) > 13 else (0.0, None)
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed)
+    out, lse, kept = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed, kept)
     ctx.params = (prefix_mode, causal, scale, softcap, window, backend, dropout_p)
     ctx.set_materialize_grads(False)  # an unused lse then arrives as None, not as zeros to be folded in
 
 
-def _backward(ctx, grad_out, grad_lse, run_backward=None):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_kept=None, run_backward=None):
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, dropout_seed, kept = ctx.saved_tensors
     prefix_mode, causal, scale, softcap, window, backend, dropout_p = ctx.params
     # delta = rowsum(dO * O) - dlse: the FlashAttention backward's row term, with the lse output's gradient
     # folded in (d lse / d s = softmax), so returning lse costs nothing extra in backward.
@@ -241,7 +257,7 @@ def _backward(ctx, grad_out, grad_lse, run_backward=None):
             delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv, dpk, dpv = (run_backward or _backward_op)(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-        scale, softcap, window, backend, out_for_backend, dropout_p, dropout_seed)
+        scale, softcap, window, backend, out_for_backend, dropout_p, dropout_seed, kept)
     if prefix_mode == PREFIX_NONE:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None, None, None
@@ -261,10 +277,11 @@ class _EagerPrefixAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])  # the packed dropout mask
         return output
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
+    def backward(ctx, grad_out, grad_lse, _grad_kept=None):
         return _backward(ctx, grad_out, grad_lse, run_backward=_backward_impl)
 
 
@@ -336,13 +353,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         return (out, lse.float()) if return_lse else out
     if _plain_eager_inference(needs_grad) or _plain_eager_training(needs_grad):
         run = _forward_impl if not needs_grad else _EagerPrefixAttention.apply
-        out, lse = run(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
-                                 args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
-                                 args.window, name, dropout_p, dropout_seed)
+        out, lse, _ = run(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                          args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
+                          args.window, name, dropout_p, dropout_seed)
     else:
-        out, lse = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
-                               args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
-                               args.window, name, dropout_p, dropout_seed)
+        out, lse, _ = _forward_op(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                                  args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
+                                  args.window, name, dropout_p, dropout_seed)
     if return_lse:
         return out, lse.float()
     return out

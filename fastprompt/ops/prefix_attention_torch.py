@@ -97,7 +97,7 @@ def _row_max(seq: Tensor, pre: Optional[Tensor]) -> Tensor:
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
             window, dropout_p=0.0, dropout_seed=None):
-    if dropout_p > 0:  # attention dropout: its own chunked path (prefix_attention_torch_dropout)
+    if dropout_p > 0:  # attention dropout: its own chunked path, which also returns the packed keep mask
         from . import prefix_attention_torch_dropout as with_dropout
 
         return with_dropout.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
@@ -110,13 +110,13 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-             causal, scale, softcap, window, out=None, dropout_p=0.0, dropout_seed=None):
+             causal, scale, softcap, window, out=None, dropout_p=0.0, dropout_seed=None, dropout_keep=None):
     if dropout_p > 0:
         from . import prefix_attention_torch_dropout as with_dropout
 
         return with_dropout.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                      key_padding_mask, lse, delta, causal, scale, softcap, window, dropout_p,
-                                     dropout_seed)
+                                     dropout_seed, dropout_keep)
     if out is not None and cpu_flash.applicable(q, softcap):
         return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
                                   key_padding_mask, lse, causal, scale, window, delta=delta)

@@ -3,179 +3,368 @@
 PyTorch's fused CPU kernel draws its own dropout mask (and cannot regenerate it), so with dropout the torch backend
 runs the explicit composition of prefix_attention_torch, chunked over queries: each chunk of at most
 CHUNK_SCORES scores computes its sequence block `[B, Hkv, G, m, Lk]` and prefix block `[B, Hkv, G, m, (S,) P]`
-(never joined, never a `[B, H, Lq, P + Lk]` matrix, never a concatenated or B-fold K/V), regenerates that chunk's
-keep mask from the saved seed (fastprompt.ops.attention_dropout), and backward does the same again instead of
-storing anything of score size. With Z the keep mask and r = 1 / (1 - p):
+(never joined, never a `[B, H, Lq, P + Lk]` matrix, never a concatenated or B-fold K/V) and backward recomputes
+them from the saved log-sum-exp. With Z the keep mask and r = 1 / (1 - p):
 
-    forward:  out = (Z * P * r) V,  lse as without dropout (the softmax's own)
-    backward: dV = (Z * P * r)^T dO,  dP = Z * r * (dO V^T),  dS = P * (dP - delta),  delta = rowsum(dO * O) - dlse
+    forward:  out = r (Z * P) V,  lse as without dropout (the softmax's own)
+    backward: dV = r (Z * P)^T dO,  dS = P * (r Z * (dO V^T) - delta),  delta = rowsum(dO * O) - dlse
+
+The mask: forward draws it from the seed (fastprompt.ops.dropout_mask_fill: the Philox mask of
+ops.attention_dropout, the same bits as the Triton kernels and the reference) and returns it packed, one bit per
+decision (`kept_mask_bytes`, 1/32 of the float scores); backward unpacks it instead of running Philox again (on the
+CPU, Philox in torch ops costs more than the rest of the attention). Without the packed mask backward regenerates
+it from the seed, with the same result.
+
+Every score-sized block lives in a few buffers allocated once per call and reused by every chunk, and is worked on
+in place (matmuls write into them with `out=`, scale and r ride on the matmuls' alpha, masks and biases are added
+or multiplied in, never `masked_fill`, which is several times slower on the CPU).
+
+Layouts: the sequence blocks are batched over (b, kv head) rows, `[B*Hkv, G*m, Lk]`. A shared prefix `[Hkv, P, D]`
+is batched over kv heads with the batch's queries as rows, `[Hkv, B*G*m, P]` (one matmul per chunk, no copy of the
+prefix per row); a per-sample or pool prefix per (b, kv head) row, `[B*Hkv, G*m, S*P]` (a pool's selected
+entries laid end to end: the selection itself).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .attention_dropout import dropout_scale, keep_mask
+from .attention_dropout import dropout_scale
+from .dropout_mask_fill import KeepMaskFiller, pack_bits, packed_size, unpack_bits
 from .prefix_attention_cpu_flash import hidden_positions
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL
-from .prefix_attention_torch import (_GRAD_EQ, _SCORE_EQ, _VALUE_EQ, _accumulator_dtype, _selected_prefix,
-                                     prefix_grads_per_entry)
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+from .prefix_attention_torch import _accumulator_dtype, prefix_grads_per_entry
 
 NEG_INF = float("-inf")
-CHUNK_SCORES = 1 << 18  # scores (all heads and batch rows) per query chunk: bounds every temporary, and keeps the
-# mask generator's int64 words (one per 4 scores) cache-sized
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are kept in log2 units: exp2 is twice as fast as exp on the CPU
+CHUNK_SCORES = 1 << 21  # scores (all heads and batch rows) per query chunk: bounds the score-sized buffers
+
+
+def _queries_per_chunk(batch, hq, lk, prefix_keys):
+    return max(1, CHUNK_SCORES // max(1, batch * hq * (lk + prefix_keys)))
+
+
+def _chunk_bytes(batch, hq, m, lk, prefix_keys):
+    """Packed-mask bytes of a chunk of m queries: its sequence block, then its prefix block."""
+    return packed_size(batch * hq * m * lk) + packed_size(batch * hq * m * prefix_keys)
+
+
+def kept_mask_bytes(batch, hq, lq, lk, prefix_keys) -> int:
+    """Size of the packed keep mask forward returns (chunk after chunk); also what the fake implementation
+    promises. Works on symbolic sizes."""
+    m = _queries_per_chunk(batch, hq, lk, prefix_keys)
+    full, rest = lq // m, lq % m
+    return full * _chunk_bytes(batch, hq, m, lk, prefix_keys) + _chunk_bytes(batch, hq, rest, lk, prefix_keys)
 
 
 class _Problem:
-    """The chunk-independent pieces: grouped q, K/V in the accumulator dtype, the selected prefix, masks, the
-    dropout counter words of every (b, h) row."""
+    """The chunk-independent pieces: q, K/V and the prefix in the matmul layouts, masks, the mask filler, and the
+    score-sized buffers every chunk reuses."""
 
     def __init__(self, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                 softcap, window, dropout_p, dropout_seed):
+                 softcap, window, dropout_p, dropout_seed, backward=False, attn_bias=None, prefix_bias=None):
         self.batch, self.hq, self.lq, self.dim = q.shape
         self.hkv, self.lk = k.shape[1], k.shape[2]
         self.group = self.hq // self.hkv
+        self.rows = self.batch * self.hkv
         self.acc = _accumulator_dtype(q.dtype)
+        self.device = q.device
         self.qg = q.reshape(self.batch, self.hkv, self.group, self.lq, self.dim).to(self.acc)
-        self.k, self.v = k.to(self.acc), v.to(self.acc)
+        self.k = k.to(self.acc).reshape(self.rows, self.lk, self.dim)  # [B*Hkv, Lk, D]
+        self.v = v.to(self.acc).reshape(self.rows, self.lk, self.dim)
         self.mode, self.prefix_index = prefix_mode, prefix_index
         self.pk = self.pv = None
-        self.slots = self.plen = 0
+        self.slots = self.plen = self.prefix_keys = 0
         if prefix_mode != PREFIX_NONE:
-            self.pk = _selected_prefix(prefix_k, prefix_index, prefix_mode, self.acc)
-            self.pv = _selected_prefix(prefix_v, prefix_index, prefix_mode, self.acc)
             self.slots, self.plen = prefix_index.shape[1], prefix_k.shape[2]
+            self.prefix_keys = self.slots * self.plen
+            self.pk, self.pv = self._prefix_rows(prefix_k), self._prefix_rows(prefix_v)
+        self.shared = prefix_mode == PREFIX_SHARED
         self.scale, self.softcap = scale, softcap
-        self.hidden = hidden_positions(self.lq, self.lk, causal, window, q.device)  # [Lq, Lk] or None
-        self.padded = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, None, :]
+        # the masks as additive 0 / -inf biases: a broadcast add_ is much cheaper than masked_fill_ on the CPU
+        self.hidden = self._bias(hidden_positions(self.lq, self.lk, causal, window, q.device))  # [Lq, Lk]
+        self.padded = None if key_padding_mask is None else self._bias(~key_padding_mask[:, None, None, None, :])
         self.empty_slot = None
-        if prefix_mode == PREFIX_POOL:
-            self.empty_slot = (prefix_index < 0)[:, None, None, None, :, None]
-        self.dropout_p, self.seed = dropout_p, dropout_seed
+        if prefix_mode == PREFIX_POOL and bool((prefix_index < 0).any()):
+            self.empty_slot = self._bias((prefix_index < 0)[:, None, None, None, :, None])
         self.keep_scale = dropout_scale(dropout_p)
-        b = torch.arange(self.batch, dtype=torch.int64, device=q.device)[:, None, None, None, None]
-        h = torch.arange(self.hq, dtype=torch.int64, device=q.device).reshape(1, self.hkv, self.group, 1, 1)
-        self.rows = b * self.hq + h  # b * Hq + h, [B, Hkv, G, 1, 1]
+        self.filler = KeepMaskFiller(dropout_seed, dropout_p)
+        # b * Hq + h of every score row, in the [B, Hkv, G] order of the buffers
+        self.row_ids = torch.arange(self.batch * self.hq, dtype=torch.int64, device=q.device)
+        self.prefix_row_ids = self.row_ids  # and in the prefix blocks' order: shared, [Hkv, B, G]
+        if self.shared:
+            self.prefix_row_ids = self.row_ids.view(self.batch, self.hkv, self.group).transpose(0, 1).reshape(-1)
+        # additive score biases (T5's relative positions), grouped: [1|B, Hkv, G, Lq, Lk] and [1|B, Hkv, G, Lq, S*P]
+        self.seq_bias = self._grouped_bias(attn_bias)
+        self.pre_bias = self._grouped_bias(prefix_bias)
+        self.queries_per_chunk = _queries_per_chunk(self.batch, self.hq, self.lk, self.prefix_keys)
+        m = min(self.lq, self.queries_per_chunk)
+        # flat score-sized buffers, viewed per chunk (a shorter last chunk takes their first elements)
+        count = 2 if backward else 1  # scores / probabilities, and in backward dP / dS
+        seq_size, pre_size = self.rows * self.group * m * self.lk, self.rows * self.group * m * self.prefix_keys
+        self._seq_buffers = [self._empty(seq_size) for _ in range(count)]
+        self._pre_buffers = [self._empty(pre_size) for _ in range(count)] if prefix_mode != PREFIX_NONE else []
+        self._tanh_buffers = [self._empty(seq_size), self._empty(pre_size)] if backward and softcap > 0 else []
+        # the keep masks: bool as Philox writes them / as unpacked (padded to whole packed words, padding False),
+        # and 0 / 1 in the accumulator dtype, multiplied in
+        lines = self.batch * self.hq
+        self._flags = [torch.zeros(8 * packed_size(lines * m * n), dtype=torch.bool, device=q.device)
+                       for n in (self.lk, self.prefix_keys)]
+        self._keep = [self._empty(seq_size), self._empty(pre_size)]
+
+    def _empty(self, size):
+        return torch.empty(size, dtype=self.acc, device=self.device)
+
+    def _grouped_bias(self, bias):
+        if bias is None:
+            return None
+        return bias.to(self.acc).reshape(bias.shape[0], self.hkv, self.group, self.lq, bias.shape[-1])
+
+    def _bias(self, hidden):
+        """A bool "hidden" mask as a float 0 / -inf bias (None stays None)."""
+        if hidden is None:
+            return None
+        return torch.zeros(hidden.shape, dtype=self.acc, device=self.device).masked_fill_(hidden, NEG_INF)
+
+    def _prefix_rows(self, prefix):
+        """Shared: `[Hkv, P, D]`; per sample / pool: `[B*Hkv, S*P, D]` (a pool's selected entries end to end)."""
+        if self.mode == PREFIX_SHARED:
+            return prefix[0].to(self.acc)
+        if self.mode != PREFIX_POOL:
+            return prefix.to(self.acc).reshape(self.rows, self.plen, self.dim)
+        selected = prefix[self.prefix_index.clamp(min=0)].to(self.acc)  # [B, S, Hkv, P, D]
+        return selected.permute(0, 2, 1, 3, 4).reshape(self.rows, self.prefix_keys, self.dim)
+
+    def _block(self, flat, m, prefix):
+        """The first elements of a flat buffer as the chunk's matmul block: sequence `[B*Hkv, G*m, Lk]`, prefix
+        `[B*Hkv, G*m, S*P]` or, shared, `[Hkv, B*G*m, P]`."""
+        if not prefix:
+            shape = (self.rows, self.group * m, self.lk)
+        elif self.shared:
+            shape = (self.hkv, self.batch * self.group * m, self.plen)
+        else:
+            shape = (self.rows, self.group * m, self.prefix_keys)
+        return flat[:shape[0] * shape[1] * shape[2]].view(shape)
 
     def chunks(self):
-        keys = max(1, self.lk + self.slots * self.plen)
-        rows = max(1, CHUNK_SCORES // (self.batch * self.hq * keys))
-        for start in range(0, self.lq, rows):
-            yield start, min(self.lq, start + rows)
+        for start in range(0, self.lq, self.queries_per_chunk):
+            yield start, min(self.lq, start + self.queries_per_chunk)
 
-    def scores(self, q_chunk, start, stop):
-        """Capped, masked scores of queries [start, stop): (sequence, prefix or None, their tanh terms)."""
-        seq = torch.einsum("bhgqd,bhkd->bhgqk", q_chunk, self.k) * self.scale
-        pre = None
-        if self.mode != PREFIX_NONE:
-            pre = torch.einsum(_SCORE_EQ[self.mode], q_chunk, self.pk) * self.scale
-        seq_tanh = pre_tanh = None
+    # -- the chunk's operands in matmul layouts ----------------------------------------------------------------
+
+    def rows_of(self, x, start, stop):
+        """`[B, Hkv, G, Lq, D]` -> the chunk's `[B*Hkv, G*m, D]` (a view when the chunk spans all queries)."""
+        return x[:, :, :, start:stop].reshape(self.rows, -1, x.shape[-1])
+
+    def heads_of(self, x, start, stop):
+        """`[B, Hkv, G, Lq, D]` -> the chunk's `[Hkv, B*G*m, D]` (the shared prefix's matmul rows; a copy of the
+        chunk's queries, never of the prefix)."""
+        return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, -1, x.shape[-1])
+
+    def prefix_rows_of(self, x, start, stop):
+        return self.heads_of(x, start, stop) if self.shared else self.rows_of(x, start, stop)
+
+    # -- scores, probabilities, drop masks ---------------------------------------------------------------------
+
+    def blocks(self, which, m):
+        """The `which`-th sequence and prefix buffers (None without a prefix) as a chunk of m queries' blocks."""
+        seq = self._block(self._seq_buffers[which], m, False)
+        pre = self._block(self._pre_buffers[which], m, True) if self._pre_buffers else None
+        return seq, pre
+
+    def scores(self, start, stop, keep_tanh=False):
+        """The chunk's capped, biased, masked scores, in log2 units (times log2 e), in the first buffers:
+        (sequence, prefix or None, tanh terms or None)."""
+        m = stop - start
+        seq, pre = self.blocks(0, m)
+        alpha = self.scale if self.softcap > 0 else self.scale * LOG2E  # softcap: converted after the cap
+        torch.baddbmm(seq, self.rows_of(self.qg, start, stop), self.k.transpose(1, 2), beta=0, alpha=alpha, out=seq)
+        if pre is not None:
+            torch.baddbmm(pre, self.prefix_rows_of(self.qg, start, stop), self.pk.transpose(1, 2), beta=0,
+                          alpha=alpha, out=pre)
+        tanh = None
         if self.softcap > 0:
-            seq_tanh = torch.tanh(seq / self.softcap)
-            seq = seq_tanh * self.softcap
-            if pre is not None:
-                pre_tanh = torch.tanh(pre / self.softcap)
-                pre = pre_tanh * self.softcap
+            tanh = self._cap(seq, pre, m, keep_tanh)
+        seq5 = self.grouped(seq, m)
+        if self.seq_bias is not None:
+            seq5.add_(self.seq_bias[:, :, :, start:stop], alpha=LOG2E)
+        if self.pre_bias is not None:
+            self.grouped(pre, m, prefix=True).add_(self.pre_bias[:, :, :, start:stop], alpha=LOG2E)
         if self.hidden is not None:
-            seq = seq.masked_fill(self.hidden[start:stop], NEG_INF)
+            seq5.add_(self.hidden[start:stop])
         if self.padded is not None:
-            seq = seq.masked_fill(self.padded, NEG_INF)
+            seq5.add_(self.padded)
         if self.empty_slot is not None:
-            pre = pre.masked_fill(self.empty_slot, NEG_INF)
-        return seq, pre, seq_tanh, pre_tanh
+            self.pool_view(pre, m).add_(self.empty_slot)
+        return seq, pre, tanh
 
-    def keep(self, start, stop):
-        """This chunk's keep masks: sequence `[B, Hkv, G, m, Lk]`, prefix `[B, Hkv, G, m, (S,) P]` or None."""
-        queries = torch.arange(start, stop, dtype=torch.int64, device=self.rows.device)[:, None]
-        prefix_keys = self.slots * self.plen
-        keep_seq = keep_mask(self.seed, self.dropout_p, self.rows, queries, prefix_keys, self.lk)
-        keep_pre = None
-        if self.mode != PREFIX_NONE:
-            keep_pre = keep_mask(self.seed, self.dropout_p, self.rows, queries, 0, prefix_keys)
-            if self.mode == PREFIX_POOL:
-                keep_pre = keep_pre.unflatten(-1, (self.slots, self.plen))
-        return keep_seq, keep_pre
+    def _cap(self, seq, pre, m, keep_tanh):
+        """softcap * tanh(s / softcap) (in log2 units) in place; with keep_tanh the tanh terms (backward's 1 - t^2)
+        in their own buffers."""
+        kept = []
+        for i, block in enumerate((seq, pre)):
+            if block is None:
+                continue
+            block.div_(self.softcap).tanh_()
+            if keep_tanh:
+                kept.append(self._block(self._tanh_buffers[i], m, i == 1).copy_(block))
+            block.mul_(self.softcap * LOG2E)
+        if not keep_tanh:
+            return None
+        return kept[0], (kept[1] if len(kept) > 1 else None)
 
-    def kept(self, p, keep):
-        """Z * p * r."""
-        return (p * self.keep_scale).masked_fill_(~keep, 0.0)
+    def pool_view(self, pre, m):
+        """A pool's `[B*Hkv, G*m, S*P]` prefix block as `[B, Hkv, G, m, S, P]`."""
+        return pre.view(self.batch, self.hkv, self.group, m, self.slots, self.plen)
+
+    def grouped(self, block, m, prefix=False):
+        """A chunk's `[B*Hkv, G*m, N]` block, or a shared prefix's `[Hkv, B*G*m, N]`, as `[B, Hkv, G, m, N]` (a
+        view)."""
+        if prefix and self.shared:
+            return block.view(self.hkv, self.batch, self.group, m, -1).transpose(0, 1)
+        return block.view(self.batch, self.hkv, self.group, m, -1)
+
+    def prefix_grad_layout(self, grad):
+        """A prefix gradient as prefix_grads_per_entry takes it: shared `[Hkv, P, D]`, per sample `[B, Hkv, P, D]`,
+        pool `[B, S, Hkv, P, D]`."""
+        if self.shared:
+            return grad
+        if self.mode != PREFIX_POOL:
+            return grad.view(self.batch, self.hkv, self.plen, self.dim)
+        return grad.view(self.batch, self.hkv, self.slots, self.plen, self.dim).transpose(1, 2)
+
+    def keep_masks(self, start, stop, kept=None, save=False):
+        """The chunk's keep masks as 0 / 1 in the accumulator dtype (multiplied in), laid out as the score blocks:
+        `[B, Hkv, G, m, Lk]` and `[B, Hkv, G, m, S*P]` views (shared prefix: of `[Hkv, B, G, m, P]` memory) or
+        None. kept: the packed mask of the whole call; save: draw the mask and pack it into kept, else unpack it
+        from kept (kept None: draw it)."""
+        m = stop - start
+        lines = self.batch * self.hq
+        queries = torch.arange(start, stop, dtype=torch.int64, device=self.device)
+        offset = (start // self.queries_per_chunk) * _chunk_bytes(self.batch, self.hq, self.queries_per_chunk,
+                                                                   self.lk, self.prefix_keys)
+        masks = []
+        for i, (keys, key_start, rows) in enumerate(((self.lk, self.prefix_keys, self.row_ids),
+                                                     (self.prefix_keys, 0, self.prefix_row_ids))):
+            if i == 1 and self.mode == PREFIX_NONE:
+                masks.append(None)
+                break
+            count = lines * m * keys
+            nbytes = packed_size(count)
+            flags, bits = self._flags[i][:8 * nbytes], None if kept is None else kept[offset:offset + nbytes]
+            offset += nbytes
+            if bits is None or save:
+                self.filler.fill(flags[:count].view(lines, m, keys), rows, queries, key_start)
+                if save:
+                    flags[count:].zero_()  # a shorter last chunk: the padding bits of its last word
+                    pack_bits(flags, bits)
+            else:
+                unpack_bits(bits, flags.view(torch.uint8))
+            keep = self._keep[i][:count].copy_(flags[:count].view(torch.uint8))  # uint8 -> float: the fast cast
+            masks.append(self.grouped(keep.view(lines, m, keys), m, prefix=i == 1))
+        return masks[0], masks[1]
+
+
+def _max_over_keys(block5):
+    if block5.shape[-1] == 0:
+        return torch.full(block5.shape[:-1], NEG_INF, dtype=block5.dtype, device=block5.device)
+    return block5.amax(dim=-1)
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window,
-            dropout_p, dropout_seed):
+            dropout_p, dropout_seed, attn_bias=None, prefix_bias=None):
+    """(out, lse, the packed keep mask for backward)."""
     pb = _Problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-                  window, dropout_p, dropout_seed)
-    pool = prefix_mode == PREFIX_POOL
+                  window, dropout_p, dropout_seed, attn_bias=attn_bias, prefix_bias=prefix_bias)
+    kept = torch.empty(kept_mask_bytes(pb.batch, pb.hq, pb.lq, pb.lk, pb.prefix_keys), dtype=torch.uint8,
+                       device=q.device)
     out = torch.empty(pb.batch, pb.hkv, pb.group, pb.lq, pb.dim, dtype=pb.acc, device=q.device)
     lse = torch.empty(pb.batch, pb.hkv, pb.group, pb.lq, dtype=pb.acc, device=q.device)
     for start, stop in pb.chunks():
-        q_chunk = pb.qg[:, :, :, start:stop]
-        seq, pre, _, _ = pb.scores(q_chunk, start, stop)
-        keep_seq, keep_pre = pb.keep(start, stop)
-        row_max = seq.amax(dim=-1) if pb.lk > 0 else seq.new_full(seq.shape[:-1], NEG_INF)
-        if pre is not None:
-            row_max = torch.maximum(row_max, pre.flatten(start_dim=4).amax(dim=-1))
+        m = stop - start
+        seq, pre, _ = pb.scores(start, stop)
+        seq5 = pb.grouped(seq, m)
+        pre5 = pb.grouped(pre, m, prefix=True) if pre is not None else None
+        row_max = _max_over_keys(seq5)
+        if pre5 is not None:
+            row_max = torch.maximum(row_max, _max_over_keys(pre5))
         empty = torch.isinf(row_max)  # every key hidden
-        safe_max = row_max.masked_fill(empty, 0.0)[..., None]
-        p_seq = torch.exp(seq - safe_max)
-        denom = p_seq.sum(dim=-1)
-        acc = torch.einsum("bhgqk,bhkd->bhgqd", pb.kept(p_seq, keep_seq), pb.v)
-        if pre is not None:
-            p_pre = torch.exp(pre - (safe_max[..., None] if pool else safe_max))
-            denom = denom + p_pre.flatten(start_dim=4).sum(dim=-1)
-            acc = acc + torch.einsum(_VALUE_EQ[prefix_mode], pb.kept(p_pre, keep_pre), pb.pv)
-        out[:, :, :, start:stop] = acc / denom.masked_fill(empty, 1.0)[..., None]
-        lse[:, :, :, start:stop] = (row_max + torch.log(denom)).masked_fill(empty, NEG_INF)
-    return (out.reshape(pb.batch, pb.hq, pb.lq, pb.dim).to(q.dtype),
-            lse.reshape(pb.batch, pb.hq, pb.lq))
+        safe_max = row_max.masked_fill(empty, 0.0)
+        seq5.sub_(safe_max[..., None]).exp2_()
+        denom = seq5.sum(dim=-1)
+        if pre5 is not None:
+            pre5.sub_(safe_max[..., None]).exp2_()
+            denom += pre5.sum(dim=-1)
+        keep_seq, keep_pre = pb.keep_masks(start, stop, kept, save=True)
+        seq5.mul_(keep_seq)
+        acc = torch.bmm(seq, pb.v).view(pb.batch, pb.hkv, pb.group, m, pb.dim)
+        if pre5 is not None:
+            pre5.mul_(keep_pre)
+            acc += pb.grouped(torch.bmm(pre, pb.pv), m, prefix=True)
+        # out = r (Z * P) V / denom; a row with no visible key has P = 0 and keeps out = 0
+        denom.masked_fill_(empty, 1.0)
+        torch.mul(acc, (pb.keep_scale / denom)[..., None], out=out[:, :, :, start:stop])
+        lse[:, :, :, start:stop] = (row_max + torch.log2(denom)).mul_(LN2).masked_fill_(empty, NEG_INF)
+    return out.reshape(pb.batch, pb.hq, pb.lq, pb.dim).to(q.dtype), lse.reshape(pb.batch, pb.hq, pb.lq), kept
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-             scale, softcap, window, dropout_p, dropout_seed):
+             scale, softcap, window, dropout_p, dropout_seed, dropout_keep=None, attn_bias=None, prefix_bias=None):
+    """dropout_keep: the packed mask forward returned; None or empty: drawn again from dropout_seed."""
     pb = _Problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-                  window, dropout_p, dropout_seed)
+                  window, dropout_p, dropout_seed, backward=True, attn_bias=attn_bias, prefix_bias=prefix_bias)
+    kept = dropout_keep if dropout_keep is not None and dropout_keep.numel() > 0 else None
     shape = (pb.batch, pb.hkv, pb.group, pb.lq)
     dog = grad_out.reshape(*shape, pb.dim).to(pb.acc)
     lse_g = lse.reshape(shape).to(pb.acc)
+    safe_lse = lse_g.masked_fill(torch.isinf(lse_g), 0.0).mul_(LOG2E)  # lse = -inf: every score is -inf, P = 0
     delta_g = delta.reshape(shape).to(pb.acc)
-    pool = prefix_mode == PREFIX_POOL
+    r = pb.keep_scale
+    # dq, dk and the prefix gradients accumulate dS / scale; one multiplication by scale at the end
     dq = torch.empty(*shape, pb.dim, dtype=pb.acc, device=q.device)
     dk = torch.zeros(pb.k.shape, dtype=pb.acc, device=q.device)
     dv = torch.zeros(pb.v.shape, dtype=pb.acc, device=q.device)
     dpk = dpv = None
+    if pb.mode != PREFIX_NONE:
+        dpk, dpv = torch.zeros_like(pb.pk), torch.zeros_like(pb.pv)
     for start, stop in pb.chunks():
-        q_chunk, do_chunk = pb.qg[:, :, :, start:stop], dog[:, :, :, start:stop]
-        seq, pre, seq_tanh, pre_tanh = pb.scores(q_chunk, start, stop)
-        keep_seq, keep_pre = pb.keep(start, stop)
-        lse_c = lse_g[:, :, :, start:stop]
-        safe_lse = lse_c.masked_fill(torch.isinf(lse_c), 0.0)[..., None]  # lse = -inf: every score is -inf, P = 0
-        delta_c = delta_g[:, :, :, start:stop][..., None]
+        m = stop - start
+        seq, pre, tanh = pb.scores(start, stop, keep_tanh=True)
+        dseq, dpre = pb.blocks(1, m)
+        q3, do3 = pb.rows_of(pb.qg, start, stop), pb.rows_of(dog, start, stop)
+        lse_c = safe_lse[:, :, :, start:stop, None]
+        delta_c = delta_g[:, :, :, start:stop, None]
+        keep_seq, keep_pre = pb.keep_masks(start, stop, kept)
 
-        def score_grad(p, dp_kept, tanh_term, row_term):
-            ds = p * (dp_kept - row_term)
-            if tanh_term is not None:
-                ds = ds * (1.0 - tanh_term * tanh_term)
-            return ds * scale
+        def score_grads(scores, dp_block, keep, tanh_term, do_rows, values, prefix):
+            """scores <- Z * P, dp_block <- dS / scale (the chunk's sequence or prefix block)."""
+            p5, dp5 = pb.grouped(scores, m, prefix), pb.grouped(dp_block, m, prefix)
+            p5.sub_(lse_c).exp2_()
+            torch.baddbmm(dp_block, do_rows, values.transpose(1, 2), beta=0, alpha=r, out=dp_block)  # r dO V^T
+            dp5.mul_(keep).sub_(delta_c).mul_(p5)  # P * (r Z dP - delta)
+            if tanh_term is not None:  # d tanh: 1 - t^2
+                dp_block.mul_(tanh_term.square_().neg_().add_(1.0))
+            p5.mul_(keep)
 
-        p_seq = torch.exp(seq - safe_lse)
-        dv += torch.einsum("bhgqk,bhgqd->bhkd", pb.kept(p_seq, keep_seq), do_chunk)
-        dp_seq = pb.kept(torch.einsum("bhgqd,bhkd->bhgqk", do_chunk, pb.v), keep_seq)
-        ds_seq = score_grad(p_seq, dp_seq, seq_tanh, delta_c)
-        dq_chunk = torch.einsum("bhgqk,bhkd->bhgqd", ds_seq, pb.k)
-        dk += torch.einsum("bhgqk,bhgqd->bhkd", ds_seq, q_chunk)
+        score_grads(seq, dseq, keep_seq, tanh[0] if tanh else None, do3, pb.v, False)
+        dv.baddbmm_(seq.transpose(1, 2), do3, alpha=r)
+        dq_chunk = pb.grouped(torch.bmm(dseq, pb.k), m)
+        dk.baddbmm_(dseq.transpose(1, 2), q3)
         if pre is not None:
-            p_pre = torch.exp(pre - (safe_lse[..., None] if pool else safe_lse))
-            dp_pre = pb.kept(torch.einsum(_SCORE_EQ[prefix_mode], do_chunk, pb.pv), keep_pre)
-            ds_pre = score_grad(p_pre, dp_pre, pre_tanh, delta_c[..., None] if pool else delta_c)
-            dq_chunk = dq_chunk + torch.einsum(_VALUE_EQ[prefix_mode], ds_pre, pb.pk)
-            dpk_chunk = torch.einsum(_GRAD_EQ[prefix_mode], ds_pre, q_chunk)
-            dpv_chunk = torch.einsum(_GRAD_EQ[prefix_mode], pb.kept(p_pre, keep_pre), do_chunk)
-            dpk = dpk_chunk if dpk is None else dpk.add_(dpk_chunk)
-            dpv = dpv_chunk if dpv is None else dpv.add_(dpv_chunk)
+            q_p, do_p = pb.prefix_rows_of(pb.qg, start, stop), pb.prefix_rows_of(dog, start, stop)
+            score_grads(pre, dpre, keep_pre, tanh[1] if tanh else None, do_p, pb.pv, True)
+            dpv.baddbmm_(pre.transpose(1, 2), do_p, alpha=r)
+            dpk.baddbmm_(dpre.transpose(1, 2), q_p)
+            dq_chunk += pb.grouped(torch.bmm(dpre, pb.pk), m, prefix=True)
         dq[:, :, :, start:stop] = dq_chunk
-
+    dq.mul_(scale)
+    dk.mul_(scale)
     dprefix_k = dprefix_v = None
     if prefix_mode != PREFIX_NONE:
-        dprefix_k, dprefix_v = prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix_v,
-                                                      pb.acc)
-    return (dq.reshape(pb.batch, pb.hq, pb.lq, pb.dim).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dprefix_k,
-            dprefix_v)
+        dpk.mul_(scale)
+        dprefix_k, dprefix_v = prefix_grads_per_entry(pb.prefix_grad_layout(dpk), pb.prefix_grad_layout(dpv),
+                                                      prefix_mode, prefix_index, prefix_k, prefix_v, pb.acc)
+    return (dq.reshape(pb.batch, pb.hq, pb.lq, pb.dim).to(q.dtype), dk.view(k.shape).to(k.dtype),
+            dv.view(v.shape).to(v.dtype), dprefix_k, dprefix_v)
+
