@@ -46,8 +46,8 @@ def _queries_per_chunk(batch, hq, lk, prefix_keys):
 
 
 def _chunk_bytes(batch, hq, m, lk, prefix_keys):
-    """Packed-mask bytes of a chunk of m queries: its sequence block, then its prefix block."""
-    return packed_size(batch * hq * m * lk) + packed_size(batch * hq * m * prefix_keys)
+    """Packed-mask bytes of a chunk of m queries: decisions (b, h, i, j) in that order, keys j = [prefix; seq]."""
+    return packed_size(batch * hq * m * (prefix_keys + lk))
 
 
 def kept_mask_bytes(batch, hq, lq, lk, prefix_keys) -> int:
@@ -70,7 +70,7 @@ class _Problem:
         self.rows = self.batch * self.hkv
         self.acc = _accumulator_dtype(q.dtype)
         self.device = q.device
-        self.qg = q.reshape(self.batch, self.hkv, self.group, self.lq, self.dim).to(self.acc)
+        self.qg = _grouped_rows(q, self.hkv, self.acc)
         self.k = k.to(self.acc).reshape(self.rows, self.lk, self.dim)  # [B*Hkv, Lk, D]
         self.v = v.to(self.acc).reshape(self.rows, self.lk, self.dim)
         self.mode, self.prefix_index = prefix_mode, prefix_index
@@ -90,11 +90,7 @@ class _Problem:
             self.empty_slot = self._bias((prefix_index < 0)[:, None, None, None, :, None])
         self.keep_scale = dropout_scale(dropout_p)
         self.filler = KeepMaskFiller(dropout_seed, dropout_p)
-        # b * Hq + h of every score row, in the [B, Hkv, G] order of the buffers
-        self.row_ids = torch.arange(self.batch * self.hq, dtype=torch.int64, device=q.device)
-        self.prefix_row_ids = self.row_ids  # and in the prefix blocks' order: shared, [Hkv, B, G]
-        if self.shared:
-            self.prefix_row_ids = self.row_ids.view(self.batch, self.hkv, self.group).transpose(0, 1).reshape(-1)
+        self.row_ids = torch.arange(self.batch * self.hq, dtype=torch.int64, device=q.device)  # b * Hq + h
         # additive score biases (T5's relative positions), grouped: [1|B, Hkv, G, Lq, Lk] and [1|B, Hkv, G, Lq, S*P]
         self.seq_bias = self._grouped_bias(attn_bias)
         self.pre_bias = self._grouped_bias(prefix_bias)
@@ -103,18 +99,29 @@ class _Problem:
         # flat score-sized buffers, viewed per chunk (a shorter last chunk takes their first elements)
         count = 2 if backward else 1  # scores / probabilities, and in backward dP / dS
         seq_size, pre_size = self.rows * self.group * m * self.lk, self.rows * self.group * m * self.prefix_keys
+        flag_bytes = 8 * packed_size(self.batch * self.hq * m * (self.prefix_keys + self.lk))
+        tanh_count = 1 if backward and softcap > 0 else 0
+        item = torch.empty(0, dtype=self.acc).element_size()
+        total = (count + 1 + tanh_count) * (seq_size + pre_size) * item + flag_bytes + 64 * 16  # + 64 B alignment each
+        self._space = torch.empty(total, dtype=torch.uint8, device=q.device)  # one allocation for every buffer
+        self._used = 0
         self._seq_buffers = [self._empty(seq_size) for _ in range(count)]
         self._pre_buffers = [self._empty(pre_size) for _ in range(count)] if prefix_mode != PREFIX_NONE else []
         self._tanh_buffers = [self._empty(seq_size), self._empty(pre_size)] if backward and softcap > 0 else []
-        # the keep masks: bool as Philox writes them / as unpacked (padded to whole packed words, padding False),
-        # and 0 / 1 in the accumulator dtype, multiplied in
-        lines = self.batch * self.hq
-        self._flags = [torch.zeros(8 * packed_size(lines * m * n), dtype=torch.bool, device=q.device)
-                       for n in (self.lk, self.prefix_keys)]
+        # the keep mask: a chunk's decisions over all its keys, bool as Philox writes them / as unpacked (padded to
+        # whole packed words, padding False), and each block's 0 / 1 in the accumulator dtype, multiplied in
+        self._flags = self._take(flag_bytes, torch.bool).zero_()
         self._keep = [self._empty(seq_size), self._empty(pre_size)]
 
     def _empty(self, size):
-        return torch.empty(size, dtype=self.acc, device=self.device)
+        return self._take(size, self.acc)
+
+    def _take(self, numel, dtype):
+        """The next `numel` elements of the workspace, 64-byte aligned (int64 views of bool buffers need 8)."""
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        start = self._used
+        self._used += (nbytes + 63) // 64 * 64
+        return self._space[start:start + nbytes].view(dtype)
 
     def _grouped_bias(self, bias):
         if bias is None:
@@ -162,8 +169,11 @@ class _Problem:
         chunk's queries, never of the prefix)."""
         return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, -1, x.shape[-1])
 
-    def prefix_rows_of(self, x, start, stop):
-        return self.heads_of(x, start, stop) if self.shared else self.rows_of(x, start, stop)
+    def prefix_rows_of(self, x, start, stop, rows=None):
+        """The chunk's rows for the prefix matmuls (rows: rows_of's result, reused for a per-row prefix)."""
+        if self.shared:
+            return self.heads_of(x, start, stop)
+        return rows if rows is not None else self.rows_of(x, start, stop)
 
     # -- scores, probabilities, drop masks ---------------------------------------------------------------------
 
@@ -173,16 +183,16 @@ class _Problem:
         pre = self._block(self._pre_buffers[which], m, True) if self._pre_buffers else None
         return seq, pre
 
-    def scores(self, start, stop, keep_tanh=False):
+    def scores(self, start, stop, q_rows, q_prefix_rows, keep_tanh=False):
         """The chunk's capped, biased, masked scores, in log2 units (times log2 e), in the first buffers:
-        (sequence, prefix or None, tanh terms or None)."""
+        (sequence, prefix or None, tanh terms or None). q_rows, q_prefix_rows: the chunk's queries as
+        rows_of / prefix_rows_of give them."""
         m = stop - start
         seq, pre = self.blocks(0, m)
         alpha = self.scale if self.softcap > 0 else self.scale * LOG2E  # softcap: converted after the cap
-        torch.baddbmm(seq, self.rows_of(self.qg, start, stop), self.k.transpose(1, 2), beta=0, alpha=alpha, out=seq)
+        torch.baddbmm(seq, q_rows, self.k.transpose(1, 2), beta=0, alpha=alpha, out=seq)
         if pre is not None:
-            torch.baddbmm(pre, self.prefix_rows_of(self.qg, start, stop), self.pk.transpose(1, 2), beta=0,
-                          alpha=alpha, out=pre)
+            torch.baddbmm(pre, q_prefix_rows, self.pk.transpose(1, 2), beta=0, alpha=alpha, out=pre)
         tanh = None
         if self.softcap > 0:
             tanh = self._cap(seq, pre, m, keep_tanh)
@@ -238,32 +248,50 @@ class _Problem:
         """The chunk's keep masks as 0 / 1 in the accumulator dtype (multiplied in), laid out as the score blocks:
         `[B, Hkv, G, m, Lk]` and `[B, Hkv, G, m, S*P]` views (shared prefix: of `[Hkv, B, G, m, P]` memory) or
         None. kept: the packed mask of the whole call; save: draw the mask and pack it into kept, else unpack it
-        from kept (kept None: draw it)."""
+        from kept (kept None: draw it).
+
+        One Philox pass per chunk covers both key ranges (prefix keys 0..S*P-1, then the sequence): it is their
+        natural order, and a single pass halves the generator's fixed cost per call."""
         m = stop - start
-        lines = self.batch * self.hq
-        queries = torch.arange(start, stop, dtype=torch.int64, device=self.device)
+        lines, keys = self.batch * self.hq, self.prefix_keys + self.lk
+        count = lines * m * keys
+        nbytes = packed_size(count)
         offset = (start // self.queries_per_chunk) * _chunk_bytes(self.batch, self.hq, self.queries_per_chunk,
                                                                    self.lk, self.prefix_keys)
-        masks = []
-        for i, (keys, key_start, rows) in enumerate(((self.lk, self.prefix_keys, self.row_ids),
-                                                     (self.prefix_keys, 0, self.prefix_row_ids))):
-            if i == 1 and self.mode == PREFIX_NONE:
-                masks.append(None)
-                break
-            count = lines * m * keys
-            nbytes = packed_size(count)
-            flags, bits = self._flags[i][:8 * nbytes], None if kept is None else kept[offset:offset + nbytes]
-            offset += nbytes
-            if bits is None or save:
-                self.filler.fill(flags[:count].view(lines, m, keys), rows, queries, key_start)
-                if save:
-                    flags[count:].zero_()  # a shorter last chunk: the padding bits of its last word
-                    pack_bits(flags, bits)
-            else:
-                unpack_bits(bits, flags.view(torch.uint8))
-            keep = self._keep[i][:count].copy_(flags[:count].view(torch.uint8))  # uint8 -> float: the fast cast
-            masks.append(self.grouped(keep.view(lines, m, keys), m, prefix=i == 1))
-        return masks[0], masks[1]
+        flags, bits = self._flags[:8 * nbytes], None if kept is None else kept[offset:offset + nbytes]
+        if bits is None or save:
+            queries = torch.arange(start, stop, dtype=torch.int64, device=self.device)
+            self.filler.fill(flags[:count].view(lines, m, keys), self.row_ids, queries, 0)
+            if save:
+                flags[count:].zero_()  # a shorter last chunk: the padding bits of its last word
+                pack_bits(flags, bits)
+        else:
+            unpack_bits(bits, flags.view(torch.uint8))
+        decisions = flags[:count].view(torch.uint8).view(self.batch, self.hkv, self.group, m, keys)
+        # uint8 -> float copies (the fast cast) into each block's layout
+        keep_seq = self.grouped(self._keep[0][:lines * m * self.lk], m).copy_(decisions[..., self.prefix_keys:])
+        keep_pre = None
+        if self.mode != PREFIX_NONE:
+            keep_pre = self.grouped(self._block(self._keep[1], m, True), m, prefix=True)
+            keep_pre.copy_(decisions[..., :self.prefix_keys])
+        return keep_seq, keep_pre
+
+
+def _grouped_rows(x, hkv, acc):
+    """`[B, Hq, L, D]` -> contiguous `[B, Hkv, G, L, D]` in the accumulator dtype (one copy at most, so that every
+    chunk's `[B*Hkv, G*m, D]` rows are a view whenever the chunk spans all queries or G = 1)."""
+    batch, hq, length, dim = x.shape
+    return x.reshape(batch, hkv, hq // hkv, length, dim).to(acc).contiguous()
+
+
+def _rows_view(x, start, stop, rows):
+    """The chunk's `[B*Hkv, G*m, D]` rows of a contiguous `[B, Hkv, G, L, D]` x as a view, or None where they are not
+    one (G > 1 and a chunk shorter than L)."""
+    part = x[:, :, :, start:stop]
+    try:
+        return part.view(rows, -1, x.shape[-1])
+    except RuntimeError:
+        return None
 
 
 def _max_over_keys(block5):
@@ -283,7 +311,9 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
     lse = torch.empty(pb.batch, pb.hkv, pb.group, pb.lq, dtype=pb.acc, device=q.device)
     for start, stop in pb.chunks():
         m = stop - start
-        seq, pre, _ = pb.scores(start, stop)
+        q_rows = pb.rows_of(pb.qg, start, stop)
+        q_pre = pb.prefix_rows_of(pb.qg, start, stop, q_rows) if pb.mode != PREFIX_NONE else None
+        seq, pre, _ = pb.scores(start, stop, q_rows, q_pre)
         seq5 = pb.grouped(seq, m)
         pre5 = pb.grouped(pre, m, prefix=True) if pre is not None else None
         row_max = _max_over_keys(seq5)
@@ -316,48 +346,56 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, k
                   window, dropout_p, dropout_seed, backward=True, attn_bias=attn_bias, prefix_bias=prefix_bias)
     kept = dropout_keep if dropout_keep is not None and dropout_keep.numel() > 0 else None
     shape = (pb.batch, pb.hkv, pb.group, pb.lq)
-    dog = grad_out.reshape(*shape, pb.dim).to(pb.acc)
+    dog = _grouped_rows(grad_out, pb.hkv, pb.acc)
     lse_g = lse.reshape(shape).to(pb.acc)
     safe_lse = lse_g.masked_fill(torch.isinf(lse_g), 0.0).mul_(LOG2E)  # lse = -inf: every score is -inf, P = 0
     delta_g = delta.reshape(shape).to(pb.acc)
     r = pb.keep_scale
     # dq, dk and the prefix gradients accumulate dS / scale; one multiplication by scale at the end
     dq = torch.empty(*shape, pb.dim, dtype=pb.acc, device=q.device)
-    dk = torch.zeros(pb.k.shape, dtype=pb.acc, device=q.device)
-    dv = torch.zeros(pb.v.shape, dtype=pb.acc, device=q.device)
+    dk, dv = torch.empty_like(pb.k), torch.empty_like(pb.v)
     dpk = dpv = None
     if pb.mode != PREFIX_NONE:
-        dpk, dpv = torch.zeros_like(pb.pk), torch.zeros_like(pb.pv)
+        dpk, dpv = torch.empty_like(pb.pk), torch.empty_like(pb.pv)
     for start, stop in pb.chunks():
         m = stop - start
-        seq, pre, tanh = pb.scores(start, stop, keep_tanh=True)
+        first = 0.0 if start == 0 else 1.0  # the first chunk writes the accumulated gradients, later ones add
+        q_rows, do_rows = pb.rows_of(pb.qg, start, stop), pb.rows_of(dog, start, stop)
+        q_pre = do_pre = None
+        if pb.mode != PREFIX_NONE:
+            q_pre = pb.prefix_rows_of(pb.qg, start, stop, q_rows)
+            do_pre = pb.prefix_rows_of(dog, start, stop, do_rows)
+        seq, pre, tanh = pb.scores(start, stop, q_rows, q_pre, keep_tanh=True)
         dseq, dpre = pb.blocks(1, m)
-        q3, do3 = pb.rows_of(pb.qg, start, stop), pb.rows_of(dog, start, stop)
         lse_c = safe_lse[:, :, :, start:stop, None]
         delta_c = delta_g[:, :, :, start:stop, None]
         keep_seq, keep_pre = pb.keep_masks(start, stop, kept)
 
-        def score_grads(scores, dp_block, keep, tanh_term, do_rows, values, prefix):
+        def score_grads(scores, dp_block, keep, tanh_term, do_block_rows, values, prefix):
             """scores <- Z * P, dp_block <- dS / scale (the chunk's sequence or prefix block)."""
             p5, dp5 = pb.grouped(scores, m, prefix), pb.grouped(dp_block, m, prefix)
             p5.sub_(lse_c).exp2_()
-            torch.baddbmm(dp_block, do_rows, values.transpose(1, 2), beta=0, alpha=r, out=dp_block)  # r dO V^T
+            torch.baddbmm(dp_block, do_block_rows, values.transpose(1, 2), beta=0, alpha=r, out=dp_block)  # r dO V^T
             dp5.mul_(keep).sub_(delta_c).mul_(p5)  # P * (r Z dP - delta)
             if tanh_term is not None:  # d tanh: 1 - t^2
                 dp_block.mul_(tanh_term.square_().neg_().add_(1.0))
             p5.mul_(keep)
 
-        score_grads(seq, dseq, keep_seq, tanh[0] if tanh else None, do3, pb.v, False)
-        dv.baddbmm_(seq.transpose(1, 2), do3, alpha=r)
-        dq_chunk = pb.grouped(torch.bmm(dseq, pb.k), m)
-        dk.baddbmm_(dseq.transpose(1, 2), q3)
+        score_grads(seq, dseq, keep_seq, tanh[0] if tanh else None, do_rows, pb.v, False)
+        torch.baddbmm(dv, seq.transpose(1, 2), do_rows, beta=first, alpha=r, out=dv)
+        torch.baddbmm(dk, dseq.transpose(1, 2), q_rows, beta=first, out=dk)
+        dq_rows = _rows_view(dq, start, stop, pb.rows)  # written in place when the chunk's rows are a view
+        dq_chunk = torch.bmm(dseq, pb.k, out=dq_rows) if dq_rows is not None else torch.bmm(dseq, pb.k)
         if pre is not None:
-            q_p, do_p = pb.prefix_rows_of(pb.qg, start, stop), pb.prefix_rows_of(dog, start, stop)
-            score_grads(pre, dpre, keep_pre, tanh[1] if tanh else None, do_p, pb.pv, True)
-            dpv.baddbmm_(pre.transpose(1, 2), do_p, alpha=r)
-            dpk.baddbmm_(dpre.transpose(1, 2), q_p)
-            dq_chunk += pb.grouped(torch.bmm(dpre, pb.pk), m, prefix=True)
-        dq[:, :, :, start:stop] = dq_chunk
+            score_grads(pre, dpre, keep_pre, tanh[1] if tanh else None, do_pre, pb.pv, True)
+            torch.baddbmm(dpv, pre.transpose(1, 2), do_pre, beta=first, alpha=r, out=dpv)
+            torch.baddbmm(dpk, dpre.transpose(1, 2), q_pre, beta=first, out=dpk)
+            if pb.shared:
+                pb.grouped(dq_chunk, m).add_(pb.grouped(torch.bmm(dpre, pb.pk), m, prefix=True))
+            else:
+                dq_chunk.baddbmm_(dpre, pb.pk)
+        if dq_rows is None:
+            dq[:, :, :, start:stop] = pb.grouped(dq_chunk, m)
     dq.mul_(scale)
     dk.mul_(scale)
     dprefix_k = dprefix_v = None
