@@ -84,3 +84,37 @@ def test_float64_softcap_pool_is_exact(monkeypatch):
                 softcap=3.0, window=3, dtype=torch.float64)
     monkeypatch.setattr(prefix_attention_torch_dropout, "CHUNK_SCORES", 2 * 2 * 4 * (7 + 4))
     assert_errors_below(run_with_reference(case, "torch", 0.25), 1e-12, 1e-12)
+
+
+def test_dropout_path_with_additive_biases_matches_reference():
+    """The dropout path takes T5's attn_bias / prefix_bias (added to the capped scores before the softmax, as the
+    reference adds them): forward and all five gradients in float64 against the reference with the same seed."""
+    from fastprompt import reference
+    from fastprompt.ops.attention_dropout import draw_dropout_seed
+    from fastprompt.ops.prefix_attention_inputs import PREFIX_PER_SAMPLE
+
+    torch.manual_seed(3)
+    b, hq, hkv, lq, lk, d, p = 2, 4, 2, 5, 6, 8, 3
+    t = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    q, k, v, pk, pv = t(b, hq, lq, d), t(b, hkv, lk, d), t(b, hkv, lk, d), t(b, hkv, p, d), t(b, hkv, p, d)
+    attn_bias, prefix_bias = torch.randn(1, hq, lq, lk, dtype=torch.float64), torch.randn(b, hq, lq, p,
+                                                                                          dtype=torch.float64)
+    kpm = torch.ones(b, lk, dtype=torch.bool)
+    kpm[1, :2] = False
+    seed = draw_dropout_seed("cpu")
+    ref_out, ref_lse = reference.prefix_attention(q, k, v, pk, pv, key_padding_mask=kpm, causal=True, scale=0.4,
+                                                  dropout_p=0.3, dropout_seed=seed, attn_bias=attn_bias,
+                                                  prefix_bias=prefix_bias, return_lse=True)
+    grad_out = torch.randn_like(ref_out)
+    ref_grads = torch.autograd.grad((ref_out * grad_out).sum(), [q, k, v, pk, pv])
+    args = (q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), torch.arange(b)[:, None],
+            PREFIX_PER_SAMPLE, kpm, True, 0.4, 0.0, -1)
+    biases = dict(attn_bias=attn_bias, prefix_bias=prefix_bias)
+    out, lse, kept = prefix_attention_torch_dropout.forward(*args, 0.3, seed, **biases)
+    assert (out - ref_out).norm() / ref_out.norm() < 1e-12
+    assert (lse.float() - ref_lse).norm() / ref_lse.norm() < 1e-6  # the reference returns lse in float32
+    delta = (grad_out * out).sum(-1)
+    grads = prefix_attention_torch_dropout.backward(grad_out, *args[:8], lse, delta, *args[8:], 0.3, seed, kept,
+                                                    **biases)
+    for g, rg in zip(grads, ref_grads):
+        assert (g - rg).norm() / rg.norm() < 1e-12
