@@ -62,6 +62,12 @@ class _TorchOps:
         return a.bitwise_xor_(b)
 
     @staticmethod
+    def xor(a, b, out):
+        return torch.bitwise_xor(a, b, out=out)
+
+    clean_high = False  # an arithmetic shift: the high word of a product past 2**63 comes sign-extended
+
+    @staticmethod
     def and_(a, c):
         return a.bitwise_and_(c)
 
@@ -103,6 +109,12 @@ class _NumpyOps:
     @staticmethod
     def xor_(a, b):
         return np.bitwise_xor(a, b, out=a)
+
+    @staticmethod
+    def xor(a, b, out):
+        return np.bitwise_xor(a, b, out=out)
+
+    clean_high = True  # a logical shift: the high word comes with zeros above it
 
     @staticmethod
     def and_(a, c):
@@ -173,13 +185,16 @@ class KeepMaskFiller:
         n, groups = stop - start, rounds.groups
         x0, x1, x2, x3, prod_a, prod_b = (b[:n * groups].reshape(n, groups) for b in buffers)
         # round 2: the per-group and per-line pieces of round 1 meet in two full-size words
-        ops.xor_(_assign(x0, lined.c1[start:stop]), rounds.c0_2)  # c0 = hi(c2 * B) ^ c1 ^ k0
-        ops.xor_(_assign(x2, lined.c2_2[start:stop]), rounds.c3_1)  # c2 = hi(c0 * A) ^ c3 ^ k1
-        # round 3: c1 and c3 are still small pieces
+        ops.xor(lined.c1[start:stop], rounds.c0_2, x0)  # c0 = hi(c2 * B) ^ c1 ^ k0
+        ops.xor(lined.c2_2[start:stop], rounds.c3_1, x2)  # c2 = hi(c0 * A) ^ c3 ^ k1
+        # round 3: c1 and c3 are still small pieces, and clean: so is the result where the high words are
         ops.mul(x2, ops.const(_ROUND_B), prod_b)
         ops.mul(x0, ops.const(_ROUND_A), prod_a)
-        ops.and_(ops.xor_(ops.high(prod_b, x0), rounds.c1_3_key), mask)
-        ops.and_(ops.xor_(ops.high(prod_a, x2), lined.c3_3_key[start:stop]), mask)
+        ops.xor_(ops.high(prod_b, x0), rounds.c1_3_key)
+        ops.xor_(ops.high(prod_a, x2), lined.c3_3_key[start:stop])
+        if not ops.clean_high:
+            ops.and_(x0, mask)
+            ops.and_(x2, mask)
         c0, c1, c2, c3 = x0, prod_b, x2, prod_a
         free_a, free_b = x1, x3
         for r in range(3, PHILOX_ROUNDS):  # rounds 4..10, all full size
@@ -191,12 +206,6 @@ class KeepMaskFiller:
             ops.and_(ops.xor_(ops.xor_(ops.high(free_a, c0), c3), ops.const(k1)), mask)
             c0, c1, c2, c3, free_a, free_b = c2, free_b, c0, free_a, c3, c1
         return c0, ops.and_(c1, mask), c2, ops.and_(c3, mask)
-
-
-def _assign(dst, src):
-    """dst[...] = src (broadcast), returning dst."""
-    dst[...] = src
-    return dst
 
 
 class _GroupRounds:
