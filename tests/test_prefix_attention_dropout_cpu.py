@@ -7,12 +7,11 @@ size; the packed mask forward returns must be what backward uses; chunks shorter
 import pytest
 import torch
 
-import fastprompt as fp
-from attention_cases import Case, make_inputs, op_kwargs
+from attention_cases import Case, make_inputs
 from fastprompt.ops import dropout_mask_fill, prefix_attention_torch_dropout
 from fastprompt.ops.attention_dropout import keep_mask_elementwise
 from fastprompt.ops.dropout_mask_fill import KeepMaskFiller, pack_bits, unpack_bits
-from test_prefix_attention_dropout import NAMES, assert_errors_below, run_with_reference
+from test_prefix_attention_dropout import assert_errors_below, run_with_reference
 
 
 @pytest.mark.parametrize("ops", ["numpy", "torch"])

@@ -319,8 +319,9 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     batch, `[B, Hkv, P, D]` per sample, or a pool `[N, Hkv, P, D]` read through `prefix_index` `[B]` or `[B, S]`
     (S entries laid end to end; -1 = empty slot); None for no prefix. Prefix keys are always visible;
     `key_padding_mask [B, Lk]` (True = real token), bottom-right `causal`, sliding `window` and `softcap` apply as
-    in DESIGN.md §1. `dropout_p`: dropout on the attention probabilities, fused (Philox mask regenerated in
-    backward from a seed drawn from torch's generator at call time; pass 0 in eval). Returns out `[B, Hq, Lq, D]`
+    in DESIGN.md §1. `dropout_p`: dropout on the attention probabilities, fused (Philox mask from a seed drawn
+    from torch's generator at call time, regenerated in backward, or kept bit-packed on the torch path; pass 0 in
+    eval). Returns out `[B, Hq, Lq, D]`
     (q's dtype) and, with return_lse, lse `[B, Hq, Lq]` float32 (the softmax's, before dropout).
     `attn_bias [1|B, Hq, Lq, Lk]` / `prefix_bias [1|B, Hq, Lq, S*P]`: additive score biases over the sequence /
     prefix keys (T5's relative position bias; no gradient; torch, triton and reference backends, see

@@ -37,7 +37,7 @@ from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
 from .prefix_attention_torch import _accumulator_dtype, prefix_grads_per_entry
 
 NEG_INF = float("-inf")
-LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are kept in log2 units: exp2 is twice as fast as exp on the CPU
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are kept in log2 units: exp2 is twice as fast as exp here
 CHUNK_SCORES = 1 << 21  # scores (all heads and batch rows) per query chunk: bounds the score-sized buffers
 
 
