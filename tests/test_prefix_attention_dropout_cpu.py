@@ -117,3 +117,40 @@ def test_dropout_path_with_additive_biases_matches_reference():
                                                     **biases)
     for g, rg in zip(grads, ref_grads):
         assert (g - rg).norm() / rg.norm() < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, (1e-5, 1e-4)), (torch.float64, (1e-12, 1e-12))])
+def test_public_op_with_biases_and_dropout_matches_reference(dtype, tol):
+    """fp.ops.prefix_attention(..., attn_bias, prefix_bias, dropout_p) (T5 training) against the float64 reference
+    that replays the seed the op drew: out, lse and the five gradients (lse's gradient included)."""
+    import fastprompt as fp
+    from fastprompt import reference
+    from fastprompt.ops.attention_dropout import draw_dropout_seed
+
+    torch.manual_seed(5)
+    b, hq, hkv, lq, lk, d, p = 2, 4, 2, 6, 7, 8, 3
+    master = [torch.randn(*s, dtype=torch.float64) for s in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, d),
+                                                              (hkv, p, d), (hkv, p, d))]
+    ours = [t.to(dtype).requires_grad_() for t in master]
+    refs = [t.clone().requires_grad_() for t in master]
+    attn_bias, prefix_bias = torch.randn(1, hq, lq, lk, dtype=dtype), torch.randn(1, hq, lq, p, dtype=dtype)
+    kpm = torch.ones(b, lk, dtype=torch.bool)
+    kpm[0, -2:] = False
+    torch.manual_seed(11)
+    seed = draw_dropout_seed("cpu")
+    torch.manual_seed(11)
+    out, lse = fp.ops.prefix_attention(*ours, key_padding_mask=kpm, causal=True, dropout_p=0.3, attn_bias=attn_bias,
+                                       prefix_bias=prefix_bias, return_lse=True)
+    ref_out, ref_lse = reference.prefix_attention(*refs, key_padding_mask=kpm, causal=True, dropout_p=0.3,
+                                                  dropout_seed=seed, attn_bias=attn_bias.double(),
+                                                  prefix_bias=prefix_bias.double(), return_lse=True)
+    rel = lambda a, r: ((a.double() - r.double()).norm() / r.double().norm()).item()
+    assert rel(out, ref_out) < tol[0] and rel(lse, ref_lse) < max(tol[0], 1e-6)  # the reference's lse is float32
+    grad_out, grad_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
+    grads = torch.autograd.grad((out.double() * grad_out).sum() + (lse.double() * grad_lse).sum(), ours)
+    ref_grads = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse.double() * grad_lse).sum(), refs)
+    for g, rg in zip(grads, ref_grads):
+        assert rel(g, rg) < tol[1]
+    plain = reference.prefix_attention(*master, key_padding_mask=kpm, causal=True, attn_bias=attn_bias.double(),
+                                       prefix_bias=prefix_bias.double())
+    assert rel(out, plain) > 1e-2  # dropout did drop something

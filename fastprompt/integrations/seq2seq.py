@@ -360,31 +360,12 @@ def _sdpa_with_bias(q, k, v, kpm, bias, causal, scale, dropout_p):
 
 
 def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p):
-    """The op's semantics written out, plus dropout on the probabilities (training with attention dropout)."""
-    from fastprompt.reference import expand_prefix, sequence_visibility
+    """Training with attention dropout: the fused op draws the dropout itself (with T5's biases too:
+    ops/prefix_attention_bias_dropout.py), so no concatenated K/V, joined bias or score matrix is built."""
+    from fastprompt.ops import prefix_attention
 
-    batch, hq, lq, _ = q.shape
-    lk = k.shape[2]
-    visible = sequence_visibility(lq, lk, causal=causal, window=None, device=q.device).expand(batch, lq, lk)
-    if kpm is not None:
-        visible = visible & kpm[:, None, :]
-    bias = attn_bias.expand(batch, -1, -1, -1) if attn_bias is not None else None
-    if pk is not None:
-        pk_b, prefix_visible = expand_prefix(pk, pidx, batch)
-        pv_b, _ = expand_prefix(pv, pidx, batch)
-        k, v = torch.cat([pk_b, k], dim=2), torch.cat([pv_b, v], dim=2)
-        visible = torch.cat([prefix_visible[:, None, :].expand(batch, lq, -1), visible], dim=2)
-        if bias is not None:
-            pre = prefix_bias if prefix_bias is not None else bias.new_zeros(1, hq, lq, pk_b.shape[2])
-            bias = torch.cat([pre.expand(batch, -1, -1, -1), bias], dim=-1)
-    group = hq // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-    return torch.matmul(torch.nn.functional.dropout(probs, p=p, training=True), v)
+    return prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=kpm, causal=causal, scale=scale,
+                            attn_bias=attn_bias, prefix_bias=prefix_bias, dropout_p=p)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -335,12 +335,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         raise TypeError(f"prefix_attention: `backend` must be a string from {BACKENDS}, got {type(backend).__name__}")
     dropout_p = check_dropout_p(dropout_p)
     if attn_bias is not None or prefix_bias is not None:
-        if dropout_p > 0:
-            raise NotImplementedError(
-                "prefix_attention: dropout_p > 0 together with attn_bias / prefix_bias (T5 training with attention "
-                "dropout) is not fused yet; train with dropout off in attention (e.g. T5 config dropout_rate=0.0) "
-                "or in eval mode")
-        return _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad)
+        return _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad, dropout_p)
     dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
     name = resolve_backend(backend, args, needs_grad, dropout_p)
     if name == "reference":  # the oracle itself, differentiated by autograd: slow, materializes everything
@@ -366,17 +361,25 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     return out
 
 
-def _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad):
-    """prefix_attention with additive score biases: the Triton kernels, the torch path (prefix_attention_bias) or
-    the reference; prefix_attention_triton_bias picks one."""
+def _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad, dropout_p=0.0):
+    """prefix_attention with additive score biases: the Triton kernels, the torch path (prefix_attention_bias;
+    with dropout prefix_attention_bias_dropout) or the reference; prefix_attention_triton_bias picks one."""
     from . import prefix_attention_bias as biased
 
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
     attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
+    requested = backend
     backend = triton_bias.resolve_biased_backend(backend, args, attn_bias, prefix_bias, needs_grad)
     if args.prefix_mode == PREFIX_POOL:  # no op body runs this check here: route the index through the checking op
         args.prefix_index = checked_index(args.prefix_index, args.prefix_k.shape[0], "prefix_index")
+    dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
+    if dropout_p > 0 and backend == "triton":  # the biased kernels take no dropout: the torch path does both
+        if requested == "triton":
+            raise ValueError("prefix_attention: backend='triton' cannot run attn_bias / prefix_bias together with "
+                             "dropout_p > 0 (the biased Triton kernels have no dropout); use backend='auto' or "
+                             "'torch'")
+        backend = "torch"
     if backend == "triton":
         out, lse = triton_bias.biased_prefix_attention(args, attn_bias, prefix_bias, needs_grad)
     elif backend == "reference":
@@ -384,7 +387,11 @@ def _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad):
             args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,
             key_padding_mask=args.key_padding_mask, causal=args.causal, scale=args.scale,
             softcap=args.softcap or None, window=None if args.window < 0 else args.window, return_lse=True,
-            attn_bias=attn_bias, prefix_bias=prefix_bias)
+            attn_bias=attn_bias, prefix_bias=prefix_bias, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    elif dropout_p > 0:  # T5 training: the chunked dropout path takes the biases (prefix_attention_bias_dropout)
+        from .prefix_attention_bias_dropout import biased_dropout_attention
+
+        out, lse = biased_dropout_attention(args, attn_bias, prefix_bias, dropout_p, dropout_seed)
     else:
         out, lse = biased.biased_prefix_attention(args, attn_bias, prefix_bias)
     return (out, lse.float()) if return_lse else out
