@@ -6,11 +6,12 @@ sits in the cache at positions 0..P-1, so T5 gives each prefix key the bucket of
 Both reach the op as `attn_bias [1|B, Hq, Lq, Lk]` and `prefix_bias [1|B, Hq, Lq, S*P]`; the concatenated
 `[prefix; sequence]` bias, keys and values are never built.
 
-Backends: the exact torch composition (prefix_attention_torch.explicit_forward/backward, which recomputes the
-biased scores in backward from the saved log-sum-exp), the Triton kernels (prefix_attention_triton_bias, which
-also picks the backend: Triton for CUDA tensors under "auto") and the reference. The CUDA (_C) kernels take no
-bias. The bias gets no gradient (T5's relative attention bias belongs to the frozen base model); a bias that
-requires grad is refused.
+Backends: the torch path, the Triton kernels (prefix_attention_triton_bias, which also picks the backend: Triton
+for CUDA tensors under "auto") and the reference. The torch path runs PyTorch's fused CPU flash kernel with the
+biases as its additive masks (prefix_attention_bias_cpu: float32/float64 on the CPU, no softcap) and otherwise the
+exact composition (prefix_attention_torch.explicit_forward/backward, which recomputes the biased scores in backward
+from the saved log-sum-exp). The CUDA (_C) kernels take no bias. The bias gets no gradient (T5's relative attention
+bias belongs to the frozen base model); a bias that requires grad is refused.
 """
 from __future__ import annotations
 
@@ -56,8 +57,18 @@ def check_biases(args: PrefixAttentionArgs, attn_bias, prefix_bias):
 class _BiasedPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, args, attn_bias, prefix_bias):
+        from . import prefix_attention_bias_cpu as cpu
         from . import prefix_attention_torch as tp
 
+        ctx.fused = cpu.applicable(q, args.softcap)
+        ctx.set_materialize_grads(False)  # an unused lse output then arrives as None, not as zeros
+        if ctx.fused:  # the CPU flash kernel with the biases as its additive masks
+            out, lse = cpu.forward(q, k, v, prefix_k, prefix_v, args.prefix_index, args.prefix_mode,
+                                   args.key_padding_mask, args.causal, args.scale, args.window, attn_bias=attn_bias,
+                                   prefix_bias=prefix_bias)
+            ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, attn_bias, prefix_bias)
+            ctx.args = args
+            return out, lse.float()
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         attn_bias = attn_bias.to(acc) if attn_bias is not None else None
         prefix_bias = prefix_bias.to(acc) if prefix_bias is not None else None
@@ -74,6 +85,19 @@ class _BiasedPrefixAttention(torch.autograd.Function):
 
         q, k, v, prefix_k, prefix_v, out, lse, attn_bias, prefix_bias = ctx.saved_tensors
         args = ctx.args
+        if grad_out is None:  # only the lse output was used
+            grad_out = torch.zeros_like(out)
+        if ctx.fused and grad_lse is None:  # the kernel's backward recomputes the row term from out
+            from . import prefix_attention_bias_cpu as cpu
+
+            dq, dk, dv, dpk, dpv = cpu.backward(grad_out, q, k, v, out, lse, prefix_k, prefix_v, args.prefix_index,
+                                                args.prefix_mode, args.key_padding_mask, args.causal, args.scale,
+                                                args.window, attn_bias=attn_bias, prefix_bias=prefix_bias)
+            return dq, dk, dv, dpk, dpv, None, None, None
+        if ctx.fused:  # lse differentiated: the explicit backward, with the biases in its precision
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            attn_bias = attn_bias.to(acc) if attn_bias is not None else None
+            prefix_bias = prefix_bias.to(acc) if prefix_bias is not None else None
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
         if grad_lse is not None:
             delta = delta - grad_lse.to(lse.dtype)
