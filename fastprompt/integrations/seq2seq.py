@@ -254,12 +254,13 @@ class decoder_prefixes:
         self.prefixes, self.shift = prefixes, position_shift
 
     def __enter__(self):
-        self.previous = (self.state.prefixes, self.state.position_shift)
+        self.previous = (self.state.prefixes, self.state.position_shift, getattr(self.state, "prefix_bias_cache", None))
         self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
+        self.state.prefix_bias_cache = {}  # T5's prefix bias, computed once per forward / generate (_prefix_bias)
         return self.prefixes
 
     def __exit__(self, *exc):
-        self.state.prefixes, self.state.position_shift = self.previous
+        self.state.prefixes, self.state.position_shift, self.state.prefix_bias_cache = self.previous
         return False
 
 
@@ -274,6 +275,26 @@ def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -
         num_buckets=bias_module.relative_attention_num_buckets,
         max_distance=bias_module.relative_attention_max_distance)
     return bias_module.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> Tensor:
+    """t5_prefix_bias for this call, sliced from a table of every query position seen so far in the current
+    forward / generate (one computation per call instead of one per layer and decoding step; the table grows by
+    doubling). Computed afresh where there is no table (outside decoder_prefixes, e.g. a checkpointed layer's
+    recompute) or the bias weights are being trained."""
+    cache = getattr(slot.state, "prefix_bias_cache", None)
+    weight = slot.bias_module.relative_attention_bias.weight
+    if cache is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return t5_prefix_bias(slot.bias_module, num_prefix, query_length, past).to(dtype)
+    needed = past + query_length
+    key = (num_prefix, dtype, weight.device)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not weight or entry[1] != weight._version or entry[2].shape[2] < needed:
+        rows = needed if entry is None else max(needed, 2 * entry[2].shape[2])
+        with torch.no_grad():
+            table = t5_prefix_bias(slot.bias_module, num_prefix, rows, 0).to(dtype)
+        entry = cache[key] = (weight, weight._version, table)
+    return entry[2][:, :, past:needed]
 
 
 def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -321,14 +342,14 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         if attn_bias is not None and slot.bias_module is not None:
             # a pool's S selected entries lie end to end: S*P prefix positions, as a cache of them would hold
             slots = pidx.reshape(pidx.shape[0], -1).shape[1] if pidx is not None else 1
-            prefix_bias = t5_prefix_bias(slot.bias_module, pk.shape[-2] * slots, query.shape[2],
-                                         key.shape[2] - query.shape[2]).to(query.dtype)
+            prefix_bias = _prefix_bias(slot, pk.shape[-2] * slots, query.shape[2], key.shape[2] - query.shape[2],
+                                       query.dtype)
 
     dropout_p = float(dropout) if dropout and module.training else 0.0
-    if pk is None and attn_bias is not None and query.shape[1] == key.shape[1]:
-        # No prefix (T5's encoder, or a decoder without one): the very SDPA call transformers' own "sdpa" path
-        # makes, T5's bias as a float mask. The fused op has nothing to read in place here, and its biased path
-        # is an explicit composition, slower than SDPA on the CPU.
+    if pk is None and query.shape[1] == key.shape[1]:
+        # No prefix (the encoders, the cross-attention, a decoder without one): the very SDPA call transformers'
+        # own "sdpa" path makes, T5's bias as a float mask. The fused op has nothing to read in place here, and
+        # SDPA skips its per-call machinery (measured: the op costs more than SDPA for the same prefix-less call).
         out = _sdpa_with_bias(query, key, value, attention_mask, attn_bias, bool(is_causal), float(scaling), dropout_p)
         return out.transpose(1, 2), None
     if dropout_p > 0.0:
@@ -342,19 +363,22 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
 
 
 def _sdpa_with_bias(q, k, v, kpm, bias, causal, scale, dropout_p):
-    """SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]`, padding and bottom-right causality
-    folded into it with the dtype's minimum, as transformers' masks do."""
-    batch, heads, lq, _ = q.shape
-    lk = k.shape[2]
-    mask = bias.to(q.dtype).expand(batch, heads, lq, lk)
+    """SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]` or None, padding and bottom-right
+    causality folded into the mask with the dtype's minimum, as transformers' masks do."""
+    lq, lk = q.shape[2], k.shape[2]
     hidden = None
     if kpm is not None:
         hidden = ~kpm[:, None, None, :]
-    if causal:
+    if causal and lq > 1:  # a single (decode) query sees every key
         future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
         hidden = future if hidden is None else hidden | future
-    if hidden is not None:
-        mask = mask.masked_fill(hidden, torch.finfo(q.dtype).min)
+    if bias is None:
+        mask = None if hidden is None else torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            hidden, torch.finfo(q.dtype).min)
+    else:
+        mask = bias.to(q.dtype)
+        if hidden is not None:
+            mask = mask.masked_fill(hidden, torch.finfo(q.dtype).min)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                             scale=scale)
 

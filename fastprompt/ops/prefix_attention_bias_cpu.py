@@ -7,10 +7,10 @@ as it is, a view), the prefix part gets `prefix_bias` (plus -inf over a pool's e
 merged by their log-sum-exp exactly as in prefix_attention_cpu_flash: the `[prefix; sequence]` keys, values and
 bias are never concatenated, and a shared prefix is read through a batch-stride-0 view.
 
-Backward: the kernel's backward of the sequence part with the merged out and lse (so its probabilities are the
-global ones), and for a shared prefix the written-out prefix backward of prefix_attention_cpu_flash with the
-prefix bias added to its scores (no B-fold prefix gradient); other prefix layouts go through the kernel's backward.
-The biases get no gradient (the op refuses one that requires grad).
+Backward: the kernel's backward of each part with the merged out and lse (so its probabilities are the global
+ones). A shared prefix's part is one problem per head over all B*Lq query rows folded together (views in
+transformers' [B, L, H, D] memory), so its gradient comes out `[1, Hkv, P, D]`, never B-fold. The biases get no
+gradient (the op refuses one that requires grad).
 
 Used for float32 / float64 inputs without softcap when the lse output is not differentiated; the explicit
 composition (prefix_attention_torch.explicit_forward/backward) covers everything else.
@@ -119,7 +119,7 @@ def backward(grad_out, q, k, v, out, lse, prefix_k, prefix_v, prefix_index, pref
     if prefix_mode == PREFIX_NONE:
         return dq, dk, dv, None, None
     if prefix_mode == PREFIX_SHARED:
-        dpk, dpv = _shared_prefix_backward(grad_out, q, out, lse.to(q.dtype), prefix_k, prefix_v, scale, dq,
+        dpk, dpv = _shared_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq,
                                            None if prefix_bias is None else prefix_bias.to(q.dtype))
         return dq, dk, dv, dpk, dpv
     pq, pk, pv, pmask, _ = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_mode, prefix_bias)
@@ -131,53 +131,23 @@ def backward(grad_out, q, k, v, out, lse, prefix_k, prefix_v, prefix_index, pref
     return dq, dk, dv, dpk, dpv
 
 
-# Score blocks up to this size cover several KV heads at once (all of them at T5's training shapes): the per-call
-# overhead of a per-head loop outweighs its work there; larger problems go in chunks of heads that fit.
-_BLOCK_BYTES = 512 << 10
-
-
-def _rows(t: Tensor, h0: int, c: int, group: int) -> Tensor:
-    """KV heads h0..h0+c-1 of t [B, Hq, Lq(, X)] as [c, G*B*Lq(, X)]: every query row reading one KV head, in
-    (G, B, Lq) order. A view for transformers' [B, L, H, D] memory without GQA; a copy otherwise."""
-    batch, _, lq = t.shape[:3]
-    part = t[:, h0 * group:(h0 + c) * group].unflatten(1, (c, group)).movedim(0, 2)  # [c, G, B, Lq(, X)]
-    return part.reshape(c, group * batch * lq, *t.shape[3:])
+def _fold(t: Tensor) -> Tensor:
+    """[B, H, L, ...] -> [1, H, B*L, ...]: every row of a head as one long problem; a view for transformers'
+    [B, L, H, D] memory (q, dO, O), a small copy otherwise (lse, a bias broadcast over the batch)."""
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1, *t.shape[3:])
 
 
 def _shared_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq, prefix_bias):
-    """The shared prefix's share of the backward, written out with the KV head as the batch dim of every matmul
-    (rows = the G*B*Lq queries reading that head): P = exp(q·pkᵀ·scale + bias − lse), dS = P ∘ (dO·pvᵀ − delta),
-    dq += scale·dS·pk in place, dpk = scale·dSᵀ·q and dpv = Pᵀ·dO summed over all rows by the matmul itself: the
-    prefix gradient is `[Hkv, P, D]` from the start (no B-fold copy), and a few large calls replace a per-head loop.
-    `lse` in q's dtype; `prefix_bias [1|B, Hq, Lq, P]` or None."""
-    batch, hq, lq, dim = q.shape
-    hkv, plen = prefix_k.shape[1], prefix_k.shape[2]
-    group = hq // hkv
-    pk, pv = prefix_k[0], prefix_v[0]
-    dpk = torch.empty(pk.shape, dtype=q.dtype, device=q.device)
-    dpv = torch.empty(pv.shape, dtype=q.dtype, device=q.device)
-    per_head = group * batch * lq * plen * q.element_size()
-    chunk = max(1, min(hkv, _BLOCK_BYTES // max(per_head, 1)))
-    for h0 in range(0, hkv, chunk):
-        c = min(chunk, hkv - h0)
-        heads = slice(h0, h0 + c)
-        q_r, do_r = _rows(q, h0, c, group), _rows(grad_out, h0, c, group)
-        delta = (grad_out[:, h0 * group:(h0 + c) * group] * out[:, h0 * group:(h0 + c) * group]).sum(dim=-1)
-        p = torch.bmm(q_r, pk[heads].transpose(1, 2))  # [c, G*B*Lq, P]
-        blocks = p.view(c, group, batch, lq, plen)
-        blocks.mul_(scale)
-        if prefix_bias is not None:
-            blocks.add_(prefix_bias[:, h0 * group:(h0 + c) * group].unflatten(1, (c, group)).movedim(0, 2))
-        blocks.sub_(lse[:, h0 * group:(h0 + c) * group].unflatten(1, (c, group)).movedim(0, 2)[..., None])
-        p.exp_()  # the global probabilities of the prefix keys
-        ds = torch.bmm(do_r, pv[heads].transpose(1, 2))
-        ds.view(c, group, batch, lq, plen).sub_(delta.unflatten(1, (c, group)).movedim(0, 2)[..., None])
-        ds.mul_(p)
-        dq_part = torch.bmm(ds, pk[heads]).view(c, group, batch, lq, dim)
-        dq[:, h0 * group:(h0 + c) * group].unflatten(1, (c, group)).movedim(0, 2).add_(dq_part, alpha=scale)
-        torch.bmm(ds.transpose(1, 2), q_r, out=dpk[heads]).mul_(scale)
-        torch.bmm(p.transpose(1, 2), do_r, out=dpv[heads])
-    return dpk.unsqueeze(0), dpv.unsqueeze(0)
+    """The shared prefix's share of the backward: the kernel's backward of one problem per head whose queries are
+    all B*Lq rows (folded) and whose keys are the one `[Hkv, P, D]` prefix, so the prefix gradient comes out summed
+    over the batch (no B-fold copy); its dq share is added into dq in place. Measured faster on the CPU than the
+    written-out per-head backward at T5's shapes, which spends its time in small-op overhead."""
+    batch = q.shape[0]
+    mask = None if prefix_bias is None else _fold(prefix_bias.expand(batch, *prefix_bias.shape[1:]))
+    dpq, dpk, dpv = cpu_flash._flash_backward(_fold(grad_out), _fold(q), prefix_k, prefix_v, _fold(out), _fold(lse),
+                                              0.0, False, attn_mask=mask, scale=scale)
+    dq.add_(cpu_flash._unfold_shared(dpq, batch))
+    return dpk, dpv
 
 
 def _scatter_slots(rows: Tensor, prefix: Tensor, prefix_index: Tensor) -> Tensor:
@@ -187,3 +157,4 @@ def _scatter_slots(rows: Tensor, prefix: Tensor, prefix_index: Tensor) -> Tensor
     per_slot = rows.reshape(batch, prefix.shape[1], slots, plen, prefix.shape[3]).transpose(1, 2)
     total = torch.zeros(prefix.shape, dtype=prefix.dtype, device=prefix.device)
     return total.index_add_(0, prefix_index.clamp(min=0).reshape(-1), per_slot.flatten(0, 1))
+
