@@ -112,5 +112,13 @@ class _BiasedPrefixAttention(torch.autograd.Function):
 def biased_prefix_attention(args: PrefixAttentionArgs, attn_bias, prefix_bias):
     """(out, lse) of the torch path with biases; the normalized prefix (`[E, Hkv, P, D]`) is differentiated back
     to the caller's prefix through the views check_prefix_attention_args made."""
+    from . import prefix_attention_bias_cpu as cpu
+
+    if not torch.is_grad_enabled() and cpu.applicable(args.q, args.softcap):
+        # nothing to differentiate (a decode step): the kernel path without the autograd.Function around it
+        out, lse = cpu.forward(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
+                               args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.window,
+                               attn_bias=attn_bias, prefix_bias=prefix_bias)
+        return out, lse.float()
     return _BiasedPrefixAttention.apply(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args, attn_bias,
                                         prefix_bias)
