@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
 
 NEG_INF = float("-inf")
 
@@ -109,8 +109,9 @@ def backward(grad_out, q, k, v, out, lse, prefix_k, prefix_v, prefix_index, pref
              scale, window, attn_bias=None, prefix_bias=None):
     """(dq, dk, dv, dprefix_k, dprefix_v) from the merged out and lse (the lse output carries no gradient)."""
     q, k, v, prefix_k, prefix_v = cpu_flash._kernel_inputs(q, k, v, prefix_k, prefix_v)
-    # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0 instead of NaN.
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    if prefix_mode not in (PREFIX_SHARED, PREFIX_PER_SAMPLE):  # there every row sees its prefix keys: lse finite
+        # A row with no visible key has lse = -inf; +inf makes the kernel's exp(s - lse) an exact 0, not NaN.
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     grad_out, out = cpu_flash._dense(grad_out), cpu_flash._dense(out)
     if k.shape[2] == 0:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
