@@ -254,13 +254,13 @@ class decoder_prefixes:
         self.prefixes, self.shift = prefixes, position_shift
 
     def __enter__(self):
-        self.previous = (self.state.prefixes, self.state.position_shift, getattr(self.state, "prefix_bias_cache", None))
+        self.previous = (self.state.prefixes, self.state.position_shift, getattr(self.state, "call_cache", None))
         self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
-        self.state.prefix_bias_cache = {}  # T5's prefix bias, computed once per forward / generate (_prefix_bias)
+        self.state.call_cache = {}  # what every layer / decoding step of this forward or generate shares
         return self.prefixes
 
     def __exit__(self, *exc):
-        self.state.prefixes, self.state.position_shift, self.state.prefix_bias_cache = self.previous
+        self.state.prefixes, self.state.position_shift, self.state.call_cache = self.previous
         return False
 
 
@@ -282,12 +282,12 @@ def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> 
     forward / generate (one computation per call instead of one per layer and decoding step; the table grows by
     doubling). Computed afresh where there is no table (outside decoder_prefixes, e.g. a checkpointed layer's
     recompute) or the bias weights are being trained."""
-    cache = getattr(slot.state, "prefix_bias_cache", None)
+    cache = getattr(slot.state, "call_cache", None)
     weight = slot.bias_module.relative_attention_bias.weight
     if cache is None or (weight.requires_grad and torch.is_grad_enabled()):
         return t5_prefix_bias(slot.bias_module, num_prefix, query_length, past).to(dtype)
     needed = past + query_length
-    key = (num_prefix, dtype, weight.device)
+    key = ("t5 prefix bias", num_prefix, dtype, weight.device)
     entry = cache.get(key)
     if entry is None or entry[0] is not weight or entry[1] != weight._version or entry[2].shape[2] < needed:
         rows = needed if entry is None else max(needed, 2 * entry[2].shape[2])
@@ -310,6 +310,7 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     prefix = prefixes.get((role, slot.layer_idx)) if (prefixes and role is not None) else None
     backend = slot.state.backend if slot is not None else "auto"
 
+    given_mask = attention_mask
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"fastprompt attention expects a 2D key padding mask (or None); got a "
@@ -350,7 +351,10 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         # No prefix (the encoders, the cross-attention, a decoder without one): the very SDPA call transformers'
         # own "sdpa" path makes, T5's bias as a float mask. The fused op has nothing to read in place here, and
         # SDPA skips its per-call machinery (measured: the op costs more than SDPA for the same prefix-less call).
-        out = _sdpa_with_bias(query, key, value, attention_mask, attn_bias, bool(is_causal), float(scaling), dropout_p)
+        mask = _sdpa_mask(slot, (given_mask, position_bias if attn_bias is not None else None), query, key,
+                          attention_mask, attn_bias, bool(is_causal))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                               dropout_p=dropout_p, scale=float(scaling))
         return out.transpose(1, 2), None
     if dropout_p > 0.0:
         out = _attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
@@ -362,9 +366,24 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     return out.transpose(1, 2), None
 
 
-def _sdpa_with_bias(q, k, v, kpm, bias, causal, scale, dropout_p):
-    """SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]` or None, padding and bottom-right
-    causality folded into the mask with the dtype's minimum, as transformers' masks do."""
+def _sdpa_mask(slot, sources: tuple, q, k, kpm, bias, causal):
+    """`_sdpa_with_bias_mask`, built once per forward where its sources (the mask and T5 position bias the stack
+    hands every layer, compared by identity) are the ones of an earlier layer: T5's encoder layers share one."""
+    cache = getattr(slot.state, "call_cache", None) if slot is not None else None
+    if cache is None:
+        return _sdpa_with_bias_mask(q, k, kpm, bias, causal)
+    key = ("sdpa mask", slot.role, q.shape[2], k.shape[2], causal, q.dtype)
+    entry = cache.get(key)
+    if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
+        entry = cache[key] = (sources, _sdpa_with_bias_mask(q, k, kpm, bias, causal))  # holds its sources alive
+    return entry[1]
+
+
+def _sdpa_with_bias_mask(q, k, kpm, bias, causal):
+    """The float mask of SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]` or None: padding and
+    bottom-right causality folded in with the dtype's minimum, as transformers' masks do, by one broadcast add
+    (several times faster than a broadcast masked_fill into the `[B, H, Lq, Lk]` result); None when nothing is
+    hidden and there is no bias."""
     lq, lk = q.shape[2], k.shape[2]
     hidden = None
     if kpm is not None:
@@ -372,15 +391,12 @@ def _sdpa_with_bias(q, k, v, kpm, bias, causal, scale, dropout_p):
     if causal and lq > 1:  # a single (decode) query sees every key
         future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
         hidden = future if hidden is None else hidden | future
+    hidden = None if hidden is None else torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        hidden, torch.finfo(q.dtype).min)
     if bias is None:
-        mask = None if hidden is None else torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            hidden, torch.finfo(q.dtype).min)
-    else:
-        mask = bias.to(q.dtype)
-        if hidden is not None:
-            mask = mask.masked_fill(hidden, torch.finfo(q.dtype).min)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                            scale=scale)
+        return hidden
+    bias = bias.to(q.dtype)
+    return bias if hidden is None else bias + hidden
 
 
 def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p):
