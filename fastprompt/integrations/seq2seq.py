@@ -25,6 +25,7 @@ positions are shifted by P (a pre-hook on its positional embedding).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -277,24 +278,30 @@ def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -
     return bias_module.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
+# T5's prefix bias tables, per bias module (weakly held: they go with the model): {(P, dtype): ((weight, its
+# version, its data_ptr), [1, H, N, P] table for query positions 0..N-1)}
+_PREFIX_BIAS_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> Tensor:
-    """t5_prefix_bias for this call, sliced from a table of every query position seen so far in the current
-    forward / generate (one computation per call instead of one per layer and decoding step; the table grows by
-    doubling). Computed afresh where there is no table (outside decoder_prefixes, e.g. a checkpointed layer's
-    recompute) or the bias weights are being trained."""
-    cache = getattr(slot.state, "call_cache", None)
-    weight = slot.bias_module.relative_attention_bias.weight
-    if cache is None or (weight.requires_grad and torch.is_grad_enabled()):
-        return t5_prefix_bias(slot.bias_module, num_prefix, query_length, past).to(dtype)
+    """t5_prefix_bias for this call, sliced from a table of every query position seen so far: computed once, not
+    once per layer, decoding step and training step (the table grows by doubling, and is rebuilt when the bias
+    weights change in place). Computed afresh while the bias weights are being trained."""
+    bias_module = slot.bias_module
+    weight = bias_module.relative_attention_bias.weight
+    if weight.requires_grad and torch.is_grad_enabled():
+        return t5_prefix_bias(bias_module, num_prefix, query_length, past).to(dtype)
     needed = past + query_length
-    key = ("t5 prefix bias", num_prefix, dtype, weight.device)
-    entry = cache.get(key)
-    if entry is None or entry[0] is not weight or entry[1] != weight._version or entry[2].shape[2] < needed:
-        rows = needed if entry is None else max(needed, 2 * entry[2].shape[2])
+    tables = _PREFIX_BIAS_TABLES.setdefault(bias_module, {})
+    key = (num_prefix, dtype)
+    entry = tables.get(key)
+    state = (weight._version, weight.data_ptr())  # data_ptr: moved or cast in place (module.to)
+    if entry is None or entry[0][0] is not weight or entry[0][1:] != state or entry[1].shape[2] < needed:
+        rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
         with torch.no_grad():
-            table = t5_prefix_bias(slot.bias_module, num_prefix, rows, 0).to(dtype)
-        entry = cache[key] = (weight, weight._version, table)
-    return entry[2][:, :, past:needed]
+            table = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype)
+        entry = tables[key] = ((weight, *state), table)
+    return entry[1][:, :, past:needed]
 
 
 def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
