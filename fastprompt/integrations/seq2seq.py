@@ -299,7 +299,8 @@ def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> 
     if entry is None or entry[0][0] is not weight or entry[0][1:] != state or entry[1].shape[2] < needed:
         rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
         with torch.no_grad():
-            table = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype)
+            # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias gets copied per call)
+            table = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
         entry = tables[key] = ((weight, *state), table)
     return entry[1][:, :, past:needed]
 
