@@ -255,13 +255,12 @@ class decoder_prefixes:
         self.prefixes, self.shift = prefixes, position_shift
 
     def __enter__(self):
-        self.previous = (self.state.prefixes, self.state.position_shift, getattr(self.state, "call_cache", None))
+        self.previous = (self.state.prefixes, self.state.position_shift)
         self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
-        self.state.call_cache = {}  # what every layer / decoding step of this forward or generate shares
         return self.prefixes
 
     def __exit__(self, *exc):
-        self.state.prefixes, self.state.position_shift, self.state.call_cache = self.previous
+        self.state.prefixes, self.state.position_shift = self.previous
         return False
 
 
@@ -318,7 +317,6 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     prefix = prefixes.get((role, slot.layer_idx)) if (prefixes and role is not None) else None
     backend = slot.state.backend if slot is not None else "auto"
 
-    given_mask = attention_mask
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"fastprompt attention expects a 2D key padding mask (or None); got a "
@@ -359,8 +357,7 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         # No prefix (the encoders, the cross-attention, a decoder without one): the very SDPA call transformers'
         # own "sdpa" path makes, T5's bias as a float mask. The fused op has nothing to read in place here, and
         # SDPA skips its per-call machinery (measured: the op costs more than SDPA for the same prefix-less call).
-        mask = _sdpa_mask(slot, (given_mask, position_bias if attn_bias is not None else None), query, key,
-                          attention_mask, attn_bias, bool(is_causal))
+        mask = _sdpa_with_bias_mask(query, key, attention_mask, attn_bias, bool(is_causal))
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                dropout_p=dropout_p, scale=float(scaling))
         return out.transpose(1, 2), None
@@ -372,19 +369,6 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
                            causal=bool(is_causal), scale=float(scaling), backend=backend,
                            attn_bias=attn_bias, prefix_bias=prefix_bias)
     return out.transpose(1, 2), None
-
-
-def _sdpa_mask(slot, sources: tuple, q, k, kpm, bias, causal):
-    """`_sdpa_with_bias_mask`, built once per forward where its sources (the mask and T5 position bias the stack
-    hands every layer, compared by identity) are the ones of an earlier layer: T5's encoder layers share one."""
-    cache = getattr(slot.state, "call_cache", None) if slot is not None else None
-    if cache is None:
-        return _sdpa_with_bias_mask(q, k, kpm, bias, causal)
-    key = ("sdpa mask", slot.role, q.shape[2], k.shape[2], causal, q.dtype)
-    entry = cache.get(key)
-    if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
-        entry = cache[key] = (sources, _sdpa_with_bias_mask(q, k, kpm, bias, causal))  # holds its sources alive
-    return entry[1]
 
 
 def _sdpa_with_bias_mask(q, k, kpm, bias, causal):
