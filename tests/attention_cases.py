@@ -110,10 +110,11 @@ def relative_error(x, ref):
 
 
 def check_against_reference(case: Case, op, *, tol: float, grad_tol: Optional[float] = None, device="cpu",
-                            check_grads=True, lse_grad=True):
+                            check_grads=True, lse_grad=True, extra: Optional[dict] = None):
     """Run `op` (same signature as fastprompt.ops.prefix_attention minus backend) and the float64 reference on the
     same inputs; compare out, lse and every input gradient by relative error. With lse_grad the loss also uses
-    lse (its gradient folds into the backward's row term); without, only out is differentiated."""
+    lse (its gradient folds into the backward's row term); without, only out is differentiated. `extra`: more
+    keyword arguments for both (e.g. attn_bias), floating tensors given to the reference in float64."""
     grad_tol = tol if grad_tol is None else grad_tol
     inputs = make_inputs(case, device)
     names = differentiable(inputs)
@@ -122,11 +123,14 @@ def check_against_reference(case: Case, op, *, tol: float, grad_tol: Optional[fl
         inputs[n].requires_grad_(check_grads)
         ref_inputs[n].requires_grad_(check_grads)
 
+    extra = extra or {}
+    ref_extra = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                 for n, t in extra.items()}
     out, lse = op(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
-                  return_lse=True, **op_kwargs(case, inputs))
+                  return_lse=True, **op_kwargs(case, inputs), **extra)
     ref_out, ref_lse = reference.prefix_attention(ref_inputs["q"], ref_inputs["k"], ref_inputs["v"],
                                                   ref_inputs["prefix_k"], ref_inputs["prefix_v"], return_lse=True,
-                                                  **op_kwargs(case, ref_inputs))
+                                                  **op_kwargs(case, ref_inputs), **ref_extra)
     assert out.shape == ref_out.shape and out.dtype == case.dtype
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
     assert not torch.isnan(out).any()
@@ -143,6 +147,7 @@ def check_against_reference(case: Case, op, *, tol: float, grad_tol: Optional[fl
         grads = torch.autograd.grad(loss, [inputs[n] for n in names])
         for n, g, rg in zip(names, grads, ref_grads):
             assert g.shape == inputs[n].shape and g.dtype == inputs[n].dtype, n
+            assert torch.isfinite(g).all(), n  # (a NaN would pass the tolerance check below: NaN > tol is False)
             errors["d" + n] = relative_error(g, rg)
     bad = {n: e for n, e in errors.items() if e > (tol if n in ("out", "lse") else grad_tol)}
     assert not bad, f"{case}: relative errors above tolerance: {bad} (all: {errors})"

@@ -9,6 +9,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest.py sets it too)
 
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import types  # noqa: E402
 
@@ -22,7 +23,7 @@ from fastprompt import reference  # noqa: E402
 from fastprompt.ops import prefix_attention  # noqa: E402
 from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: E402
 
-from attention_cases import Case, differentiable, make_inputs, op_kwargs, relative_error  # noqa: E402
+from attention_cases import Case, check_against_reference, differentiable, make_inputs, relative_error  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {F32: 1e-4, F16: 2e-2, BF16: 2e-2}
@@ -57,45 +58,14 @@ def check_biased(case: Case, *, bias_layout="broadcast", prefix_bias_layout="bat
     """The biased triton op vs the float64 reference on the same inputs; returns the relative errors."""
     tol = TOL[case.dtype] if tol is None else tol
     bias_dtype = bias_dtype or case.dtype
-    inputs = make_inputs(case)
     keys = _prefix_keys(case)
     bias = make_bias(case.batch, case.hq, case.lq, case.lk, bias_layout, bias_dtype) if attn_bias else None
     pbias = (make_bias(case.batch, case.hq, case.lq, keys, prefix_bias_layout, bias_dtype)
              if prefix_bias and keys else None)
     if edit_biases is not None:
         bias, pbias = edit_biases(bias, pbias)
-    names = differentiable(inputs)
-    ref_inputs = {n: (t.double() if n in names else t) for n, t in inputs.items()}
-    for n in names:
-        inputs[n].requires_grad_(True)
-        ref_inputs[n].requires_grad_(True)
-
-    out, lse = prefix_attention(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
-                                backend="triton", return_lse=True, attn_bias=bias, prefix_bias=pbias,
-                                **op_kwargs(case, inputs))
-    ref_out, ref_lse = reference.prefix_attention(
-        ref_inputs["q"], ref_inputs["k"], ref_inputs["v"], ref_inputs["prefix_k"], ref_inputs["prefix_v"],
-        return_lse=True, attn_bias=None if bias is None else bias.double(),
-        prefix_bias=None if pbias is None else pbias.double(), **op_kwargs(case, ref_inputs))
-    assert out.shape == ref_out.shape and out.dtype == case.dtype and lse.dtype == torch.float32
-    assert not torch.isnan(out).any()
-    errors = {"out": relative_error(out, ref_out), "lse": relative_error(lse, ref_lse)}
-
-    grad_out = torch.randn_like(ref_out)
-    grad_lse = torch.randn_like(ref_lse).masked_fill(torch.isinf(ref_lse), 0.0)
-    ref_loss, loss = (ref_out * grad_out).sum(), (out.double() * grad_out).sum()
-    if lse_grad:
-        ref_loss = ref_loss + (ref_lse.masked_fill(torch.isinf(ref_lse), 0.0) * grad_lse).sum()
-        loss = loss + (lse.masked_fill(torch.isinf(lse), 0.0).double() * grad_lse).sum()
-    ref_grads = torch.autograd.grad(ref_loss, [ref_inputs[n] for n in names])
-    grads = torch.autograd.grad(loss, [inputs[n] for n in names])
-    for n, g, rg in zip(names, grads, ref_grads):
-        assert g.shape == inputs[n].shape and g.dtype == inputs[n].dtype, n
-        assert torch.isfinite(g).all(), n
-        errors["d" + n] = relative_error(g, rg)
-    bad = {n: e for n, e in errors.items() if e > tol}
-    assert not bad, f"{case}: relative errors above tolerance: {bad} (all: {errors})"
-    return errors
+    return check_against_reference(case, functools.partial(prefix_attention, backend="triton"), tol=tol,
+                                   lse_grad=lse_grad, extra={"attn_bias": bias, "prefix_bias": pbias})
 
 
 # (case, attn_bias layout, prefix_bias layout): pairwise over the contract's axes. The interpreter runs 16x16
