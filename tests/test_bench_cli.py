@@ -10,7 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=170):
+# generous: on a loaded 2-core machine the smoke bench ran 3-7x slower than alone (its time is not what is tested)
+def _run(*args, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastprompt", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

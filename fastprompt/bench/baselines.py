@@ -53,7 +53,7 @@ def peft_style_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pref
     _, sdpa_mask = _sdpa_functions()
 
     batch, hq, lq, dim = q.shape
-    hkv, plen = prefix_k.shape[0], prefix_k.shape[1]
+    hkv = prefix_k.shape[0]
     keys = torch.cat([prefix_rows(prefix_k, batch), k], dim=2)  # DynamicLayer.update
     values = torch.cat([prefix_rows(prefix_v, batch), v], dim=2)
     kv_len = keys.shape[2]

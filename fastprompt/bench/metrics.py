@@ -13,7 +13,6 @@ On CUDA, `measure_step` also reports the allocator's peak (`cuda_peak_bytes`, ab
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 import weakref

@@ -3,7 +3,6 @@ patched by fastprompt), fastprompt's prompt pool and its explicit (PEFT-way) for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

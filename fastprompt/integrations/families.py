@@ -13,7 +13,7 @@ exactly goes to REFUSED with the reason, which `patch_model` repeats.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "family_facts", "refusal_reason", "supported_model_types"]

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
+from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod as _PatchedMethod
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
 from .transformers_attention import (
@@ -68,9 +69,6 @@ def _peft():
 
     return peft
 
-
-def _value(x):
-    return getattr(x, "value", x)
 
 
 def is_patched(model) -> bool:

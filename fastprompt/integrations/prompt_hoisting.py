@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod
 from .transformers_attention import (
     PREFIXES_KWARG,
@@ -324,9 +325,6 @@ class _PeftHoisting:
     fallback_forward: Any
     fallback_generate: Any
 
-
-def _value(x):
-    return getattr(x, "value", x)
 
 
 def install_peft_hoisting(model, backend: str = "auto") -> bool:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .peft_config import enum_value as _value
 from .transformers_attention import (
     _LAYER_STATE_ATTR,
     _SLOT_ATTR,
@@ -41,7 +42,7 @@ from .transformers_attention import (
     _AttentionState,
     _EnableToken,
     _hf_model,
-    _uses_reentrant_checkpointing,
+    check_prefix_checkpointing,
     check_supports_attention_interface,
     fastprompt_attention_mask,
 )
@@ -53,9 +54,6 @@ SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "bart")
 __all__ = ["SEQ2SEQ_MODEL_TYPES", "check_seq2seq_patchable", "enable_seq2seq_attention", "seq2seq_prefixes",
            "decoder_prefixes", "peft_seq2seq_layer_prefixes", "t5_prefix_bias"]
 
-
-def _value(x):
-    return getattr(x, "value", x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,13 +167,7 @@ def _inject_prefixes_hook(layer, args, kwargs):
     state = layer.__dict__.get(_LAYER_STATE_ATTR)
     if state is None or state.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
         return None
-    if _uses_reentrant_checkpointing(layer) and any(
-            lp.key.requires_grad or lp.value.requires_grad for lp in state.prefixes.values()):
-        # reentrant checkpointing differentiates positional inputs only: a keyword prefix would be
-        # back-propagated once per layer through one shared graph
-        raise ValueError(
-            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+    check_prefix_checkpointing(layer, state.prefixes)
     kwargs[SEQ2SEQ_PREFIXES_KWARG] = state.prefixes
     return args, kwargs
 

@@ -264,6 +264,17 @@ def _uses_reentrant_checkpointing(layer) -> bool:
     return keywords.get("use_reentrant", True) is not False  # torch's historical default is reentrant
 
 
+def check_prefix_checkpointing(layer, prefixes) -> None:
+    """Refuse trainable prefixes in a layer under reentrant gradient checkpointing: it differentiates the layer's
+    positional tensor inputs only, so prefixes passed by keyword would be back-propagated once per layer through
+    one shared graph. (Bridged prefixes carry their gradient back themselves.)"""
+    if prefixes and not isinstance(prefixes, BridgedPrefixes) and _uses_reentrant_checkpointing(layer) and any(
+            lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
+        raise ValueError(
+            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+
+
 def _inject_prefixes_hook(layer, args, kwargs):
     # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
     # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
@@ -272,14 +283,7 @@ def _inject_prefixes_hook(layer, args, kwargs):
     if state is None:
         return None
     given = kwargs.get(PREFIXES_KWARG)
-    prefixes = given if given is not None else state.prefixes
-    if prefixes and not isinstance(prefixes, BridgedPrefixes) and _uses_reentrant_checkpointing(layer) and any(
-            lp.key.requires_grad or lp.value.requires_grad for lp in prefixes.values()):
-        # Reentrant checkpointing only differentiates the layer's positional tensor inputs: trainable prefixes
-        # passed by keyword would be back-propagated once per layer through one shared graph.
-        raise ValueError(
-            "fastprompt: trainable prefixes need non-reentrant gradient checkpointing; call "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+    check_prefix_checkpointing(layer, given if given is not None else state.prefixes)
     if given is None and state.prefixes is not None:
         kwargs[PREFIXES_KWARG] = state.prefixes
         return args, kwargs
