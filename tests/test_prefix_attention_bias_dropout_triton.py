@@ -26,6 +26,7 @@ from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: 
 from fastprompt.ops.attention_dropout import draw_dropout_seed  # noqa: E402
 
 from attention_cases import Case, check_against_reference, make_inputs, op_kwargs, relative_error  # noqa: E402
+from seq2seq_helpers import peft_seq2seq_pair, requires_seq2seq_transformers, seq2seq_inputs  # noqa: E402
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 SEED = 2024
@@ -228,3 +229,48 @@ def test_reference_with_same_seed_equals_triton():
     ref, ref_lse, _ = _call(case, inputs, bias, pbias, "reference", grad=False)
     assert relative_error(out, ref) < 1e-5 and relative_error(lse, ref_lse) < 1e-5
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T5 prefix tuning in train() mode on the Triton kernels
+
+
+@pytest.mark.slow  # ~14 s interpreted: the op-level tests above show the feature, this the T5 wiring
+@requires_seq2seq_transformers
+def test_t5_training_step_with_attention_dropout_on_triton_equals_torch_path(monkeypatch):
+    """A patched T5 prefix-tuning model with attention dropout, backend="triton" vs backend="torch", same seed:
+    the same loss and prompt gradients (same mask in every biased, dropped attention), and the dropout acted."""
+    peft = pytest.importorskip("peft")
+    import fastprompt
+
+    dropped = []
+    real = triton_bias.biased_prefix_attention
+    monkeypatch.setattr(triton_bias, "biased_prefix_attention",
+                        lambda args, b, pb, grad, p=0.0, seed=None: dropped.append(p) or real(args, b, pb, grad, p,
+                                                                                              seed))
+
+    config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
+    runs = {}
+    for backend in ("triton", "torch"):
+        model, _ = peft_seq2seq_pair("t5", config)
+        fastprompt.patch_model(model, backend=backend)
+        for module in model.modules():
+            if type(module).__name__ == "T5Attention":
+                module.dropout = 0.3  # attention dropout (the tiny config has none)
+        model.train()
+        ids, mask, labels, _ = seq2seq_inputs("t5")
+        torch.manual_seed(7)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        runs[backend] = (loss.detach(), [p.grad for p in model.parameters() if p.requires_grad])
+        if backend == "triton":
+            model.eval()
+            with torch.no_grad():
+                runs["eval"] = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert 0.3 in dropped  # the Triton kernels ran biased attention with dropout
+    (loss, grads), (t_loss, t_grads) = runs["triton"], runs["torch"]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert relative_error(loss, t_loss) < 1e-5
+    for g, tg in zip(grads, t_grads):
+        assert relative_error(g, tg) < 1e-4
+    assert relative_error(loss, runs["eval"]) > 1e-4  # train() dropped something
