@@ -64,9 +64,10 @@ def _signature(kernel, dtype: str, constexprs: dict):
     return signature
 
 
-# T5 with a prefix: prefix, padding mask, causal decoder, atomics for the shared prefix's gradient; no window,
-# softcap or attention dropout (a biased call refuses dropout).
+# T5 with a prefix: prefix, padding mask, causal decoder, atomics for the shared prefix's gradient; no window or
+# softcap. T5 training in train() mode adds attention dropout (_T5_TRAINING_FEATURES, with the biases).
 _T5_FEATURES = {"HAS_PREFIX", "HAS_KPM", "CAUSAL", "ATOMIC"}
+_T5_TRAINING_FEATURES = _T5_FEATURES | {"HAS_DROPOUT"}
 
 
 def _compile_one(kernel, cfg, dtype: str, head_dim: int, arch: int, features, bias: bool = False):
@@ -129,7 +130,9 @@ def _jobs():
     prefix, mask or causality), and the decode variant (Lq = 1 shrinks the query tile to 16 rows) of the query-tiled
     kernels on sm_90, where 16-row tiles cannot use wgmma. With FASTPROMPT_COMPILE_FULL=1 also, per kernel, fp32 at
     head dims 64 and 256 with the config the launcher picks (sm_80; no tensor cores expected: fp32 runs as exact
-    FMA; slow, up to ~1.5 min per compile). config -1 = the launcher's pick."""
+    FMA; slow, up to ~1.5 min per compile). Biased variants on sm_90: T5's feature set at every biased config, with
+    and without attention dropout (T5 training), its decode step, and every feature. config -1 = the launcher's
+    pick."""
     kernels = _import_kernels()
     jobs = []
     full = os.environ.get("FASTPROMPT_COMPILE_FULL") == "1"
@@ -151,6 +154,9 @@ def _jobs():
         for ci, cfg in enumerate(_configs(kernels, dict(kernel=ki, bias=True))):
             jobs.append(dict(kernel=ki, config=ci, arch=90, dtype=("bf16", "fp16")[ci % 2], head_dim=cfg.max_head_dim,
                              t5=True, bias=True))
+            # T5 training: the same with attention dropout (mask regenerated per tile), dtypes the other way round
+            jobs.append(dict(kernel=ki, config=ci, arch=90, dtype=("fp16", "bf16")[ci % 2], head_dim=cfg.max_head_dim,
+                             t5=True, bias=True, dropout=True))
         if name in ("_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel"):
             jobs.append(dict(kernel=ki, config=-1, arch=90, dtype="bf16", head_dim=64, decode=True, t5=True,
                              bias=True))
@@ -177,6 +183,8 @@ def _job_id(job) -> str:
     variant = "plain" if job.get("plain") else "decode" if job.get("decode") else "t5" if job.get("t5") else "all"
     if job.get("t5") and job.get("decode"):
         variant += "-t5"
+    if job.get("dropout"):
+        variant += "-dropout"
     if job.get("bias"):
         variant += "-bias"
     return f"{name}-cfg{job['config']}-sm{job['arch']}-{job['dtype']}-d{job['head_dim']}-{variant}"
@@ -196,7 +204,8 @@ def _worker(shard: int, shards: int) -> None:
         record = dict(id=_job_id(job), block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
         try:
-            features = _T5_FEATURES if job.get("t5") else not job.get("plain")
+            features = ((_T5_TRAINING_FEATURES if job.get("dropout") else _T5_FEATURES) if job.get("t5")
+                        else not job.get("plain"))
             record.update(_compile_one(kernel, cfg, job["dtype"], job["head_dim"], job["arch"], features,
                                        bool(job.get("bias"))))
         except Exception as exc:  # reported per compile so one failure does not hide the others

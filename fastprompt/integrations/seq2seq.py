@@ -355,7 +355,7 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         return out.transpose(1, 2), None
     if dropout_p > 0.0:
         out = _attention_with_dropout(query, key, value, pk, pv, pidx, attention_mask, bool(is_causal),
-                                      float(scaling), attn_bias, prefix_bias, dropout_p)
+                                      float(scaling), attn_bias, prefix_bias, dropout_p, backend)
         return out.transpose(1, 2), None
     out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
                            causal=bool(is_causal), scale=float(scaling), backend=backend,
@@ -383,13 +383,13 @@ def _sdpa_with_bias_mask(q, k, kpm, bias, causal):
     return bias if hidden is None else bias + hidden
 
 
-def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p):
-    """Training with attention dropout: the fused op draws the dropout itself (with T5's biases too:
-    ops/prefix_attention_bias_dropout.py), so no concatenated K/V, joined bias or score matrix is built."""
+def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p, backend="auto"):
+    """Training with attention dropout: the fused op draws the dropout itself (with T5's biases too: the Triton
+    kernels or ops/prefix_attention_bias_dropout.py), so no concatenated K/V, joined bias or score matrix is built."""
     from fastprompt.ops import prefix_attention
 
     return prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=kpm, causal=causal, scale=scale,
-                            attn_bias=attn_bias, prefix_bias=prefix_bias, dropout_p=p)
+                            attn_bias=attn_bias, prefix_bias=prefix_bias, dropout_p=p, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------

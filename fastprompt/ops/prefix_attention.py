@@ -369,19 +369,13 @@ def _biased(args, backend, attn_bias, prefix_bias, return_lse, needs_grad, dropo
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"prefix_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
     attn_bias, prefix_bias = biased.check_biases(args, attn_bias, prefix_bias)
-    requested = backend
-    backend = triton_bias.resolve_biased_backend(backend, args, attn_bias, prefix_bias, needs_grad)
+    backend = triton_bias.resolve_biased_backend(backend, args, attn_bias, prefix_bias, needs_grad, dropout_p)
     if args.prefix_mode == PREFIX_POOL:  # no op body runs this check here: route the index through the checking op
         args.prefix_index = checked_index(args.prefix_index, args.prefix_k.shape[0], "prefix_index")
     dropout_seed = draw_dropout_seed(args.q.device) if dropout_p > 0 else None
-    if dropout_p > 0 and backend == "triton":  # the biased kernels take no dropout: the torch path does both
-        if requested == "triton":
-            raise ValueError("prefix_attention: backend='triton' cannot run attn_bias / prefix_bias together with "
-                             "dropout_p > 0 (the biased Triton kernels have no dropout); use backend='auto' or "
-                             "'torch'")
-        backend = "torch"
-    if backend == "triton":
-        out, lse = triton_bias.biased_prefix_attention(args, attn_bias, prefix_bias, needs_grad)
+    if backend == "triton":  # biases and dropout together in the same kernels (prefix_attention_triton_bias)
+        out, lse = triton_bias.biased_prefix_attention(args, attn_bias, prefix_bias, needs_grad, dropout_p,
+                                                       dropout_seed)
     elif backend == "reference":
         out, lse = reference.prefix_attention(
             args.q, args.k, args.v, args.prefix_k, args.prefix_v, prefix_index=args.prefix_index,

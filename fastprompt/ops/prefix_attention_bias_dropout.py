@@ -5,7 +5,8 @@ in train() mode T5 also drops attention probabilities. The chunked dropout path
 (prefix_attention_torch_dropout) adds the biases to the capped scores exactly where the reference does, draws the
 contract's Philox mask from a seed taken from torch's generator at call time, and keeps it bit-packed for
 backward, so nothing of `[B, H, Lq, P + Lk]` (scores, probabilities, a joined bias or K/V) is built. The biases
-get no gradient (checked by prefix_attention_bias.check_biases, as without dropout).
+get no gradient (checked by prefix_attention_bias.check_biases, as without dropout). On CUDA tensors `auto` runs
+the Triton kernels instead (prefix_attention_triton_bias), which keep the same elements for the same seed.
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ T5's relative position bias reaches the op as additive score biases (prefix_atte
 the torch path). The Triton kernels read both biases in place, forward and backward (kernels/
 prefix_attention_bias.py); this module picks the backend for a biased call and wraps the kernels in their own
 torch.library custom ops (opaque to torch.compile, differentiable in q, k, v and the prefix; the biases get no
-gradient: prefix_attention_bias.check_biases refuses one that requires grad).
+gradient: prefix_attention_bias.check_biases refuses one that requires grad). Attention dropout composes with the
+biases in the same kernels (T5 training): the contract's Philox mask (ops/attention_dropout.py) is generated per
+tile from the seed the op drew, in forward and again in backward, so the kept elements are those of the reference
+and of the torch path (prefix_attention_bias_dropout) for the same seed.
 
 Choice: "auto" runs Triton on CUDA tensors when the kernels cover the call (prefix_attention_triton.supports and
 supports_bias), the exact torch path otherwise (on the CPU always: the interpreter is for tests). backend="triton"
@@ -30,30 +33,33 @@ def _triton_backend():
     return backend_module("triton")
 
 
-def triton_unsupported_reason(args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool) -> Optional[str]:
+def triton_unsupported_reason(args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool,
+                              dropout_p: float = 0.0) -> Optional[str]:
     """None when the Triton kernels can run this biased call (validated biases), else a one-line reason."""
     try:
         triton = _triton_backend()
     except ImportError as exc:
         return str(exc)
     reason = triton.supports(args.q, args.k, args.v, args.prefix_k, args.prefix_index, args.prefix_mode,
-                             args.key_padding_mask, args.causal, args.softcap, args.window, needs_grad)
+                             args.key_padding_mask, args.causal, args.softcap, args.window, needs_grad,
+                             dropout_p=dropout_p)
     return reason if reason is not None else triton.supports_bias(args.q, attn_bias, prefix_bias)
 
 
-def resolve_biased_backend(backend: str, args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool) -> str:
+def resolve_biased_backend(backend: str, args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool,
+                           dropout_p: float = 0.0) -> str:
     """The backend that runs a biased call: "triton", "torch" or "reference"; a clear error for one that cannot."""
     if backend in ("torch", "reference"):
         return backend
     if backend in _NO_BIAS_BACKENDS:
         raise ValueError(f"prefix_attention: backend={backend!r} cannot run this call: {_NO_BIAS_BACKENDS[backend]}")
     if backend == "triton":
-        reason = triton_unsupported_reason(args, attn_bias, prefix_bias, needs_grad)
+        reason = triton_unsupported_reason(args, attn_bias, prefix_bias, needs_grad, dropout_p)
         if reason is not None:
             raise ValueError(f"prefix_attention: backend='triton' cannot run this call: {reason}")
         return backend
     # auto: the fused kernels on a GPU where they cover the call; on the CPU the torch path is the fast one
-    if args.q.is_cuda and triton_unsupported_reason(args, attn_bias, prefix_bias, needs_grad) is None:
+    if args.q.is_cuda and triton_unsupported_reason(args, attn_bias, prefix_bias, needs_grad, dropout_p) is None:
         return "triton"
     return "torch"
 
@@ -65,12 +71,12 @@ def _layout(q: Tensor) -> tuple:
 
 
 def _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-                  window, attn_bias, prefix_bias):
+                  window, attn_bias, prefix_bias, dropout_p=0.0, dropout_seed=None):
     from .prefix_attention import _in_layout
 
     out, lse = _triton_backend().forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
-                                         causal, scale, softcap, window, attn_bias=attn_bias,
-                                         prefix_bias=prefix_bias)
+                                         causal, scale, softcap, window, dropout_p=dropout_p,
+                                         dropout_seed=dropout_seed, attn_bias=attn_bias, prefix_bias=prefix_bias)
     return _in_layout(out, _layout(q)), lse.contiguous()
 
 
@@ -78,14 +84,16 @@ def _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_pa
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                 prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
                 scale: float, softcap: float, window: int, attn_bias: Optional[Tensor],
-                prefix_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                prefix_bias: Optional[Tensor], dropout_p: float = 0.0,
+                dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    # dropout_seed: the int64 [seed_lo, seed_hi, offset] the op drew (an input: the op stays a pure function)
     return _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                         softcap, window, attn_bias, prefix_bias)
+                         softcap, window, attn_bias, prefix_bias, dropout_p, dropout_seed)
 
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-                  window, attn_bias, prefix_bias):
+                  window, attn_bias, prefix_bias, dropout_p=0.0, dropout_seed=None):
     return (torch.empty_strided(q.shape, _layout(q), dtype=q.dtype, device=q.device),
             q.new_empty(q.shape[:3], dtype=torch.float32))
 
@@ -95,12 +103,15 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
                  prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], prefix_mode: int,
                  key_padding_mask: Optional[Tensor], lse: Tensor, delta: Tensor, causal: bool, scale: float,
                  softcap: float, window: int, attn_bias: Optional[Tensor],
-                 prefix_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 prefix_bias: Optional[Tensor], dropout_p: float = 0.0,
+                 dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .prefix_attention import _in_layout, _layout_strides
 
+    # the kernels regenerate forward's dropout mask from the same seed, tile by tile
     dq, dk, dv, dpk, dpv = _triton_backend().backward(
         grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-        scale, softcap, window, attn_bias=attn_bias, prefix_bias=prefix_bias)
+        scale, softcap, window, dropout_p=dropout_p, dropout_seed=dropout_seed, attn_bias=attn_bias,
+        prefix_bias=prefix_bias)
     if dpk is None:  # custom ops return tensors only: an empty one stands for "no prefix"
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     dq, dk, dv = (_in_layout(g, _layout_strides(x)) for g, x in ((dq, q), (dk, k), (dv, v)))
@@ -109,7 +120,7 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Op
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-                   causal, scale, softcap, window, attn_bias, prefix_bias):
+                   causal, scale, softcap, window, attn_bias, prefix_bias, dropout_p=0.0, dropout_seed=None):
     from .prefix_attention import _layout_strides
 
     if prefix_k is None:
@@ -123,29 +134,32 @@ def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_m
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap, window,
-     attn_bias, prefix_bias) = inputs
+     attn_bias, prefix_bias) = inputs[:14]
+    dropout_p, dropout_seed = inputs[14:] if len(inputs) > 14 else (0.0, None)
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, attn_bias,
-                          prefix_bias)
-    ctx.params = (prefix_mode, causal, scale, softcap, window)
+                          prefix_bias, dropout_seed)
+    ctx.params = (prefix_mode, causal, scale, softcap, window, dropout_p)
     ctx.set_materialize_grads(False)  # an unused lse arrives as None, not as zeros to be folded in
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, attn_bias, prefix_bias = ctx.saved_tensors
-    prefix_mode, causal, scale, softcap, window = ctx.params
+    (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, attn_bias, prefix_bias,
+     dropout_seed) = ctx.saved_tensors
+    prefix_mode, causal, scale, softcap, window, dropout_p = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # FlashAttention's row term with the lse output's gradient folded in (BACKEND_INTERFACE.md, backward)
+    # FlashAttention's row term with the lse output's gradient folded in (BACKEND_INTERFACE.md, backward); with
+    # dropout rowsum(dO * O) is still sum_j P_ij dP_ij, as out is the dropped probabilities times V
     delta = (grad_out.float() * out.float()).sum(dim=-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     dq, dk, dv, dpk, dpv = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
                                         key_padding_mask, lse, delta, causal, scale, softcap, window, attn_bias,
-                                        prefix_bias)
+                                        prefix_bias, dropout_p, dropout_seed)
     if prefix_mode == PREFIX_NONE:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastprompt::prefix_attention_biased_forward", _backward,
@@ -168,11 +182,16 @@ def _backward_flops(*args, **kwargs) -> int:
     return unbiased(*args, **kwargs)
 
 
-def biased_prefix_attention(args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool):
+def biased_prefix_attention(args: PrefixAttentionArgs, attn_bias, prefix_bias, needs_grad: bool,
+                            dropout_p: float = 0.0, dropout_seed: Optional[Tensor] = None):
     """(out, lse float32) of the Triton kernels with biases, on the op's normalized arguments (the caller checked
-    the biases and, for a pool, the index values). Inference skips the custom-op dispatch as the unbiased op does."""
+    the biases and, for a pool, the index values), with attention dropout when dropout_p > 0 (`dropout_seed`: the
+    int64 [seed_lo, seed_hi, offset] drawn by the op). Inference skips the custom-op dispatch as the unbiased op
+    does."""
     from .prefix_attention import _plain_eager_inference
 
     call = _forward_impl if _plain_eager_inference(needs_grad) else _forward_op
+    dropout = (dropout_p, dropout_seed) if dropout_p > 0 else ()  # the ops' defaults (0.0, None) otherwise
     return call(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_mode,
-                args.key_padding_mask, args.causal, args.scale, args.softcap, args.window, attn_bias, prefix_bias)
+                args.key_padding_mask, args.causal, args.scale, args.softcap, args.window, attn_bias, prefix_bias,
+                *dropout)
