@@ -1,13 +1,17 @@
-"""The shared prefix's written-out CPU backward (prefix_attention_cpu_flash) has two block strategies: every head
-in one batched matmul per term (small score blocks) and a per-head / per-GQA-group loop (large ones). Both give
-the reference's gradients for q / k / v in [B, H, L, D] memory and in transformers' [B, L, H, D] memory, for MHA,
-GQA and MQA, in float32 and float64."""
+"""The shared prefix's CPU backward (prefix_attention_cpu_flash) has four block strategies: the fused kernel over
+the whole batch (small score blocks), the fused kernel over chunks of batch rows (each chunk's block within the
+threshold), the written-out per-head / per-GQA-group loop (large blocks), and for one KV head (MQA) in [B, H, L, D]
+memory the fused kernel as one single-head problem over all B·Hq·Lq rows. Each gives the reference's gradients for
+q / k / v in [B, H, L, D] memory and in transformers' [B, L, H, D] memory, for MHA, GQA and MQA, in float32 and
+float64."""
 import pytest
 import torch
 
 from fastprompt import reference
 from fastprompt.ops import prefix_attention
 from fastprompt.ops import prefix_attention_cpu_flash as cpu_flash
+
+BATCH, LQ, LK, DIM, PLEN = 3, 5, 7, 8, 4
 
 
 def _leaves(layout, b, hq, hkv, lq, lk, d, p, dtype, seed):
@@ -27,17 +31,42 @@ def _leaves(layout, b, hq, hkv, lq, lk, d, p, dtype, seed):
     return (q, k, v, pk, pv), grad
 
 
-@pytest.mark.parametrize("block", ["fused kernel", "per head"])
-@pytest.mark.parametrize("layout", ["bhld", "blhd"])
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (3, 1)])
+def _force(monkeypatch, block, hq, dtype):
+    """Make the shapes below take `block`; returns the strategy function it runs."""
+    row_block = hq * LQ * PLEN * torch.empty((), dtype=dtype).element_size()
+    if block != "one KV head folded":
+        monkeypatch.setattr(cpu_flash, "_FOLD_SINGLE_KV_HEAD", False)
+    if block == "batch chunks":  # two rows per chunk over B = 3: one full chunk and one short one
+        monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 2 * row_block)
+    elif block == "per head":
+        monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", row_block - 1)
+    return {"whole batch kernel": "_kernel_prefix_backward", "batch chunks": "_chunked_kernel_prefix_backward",
+            "per head": None, "one KV head folded": "_single_kv_head_prefix_backward"}[block]
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    original = getattr(cpu_flash, name)
+    monkeypatch.setattr(cpu_flash, name, lambda *a, **kw: calls.append(name) or original(*a, **kw))
+    return calls
+
+
+# (block, layout, (Hq, Hkv)): the fold exists only for one KV head in [B, H, L, D] memory
+_COMBOS = [(block, layout, heads) for block in ("whole batch kernel", "batch chunks", "per head")
+           for layout in ("bhld", "blhd") for heads in ((4, 4), (6, 2), (3, 1))]
+_COMBOS += [("one KV head folded", "bhld", (3, 1)), ("one KV head folded", "bhld", (1, 1))]
+
+
+@pytest.mark.parametrize("block,layout,heads", _COMBOS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_both_prefix_backward_blocks_match_the_reference(monkeypatch, block, layout, heads, dtype):
-    if block == "per head":
-        monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 0)
+def test_every_prefix_backward_block_matches_the_reference(monkeypatch, block, layout, heads, dtype):
     hq, hkv = heads
-    leaves, grad = _leaves(layout, 3, hq, hkv, 5, 7, 8, 4, dtype, seed=hq * 10 + hkv)
+    strategy = _force(monkeypatch, block, hq, dtype)
+    calls = _spy(monkeypatch, strategy) if strategy else []
+    leaves, grad = _leaves(layout, BATCH, hq, hkv, LQ, LK, DIM, PLEN, dtype, seed=hq * 10 + hkv)
     out = prefix_attention(*leaves, causal=True)
     got = torch.autograd.grad(out, leaves, grad)
+    assert bool(calls) == bool(strategy)  # the strategy under test ran
     wide = [t.detach().double().requires_grad_() for t in leaves]
     ref_out = reference.prefix_attention(*wide, causal=True)
     want = torch.autograd.grad(ref_out, wide, grad.double())
@@ -48,13 +77,28 @@ def test_both_prefix_backward_blocks_match_the_reference(monkeypatch, block, lay
 
 
 def test_the_block_choice_follows_the_score_block_size(monkeypatch):
-    calls = []
-    original = cpu_flash._kernel_prefix_backward
-    monkeypatch.setattr(cpu_flash, "_kernel_prefix_backward", lambda *a: calls.append(1) or original(*a))
+    whole = _spy(monkeypatch, "_kernel_prefix_backward")
+    chunked = _spy(monkeypatch, "_chunked_kernel_prefix_backward")
+    folded = _spy(monkeypatch, "_single_kv_head_prefix_backward")
     leaves, grad = _leaves("blhd", 2, 4, 2, 6, 6, 8, 3, torch.float32, seed=1)
-    torch.autograd.grad(prefix_attention(*leaves, causal=True), leaves, grad)
-    assert calls  # 2·4·6·3 scores: the kernel
-    monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 2 * 4 * 6 * 3 * 4 - 1)
-    calls.clear()
-    torch.autograd.grad(prefix_attention(*leaves, causal=True), leaves, grad)
-    assert not calls
+    row_block = 4 * 6 * 3 * 4
+
+    def run():
+        for calls in (whole, chunked, folded):
+            calls.clear()
+        torch.autograd.grad(prefix_attention(*leaves, causal=True), leaves, grad)
+
+    run()
+    assert whole and not chunked  # 2 rows' scores within the threshold: one kernel call over the batch
+    monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 2 * row_block - 1)
+    run()
+    assert chunked and len(whole) == 2  # one row per chunk
+    monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", row_block - 1)
+    run()
+    assert not whole and not chunked and not folded  # the written-out loop
+    leaves, grad = _leaves("bhld", 2, 4, 1, 6, 6, 8, 3, torch.float32, seed=2)
+    run()
+    assert folded and not whole  # one KV head in [B, H, L, D] memory: folded whatever the size
+    leaves, grad = _leaves("blhd", 2, 4, 1, 6, 6, 8, 3, torch.float32, seed=3)
+    run()
+    assert folded and not whole and not chunked  # [B, L, H, D] memory does not fold: the loop at this threshold
