@@ -33,15 +33,19 @@ def _leaves(layout, b, hq, hkv, lq, lk, d, p, dtype, seed):
 
 def _force(monkeypatch, block, hq, dtype):
     """Make the shapes below take `block`; returns the strategy function it runs."""
-    row_block = hq * LQ * PLEN * torch.empty((), dtype=dtype).element_size()
-    if block != "one KV head folded":
+    size = torch.empty((), dtype=dtype).element_size()
+    row_block = hq * LQ * PLEN * size
+    if block == "one KV head folded, row chunks":  # two batch rows per kernel call over B = 3
+        monkeypatch.setattr(cpu_flash, "_FOLD_DQ_BYTES", 2 * hq * LQ * DIM * size)
+    if not block.startswith("one KV head folded"):
         monkeypatch.setattr(cpu_flash, "_FOLD_SINGLE_KV_HEAD", False)
     if block == "batch chunks":  # two rows per chunk over B = 3: one full chunk and one short one
         monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 2 * row_block)
     elif block == "per head":
         monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", row_block - 1)
     return {"whole batch kernel": "_kernel_prefix_backward", "batch chunks": "_chunked_kernel_prefix_backward",
-            "per head": None, "one KV head folded": "_single_kv_head_prefix_backward"}[block]
+            "per head": None, "one KV head folded": "_single_kv_head_prefix_backward",
+            "one KV head folded, row chunks": "_flash_backward"}[block]
 
 
 def _spy(monkeypatch, name):
@@ -54,7 +58,8 @@ def _spy(monkeypatch, name):
 # (block, layout, (Hq, Hkv)): the fold exists only for one KV head in [B, H, L, D] memory
 _COMBOS = [(block, layout, heads) for block in ("whole batch kernel", "batch chunks", "per head")
            for layout in ("bhld", "blhd") for heads in ((4, 4), (6, 2), (3, 1))]
-_COMBOS += [("one KV head folded", "bhld", (3, 1)), ("one KV head folded", "bhld", (1, 1))]
+_COMBOS += [("one KV head folded", "bhld", (3, 1)), ("one KV head folded", "bhld", (1, 1)),
+            ("one KV head folded, row chunks", "bhld", (3, 1))]
 
 
 @pytest.mark.parametrize("block,layout,heads", _COMBOS)
@@ -67,6 +72,8 @@ def test_every_prefix_backward_block_matches_the_reference(monkeypatch, block, l
     out = prefix_attention(*leaves, causal=True)
     got = torch.autograd.grad(out, leaves, grad)
     assert bool(calls) == bool(strategy)  # the strategy under test ran
+    if block == "one KV head folded, row chunks":
+        assert len(calls) == 1 + 2  # the sequence part, then two chunks of batch rows
     wide = [t.detach().double().requires_grad_() for t in leaves]
     ref_out = reference.prefix_attention(*wide, causal=True)
     want = torch.autograd.grad(ref_out, wide, grad.double())
