@@ -152,3 +152,18 @@ def check_against_reference(case: Case, op, *, tol: float, grad_tol: Optional[fl
     bad = {n: e for n, e in errors.items() if e > (tol if n in ("out", "lse") else grad_tol)}
     assert not bad, f"{case}: relative errors above tolerance: {bad} (all: {errors})"
     return errors
+
+
+def assert_compiled_matches_eager(step, inputs, names=("q", "k", "v", "prefix_k", "prefix_v"), seed=11):
+    """`step(*tensors) -> loss` eager and under torch.compile(fullgraph, aot_eager), each from the same
+    torch.manual_seed (a dropout seed drawn inside the graph comes from the same generator): same loss and the
+    same gradient for every tensor in `names`."""
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        tensors = [inputs[n].detach().clone().requires_grad_() for n in names]
+        torch.manual_seed(seed)
+        loss = fn(*tensors)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in tensors])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -20,12 +20,12 @@ import torch  # noqa: E402
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fastprompt import reference  # noqa: E402
 from fastprompt.ops import prefix_attention  # noqa: E402
 from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: E402
 from fastprompt.ops.attention_dropout import draw_dropout_seed  # noqa: E402
 
-from attention_cases import Case, check_against_reference, make_inputs, op_kwargs, relative_error  # noqa: E402
+from attention_cases import (Case, assert_compiled_matches_eager, check_against_reference, make_inputs,  # noqa: E402
+                             op_kwargs, relative_error)
 from seq2seq_helpers import peft_seq2seq_pair, requires_seq2seq_transformers, seq2seq_inputs  # noqa: E402
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -153,15 +153,7 @@ def test_compiled_biased_dropout_triton_call():
                                key_padding_mask=inputs["key_padding_mask"])
         return out.square().sum()
 
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        tensors = [inputs[n].detach().clone().requires_grad_() for n in NAMES]
-        torch.manual_seed(11)
-        loss = fn(*tensors)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in tensors])
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(step, inputs, NAMES)
 
 
 def test_opcheck_biased_op_with_dropout():

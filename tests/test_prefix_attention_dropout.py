@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastprompt as fp
-from attention_cases import Case, make_inputs, op_kwargs, relative_error
+from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, relative_error
 from fastprompt import reference
 from fastprompt.ops import attention_dropout, prefix_attention_torch_dropout
 from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
@@ -281,15 +281,7 @@ def test_torch_compile_with_dropout_matches_eager():
         out = fp.ops.prefix_attention(q, k, v, pk, pv, dropout_p=0.3, **op_kwargs(case, inputs))
         return out.square().sum()
 
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        tensors = [inputs[n].detach().clone().requires_grad_() for n in NAMES]
-        torch.manual_seed(11)
-        loss = fn(*tensors)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in tensors])
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(step, inputs, NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
