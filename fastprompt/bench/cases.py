@@ -238,24 +238,31 @@ def _train_side(model, forward, params_for_check) -> Side:
     return Side(step, check, exclude)
 
 
-def peft_train_sides(shape: ModelShape, method: str, plen: int, ids, mask, device) -> dict:
-    """{"baseline": a PEFT training step, "fastprompt": the same PEFT model patched}, method "prefix" | "prompt"."""
+def patched_train_sides(build_model: Callable[[], Any], batch: dict) -> dict:
+    """{"baseline": a training step of the model `build_model()` returns, "fastprompt": the same on a second one,
+    patched}; the loss is `model(**batch).loss`."""
     import fastprompt as fp
 
     sides = {}
     for name, patch in (("baseline", False), ("fastprompt", True)):
-        model = build_peft(shape, method, plen, device)
+        model = build_model()
         model.train()
         if patch:
             fp.patch_model(model)
 
         def forward(model=model):
-            return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            return model(**batch).loss
 
         def named(model=model):
             return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         sides[name] = _train_side(model, forward, named)
     return sides
+
+
+def peft_train_sides(shape: ModelShape, method: str, plen: int, ids, mask, device) -> dict:
+    """{"baseline": a PEFT training step, "fastprompt": the same PEFT model patched}, method "prefix" | "prompt"."""
+    return patched_train_sides(lambda: build_peft(shape, method, plen, device),
+                               dict(input_ids=ids, attention_mask=mask, labels=ids))
 
 
 def no_prefix_side(shape: ModelShape, ids, mask, device) -> Side:

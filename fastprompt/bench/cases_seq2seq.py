@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cases import Case, Side, _train_side
+from .cases import Case, Side, patched_train_sides
 
 __all__ = ["T5Shape", "seq2seq_train_case", "seq2seq_generate_case", "seq2seq_cases"]
 
@@ -56,23 +56,9 @@ def _batch(shape: T5Shape, batch: int, source: int, target: int, device):
 
 def seq2seq_train_case(shape: T5Shape, batch: int, source: int, target: int, plen: int, reps: int = 2) -> Case:
     def build(device):
-        import fastprompt as fp
-
         ids, mask, labels = _batch(shape, batch, source, target, device)
-        sides = {}
-        for name, patch in (("baseline", False), ("fastprompt", True)):
-            model = _build_t5_peft(shape, plen, device)
-            model.train()
-            if patch:
-                fp.patch_model(model)
-
-            def forward(model=model):
-                return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-            def named(model=model):
-                return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            sides[name] = _train_side(model, forward, named)
-        return sides
+        return patched_train_sides(lambda: _build_t5_peft(shape, plen, device),
+                                   dict(input_ids=ids, attention_mask=mask, labels=labels))
 
     params = dict(model=shape.label(), B=batch, S=source, T=target, P=plen)
     return Case("train step", "T5 prefix tuning (seq2seq)", params, build, "peft", 2e-3, reps)
