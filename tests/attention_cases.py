@@ -167,3 +167,15 @@ def assert_compiled_matches_eager(step, inputs, names=("q", "k", "v", "prefix_k"
         results.append([loss.detach()] + [t.grad for t in tensors])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def opcheck_args(case: Case):
+    """Inputs for `case` (the differentiable ones requiring grad), normalized as the op's front door does
+    (check_prefix_attention_args, causal, no scale / softcap / window): what the registered custom ops receive."""
+    from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
+
+    inputs = make_inputs(case)
+    for n in differentiable(inputs):
+        inputs[n].requires_grad_()
+    return check_prefix_attention_args(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
+                                       inputs["prefix_index"], inputs["key_padding_mask"], True, None, None, None)

@@ -25,7 +25,7 @@ from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: 
 from fastprompt.ops.attention_dropout import draw_dropout_seed  # noqa: E402
 
 from attention_cases import (Case, assert_compiled_matches_eager, check_against_reference, make_inputs,  # noqa: E402
-                             op_kwargs, relative_error)
+                             op_kwargs, opcheck_args, relative_error)
 from seq2seq_helpers import peft_seq2seq_pair, requires_seq2seq_transformers, seq2seq_inputs  # noqa: E402
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -157,14 +157,8 @@ def test_compiled_biased_dropout_triton_call():
 
 
 def test_opcheck_biased_op_with_dropout():
-    from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
-
     case = Case(batch=2, hq=2, hkv=1, lq=3, lk=4, dim=8, plen=2, mode="pool_slots", padding="holes")
-    inputs = make_inputs(case)
-    for n in NAMES:
-        inputs[n].requires_grad_()
-    a = check_prefix_attention_args(*(inputs[n] for n in NAMES), inputs["prefix_index"], inputs["key_padding_mask"],
-                                    True, None, None, None)
+    a = opcheck_args(case)
     bias, pbias = _biases(case, 1, case.batch)
     args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
             a.scale, a.softcap, a.window, bias, pbias, 0.2, draw_dropout_seed("cpu"))

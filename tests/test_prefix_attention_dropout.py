@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastprompt as fp
-from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, relative_error
+from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, opcheck_args, relative_error
 from fastprompt import reference
 from fastprompt.ops import attention_dropout, prefix_attention_torch_dropout
 from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
@@ -260,14 +260,9 @@ def test_cuda_backend_refuses_dropout_so_auto_falls_back():
 
 def test_opcheck_with_dropout():
     from fastprompt.ops.prefix_attention import _forward_op
-    from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
 
     case = Case(batch=2, hq=2, hkv=1, lq=3, lk=4, dim=8, plen=2, mode="pool_slots", padding="holes")
-    inputs = make_inputs(case)
-    for n in NAMES:
-        inputs[n].requires_grad_()
-    a = check_prefix_attention_args(*(inputs[n] for n in NAMES), inputs["prefix_index"], inputs["key_padding_mask"],
-                                    True, None, None, None)
+    a = opcheck_args(case)
     args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
             a.scale, a.softcap, a.window, "torch", 0.2, draw_dropout_seed("cpu"))
     torch.library.opcheck(_forward_op, args)
