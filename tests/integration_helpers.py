@@ -90,6 +90,22 @@ _AUTO = {
 }
 
 
+def override_tiny_config(monkeypatch, **attrs):
+    """For one test: every config tiny_config builds (and so every tiny model and PEFT pair) gets `attrs` set
+    (e.g. sliding_window=8)."""
+    import sys
+
+    build = tiny_config
+
+    def with_attrs(family: str):
+        cfg = build(family)
+        for name, value in attrs.items():
+            setattr(cfg, name, value)
+        return cfg
+
+    monkeypatch.setattr(sys.modules[__name__], "tiny_config", with_attrs)
+
+
 def tiny_model(family: str, task: str = "CAUSAL_LM", seed: int = 0, attn: str | None = None):
     torch.manual_seed(seed)
     cfg = tiny_config(family)

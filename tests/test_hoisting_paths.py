@@ -35,14 +35,7 @@ def test_not_hoisted_for_other_tasks_and_bidirectional_encoders(family, task):
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 def test_sliding_window_shorter_than_p_plus_s_runs_unhoisted(family, monkeypatch):
-    make_config = integration_helpers.tiny_config
-
-    def small_window(name):
-        cfg = make_config(name)
-        cfg.sliding_window = 8
-        return cfg
-
-    monkeypatch.setattr(integration_helpers, "tiny_config", small_window)
+    integration_helpers.override_tiny_config(monkeypatch, sliding_window=8)
     patched, oracle = tiny_peft_pair(family, "prompt", "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     short, short_mask = make_inputs(batch=3, seq=4, padding="left")  # P + S = 8: every key in the window
@@ -54,14 +47,7 @@ def test_sliding_window_shorter_than_p_plus_s_runs_unhoisted(family, monkeypatch
 
 
 def test_dropout_in_training_runs_unhoisted(monkeypatch):
-    make_config = integration_helpers.tiny_config
-
-    def with_dropout(name):
-        cfg = make_config(name)
-        cfg.resid_pdrop = 0.1
-        return cfg
-
-    monkeypatch.setattr(integration_helpers, "tiny_config", with_dropout)
+    integration_helpers.override_tiny_config(monkeypatch, resid_pdrop=0.1)
     patched, oracle = tiny_peft_pair("gpt2", "prompt", "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")

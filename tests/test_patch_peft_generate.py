@@ -142,14 +142,7 @@ def test_sliding_window_past_the_window_keeps_prefix_visible(family, monkeypatch
     static cache, and one teacher-forced forward over the generated text all agree."""
     import integration_helpers
 
-    small_window = integration_helpers.tiny_config
-
-    def config_with_window(name):
-        cfg = small_window(name)
-        cfg.sliding_window = 8
-        return cfg
-
-    monkeypatch.setattr(integration_helpers, "tiny_config", config_with_window)
+    integration_helpers.override_tiny_config(monkeypatch, sliding_window=8)
     patched, _ = tiny_peft_pair(family, "prefix", "CAUSAL_LM", num_virtual_tokens=P)
     fpp.patch_model(patched)
     ids, mask = make_inputs(batch=3, seq=6, padding="left")
