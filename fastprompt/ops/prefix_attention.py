@@ -49,20 +49,15 @@ def backend_module(name: str):
     return module
 
 
-def _plain_eager_inference(needs_grad: bool) -> bool:
-    """Whether the call may skip the custom-op machinery and run the backend directly: nothing to differentiate,
-    not traced by torch.compile, and no dispatch / function mode or functorch transform watching (FlopCounterMode
-    and fastprompt.bench.metrics count through the op, so they keep seeing it). A decode step is a few hundred
-    microseconds of kernel per layer, and the op's dispatch (autograd redispatch, alias checks, the compile
-    guard) costs a sizeable share of that; the result is the same tensors (and the same index check) either way."""
-    return (not needs_grad and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+def _plain_eager() -> bool:
+    """Whether the call may skip the custom-op machinery: not traced by torch.compile, and no dispatch / function
+    mode or functorch transform watching (FlopCounterMode and fastprompt.bench.metrics count through the op, so
+    they keep seeing it). Then an inference call runs the op's forward body directly and a differentiated one runs
+    _EagerPrefixAttention (the same bodies): a decode step is a few hundred microseconds of kernel per layer, and
+    the op's dispatch (autograd redispatch, alias checks, the compile guard) costs a sizeable share of that; the
+    result is the same tensors (and the same index check) either way."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active())
-
-
-def _plain_eager_training(needs_grad: bool) -> bool:
-    """Whether a differentiated call may run as _EagerPrefixAttention instead of the custom op: eager, and nothing
-    watching that needs to see the op (the conditions of _plain_eager_inference)."""
-    return needs_grad and _plain_eager_inference(False)
 
 
 def backend_unsupported_reason(name: str, args: PrefixAttentionArgs, needs_grad: bool,
@@ -98,7 +93,7 @@ def resolve_backend(backend: str, args: PrefixAttentionArgs, needs_grad: bool, d
 
 def _forward_impl(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
                   window, backend, dropout_p=0.0, dropout_seed=None):
-    """The forward op's body, also run directly by eager inference calls (_plain_eager_inference)."""
+    """The forward op's body, also run directly by eager inference calls (_plain_eager)."""
     if prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile too
         check_index_values(prefix_index, prefix_k.shape[0], "prefix_index")
     result = backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
@@ -268,7 +263,7 @@ torch.library.register_autograd("fastprompt::prefix_attention_forward", _backwar
 
 class _EagerPrefixAttention(torch.autograd.Function):
     """The op's forward and backward bodies as a plain autograd.Function, for eager training calls
-    (_plain_eager_training): the same functions, the same saved tensors and the same backward as the custom op's
+    (_plain_eager): the same functions, the same saved tensors and the same backward as the custom op's
     registered autograd, without the custom-op dispatch (schema handling, autograd redispatch and alias checks cost
     ~0.15 ms per direction per layer call, a few percent of a small model's step). torch.compile, dispatch and
     function modes (FlopCounterMode, fastprompt.bench.metrics) and functorch transforms keep the custom op."""
@@ -347,8 +342,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                                               window=None if args.window < 0 else args.window,
                                               dropout_p=dropout_p, dropout_seed=dropout_seed, return_lse=True)
         return (out, lse.float()) if return_lse else out
-    if _plain_eager_inference(needs_grad) or _plain_eager_training(needs_grad):
-        run = _forward_impl if not needs_grad else _EagerPrefixAttention.apply
+    if _plain_eager():
+        run = _EagerPrefixAttention.apply if needs_grad else _forward_impl
         out, lse, _ = run(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index,
                           args.prefix_mode, args.key_padding_mask, args.causal, args.scale, args.softcap,
                           args.window, name, dropout_p, dropout_seed)

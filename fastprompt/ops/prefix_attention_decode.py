@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .prefix_attention import _plain_eager  # the same "nothing watching" test as the op's eager paths
+
 __all__ = ["shared_prefix_decode"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -38,8 +40,7 @@ def _no_observer(tensors) -> bool:
     FlopCounterMode, functorch transforms): those go through the op, which they see and count."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active())
+    return _plain_eager()
 
 
 def shared_prefix_decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,

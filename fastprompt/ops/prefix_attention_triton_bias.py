@@ -188,9 +188,9 @@ def biased_prefix_attention(args: PrefixAttentionArgs, attn_bias, prefix_bias, n
     the biases and, for a pool, the index values), with attention dropout when dropout_p > 0 (`dropout_seed`: the
     int64 [seed_lo, seed_hi, offset] drawn by the op). Inference skips the custom-op dispatch as the unbiased op
     does."""
-    from .prefix_attention import _plain_eager_inference
+    from .prefix_attention import _plain_eager
 
-    call = _forward_impl if _plain_eager_inference(needs_grad) else _forward_op
+    call = _forward_impl if not needs_grad and _plain_eager() else _forward_op
     dropout = (dropout_p, dropout_seed) if dropout_p > 0 else ()  # the ops' defaults (0.0, None) otherwise
     return call(args.q, args.k, args.v, args.prefix_k, args.prefix_v, args.prefix_index, args.prefix_mode,
                 args.key_padding_mask, args.causal, args.scale, args.softcap, args.window, attn_bias, prefix_bias,
