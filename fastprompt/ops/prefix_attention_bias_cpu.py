@@ -86,20 +86,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
         pq, pk, pv, pmask, prefix_empty = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_mode,
                                                        prefix_bias)
         out_pre, lse_pre = cpu_flash._flash(pq, pk, pv, 0.0, False, attn_mask=pmask, scale=scale)
-        if prefix_empty is not None:
-            lse_pre = lse_pre.masked_fill(prefix_empty[:, None, None], NEG_INF)
-        lse = torch.logaddexp(lse_pre, lse_seq)
-        if prefix_empty is None:
-            # Every row sees its prefix keys (lse_pre finite): the prefix part's weight exp(lse_pre - lse) is
-            # sigmoid(lse_pre - lse_seq) (1 where no sequence key is visible), and the merge one lerp in place into
-            # the kernel's own (fresh) output: three small ops, which is what a decode step pays for.
-            out = out_seq.lerp_(out_pre, torch.sigmoid(lse_pre - lse_seq)[..., None])
-        else:
-            finite = torch.isfinite(lse)
-            safe = torch.where(finite, lse, torch.zeros_like(lse))
-            w_pre = torch.exp(lse_pre - safe).masked_fill_(~finite, 0.0)[..., None]
-            w_seq = torch.exp(lse_seq - safe).masked_fill_(~finite, 0.0)[..., None]
-            out = out_seq.mul_(w_seq).addcmul_(out_pre, w_pre)
+        out, lse = cpu_flash.merge_parts(out_seq, lse_seq, out_pre, lse_pre, prefix_empty)
     if seq_empty is not None or prefix_mode == PREFIX_POOL or (prefix_mode == PREFIX_NONE and k.shape[2] == 0):
         out = out.masked_fill_(torch.isneginf(lse)[..., None], 0.0)  # a row with no visible key: 0, not NaN
     return out, lse

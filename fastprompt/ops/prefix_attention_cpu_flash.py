@@ -103,6 +103,32 @@ def _empty_sequence_part(q: Tensor):
     return torch.zeros(q.shape, dtype=q.dtype, device=q.device), lse
 
 
+def merge_parts(out_seq, lse_seq, out_pre, lse_pre, prefix_empty):
+    """(out, lse) of attention over [prefix; sequence] from its two parts (FlashInfer's cascade merge): lse =
+    logaddexp(lse_pre, lse_seq), out = Σ exp(lse_part − lse)·out_part, merged in place into `out_seq` (the
+    kernel's own fresh output) when it is in the lse precision. `prefix_empty`: bool [B], rows whose prefix part
+    has no key (their lse_pre becomes -inf), or None when every row sees its prefix keys."""
+    if prefix_empty is not None:
+        lse_pre = lse_pre.masked_fill(prefix_empty[:, None, None], NEG_INF)
+    lse = torch.logaddexp(lse_pre, lse_seq)
+    if prefix_empty is None and out_seq.dtype == lse.dtype:
+        # Every row sees its P >= 1 prefix keys, so lse is finite (finite inputs) and the guards below are no-ops:
+        # the prefix part's weight exp(lse_pre - lse) is sigmoid(lse_pre - lse_seq) (1 where no sequence key is
+        # visible), and the merge is one lerp in place: three small ops, which is what a decode step pays for.
+        return out_seq.lerp_(out_pre, torch.sigmoid(lse_pre - lse_seq)[..., None]), lse
+    if prefix_empty is None:
+        w_pre = torch.exp(lse_pre - lse)[..., None]
+        w_seq = torch.exp(lse_seq - lse)[..., None]
+    else:
+        finite = torch.isfinite(lse)
+        safe = torch.where(finite, lse, torch.zeros_like(lse))
+        w_pre = torch.exp(lse_pre - safe).masked_fill_(~finite, 0.0)[..., None]
+        w_seq = torch.exp(lse_seq - safe).masked_fill_(~finite, 0.0)[..., None]
+    if out_seq.dtype == w_seq.dtype:  # merge in place into the kernel's own (fresh) output
+        return out_seq.mul_(w_seq).addcmul_(out_pre, w_pre), lse
+    return out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq, lse  # low precision: in lse's
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, window):
     batch = q.shape[0]
     q, k, v, prefix_k, prefix_v = _kernel_inputs(q, k, v, prefix_k, prefix_v)
@@ -125,23 +151,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_
         else:
             pq, pk, pv, pmask, prefix_empty = _prefix_problem(q, prefix_k, prefix_v, prefix_index, prefix_mode)
         out_pre, lse_pre = _flash(pq, pk, pv, 0.0, False, attn_mask=pmask, scale=scale)
-        if prefix_empty is not None:
-            lse_pre = lse_pre.masked_fill(prefix_empty[:, None, None], NEG_INF)
-        lse = torch.logaddexp(lse_pre, lse_seq)
-        if prefix_empty is None:
-            # Every row sees its P >= 1 prefix keys, so lse is finite (finite inputs) and the guards below are
-            # no-ops: skip them (a decode step is dominated by such per-call work). Same formula, same bits.
-            w_pre = torch.exp(lse_pre - lse)[..., None]
-            w_seq = torch.exp(lse_seq - lse)[..., None]
-        else:
-            finite = torch.isfinite(lse)
-            safe = torch.where(finite, lse, torch.zeros_like(lse))
-            w_pre = torch.exp(lse_pre - safe).masked_fill_(~finite, 0.0)[..., None]
-            w_seq = torch.exp(lse_seq - safe).masked_fill_(~finite, 0.0)[..., None]
-        if out_seq.dtype == w_seq.dtype:  # merge in place into the kernel's own (fresh) output
-            out = out_seq.mul_(w_seq).addcmul_(out_pre, w_pre)
-        else:  # low precision: merge in the lse precision
-            out = out_pre.to(w_pre.dtype) * w_pre + out_seq.to(w_seq.dtype) * w_seq
+        out, lse = merge_parts(out_seq, lse_seq, out_pre, lse_pre, prefix_empty)
     if seq_empty is not None or prefix_mode == PREFIX_POOL or (prefix_mode == PREFIX_NONE and k.shape[2] == 0):
         empty = torch.isneginf(lse)  # only a mask, empty pool slots or no key at all can hide every key of a row
         out = out.masked_fill_(empty[..., None], 0.0)  # out is fresh here (kernel output or the merge)
