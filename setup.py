@@ -31,10 +31,9 @@ DEFAULT_ARCHS = "8.0;9.0"
 
 
 def _packages():
-    # fastprompt.kernels is the top-level kernels/ folder; there must never be a top-level `kernels` module.
+    # Everything lives inside the fastprompt package (the Triton kernels are fastprompt/kernels/): nothing at the
+    # repository root may be importable under a name an installed distribution uses (HF's `kernels` is one).
     pkgs = ["fastprompt"] + ["fastprompt." + p for p in find_packages(os.path.join(HERE, "fastprompt"))]
-    if "fastprompt.kernels" not in pkgs:
-        pkgs.append("fastprompt.kernels")
     return sorted(set(pkgs))
 
 
@@ -193,7 +192,6 @@ ext_modules, cmdclass = _cuda_extension()
 
 setup(
     packages=_packages(),
-    package_dir={"fastprompt": "fastprompt", "fastprompt.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,11 +1,4 @@
 """fastprompt: fused prefix-attention kernels and drop-in acceleration for prompt learning."""
-from pathlib import Path as _Path
-
-# In a source checkout the Triton kernels sit in the top-level kernels/ folder; installed, they are the
-# subpackage fastprompt.kernels. Let the checkout resolve `fastprompt.kernels` the same way.
-_checkout_root = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).resolve().parent / "kernels").is_dir() and (_checkout_root / "kernels" / "__init__.py").is_file():
-    __path__.append(str(_checkout_root))  # noqa: F821 - the package's own __path__
 
 __version__ = "0.1.0"
 

@@ -36,9 +36,9 @@ _UNIT_STRIDES = {"stride_is", "stride_mn", "stride_bn", "stride_pbn"}
 
 
 def _import_kernels():
-    """kernels/ as the package fastprompt.kernels, however the checkout is (or is not) installed."""
+    """fastprompt.kernels from this checkout, however the checkout is (or is not) installed."""
     sys.path.insert(0, str(REPO))
-    import fastprompt.kernels  # noqa: F401  (fastprompt/__init__.py maps the top-level kernels/ folder)
+    import fastprompt.kernels  # noqa: F401
 
     return sys.modules["fastprompt.kernels"]
 

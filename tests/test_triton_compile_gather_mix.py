@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {80: 166912, 90: 232448}
 KERNELS = ["_select_mix_fwd_kernel", "_scatter_pool_grad_kernel", "_dense_pool_grad_kernel", "_weights_grad_kernel"]
-BLOCK_F = 1024  # the launchers' largest tile (kernels/gather_mix.py: _block_f)
+BLOCK_F = 1024  # the launchers' largest tile (fastprompt/kernels/gather_mix.py: _block_f)
 
 
 def _compile(name: str, arch: int, dtype: str) -> dict:

@@ -1,6 +1,6 @@
 """Backend resolution shared by gather_prompts and mix_prompts (the prompt-selection ops).
 
-Backends: "cuda" (fastprompt/ops/gather_mix_cuda.py, optional, CUDA tensors only), "triton" (kernels/gather_mix.py,
+Backends: "cuda" (fastprompt/ops/gather_mix_cuda.py, optional, CUDA tensors only), "triton" (fastprompt/kernels/gather_mix.py,
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (exact PyTorch composition) and "reference"
 (fastprompt.reference_prompts, plain autograd). "auto" picks cuda, then triton, then torch.
 """
@@ -21,8 +21,7 @@ def _interpreting() -> bool:
 
 
 def load_triton_kernels():
-    """kernels/gather_mix.py as fastprompt.kernels.gather_mix (a source checkout resolves that name through
-    fastprompt/__init__.py, an installed build through its package mapping)."""
+    """fastprompt/kernels/gather_mix.py, imported on first use (it imports triton)."""
     return importlib.import_module("fastprompt.kernels.gather_mix")
 
 

@@ -13,7 +13,7 @@ al. 2011; the generator FlashAttention, cuRAND and Triton's `tl.randint` use), k
 The kept probabilities are scaled by 1 / (1 - p). The seed is three int64 words `[seed_lo, seed_hi, offset]`
 (each in [0, 2**32)) drawn from torch's default generator of the inputs' device at call time, so
 `torch.manual_seed` makes a run reproducible; the seed stays a tensor on that device (no host sync, CUDA-graph and
-torch.compile friendly) and is saved for backward. kernels/prefix_attention_dropout.py is the Triton twin of
+torch.compile friendly) and is saved for backward. fastprompt/kernels/prefix_attention_dropout.py is the Triton twin of
 `keep_mask`; tests check both against Random123's published Philox4x32-10 answers.
 
 The torch implementation works in int64 (torch has no full uint32 arithmetic): a 32x32-bit product fits in 64 bits,

@@ -1,6 +1,6 @@
 """Triton backend of `prefix_attention` (BACKEND_INTERFACE.md): checks and the calls into fastprompt.kernels.
 
-The kernels (kernels/prefix_attention_{fwd,bwd}.py) cover the whole contract: no prefix, shared, per-sample and
+The kernels (fastprompt/kernels/prefix_attention_{fwd,bwd}.py) cover the whole contract: no prefix, shared, per-sample and
 pooled prefixes (empty -1 slots included), GQA/MQA, any key padding, bottom-right causal, sliding window, softcap,
 Lq != Lk, any P, head dims up to 256, fp16/bf16/fp32, attention dropout (Philox mask regenerated per tile), and
 additive score biases over sequence and prefix keys (T5's relative position bias; `supports_bias`, reached through

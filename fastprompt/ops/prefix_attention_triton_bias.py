@@ -1,7 +1,7 @@
 """`prefix_attention` with `attn_bias` / `prefix_bias` on the Triton kernels: backend choice and the custom ops.
 
 T5's relative position bias reaches the op as additive score biases (prefix_attention_bias.py has the contract and
-the torch path). The Triton kernels read both biases in place, forward and backward (kernels/
+the torch path). The Triton kernels read both biases in place, forward and backward (fastprompt/kernels/
 prefix_attention_bias.py); this module picks the backend for a biased call and wraps the kernels in their own
 torch.library custom ops (opaque to torch.compile, differentiable in q, k, v and the prefix; the biases get no
 gradient: prefix_attention_bias.check_biases refuses one that requires grad). Attention dropout composes with the
