@@ -16,7 +16,7 @@ from typing import Optional
 TESTED_RANGES = {
     "torch": ("2.13.0", "2.14.1"),
     "triton": ("3.8.0", "3.9.0"),
-    "transformers": ("5.23.0", "5.24.0"),
+    "transformers": ("5.23.0", "5.25.0"),
     "peft": ("0.20.0", "0.21.2"),
 }
 
@@ -47,14 +47,14 @@ def range_status(package: str, version: Optional[str]) -> str:
     low, high = TESTED_RANGES[package]
     if _release(version) < _release(low):
         return "older than tested"
-    # A newer patch release of the newest tested minor is still covered (e.g. 5.24.1 when 5.24.0 is tested).
+    # A newer patch release of the newest tested minor is still covered (e.g. 5.25.1 when 5.25.0 is tested).
     if _release(version)[:2] > _release(high)[:2]:
         return "newer than tested"
     return "tested"
 
 
 def untested_versions() -> list[str]:
-    """One line per installed package outside its tested range, e.g. 'transformers 5.30.0 is newer than tested (5.23.0 - 5.24.0)'."""
+    """One line per installed package outside its tested range, e.g. 'transformers 5.30.0 is newer than tested (5.23.0 - 5.25.0)'."""
     lines = []
     for name, version in installed_versions().items():
         status = range_status(name, version)

@@ -75,3 +75,47 @@ def test_no_warning_inside_the_tested_ranges(monkeypatch):
         warnings.simplefilter("always")
         _versions.warn_untested_versions_once()
     assert not [w for w in caught if "not tested with" in str(w.message)]
+
+
+def _declared_floor(requirement_lines, name):
+    """The `>=` floor of `name` in a list of requirement strings (pyproject's dependencies and extras)."""
+    import re
+
+    for line in requirement_lines:
+        match = re.match(rf"\s*{re.escape(name)}\s*>=\s*([0-9][0-9.]*)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no floor for {name} in {requirement_lines}")
+
+
+def _pins(path):
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_every_place_that_states_the_tested_versions_says_the_same():
+    """The tested ranges are stated in five places: fastprompt/_versions.py (what `fastprompt info` and patch_model's
+    warning use), the README's versions table, pyproject.toml's floors, .ci/oldest.txt (the oldest lane) and
+    requirements-lock.txt (the locked lane). They must agree, so no claim goes stale by hand."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parent.parent
+    readme_rows = {m.group(1): (m.group(2), m.group(3), m.group(4)) for m in re.finditer(
+        r"^\| (\w+) \| ([0-9.]+) - ([0-9.]+) \| ([0-9.]+) \|$", (root / "README.md").read_text(), re.M)}
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    oldest, locked = _pins(root / ".ci" / "oldest.txt"), _pins(root / "requirements-lock.txt")
+    for name, (low, high) in _versions.TESTED_RANGES.items():
+        assert readme_rows.get(name) == (low, high, locked[name]), f"README's versions table row for {name}"
+        assert _versions._release(_declared_floor(requirements, name)) == _versions._release(low), name
+        assert oldest[name] == low, f".ci/oldest.txt pins {name} {oldest[name]}, the tested floor is {low}"
+        assert _versions.range_status(name, locked[name]) == "tested", f"the locked {name} {locked[name]}"
+    assert set(readme_rows) == set(_versions.TESTED_RANGES)
