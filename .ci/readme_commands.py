@@ -1,0 +1,117 @@
+"""Run every command README.md gives, from the repository root, as a user would (a CI step of .ci/run).
+
+Commands are read from README.md itself: each line of a ```bash block, and each inline `code span` that starts
+like a command (fastprompt, python, pytest, bash, OUT=...). A command runs with the lane's virtual environment
+first on PATH, in the repository root. A command is skipped only for a reason written in SKIP below (a GPU, several
+nodes, a user's own script); a README command that is neither run nor skipped for a reason fails the step, so a new
+command cannot go untested by omission. The two install-and-run commands at the top of the README are the locked
+lane's own (.ci/run runs the test command verbatim and the main job's after it), so they are listed as such.
+
+    python .ci/readme_commands.py --venv .venv-newest [--list]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (pattern matched against the whole command, reason it is not run here)
+SKIP = [
+    (r"^torchrun |^accelerate launch ", "launches the user's own train.py on GPUs / several nodes; the same "
+                                         "patch-then-wrap runs in tests/test_distributed.py (2 gloo processes)"),
+    (r"--device cuda", "needs a CUDA GPU (none on CI machines); benchmarks/gpu_session.sh runs it on a lent GPU"),
+    (r"gpu_session\.sh", "needs a CUDA GPU; its install step is rehearsed by .ci/gpu_image_lane.sh"),
+    (r"^pip -v$", "a flag to add to the install command, not a command"),
+]
+# Commands the locked lane of .ci/run runs itself (they create .venv from requirements-lock.txt).
+LOCKED_LANE = [r"^python3 -m venv \.venv && "]
+COMMAND_START = re.compile(r"^(fastprompt|python3?|pytest|bash|OUT=\S+ bash|HF_HUB_OFFLINE=1 python)(\s|$)")
+
+
+def readme_commands(text: str) -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s{2,}#.*$", "", line).strip()  # a trailing "   # comment"
+            if line and not line.startswith("#"):
+                commands.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        span = span.strip()
+        if COMMAND_START.match(span) or span == "pip -v":
+            commands.extend(_expand_optional(span))
+    seen, unique = set(), []
+    for c in commands:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+def _expand_optional(command: str) -> list[str]:
+    """`pytest benchmarks/ --benchmark-only [--device cuda]` is two commands: without and with the bracket."""
+    match = re.search(r"\s*\[([^\]]+)\]", command)
+    if not match:
+        return [command]
+    without = (command[: match.start()] + command[match.end():]).strip()
+    return [without, (command[: match.start()] + " " + match.group(1) + command[match.end():]).strip()]
+
+
+def decision(command: str):
+    for pattern in LOCKED_LANE:
+        if re.search(pattern, command):
+            if command not in (ROOT / ".ci" / "run").read_text():
+                return "unknown", "an install command the locked lane of .ci/run must run verbatim, and does not"
+            return "locked", "run verbatim by the locked lane of .ci/run"
+    for pattern, reason in SKIP:
+        if re.search(pattern, command):
+            return "skip", reason
+    if COMMAND_START.match(command):
+        return "run", ""
+    return "unknown", "neither run nor skipped for a reason: add it to SKIP with the reason, or make it runnable"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--venv", required=True, help="the lane's virtual environment (its bin/ goes first on PATH)")
+    parser.add_argument("--list", action="store_true", help="only say what would run")
+    parser.add_argument("--logs", default=str(ROOT / ".ci-cache" / "readme_commands"))
+    args = parser.parse_args(argv)
+    venv = Path(args.venv).resolve()
+    env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(venv))
+    env.pop("PYTHONPATH", None)
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    failed = []
+    commands = readme_commands((ROOT / "README.md").read_text())
+    for i, command in enumerate(commands):
+        kind, reason = decision(command)
+        if kind != "run" or args.list:
+            print(f"[{kind}] {command}" + (f"  -- {reason}" if reason else ""), flush=True)
+            if kind == "unknown":
+                failed.append(command)
+            continue
+        log = logs / f"{i:02d}.log"
+        start = time.time()
+        with open(log, "w") as out:
+            rc = subprocess.run(command, shell=True, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL).returncode
+        print(f"[run] {command}  -> exit {rc} in {time.time() - start:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(command)
+            print("".join(log.read_text().splitlines(keepends=True)[-30:]), flush=True)
+    if failed:
+        print(f"README commands failed or unclassified: {failed}")
+        return 1
+    print(f"README commands: {len(commands)} read, every one run or skipped for the reason shown")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
