@@ -494,28 +494,34 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
 def _input_generate(self, *args, **kwargs):
     """PEFT's generate(); a static cache generate() would size for the real tokens only gets room for the prompt."""
     config = self.active_peft_config
-    if (_value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
-            and kwargs.get("cache_implementation") == "static" and get_cache(kwargs) is None):
+    if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
     return type(self).generate(self, *args, **kwargs)
 
 
 def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
+    """Where generate() would build a static cache (cache_implementation from the call, a passed config or the
+    model's default one), build it here with P more slots: PEFT's virtual tokens enter the cache at prefill. Its
+    length is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
     from transformers import StaticCache
 
-    source = kwargs.get("input_ids", args[0] if args else None)
-    if source is None:
-        source = kwargs.get("inputs_embeds")
-    if source is None:
-        return kwargs  # generate() starts from a BOS token: leave its own sizing (and error) alone
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-    total = source.shape[1] + max_new if max_new is not None else kwargs.get("max_length",
-                                                                           generation_config.max_length)
+    from .generate_args import resolve_generate
+
     base = model.get_base_model()
+    call = resolve_generate(base, args, {k: v for k, v in kwargs.items() if k != "task_ids"})
+    if not call.static_cache or call.max_cache_length is None:
+        return kwargs
+    length = call.max_cache_length
+    requested = getattr(call.generation_config, "max_cache_len", None)  # a ceiling across calls (transformers 5.25)
+    if requested is not None:
+        length = max(length, int(requested))
     text_config = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else \
         base.config
+    offloading = {"offloading": True} if "offloaded" in call.generation_config.cache_implementation else {}
     kwargs = dict(kwargs)
-    kwargs.pop("cache_implementation")
-    kwargs[cache_kwarg(base.generate)] = StaticCache(config=text_config, max_cache_len=total + num_tokens)
+    # the cache is passed instead; generate() refuses a cache beside any cache_implementation, so it is unset
+    # here (a keyword overrides a passed config and the model's default alike)
+    kwargs["cache_implementation"] = None
+    kwargs[cache_kwarg(base.generate)] = StaticCache(config=text_config, max_cache_len=length + num_tokens,
+                                                     **offloading)
     return kwargs

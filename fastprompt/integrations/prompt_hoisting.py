@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .generate_args import resolve_generate
 from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod
 from .transformers_attention import (
@@ -430,19 +431,6 @@ def _peft_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
                              return_dict=return_dict, full_logits=full_logits, **kwargs)
 
 
-def _generation_length(hf, seq: int, kwargs) -> Optional[int]:
-    """Real tokens the generation can reach (prompt + new), or None when it cannot be told."""
-    gen_config = kwargs.get("generation_config") or getattr(hf, "generation_config", None)
-    new = kwargs.get("max_new_tokens")
-    if new is None and kwargs.get("max_length") is not None:
-        return int(kwargs["max_length"])
-    if new is None and gen_config is not None:
-        new = getattr(gen_config, "max_new_tokens", None)
-        if new is None and getattr(gen_config, "max_length", None) is not None:
-            return int(gen_config.max_length)
-    return None if new is None else seq + int(new)
-
-
 class _PrefixesForGeneration:
     """Wraps the base model's prepare_inputs_for_generation for one generate() call: every step reads the same
     prompt K/V; a pool's row index follows the batch expansion of beams / returned sequences."""
@@ -472,35 +460,41 @@ class _PrefixesForGeneration:
 
 def _peft_generate(self, *args, **kwargs):
     record = self.__dict__[_PEFT_ATTR]
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    hf = self.get_base_model()
     reason = None
     if not _peft_adapter_active(self):
         reason = "adapter disabled"
-    elif input_ids is None or kwargs.get("inputs_embeds") is not None or len(args) > 1:
-        reason = "generate() without input_ids"
+    elif kwargs.get("cache_implementation") == "paged" or isinstance(kwargs.get("custom_generate"), str):
+        reason = "generate() hands the call to another generation loop (paged cache / custom_generate)"
     if reason is None:
-        reason = _peft_blocker(self, _generation_length(self.get_base_model(), input_ids.shape[1], kwargs))
+        # the input and the length as transformers resolves them: every spelling of the input, max_new_tokens
+        # before max_length, the passed config before the model's default one
+        call = resolve_generate(hf, args, {k: v for k, v in kwargs.items() if k != "task_ids"})
+        if call.input_name != "input_ids":
+            reason = f"generate() from {call.input_name}"
+        else:
+            reason = _peft_blocker(self, call.total_length)
     if reason is not None:
         _note(self, f"unhoisted: {reason}")
         return record.fallback_generate(*args, **kwargs)
     _note(self, HOISTED)
     kwargs = dict(kwargs)
-    kwargs.pop("input_ids", None)
     task_ids = kwargs.pop("task_ids", None)
     kwargs.pop("position_ids", None)  # PEFT ignores them: positions are P + index, whatever the padding
     config = self.active_peft_config
-    hf = self.get_base_model()
-    batch, seq = input_ids.shape
+    batch, seq = call.input_ids.shape
     num = config.num_virtual_tokens
     with torch.no_grad():
         prompts, rows = _peft_prompt_rows(self, task_ids, batch)
         prompt_pass = prompt_kv_pass(hf, prompts.to(hf.get_input_embeddings().weight.dtype))
-    positions = torch.arange(num, num + seq, device=input_ids.device)[None].expand(batch, seq)
+    positions = torch.arange(num, num + seq, device=call.input_ids.device)[None].expand(batch, seq)
     wrapper = _PrefixesForGeneration(hf, prompt_pass, rows, batch)
     had_own = "prepare_inputs_for_generation" in hf.__dict__
     object.__setattr__(hf, "prepare_inputs_for_generation", wrapper)
     try:
-        return hf.generate(input_ids, position_ids=positions.contiguous(), **kwargs)
+        # the caller's arguments as given (transformers resolves them again, the same way); the cache it builds,
+        # static or dynamic, holds the real tokens only, so its own sizing is right
+        return hf.generate(*args, position_ids=positions.contiguous(), **kwargs)
     finally:
         if had_own:
             object.__setattr__(hf, "prepare_inputs_for_generation", wrapper.inner)
