@@ -17,8 +17,8 @@ outputs keep the unhoisted shapes: logits over the P + S positions, the virtual 
 taken from the prompt pass and broadcast to the rows; the loss includes the term of the last virtual position (it
 predicts the first real token). Where the two would differ, the unhoisted path runs (see `hoisting_blocker`):
 bidirectional attention (virtual tokens then see the input), a sliding window shorter than P + length (the
-unhoisted model lets early virtual tokens slide out of view), dropout in training (the unhoisted model draws one
-mask per row for the virtual tokens), prompts that depend on the input (pools / selectors: never hoisted),
+unhoisted model lets early virtual tokens slide out of view), any dropout in training, with or without grad (the
+unhoisted model draws one mask per row for the virtual tokens), prompts that depend on the input (pools / selectors: never hoisted),
 `output_attentions`, a caller-supplied KV cache in a PEFT forward, and tasks other than causal LM.
 
 Generation computes the prompt K/V once (no_grad) and the KV cache holds the real tokens only. Each decoding step
@@ -123,12 +123,29 @@ def _is_causal_lm(hf) -> bool:
 
 
 def _dropout_in_training(hf) -> bool:
-    if not hf.training or not torch.is_grad_enabled():
-        return False
+    """Whether a forward of `hf` draws dropout: an nn.Dropout (any _DropoutNd) training with p > 0, or an attention
+    module training with a functional attention dropout rate > 0 (transformers passes `attention_dropout` to the
+    attention function while the module trains). Grad mode plays no part: under torch.no_grad() in train() the
+    unhoisted model still draws one mask per row, where the hoisted prompt pass would share one across rows."""
+    from torch.nn.modules.dropout import _DropoutNd
+
     config = getattr(hf, "config", None)
-    if config is not None and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
+    if hf.training and config is not None and _positive(getattr(config, "attention_dropout", None)):
         return True
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in hf.modules())
+    for module in hf.modules():
+        if not module.training:
+            continue
+        if isinstance(module, _DropoutNd):
+            if module.p > 0:
+                return True
+        elif _positive(getattr(module, "attention_dropout", None)):
+            return True
+    return False
+
+
+def _positive(rate) -> bool:
+    """A dropout rate (a number) above 0; anything else (None, a module) is not a rate."""
+    return isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0
 
 
 def hoisting_blocker(hf, num_virtual_tokens: int, total_length: Optional[int] = None) -> Optional[str]:
