@@ -133,3 +133,49 @@ def test_sliding_window_length_read_as_transformers_reads_it(where, monkeypatch)
                                             f"{P + S + new}"
     want = greedy_no_cache(oracle, ids, mask, new, pad=PAD, eos=EOS, positions=False)
     assert torch.equal(out, want), f"{where}: {out} != oracle {want}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastprompt's own input-level prompts attached to a causal LM (hoisted per forward call; generate() is the model's)
+
+ATTACHED_SPELLINGS = SPELLINGS + ["inputs_embeds"]
+
+
+@pytest.mark.parametrize("spelling", ATTACHED_SPELLINGS)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["prompt", "mpt"])
+def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, cache, spelling):
+    from test_hoisting_attach import _prompt, _reference
+
+    from fastprompt.integrations.prompt_attach import attach
+
+    model = integration_helpers.tiny_model("llama")
+    twin = copy.deepcopy(model)
+    prompt = _prompt(kind, model)
+    attach(model, prompt)
+    model.generation_config.eos_token_id = None  # every row runs all steps
+    ids, mask = make_inputs(batch=3, seq=S, padding="left")
+    task_ids = torch.tensor([1, 0, 1]) if prompt.needs_task_ids else None
+    extra = {"task_ids": task_ids} if task_ids is not None else {}
+    if spelling == "inputs_embeds":
+        embeds = model.get_input_embeddings()(ids).detach()
+        args, kwargs, defaults, new = (), dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4), {}, 4
+        if cache == "static":
+            kwargs["cache_implementation"] = "static"
+    else:
+        args, kwargs, defaults, new = _spelling(spelling, ids, mask, cache == "static")
+    for key, value in defaults.items():
+        setattr(model.generation_config, key, value)
+    with torch.no_grad():
+        out = model.generate(*args, **kwargs, **extra)
+        assert last_prompt_path(model) == HOISTED
+        tokens, m = ids, mask
+        num = prompt.num_input_tokens()
+        for _ in range(new):  # the unpatched model on [prompt; tokens], generate's padding-aware positions after P
+            ext = torch.cat([torch.ones(3, num, dtype=m.dtype), m], 1)
+            logits = _reference(prompt, twin, tokens, m, None, task_ids,
+                                positions=(ext.cumsum(-1) - 1).clamp(min=0)).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            tokens, m = torch.cat([tokens, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    want = tokens[:, S:] if spelling == "inputs_embeds" else tokens  # from embeddings: the new tokens only
+    assert torch.equal(out, want), f"{spelling}: {out} != oracle {want}"
