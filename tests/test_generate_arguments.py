@@ -143,8 +143,10 @@ ATTACHED_SPELLINGS = SPELLINGS + ["inputs_embeds"]
 
 @pytest.mark.parametrize("spelling", ATTACHED_SPELLINGS)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("hoisting", [True, False])
 @pytest.mark.parametrize("kind", ["prompt", "mpt"])
-def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, cache, spelling):
+def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, hoisting, cache, spelling):
+    """Unhoisted, the virtual tokens enter the KV cache at prefill: a static cache needs room for them."""
     from test_hoisting_attach import _prompt, _reference
 
     from fastprompt.integrations.prompt_attach import attach
@@ -153,6 +155,7 @@ def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, cache, spe
     twin = copy.deepcopy(model)
     prompt = _prompt(kind, model)
     attach(model, prompt)
+    set_prompt_hoisting(model, hoisting)
     model.generation_config.eos_token_id = None  # every row runs all steps
     ids, mask = make_inputs(batch=3, seq=S, padding="left")
     task_ids = torch.tensor([1, 0, 1]) if prompt.needs_task_ids else None
@@ -168,7 +171,7 @@ def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, cache, spe
         setattr(model.generation_config, key, value)
     with torch.no_grad():
         out = model.generate(*args, **kwargs, **extra)
-        assert last_prompt_path(model) == HOISTED
+        assert last_prompt_path(model) == (HOISTED if hoisting else "unhoisted: hoisting turned off")
         tokens, m = ids, mask
         num = prompt.num_input_tokens()
         for _ in range(new):  # the unpatched model on [prompt; tokens], generate's padding-aware positions after P
@@ -179,3 +182,21 @@ def test_attached_prompt_every_spelling_matches_no_cache_greedy(kind, cache, spe
             tokens, m = torch.cat([tokens, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
     want = tokens[:, S:] if spelling == "inputs_embeds" else tokens  # from embeddings: the new tokens only
     assert torch.equal(out, want), f"{spelling}: {out} != oracle {want}"
+
+
+def test_attached_generate_wrapper_pickles_and_unpatch_removes_it():
+    import pickle
+
+    import fastprompt as fp
+
+    model = integration_helpers.tiny_model("llama")
+    fp.patch_model(model, fp.PromptTuning(model, num_virtual_tokens=P, init="vocab"))
+    assert "generate" in model.__dict__
+    set_prompt_hoisting(model, False)
+    clone = pickle.loads(pickle.dumps(model))
+    ids, mask = make_inputs(batch=3, seq=S, padding="left")
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="static")
+    b = clone.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="static")
+    assert torch.equal(a, b)
+    fp.unpatch_model(model)
+    assert "generate" not in model.__dict__ and "forward" not in model.__dict__

@@ -8,8 +8,10 @@ one). Deriving those by hand went wrong twice (an `inputs=` call missed; `max_le
 wins), so this module asks transformers' own generation machinery, the steps `GenerationMixin.generate` itself
 runs: `_prepare_generation_config` (kwargs > passed config > model default > global defaults),
 `_prepare_model_inputs` (which argument is the input), `_prepare_generated_length` (the final `max_length`), and
-the cache length generate() sizes a static cache to. Nothing here changes the call: the wrapper passes the caller's
-arguments on, and transformers resolves them again, identically.
+the cache length generate() sizes a static cache to. Resolving changes nothing: the wrapper passes the caller's
+arguments on, and transformers resolves them again, identically. The one change a wrapper may make is
+`static_cache_with_room`: where generate() would build a static cache for the real tokens while virtual tokens enter
+the cache too, that cache is built with room for them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from .cache_compat import get_cache
 
-__all__ = ["GenerateCall", "resolve_generate", "STATIC_CACHE_IMPLEMENTATIONS"]
+__all__ = ["GenerateCall", "resolve_generate", "static_cache_with_room", "STATIC_CACHE_IMPLEMENTATIONS"]
 
 
 def _static_implementations() -> tuple:
@@ -113,3 +115,29 @@ def resolve_generate(model, args: tuple, kwargs: dict) -> GenerateCall:
     return GenerateCall(arguments=arguments, kwargs=given, inputs=inputs, input_name=input_name,
                         input_ids=input_ids, generation_config=generation_config, model_kwargs=model_kwargs,
                         max_cache_length=max_cache_length)
+
+
+def static_cache_with_room(model, call: GenerateCall, kwargs: dict, extra_tokens: int) -> dict:
+    """`kwargs` for `model.generate()`, where the call would make generate() build a static cache: that cache built
+    here, `extra_tokens` slots longer (virtual tokens that enter the cache at prefill besides the real tokens
+    generate() sizes it for). Otherwise `kwargs` unchanged. The length is generate()'s own (`call`), raised to a
+    passed `max_cache_len` ceiling as generate() does."""
+    if not call.static_cache or call.max_cache_length is None or extra_tokens <= 0:
+        return kwargs
+    from transformers import StaticCache
+
+    from .cache_compat import cache_kwarg
+
+    length = call.max_cache_length
+    ceiling = getattr(call.generation_config, "max_cache_len", None)  # transformers >= 5.25
+    if ceiling is not None:
+        length = max(length, int(ceiling))
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    offloading = {"offloading": True} if "offloaded" in call.generation_config.cache_implementation else {}
+    kwargs = dict(kwargs)
+    # generate() refuses a cache beside any cache_implementation: unset it (a keyword overrides a passed config and
+    # the model's default alike; beside a passed config, transformers logs a one-time deprecation note)
+    kwargs["cache_implementation"] = None
+    kwargs[cache_kwarg(type(model).generate)] = StaticCache(config=config, max_cache_len=length + extra_tokens,
+                                                            **offloading)
+    return kwargs

@@ -501,27 +501,10 @@ def _input_generate(self, *args, **kwargs):
 
 def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
     """Where generate() would build a static cache (cache_implementation from the call, a passed config or the
-    model's default one), build it here with P more slots: PEFT's virtual tokens enter the cache at prefill. Its
-    length is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
-    from transformers import StaticCache
-
-    from .generate_args import resolve_generate
+    model's default one), build it with P more slots: PEFT's virtual tokens enter the cache at prefill. Its length
+    is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
+    from .generate_args import resolve_generate, static_cache_with_room
 
     base = model.get_base_model()
     call = resolve_generate(base, args, {k: v for k, v in kwargs.items() if k != "task_ids"})
-    if not call.static_cache or call.max_cache_length is None:
-        return kwargs
-    length = call.max_cache_length
-    requested = getattr(call.generation_config, "max_cache_len", None)  # a ceiling across calls (transformers 5.25)
-    if requested is not None:
-        length = max(length, int(requested))
-    text_config = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else \
-        base.config
-    offloading = {"offloading": True} if "offloaded" in call.generation_config.cache_implementation else {}
-    kwargs = dict(kwargs)
-    # the cache is passed instead; generate() refuses a cache beside any cache_implementation, so it is unset
-    # here (a keyword overrides a passed config and the model's default alike)
-    kwargs["cache_implementation"] = None
-    kwargs[cache_kwarg(base.generate)] = StaticCache(config=text_config, max_cache_len=length + num_tokens,
-                                                     **offloading)
-    return kwargs
+    return static_cache_with_room(base, call, kwargs, num_tokens)
