@@ -15,6 +15,7 @@ the cache too, that cache is built with room for them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -72,17 +73,22 @@ class GenerateCall:
                 and self.user_cache is None)
 
 
+@functools.lru_cache(maxsize=64)
+def _generate_signature(generate) -> inspect.Signature:
+    return inspect.signature(generate)  # per class's generate(): a fraction of a millisecond saved per call
+
+
 def resolve_generate(model, args: tuple, kwargs: dict) -> GenerateCall:
     """Resolve `model.generate(*args, **kwargs)` (`model`: the transformers model whose generate() runs) with
     transformers' own steps, in generate()'s order. Raises what generate() would raise for the same arguments
     (unknown positional arguments, `inputs` given twice, no input and no BOS token)."""
-    generate = type(model).generate
+    signature = _generate_signature(type(model).generate)
     try:
-        bound = inspect.signature(generate).bind(model, *args, **kwargs)
+        bound = signature.bind(model, *args, **kwargs)
     except TypeError as err:
         raise TypeError(f"{type(model).__name__}.generate(): {err}") from None
     arguments = dict(bound.arguments)
-    arguments.pop(next(iter(inspect.signature(generate).parameters)), None)  # self
+    arguments.pop(next(iter(signature.parameters)), None)  # self
     given = dict(arguments.pop("kwargs", {}))
     extra = dict(given)
     extra.pop("trust_remote_code", None)  # generate() takes it off first
