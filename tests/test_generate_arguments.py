@@ -10,6 +10,7 @@ of [prompt; tokens], no cache, no generate(). Each spelling's number of new toke
 transformers' documented rule, not computed by the code under test.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -77,6 +78,24 @@ def test_peft_input_prompt_every_spelling_matches_no_cache_greedy(method, hoisti
     out = patched.generate(*args, **kwargs, **extra)
     assert last_prompt_path(patched) == (HOISTED if hoisting else "unhoisted: hoisting turned off")
     want = greedy_no_cache(oracle, ids, mask, new, pad=PAD, eos=EOS, positions=False, **extra)
+    assert torch.equal(out, want), f"{spelling}: {out} != oracle {want}"
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_peft_prefix_tuning_every_spelling_matches_no_cache_greedy(cache, spelling):
+    # the prefix is read by the attention, never cached: generate()'s own cache sizing is right as it is
+    patched, oracle = tiny_peft_pair("llama", "prefix", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=S, padding="left")
+    args, kwargs, defaults, new = _spelling(spelling, ids, mask, cache == "static")
+    for key, value in defaults.items():
+        setattr(patched.generation_config, key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that it shifts the position ids
+        out = patched.generate(*args, **kwargs)
+        # PEFT's prefix positions: generate()'s padding-aware ones, shifted by P inside PEFT's forward
+        want = greedy_no_cache(oracle, ids, mask, new, pad=PAD, eos=EOS, positions=True)
     assert torch.equal(out, want), f"{spelling}: {out} != oracle {want}"
 
 
