@@ -122,23 +122,36 @@ def _is_causal_lm(hf) -> bool:
     return type(hf).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+_DROPOUT_SITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf model -> modules that can drop
+
+
+def _dropout_sites(hf) -> tuple:
+    """The modules of `hf` that can draw dropout: every nn.Dropout (any _DropoutNd) and every module with an
+    `attention_dropout` rate (transformers' attention modules pass it to the attention function while training).
+    Found once per model, like its layers (`_facts`); their rates and training flags are read on every call."""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    sites = _DROPOUT_SITES.get(hf)
+    if sites is None:
+        sites = tuple(m for m in hf.modules()
+                      if isinstance(m, _DropoutNd) or isinstance(m.__dict__.get("attention_dropout"), (int, float)))
+        _DROPOUT_SITES[hf] = sites
+    return sites
+
+
 def _dropout_in_training(hf) -> bool:
-    """Whether a forward of `hf` draws dropout: an nn.Dropout (any _DropoutNd) training with p > 0, or an attention
-    module training with a functional attention dropout rate > 0 (transformers passes `attention_dropout` to the
-    attention function while the module trains). Grad mode plays no part: under torch.no_grad() in train() the
-    unhoisted model still draws one mask per row, where the hoisted prompt pass would share one across rows."""
+    """Whether a forward of `hf` draws dropout: an nn.Dropout training with p > 0, or an attention module training
+    with a functional attention dropout rate > 0, each by its own training flag. Grad mode plays no part: under
+    torch.no_grad() in train() the unhoisted model still draws one mask per row, where the hoisted prompt pass
+    would share one across rows."""
     from torch.nn.modules.dropout import _DropoutNd
 
     config = getattr(hf, "config", None)
     if hf.training and config is not None and _positive(getattr(config, "attention_dropout", None)):
         return True
-    for module in hf.modules():
-        if not module.training:
-            continue
-        if isinstance(module, _DropoutNd):
-            if module.p > 0:
-                return True
-        elif _positive(getattr(module, "attention_dropout", None)):
+    for module in _dropout_sites(hf):
+        if module.training and _positive(module.p if isinstance(module, _DropoutNd)
+                                         else module.__dict__.get("attention_dropout")):
             return True
     return False
 
