@@ -99,6 +99,20 @@ def test_peft_prefix_tuning_every_spelling_matches_no_cache_greedy(cache, spelli
     assert torch.equal(out, want), f"{spelling}: {out} != oracle {want}"
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("method", ["prompt", "mpt"])
+def test_peft_generate_without_input_starts_from_bos_as_transformers_does(method, cache):
+    # no input at all: transformers starts from the BOS token, one row per row of the other tensors (MPT: task_ids)
+    patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    extra = {"task_ids": torch.tensor([1, 0, 2])} if method == "mpt" else {}
+    out = patched.generate(max_new_tokens=3, cache_implementation="static" if cache == "static" else None, **extra)
+    assert last_prompt_path(patched) == HOISTED
+    bos = torch.full((3 if extra else 1, 1), patched.generation_config.bos_token_id)
+    want = greedy_no_cache(oracle, bos, torch.ones_like(bos), 3, pad=PAD, eos=EOS, positions=False, **extra)
+    assert torch.equal(out, want)
+
+
 def test_peft_inputs_embeds_is_refused_as_unpatched_peft_refuses_it():
     # PEFT's generate() swaps in its own prepare step, which takes no inputs_embeds: transformers refuses the call
     patched, oracle = tiny_peft_pair("llama", "prompt", "CAUSAL_LM", num_virtual_tokens=P)

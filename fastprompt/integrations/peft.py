@@ -506,5 +506,5 @@ def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
     from .generate_args import resolve_generate, static_cache_with_room
 
     base = model.get_base_model()
-    call = resolve_generate(base, args, {k: v for k, v in kwargs.items() if k != "task_ids"})
+    call = resolve_generate(base, args, kwargs)
     return static_cache_with_room(base, call, kwargs, num_tokens)

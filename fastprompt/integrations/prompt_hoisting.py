@@ -499,7 +499,7 @@ def _peft_generate(self, *args, **kwargs):
     if reason is None:
         # the input and the length as transformers resolves them: every spelling of the input, max_new_tokens
         # before max_length, the passed config before the model's default one
-        call = resolve_generate(hf, args, {k: v for k, v in kwargs.items() if k != "task_ids"})
+        call = resolve_generate(hf, args, kwargs)
         if call.input_name != "input_ids":
             reason = f"generate() from {call.input_name}"
         else:
