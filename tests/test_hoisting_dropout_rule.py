@@ -99,3 +99,17 @@ def test_a_dropout_module_training_inside_an_eval_model_blocks_hoisting(monkeypa
     with torch.no_grad():
         patched(input_ids=ids, attention_mask=mask)
     assert last_prompt_path(patched).startswith("unhoisted: dropout in training")
+
+
+def test_generate_in_training_mode_is_not_hoisted(monkeypatch):
+    # generate() runs under no_grad: in train() mode the unhoisted model still draws a mask per row
+    integration_helpers.override_tiny_config(monkeypatch, attention_dropout=0.3)
+    patched, _ = tiny_peft_pair("llama", "prompt", "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(batch=3, seq=6, padding="left")
+    patched.generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert last_prompt_path(patched) == HOISTED
+    patched.train()
+    with torch.no_grad():
+        patched.generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert last_prompt_path(patched).startswith("unhoisted: dropout in training")
