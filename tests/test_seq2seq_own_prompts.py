@@ -318,3 +318,61 @@ def test_own_prompt_bad_configurations_on_encoder_decoder():
         base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, task_ids=torch.tensor([0, 0, 0]))
     fastprompt.unpatch_model(base)
     assert base.config._attn_implementation == "eager"
+
+
+def _seq2seq_spelling(name, ref, ids, mask, static):
+    """(args, kwargs, changes to the model's default generation config, decoder tokens generated). The decoder
+    sequence is the start token and the new ones; max_length counts both (transformers' rule)."""
+    from transformers import GenerationConfig
+
+    cache = {"cache_implementation": "static"} if static else {}
+    if name == "positional":
+        return (ids,), dict(attention_mask=mask, max_new_tokens=4, **cache), {}, 4
+    if name == "input_ids":
+        return (), dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, **cache), {}, 4
+    if name == "inputs":
+        return (), dict(inputs=ids, attention_mask=mask, max_new_tokens=4, **cache), {}, 4
+    if name == "inputs_embeds":
+        embeds = ref.get_input_embeddings()(ids).detach()
+        return (), dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, **cache), {}, 4
+    if name == "config_max_length":
+        return (), dict(inputs=ids, attention_mask=mask,
+                        generation_config=GenerationConfig(max_length=3, **cache)), {}, 2
+    if name == "config_both":  # max_new_tokens takes precedence over max_length
+        return (), dict(input_ids=ids, attention_mask=mask,
+                        generation_config=GenerationConfig(max_length=2, max_new_tokens=4, **cache)), {}, 4
+    if name == "config_positional":
+        return (ids, GenerationConfig(max_new_tokens=3, **cache)), dict(attention_mask=mask), {}, 3
+    if name == "model_default":  # the model's default max_new_tokens wins over a max_length keyword
+        return (), dict(inputs=ids, attention_mask=mask, max_length=2), dict(max_new_tokens=4, **cache), 4
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("spelling", ["positional", "input_ids", "inputs", "inputs_embeds", "config_max_length",
+                                      "config_both", "config_positional", "model_default"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["prompt_tuning", "multitask_mpt", "pool_hard"])
+def test_own_prompt_generate_every_spelling_equals_no_cache_greedy_loop(kind, cache, spelling):
+    base, ref, prompt, oracle_prompt = _setup("t5", kind)
+    base.generation_config.eos_token_id = None  # every row runs all steps
+    ids, mask, _, _ = seq2seq_inputs("t5")
+    args, kwargs, defaults, new = _seq2seq_spelling(spelling, ref, ids, mask, cache == "static")
+    for key, value in defaults.items():
+        setattr(base.generation_config, key, value)
+    with torch.no_grad():
+        out = base.generate(*args, **kwargs, **_task_kwargs(kind))
+    expected, _ = _greedy_loop(ref, kind, oracle_prompt, ids, mask, steps=new)
+    assert torch.equal(out, expected), f"{spelling}: {out} != oracle {expected}"
+
+
+def test_own_prompt_generate_refuses_inputs_twice_as_transformers_does():
+    base, ref, prompt, _ = _setup("t5", "prompt_tuning")
+    ids, mask, _, _ = seq2seq_inputs("t5")
+    with pytest.raises(ValueError) as unpatched:
+        ref.generate(ids, input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError) as got:
+        base.generate(ids, input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert str(got.value) == str(unpatched.value)
+    embeds = ref.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        base.generate(ids, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=2)

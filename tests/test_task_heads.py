@@ -304,3 +304,30 @@ def test_bad_heads_arguments():
     ids, mask, _ = _batch("bert")
     with pytest.raises(TypeError, match="patch a base model"):
         with_head(ids, attention_mask=mask, task_ids=TASKS)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_span_labels_on_padding_are_refused(family):
+    # A span head masks padding to the dtype's minimum (no prediction lands there), so a label on padding is a
+    # target it cannot score: the loss was about 1e38 (or inf), silently. transformers' QA heads do not mask
+    # padding and ignore only positions outside the input; out-of-range positions are already refused here, and a
+    # position on padding is refused the same way, naming the argument, the row and the position.
+    model = _base(family)
+    attach(model, _prompt(model))
+    ids, mask, labels = _batch(family)
+    pad = 5 if family == "bert" else 0  # batch row 3 (the second qa row) is padded there
+    assert not mask[3, pad]
+
+    def call(qa):
+        return model(ids, attention_mask=mask, task_ids=TASKS, labels={**labels, "qa": qa})
+
+    on_padding = labels["qa"].clone()
+    on_padding[1, 1 if family == "bert" else 0] = pad
+    side = "end" if family == "bert" else "start"
+    with pytest.raises(ValueError, match=rf"labels\['qa'\] row 1 .* {side} position {pad} on padding"):
+        call(on_padding)
+    no_answer = labels["qa"].clone()
+    no_answer[1] = -100  # -100 stays "no answer", whatever the padding
+    loss = call(no_answer).loss
+    assert torch.isfinite(loss) and loss.item() < 100
+    assert torch.isfinite(call(labels["qa"]).loss)

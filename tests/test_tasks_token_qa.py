@@ -168,6 +168,43 @@ def test_own_prompt_qa_tuple_output_and_ignored_spans():
     torch.testing.assert_close(loss, kept)  # the third row's span (99, past the input) counts nowhere
 
 
+def _spans_on_padding(ids, mask, num_prompt_tokens=0):
+    """Span targets whose positions fall on padding (left padding: rows 1 and 2 start with pads)."""
+    assert not mask[1, 0] and not mask[2, 1]
+    start, end = torch.tensor([1, 0, 1]), torch.tensor([2, 3, 4])
+    return {"start_positions": start + num_prompt_tokens, "end_positions": end + num_prompt_tokens}
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_peft_span_labels_on_padding_give_the_unpatched_loss(method):
+    """transformers' QA heads score padding like any token: a span label there is a finite loss term, and the
+    patched PEFT model gives the unpatched one's (PEFT's prefix semantics written out for prefix tuning)."""
+    patched, oracle = family_peft_pair("bert", method, "QUESTION_ANS")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    P = patched.active_peft_config.num_virtual_tokens if method == "prompt" else 0
+    targets = _spans_on_padding(ids, mask, P)
+    oracle_call = oracle if method == "prompt" else (lambda **kw: prefix_oracle_forward(oracle, "bert", **kw))
+    assert_pair_parity(patched, oracle_call, patched, oracle, "QUESTION_ANS", ids, mask, targets,
+                       what=f"bert/QA/{method}/spans on padding")
+    with torch.no_grad():
+        loss = patched(input_ids=ids, attention_mask=mask, **targets).loss
+    assert torch.isfinite(loss) and loss.item() < 100
+
+
+def test_own_prompt_span_labels_on_padding_give_the_models_own_loss():
+    model = family_model("bert", "QUESTION_ANS")
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    prompt = _own_prompt("prompt", model).eval()
+    fp.patch_model(model, prompt)
+    ids, mask = make_inputs(padding="left")
+    targets = _spans_on_padding(ids, mask)
+    assert_pair_parity(model, lambda **kw: _own_oracle(twin, prompt, "QUESTION_ANS", **kw), model, prompt,
+                       "QUESTION_ANS", ids, mask, targets, what="bert/QA/own prompt/spans on padding")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the real all-MiniLM-L6-v2
 

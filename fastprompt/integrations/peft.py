@@ -494,28 +494,17 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
 def _input_generate(self, *args, **kwargs):
     """PEFT's generate(); a static cache generate() would size for the real tokens only gets room for the prompt."""
     config = self.active_peft_config
-    if (_value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
-            and kwargs.get("cache_implementation") == "static" and get_cache(kwargs) is None):
+    if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
     return type(self).generate(self, *args, **kwargs)
 
 
 def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
-    from transformers import StaticCache
+    """Where generate() would build a static cache (cache_implementation from the call, a passed config or the
+    model's default one), build it with P more slots: PEFT's virtual tokens enter the cache at prefill. Its length
+    is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
+    from .generate_args import resolve_generate, static_cache_with_room
 
-    source = kwargs.get("input_ids", args[0] if args else None)
-    if source is None:
-        source = kwargs.get("inputs_embeds")
-    if source is None:
-        return kwargs  # generate() starts from a BOS token: leave its own sizing (and error) alone
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-    total = source.shape[1] + max_new if max_new is not None else kwargs.get("max_length",
-                                                                           generation_config.max_length)
     base = model.get_base_model()
-    text_config = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else \
-        base.config
-    kwargs = dict(kwargs)
-    kwargs.pop("cache_implementation")
-    kwargs[cache_kwarg(base.generate)] = StaticCache(config=text_config, max_cache_len=total + num_tokens)
-    return kwargs
+    call = resolve_generate(base, args, kwargs)
+    return static_cache_with_room(base, call, kwargs, num_tokens)

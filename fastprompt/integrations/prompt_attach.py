@@ -52,7 +52,7 @@ class _AttachState:
     signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
     requires_grad: Dict[str, bool]
     attention_token: Any = None
-    original_generate: Any = None  # encoder-decoder models: the instance's own `generate` attribute before attach
+    original_generate: Any = None  # the instance's own `generate` attribute before attach (when wrapped)
     # generate(): the per-row query / task ids chosen at the prefill step, keyed by the cache object
     by_cache: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -139,6 +139,11 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         from .seq2seq_own_prompts import install_generate
 
         install_generate(model, state)
+    else:  # causal LMs with an input-level prompt: static caches get room for it (own_prompt_generate)
+        from . import own_prompt_generate
+
+        if own_prompt_generate.wants_generate_wrapper(model, prompt):
+            own_prompt_generate.install_generate(model, state)
     return model
 
 
@@ -154,6 +159,10 @@ def detach(model):
         model.forward = state.original_forward
     if getattr(model.config, "is_encoder_decoder", False):
         from .seq2seq_own_prompts import remove_generate
+
+        remove_generate(model, state)
+    else:
+        from .own_prompt_generate import remove_generate
 
         remove_generate(model, state)
     if PROMPT_ATTR in model._modules:

@@ -17,8 +17,8 @@ outputs keep the unhoisted shapes: logits over the P + S positions, the virtual 
 taken from the prompt pass and broadcast to the rows; the loss includes the term of the last virtual position (it
 predicts the first real token). Where the two would differ, the unhoisted path runs (see `hoisting_blocker`):
 bidirectional attention (virtual tokens then see the input), a sliding window shorter than P + length (the
-unhoisted model lets early virtual tokens slide out of view), dropout in training (the unhoisted model draws one
-mask per row for the virtual tokens), prompts that depend on the input (pools / selectors: never hoisted),
+unhoisted model lets early virtual tokens slide out of view), any dropout in training, with or without grad (the
+unhoisted model draws one mask per row for the virtual tokens), prompts that depend on the input (pools / selectors: never hoisted),
 `output_attentions`, a caller-supplied KV cache in a PEFT forward, and tasks other than causal LM.
 
 Generation computes the prompt K/V once (no_grad) and the KV cache holds the real tokens only. Each decoding step
@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .generate_args import resolve_generate
 from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod
 from .transformers_attention import (
@@ -121,13 +122,43 @@ def _is_causal_lm(hf) -> bool:
     return type(hf).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+_DROPOUT_SITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf model -> modules that can drop
+
+
+def _dropout_sites(hf) -> tuple:
+    """The modules of `hf` that can draw dropout: every nn.Dropout (any _DropoutNd) and every module with an
+    `attention_dropout` rate (transformers' attention modules pass it to the attention function while training).
+    Found once per model, like its layers (`_facts`); their rates and training flags are read on every call."""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    sites = _DROPOUT_SITES.get(hf)
+    if sites is None:
+        sites = tuple(m for m in hf.modules()
+                      if isinstance(m, _DropoutNd) or isinstance(m.__dict__.get("attention_dropout"), (int, float)))
+        _DROPOUT_SITES[hf] = sites
+    return sites
+
+
 def _dropout_in_training(hf) -> bool:
-    if not hf.training or not torch.is_grad_enabled():
-        return False
+    """Whether a forward of `hf` draws dropout: an nn.Dropout training with p > 0, or an attention module training
+    with a functional attention dropout rate > 0, each by its own training flag. Grad mode plays no part: under
+    torch.no_grad() in train() the unhoisted model still draws one mask per row, where the hoisted prompt pass
+    would share one across rows."""
+    from torch.nn.modules.dropout import _DropoutNd
+
     config = getattr(hf, "config", None)
-    if config is not None and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
+    if hf.training and config is not None and _positive(getattr(config, "attention_dropout", None)):
         return True
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in hf.modules())
+    for module in _dropout_sites(hf):
+        if module.training and _positive(module.p if isinstance(module, _DropoutNd)
+                                         else module.__dict__.get("attention_dropout")):
+            return True
+    return False
+
+
+def _positive(rate) -> bool:
+    """A dropout rate (a number) above 0; anything else (None, a module) is not a rate."""
+    return isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0
 
 
 def hoisting_blocker(hf, num_virtual_tokens: int, total_length: Optional[int] = None) -> Optional[str]:
@@ -430,19 +461,6 @@ def _peft_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
                              return_dict=return_dict, full_logits=full_logits, **kwargs)
 
 
-def _generation_length(hf, seq: int, kwargs) -> Optional[int]:
-    """Real tokens the generation can reach (prompt + new), or None when it cannot be told."""
-    gen_config = kwargs.get("generation_config") or getattr(hf, "generation_config", None)
-    new = kwargs.get("max_new_tokens")
-    if new is None and kwargs.get("max_length") is not None:
-        return int(kwargs["max_length"])
-    if new is None and gen_config is not None:
-        new = getattr(gen_config, "max_new_tokens", None)
-        if new is None and getattr(gen_config, "max_length", None) is not None:
-            return int(gen_config.max_length)
-    return None if new is None else seq + int(new)
-
-
 class _PrefixesForGeneration:
     """Wraps the base model's prepare_inputs_for_generation for one generate() call: every step reads the same
     prompt K/V; a pool's row index follows the batch expansion of beams / returned sequences."""
@@ -472,35 +490,41 @@ class _PrefixesForGeneration:
 
 def _peft_generate(self, *args, **kwargs):
     record = self.__dict__[_PEFT_ATTR]
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    hf = self.get_base_model()
     reason = None
     if not _peft_adapter_active(self):
         reason = "adapter disabled"
-    elif input_ids is None or kwargs.get("inputs_embeds") is not None or len(args) > 1:
-        reason = "generate() without input_ids"
+    elif kwargs.get("cache_implementation") == "paged" or isinstance(kwargs.get("custom_generate"), str):
+        reason = "generate() hands the call to another generation loop (paged cache / custom_generate)"
     if reason is None:
-        reason = _peft_blocker(self, _generation_length(self.get_base_model(), input_ids.shape[1], kwargs))
+        # the input and the length as transformers resolves them: every spelling of the input, max_new_tokens
+        # before max_length, the passed config before the model's default one
+        call = resolve_generate(hf, args, kwargs)
+        if call.input_name != "input_ids":
+            reason = f"generate() from {call.input_name}"
+        else:
+            reason = _peft_blocker(self, call.total_length)
     if reason is not None:
         _note(self, f"unhoisted: {reason}")
         return record.fallback_generate(*args, **kwargs)
     _note(self, HOISTED)
     kwargs = dict(kwargs)
-    kwargs.pop("input_ids", None)
     task_ids = kwargs.pop("task_ids", None)
     kwargs.pop("position_ids", None)  # PEFT ignores them: positions are P + index, whatever the padding
     config = self.active_peft_config
-    hf = self.get_base_model()
-    batch, seq = input_ids.shape
+    batch, seq = call.input_ids.shape
     num = config.num_virtual_tokens
     with torch.no_grad():
         prompts, rows = _peft_prompt_rows(self, task_ids, batch)
         prompt_pass = prompt_kv_pass(hf, prompts.to(hf.get_input_embeddings().weight.dtype))
-    positions = torch.arange(num, num + seq, device=input_ids.device)[None].expand(batch, seq)
+    positions = torch.arange(num, num + seq, device=call.input_ids.device)[None].expand(batch, seq)
     wrapper = _PrefixesForGeneration(hf, prompt_pass, rows, batch)
     had_own = "prepare_inputs_for_generation" in hf.__dict__
     object.__setattr__(hf, "prepare_inputs_for_generation", wrapper)
     try:
-        return hf.generate(input_ids, position_ids=positions.contiguous(), **kwargs)
+        # the caller's arguments as given (transformers resolves them again, the same way); the cache it builds,
+        # static or dynamic, holds the real tokens only, so its own sizing is right
+        return hf.generate(*args, position_ids=positions.contiguous(), **kwargs)
     finally:
         if had_own:
             object.__setattr__(hf, "prepare_inputs_for_generation", wrapper.inner)

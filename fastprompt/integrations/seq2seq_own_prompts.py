@@ -57,7 +57,8 @@ class _PatchedSeq2SeqGenerate:
     def __reduce__(self):
         return (_PatchedSeq2SeqGenerate, (self._model_ref(),))
 
-    def __call__(self, inputs=None, *args, task_ids=None, prompt_query=None, **kwargs):
+    def __call__(self, *args, task_ids=None, prompt_query=None, **kwargs):
+        from .generate_args import resolve_generate
         from .prompt_attach import _STATE_ATTR
 
         model = self._model_ref()
@@ -65,16 +66,18 @@ class _PatchedSeq2SeqGenerate:
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
-        if inputs is not None:
-            if kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None:
-                raise ValueError("generate: pass the encoder input once (inputs, input_ids or inputs_embeds)")
-            kwargs["input_ids"] = inputs
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("generate: encoder_outputs cannot be combined with a fastprompt prompt (the prompt is "
                              "placed when the encoder runs); pass input_ids or inputs_embeds")
+        # The encoder input as transformers resolves it (positional, inputs=, input_ids= or inputs_embeds=, a BOS
+        # token when none is given; the same errors for two of them), handed on under its own name.
+        call = resolve_generate(model, args, kwargs)
+        named = {k: v for k, v in call.arguments.items() if k != "inputs"}
+        rest = {k: v for k, v in call.kwargs.items() if k not in ("input_ids", "inputs_embeds")}
+        rest[call.input_name] = call.inputs
         with torch.no_grad():
-            placed = _place_for_generate(model, state, kwargs, task_ids, prompt_query)
-        return original(None, *args, **placed)  # the encoder input now travels in `placed`
+            placed = _place_for_generate(model, state, rest, task_ids, prompt_query)
+        return original(**named, **placed)  # the encoder input now travels in `placed`
 
 
 def _place_for_generate(model, state, kwargs: Dict[str, Any], task_ids, prompt_query) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ positions refer to the input as given. Per kind, for the n_t rows of task t (L =
 - TokenClassificationHead(num_labels): logits [n_t, L, C]; labels [n_t, L], -100 = no label (padding is never
   counted). L_t = cross-entropy averaged over the labelled tokens of the task's rows (transformers' convention).
 - SpanExtractionHead(): logits [n_t, L, 2], start and end scores, padding masked to the dtype's minimum; labels
-  [n_t, 2] = (start, end) token positions, -100 = no answer. L_t = (CE(start) + CE(end)) / 2 over the labelled
+  [n_t, 2] = (start, end) positions of real tokens (a position on padding is refused), -100 = no answer. L_t = (CE(start) + CE(end)) / 2 over the labelled
   rows (transformers' QA convention).
 
 Rows of other tasks never enter a task's head or loss, so each row gives what its task's rows give when run
@@ -178,7 +178,7 @@ class TaskHeads(nn.Module):
                 else attention_mask.to(device=hidden.device, dtype=torch.bool))
         if mask.shape != (batch, length):
             raise ValueError(f"attention_mask must be [B, L] = {(batch, length)}, got {tuple(mask.shape)}")
-        labels = self._check_labels(labels, task_ids, length)
+        labels = self._check_labels(labels, task_ids, length, mask)
         losses, logits_by_task, rows_by_task = {}, {}, {}
         for t, name in enumerate(self.names):
             rows = torch.nonzero(task_ids == t).flatten()
@@ -215,7 +215,8 @@ class TaskHeads(nn.Module):
         end = _mean_ce(logits[..., 1], labels[:, 1])
         return logits, (start + end) / 2
 
-    def _check_labels(self, labels, task_ids: Tensor, length: int) -> Optional[Dict[str, Tensor]]:
+    def _check_labels(self, labels, task_ids: Tensor, length: int,
+                      mask: Tensor) -> Optional[Dict[str, Tensor]]:
         if labels is None:
             return None
         if not isinstance(labels, Mapping):
@@ -245,8 +246,25 @@ class TaskHeads(nn.Module):
             if bool(bad.any()):
                 what = "token positions in [0, L)" if kind == "span" else f"class ids in [0, {limit})"
                 raise ValueError(f"labels[{name!r}] must hold {what} or -100, got {int(y[bad][0])}")
+            if kind == "span":
+                _check_spans_on_real_tokens(name, y, mask[torch.nonzero(task_ids == t).flatten()])
             out[name] = y.long()
         return out
+
+
+def _check_spans_on_real_tokens(name: str, spans: Tensor, mask: Tensor) -> None:
+    """A span boundary must be a real token: the head masks padding to the dtype's minimum (so that no prediction
+    lands there), which makes a label on padding an impossible target with a loss of about 1e38 or inf. transformers'
+    QA heads score padding like any token and ignore only positions outside the input (clamped to L); this head
+    cannot score such a label at all, so, like a position outside [0, L), it is refused, never trained on."""
+    labelled = spans != IGNORE_INDEX
+    on_padding = labelled & ~mask.to(spans.device).gather(1, spans.clamp(min=0).long())
+    if bool(on_padding.any()):
+        row, side = (int(i) for i in torch.nonzero(on_padding)[0])
+        raise ValueError(
+            f"labels[{name!r}] row {row} (of task {name!r}'s rows, in batch order) has its "
+            f"{('start', 'end')[side]} position {int(spans[row, side])} on padding (attention_mask is 0 there); "
+            "span positions must point at real tokens, or be -100 for no answer")
 
 
 def _pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
