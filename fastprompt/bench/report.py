@@ -9,7 +9,8 @@ from typing import Optional
 from .oracle import VERDICTS
 
 __all__ = ["WIDTH", "format_table", "legend", "markdown_report", "short_case", "time_spread", "summary_line",
-           "verdict_of", "fmt_ratio", "fmt_bytes", "fmt_time", "short_params"]
+           "verdict_of", "fmt_ratio", "fmt_bytes", "fmt_time", "short_params", "progress_label", "diff_text",
+           "format_targets"]
 
 WIDTH = 120  # the console table and legend fit this many columns
 
@@ -93,6 +94,43 @@ def short_case(r: dict) -> str:
     if "tasks" in p:
         return f"generate {p['tasks']} tasks {shape} new{p['new']}"
     return f"generate {shape} new{p['new']}"
+
+
+def progress_label(group: str, name: str, params: dict, limit: int = 48) -> str:
+    """The progress bar's name of the case being run: the table's label, cut only between words."""
+    try:
+        text = short_case({"group": group, "name": name, "params": params})
+    except (KeyError, ValueError, IndexError):  # a case whose params the table's labels do not know
+        text = f"{name} {short_params(params)}"
+    if len(text) <= limit:
+        return text
+    words, kept = text.split(), ""
+    for word in words:
+        if len(kept) + len(word) + (1 if kept else 0) > limit - 2:
+            break
+        kept += (" " if kept else "") + word
+    return (kept or words[0]) + " …"
+
+
+def diff_text(outputs: dict, diff: float) -> str:
+    """A difference from compare_outputs with its unit: for token ids the fraction of entries that differ, for
+    floating-point outputs the max relative difference (max |a - b| / max |b|, per tensor)."""
+    kinds = {t.is_floating_point() for t in outputs.values() if t is not None}
+    if kinds == {False}:
+        return f"in {diff:.0%} of the output token ids"
+    if kinds == {True}:
+        return f"by a max relative difference of {diff:.2g}"
+    return f"by {diff:.2g} (token ids: the fraction that differ; floats: the max relative difference)"
+
+
+def format_targets(rows: list[dict]) -> str:
+    """One line per benchmark goal (met / MISSED, the ratio, the absolute figures, the shape), wrapped to WIDTH."""
+    lines = []
+    for t in rows:
+        state = "met" if t["met"] else "MISSED"
+        value = "-" if t["value"] is None else f"{t['value']:.2f}x"
+        lines += _wrap(f"{t['target']}: {value} ({t['detail']}; {t['case']})", f"{state:6}  ")
+    return "\n".join(lines)
 
 
 def _short_baseline(name: str) -> str:
