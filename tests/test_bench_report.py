@@ -28,6 +28,25 @@ def test_the_table_legend_and_targets_fit_120_columns(mode):
     assert not wide, wide
 
 
+def test_the_table_fits_120_columns_with_figures_of_a_loaded_machine():
+    """Spreads past 10, 100-second steps, ratios past 10x: the case labels give way (cut between words)."""
+    results = []
+    for case in runner.suite("default", "cpu"):
+        record = _record(case)
+        record["figures"]["fastprompt"]["time_s"] = 123.4
+        record["ratios"].update(time_s=83.7, new_bytes=12.5, peak_bytes=10.2)
+        record["time_ratio_reps"] = [0.1, 5.0, 30.0, 40.0]
+        results.append(record)
+    lines = runner.format_table(results).splitlines()
+    assert max(len(line) for line in lines) <= report.WIDTH
+    assert any("…" in line for line in lines[2:])
+    start, stop = lines[0].index("case"), lines[0].index(" vs ")  # the case column, from the header
+    for line, case in zip(lines[2:], runner.suite("default", "cpu")):
+        label = report.short_case({"group": case.group, "name": case.name, "params": case.params})
+        shown = line[start:stop].strip().removesuffix(" …")
+        assert label.startswith(shown), (shown, label)
+
+
 def test_the_targets_lines_fit_120_columns_and_keep_every_word():
     rows = [{"target": "attention layer fwd+bwd new bytes <= 0.5x PEFT path", "case": "B=8 S=256 P=32 Hq=8 Hkv=2 D=64",
              "value": 0.4097, "limit": 0.5, "met": True, "detail": "15.5 MiB vs 37.8 MiB"},

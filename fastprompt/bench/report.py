@@ -60,7 +60,7 @@ def fmt_bytes(n) -> str:
 def fmt_time(s) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "-"
-    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+    return f"{s * 1e3:.1f}" if s < 1 else f"{s * 1e3:.0f}"  # at most 5 characters below 100 s
 
 
 def short_params(params: dict) -> str:
@@ -176,8 +176,24 @@ def _rows(results: list[dict]):
         spread = time_spread(r)
         yield n, r, [str(n), short_case(r), _short_baseline(r["baseline"]), fmt_time(figs["fastprompt"]["time_s"]),
                      fmt_time(figs["baseline"]["time_s"]), fmt_ratio(ratios["time_s"]),
-                     "-" if spread is None else f"{spread:.2f}", fmt_ratio(ratios["new_bytes"]), fmt_ratio(peak),
+                     _fmt_spread(spread), fmt_ratio(ratios["new_bytes"]), fmt_ratio(peak),
                      fmt_ratio(ratios["saved_bytes"]), fmt_ratio(ratios["flops"]), _equal_cell(r)]
+
+
+def _fmt_spread(spread) -> str:
+    return "-" if spread is None else f"{spread:.2f}" if spread < 10 else f"{spread:.0f}"
+
+
+def _cut(text: str, width: int) -> str:
+    """text within `width` characters, cut between words (marked with …)."""
+    if len(text) <= width:
+        return text
+    kept = ""
+    for word in text.split():
+        if len(kept) + len(word) + (1 if kept else 0) > width - 2:
+            break
+        kept += (" " if kept else "") + word
+    return (kept + " …") if kept else text[:width - 1] + "…"
 
 
 def format_table(results: list[dict], markdown: bool = False) -> str:
@@ -188,12 +204,16 @@ def format_table(results: list[dict], markdown: bool = False) -> str:
     head = [c for c, _ in COLUMNS]
     rows = [row for _, _, row in _rows(results)]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    over = sum(widths) + len(widths) - 1 - WIDTH
+    if over > 0:  # figures wider than usual (a loaded machine's spreads, 100 s steps): the case labels give way
+        widths[1] -= over
+        rows = [row[:1] + [_cut(row[1], widths[1])] + row[2:] for row in rows]
     right = {0, 3, 4, 5, 6, 7, 8, 9, 10}
     gap = "  " if sum(widths) + 2 * (len(widths) - 1) <= WIDTH else " "
 
     def line(cells):
         return gap.join(f"{c:>{w}}" if i in right else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), gap.join("-" * w for w in widths)] + [line(r).rstrip() for r in rows])
+    return "\n".join([line(head).rstrip(), gap.join("-" * w for w in widths)] + [line(r).rstrip() for r in rows])
 
 
 def _wrap(text: str, indent: str, width: int = WIDTH) -> list[str]:
