@@ -278,8 +278,8 @@ def _run_section(run: dict) -> list[str]:
     if run["targets"]:
         lines += ["", "Targets:", "", "```", format_targets(run["targets"]), "```"]
     pairs = [r for r in done if "error" not in r and r["baseline"] != "query given"]
-    slower = [r for r in pairs if r["ratios"]["time_s"] > 1.0]
-    more = [r for r in pairs if r["ratios"]["new_bytes"] > 1.0]
+    slower = [r for r in pairs if round(r["ratios"]["time_s"], 2) > 1.0]  # as printed: 1.004x is a 1.00x tie
+    more = [r for r in pairs if round(r["ratios"]["new_bytes"], 2) > 1.0]
     from fastprompt.bench.report import short_case
 
     lines.append("")
