@@ -295,6 +295,9 @@ def main():
     parser.add_argument("--per-task", type=int, default=4, help="rows of each task in a mixed batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--length", type=int, default=8, help="prompt length (tokens)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the table's figures and the run's settings there (the README's table comes "
+                             "from benchmarks/results/example_multitask.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -342,6 +345,12 @@ def main():
     for name, (b, a, s) in results.items():
         print(f"| {name:22s} | " + " | ".join(f"{b[t]:.3f} -> {a[t]:.3f}" for t in TASKS) + f" | {s:.0f} |")
     print(f"\ntotal {time.time() - started:.0f} s ({args.threads} thread(s))")
+    if args.json:
+        from example_results import write_results
+
+        write_results(args.json, "examples/train_multitask_minilm.py", vars(args),
+                      {name: {"before": b, "after": a, "train_s": s} for name, (b, a, s) in results.items()},
+                      total_s=time.time() - started, metrics=METRIC_NAMES)
 
 
 if __name__ == "__main__":

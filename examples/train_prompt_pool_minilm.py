@@ -170,6 +170,9 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the accuracies and the run's settings there (the README's figures come from "
+                             "benchmarks/results/example_prompt_pool.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -198,6 +201,11 @@ def main():
     for name, (before, after) in results.items():
         print(f"{name:10s} before {before:.3f} after {after:.3f}" if name != "head only" else
               f"{name:10s} (chance {before:.3f}) after {after:.3f}")
+    if args.json:
+        from example_results import write_results
+
+        write_results(args.json, "examples/train_prompt_pool_minilm.py", vars(args),
+                      {name: {"before": before, "after": after} for name, (before, after) in results.items()})
 
 
 if __name__ == "__main__":

@@ -109,3 +109,23 @@ def test_the_block_choice_follows_the_score_block_size(monkeypatch):
     leaves, grad = _leaves("blhd", 2, 4, 1, 6, 6, 8, 3, torch.float32, seed=3)
     run()
     assert folded and not whole and not chunked  # [B, L, H, D] memory does not fold: the loop at this threshold
+
+
+def test_gqa_with_a_large_group_block_keeps_the_loop(monkeypatch):
+    """Row chunks of the kernel allocate a fresh dq share (a second dq): GQA takes them only while a whole group's
+    score block is within _GROUP_BLOCK_BYTES; past it the written-out loop runs (even in time, 0.8x the layer's new
+    bytes at B=8 S=256 P=32). MHA has no group to fold and keeps the chunks."""
+    chunked = _spy(monkeypatch, "_chunked_kernel_prefix_backward")
+    b, lq, p = 2, 6, 3
+    monkeypatch.setattr(cpu_flash, "_KERNEL_BLOCK_BYTES", 4 * lq * p * 4)  # one row per chunk (Hq = 4, float32)
+    for (hq, hkv), group_limit, want in (((4, 2), b * 2 * lq * p * 4, True), ((4, 2), b * 2 * lq * p * 4 - 1, False),
+                                         ((4, 4), 0, True)):
+        monkeypatch.setattr(cpu_flash, "_GROUP_BLOCK_BYTES", group_limit)
+        chunked.clear()
+        leaves, grad = _leaves("bhld", b, hq, hkv, lq, lq, 8, p, torch.float32, seed=hq + hkv)
+        got = torch.autograd.grad(prefix_attention(*leaves, causal=True), leaves, grad)
+        assert bool(chunked) == want, (hq, hkv, group_limit)
+        wide = [t.detach().double().requires_grad_() for t in leaves]
+        want_grads = torch.autograd.grad(reference.prefix_attention(*wide, causal=True), wide, grad.double())
+        for name, x, y in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), got, want_grads):
+            assert (x.double() - y).norm() / y.norm() < 1e-5, name

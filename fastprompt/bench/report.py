@@ -9,7 +9,8 @@ from typing import Optional
 from .oracle import VERDICTS
 
 __all__ = ["WIDTH", "format_table", "legend", "markdown_report", "short_case", "time_spread", "summary_line",
-           "verdict_of", "fmt_ratio", "fmt_bytes", "fmt_time", "short_params"]
+           "verdict_of", "fmt_ratio", "fmt_bytes", "fmt_time", "short_params", "progress_label", "diff_text",
+           "format_targets"]
 
 WIDTH = 120  # the console table and legend fit this many columns
 
@@ -59,7 +60,7 @@ def fmt_bytes(n) -> str:
 def fmt_time(s) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "-"
-    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+    return f"{s * 1e3:.1f}" if s < 1 else f"{s * 1e3:.0f}"  # at most 5 characters below 100 s
 
 
 def short_params(params: dict) -> str:
@@ -93,6 +94,43 @@ def short_case(r: dict) -> str:
     if "tasks" in p:
         return f"generate {p['tasks']} tasks {shape} new{p['new']}"
     return f"generate {shape} new{p['new']}"
+
+
+def progress_label(group: str, name: str, params: dict, limit: int = 48) -> str:
+    """The progress bar's name of the case being run: the table's label, cut only between words."""
+    try:
+        text = short_case({"group": group, "name": name, "params": params})
+    except (KeyError, ValueError, IndexError):  # a case whose params the table's labels do not know
+        text = f"{name} {short_params(params)}"
+    if len(text) <= limit:
+        return text
+    words, kept = text.split(), ""
+    for word in words:
+        if len(kept) + len(word) + (1 if kept else 0) > limit - 2:
+            break
+        kept += (" " if kept else "") + word
+    return (kept or words[0]) + " …"
+
+
+def diff_text(outputs: dict, diff: float) -> str:
+    """A difference from compare_outputs with its unit: for token ids the fraction of entries that differ, for
+    floating-point outputs the max relative difference (max |a - b| / max |b|, per tensor)."""
+    kinds = {t.is_floating_point() for t in outputs.values() if t is not None}
+    if kinds == {False}:
+        return f"in {diff:.0%} of the output token ids"
+    if kinds == {True}:
+        return f"by a max relative difference of {diff:.2g}"
+    return f"by {diff:.2g} (token ids: the fraction that differ; floats: the max relative difference)"
+
+
+def format_targets(rows: list[dict]) -> str:
+    """One line per benchmark goal (met / MISSED, the ratio, the absolute figures, the shape), wrapped to WIDTH."""
+    lines = []
+    for t in rows:
+        state = "met" if t["met"] else "MISSED"
+        value = "-" if t["value"] is None else f"{t['value']:.2f}x"
+        lines += _wrap(f"{t['target']}: {value} ({t['detail']}; {t['case']})", f"{state:6}  ")
+    return "\n".join(lines)
 
 
 def _short_baseline(name: str) -> str:
@@ -138,8 +176,24 @@ def _rows(results: list[dict]):
         spread = time_spread(r)
         yield n, r, [str(n), short_case(r), _short_baseline(r["baseline"]), fmt_time(figs["fastprompt"]["time_s"]),
                      fmt_time(figs["baseline"]["time_s"]), fmt_ratio(ratios["time_s"]),
-                     "-" if spread is None else f"{spread:.2f}", fmt_ratio(ratios["new_bytes"]), fmt_ratio(peak),
+                     _fmt_spread(spread), fmt_ratio(ratios["new_bytes"]), fmt_ratio(peak),
                      fmt_ratio(ratios["saved_bytes"]), fmt_ratio(ratios["flops"]), _equal_cell(r)]
+
+
+def _fmt_spread(spread) -> str:
+    return "-" if spread is None else f"{spread:.2f}" if spread < 10 else f"{spread:.0f}"
+
+
+def _cut(text: str, width: int) -> str:
+    """text within `width` characters, cut between words (marked with …)."""
+    if len(text) <= width:
+        return text
+    kept = ""
+    for word in text.split():
+        if len(kept) + len(word) + (1 if kept else 0) > width - 2:
+            break
+        kept += (" " if kept else "") + word
+    return (kept + " …") if kept else text[:width - 1] + "…"
 
 
 def format_table(results: list[dict], markdown: bool = False) -> str:
@@ -150,12 +204,16 @@ def format_table(results: list[dict], markdown: bool = False) -> str:
     head = [c for c, _ in COLUMNS]
     rows = [row for _, _, row in _rows(results)]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    over = sum(widths) + len(widths) - 1 - WIDTH
+    if over > 0:  # figures wider than usual (a loaded machine's spreads, 100 s steps): the case labels give way
+        widths[1] -= over
+        rows = [row[:1] + [_cut(row[1], widths[1])] + row[2:] for row in rows]
     right = {0, 3, 4, 5, 6, 7, 8, 9, 10}
     gap = "  " if sum(widths) + 2 * (len(widths) - 1) <= WIDTH else " "
 
     def line(cells):
         return gap.join(f"{c:>{w}}" if i in right else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), gap.join("-" * w for w in widths)] + [line(r).rstrip() for r in rows])
+    return "\n".join([line(head).rstrip(), gap.join("-" * w for w in widths)] + [line(r).rstrip() for r in rows])
 
 
 def _wrap(text: str, indent: str, width: int = WIDTH) -> list[str]:

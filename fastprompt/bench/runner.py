@@ -20,8 +20,8 @@ from .cases_hoisting import hoisting_cases
 from .cases_seed import seed_cases
 from .chart import chart
 from .oracle import verdict
-from .report import (fmt_bytes, fmt_ratio, fmt_time, format_table, legend, markdown_report,
-                     short_params, summary_line)
+from .report import (diff_text, fmt_bytes, fmt_ratio, fmt_time, format_table, format_targets, legend,
+                     markdown_report, progress_label, short_params, summary_line)
 from .models import ModelShape
 
 __all__ = ["suite", "run_case", "run_suite", "format_table", "legend", "summary_line", "write_outputs",
@@ -255,11 +255,11 @@ def _judge(record: dict, oracle, outputs: dict) -> None:
         v = versions()
         record["reason"] = (f"baseline wrong: {oracle.baseline} on transformers {v['transformers']}"
                             + (f", peft {v['peft']}" if "PEFT" in oracle.baseline else "")
-                            + f" (differs from the oracle, {oracle.what}, by {base_diff:.2g}; "
-                              f"fastprompt by {fp_diff:.2g})")
+                            + f" (differs from the oracle, {oracle.what}, {diff_text(truth, base_diff)}; "
+                              f"fastprompt {diff_text(truth, fp_diff)})")
     elif record["verdict"] == "fastprompt wrong":
-        record["reason"] = (f"fastprompt wrong: differs from the oracle ({oracle.what}) by {fp_diff:.2g} "
-                            f"(tolerance {tol:g})")
+        record["reason"] = (f"fastprompt wrong: differs from the oracle ({oracle.what}) "
+                            f"{diff_text(truth, fp_diff)} (tolerance {tol:g})")
 
 
 def _counts(side) -> tuple[int, int, int]:
@@ -293,7 +293,7 @@ def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True,
         bar = tqdm(total=len(cases), desc="fastprompt bench", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in cases:
         if bar is not None:
-            bar.set_postfix_str(f"{case.name} {case.label()}"[:60])
+            bar.set_postfix_str(progress_label(case.group, case.name, case.params))
         late = budget_s is not None and time.perf_counter() - start > budget_s
         if late and any(t.startswith("sweep") for t in case.tags):
             results.append({"group": case.group, "name": case.name, "params": case.params,
@@ -340,15 +340,6 @@ def targets(results: list[dict]) -> list[dict]:
                         "detail": f"{_fmt_bytes(r['figures']['fastprompt']['new_bytes'])} vs "
                                   f"{_fmt_bytes(r['figures']['baseline']['new_bytes'])}"})
     return out
-
-
-def format_targets(rows: list[dict]) -> str:
-    lines = []
-    for t in rows:
-        state = "met" if t["met"] else "MISSED"
-        value = "-" if t["value"] is None else f"{t['value']:.2f}x"
-        lines.append(f"{state:6}  {t['target']}: {value} ({t['detail']}; {t['case']})")
-    return "\n".join(lines)
 
 
 def machine_info(device: str = "cpu") -> dict:

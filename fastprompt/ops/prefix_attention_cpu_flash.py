@@ -202,9 +202,12 @@ def _head_block(q, grad_out, out, lse, delta, group: int, plen: int) -> int:
 # Score blocks (all heads) up to this size hand the shared prefix's backward to the fused kernel (_kernel_prefix_
 # backward): at these sizes (S <= 64 at B=8, Hq=8, P=32; P <= 8 at S=256; the 4-layer h256 model at S=128) the
 # written-out loop's ~15 small ops per head cost more than the work, and q / dO in transformers' [B, L, H, D] order
-# do not fold into a GQA group's rows. Larger blocks go to the kernel in chunks of batch rows, each within this size
-# (measured: MHA B=8 S=128 fwd+bwd step 0.95x of the loop's time, GQA S=256/512 even); only when one row's block
-# is larger does the written-out loop run, whose buffers stay per head.
+# do not fold into a GQA group's rows. Larger blocks go to the kernel in chunks of batch rows, each within this size,
+# where that was measured faster than the written-out loop: MHA (B=8 S=128/256 fwd+bwd step 0.93-0.96x of the
+# loop's time) and GQA whose whole group's block is within _GROUP_BLOCK_BYTES (S=128: 0.97x). GQA with larger group
+# blocks (S=256/512 at B=8, P=32) keeps the loop: even in time (0.98-1.00x) and the kernel's fresh dq share is a
+# second dq, 1.2x the layer's new bytes (the attention layer's 0.41x of the PEFT path's would be 0.50x). Only when
+# one row's block is larger than this does the loop run for MHA too; its buffers stay per head.
 _KERNEL_BLOCK_BYTES = 512 << 10
 # Whether an MQA prefix in [B, H, L, D] memory takes _single_kv_head_prefix_backward (tests switch it off to reach
 # the other strategies with one KV head).
@@ -275,8 +278,8 @@ def _chunked_kernel_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, s
 def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, scale, dq):
     """The shared prefix's share of the backward. One KV head in [B, H, L, D] memory: one folded kernel problem
     (_single_kv_head_prefix_backward). Else small score blocks: the kernel over the whole batch or over chunks of
-    batch rows (see _KERNEL_BLOCK_BYTES). Else written out per query head (or per GQA group of heads, see
-    _head_block) with small [B, g·Lq, P] score blocks:
+    batch rows (MHA, or a GQA group whose block is small; see _KERNEL_BLOCK_BYTES). Else written out per query head
+    (or per GQA group of heads, see _head_block) with small [B, g·Lq, P] score blocks:
     P = exp(q·pkᵀ·scale − lse), dS = P ∘ (dO·pvᵀ − delta); dq += scale·dS·pk in place; dpk = scale·Σ dSᵀ·q and
     dpv = Σ Pᵀ·dO accumulated straight into one [Hkv, P, D] (never a per-row copy). Unlike handing the prefix to
     the flash kernel's backward, it needs no folded copies of q, dO and O and no second dq; the score blocks are
@@ -290,10 +293,11 @@ def _shared_prefix_backward(grad_out, q, out, lse, delta, prefix_k, prefix_v, sc
     row_block = hq * lq * plen * q.element_size()  # one batch row's score block over all heads
     if batch * row_block <= _KERNEL_BLOCK_BYTES:
         return _kernel_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq)
-    if row_block <= _KERNEL_BLOCK_BYTES:  # the kernel over chunks of batch rows rather than all-or-nothing
+    group = hq // hkv
+    small_group = group == 1 or batch * group * lq * plen * q.element_size() <= _GROUP_BLOCK_BYTES
+    if row_block <= _KERNEL_BLOCK_BYTES and small_group:  # the kernel over chunks of batch rows (see above)
         return _chunked_kernel_prefix_backward(grad_out, q, out, lse, prefix_k, prefix_v, scale, dq,
                                                _KERNEL_BLOCK_BYTES // row_block)
-    group = hq // hkv
     g = _head_block(q, grad_out, out, lse, delta, group, plen)
     rows = g * lq
     pk, pv = prefix_k[0], prefix_v[0]
