@@ -5,9 +5,11 @@ like a command (fastprompt, python, pytest, bash, OUT=...). A command runs with 
 first on PATH, in the repository root. A command is skipped only for a reason written in SKIP below (a GPU, several
 nodes, a user's own script); a README command that is neither run nor skipped for a reason fails the step, so a new
 command cannot go untested by omission. The two install-and-run commands at the top of the README are the locked
-lane's own (.ci/run runs the test command verbatim and the main job's after it), so they are listed as such.
+lane's own (.ci/run runs the test command verbatim and the main job's after it, and this script checks that they
+are there); commands that use the `.venv` those create run in the locked lane (`--lane locked`), every other one in
+the newest lane (`--lane newest`).
 
-    python .ci/readme_commands.py --venv .venv-newest [--list]
+    python .ci/readme_commands.py --lane newest --venv .venv-newest [--list]
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ SKIP = [
     (r"gpu_session\.sh", "needs a CUDA GPU; its install step is rehearsed by .ci/gpu_image_lane.sh"),
     (r"^pip -v$", "a flag to add to the install command, not a command"),
 ]
-# Commands the locked lane of .ci/run runs itself (they create .venv from requirements-lock.txt).
-LOCKED_LANE = [r"^python3 -m venv \.venv && "]
-COMMAND_START = re.compile(r"^(fastprompt|python3?|pytest|bash|OUT=\S+ bash|HF_HUB_OFFLINE=1 python)(\s|$)")
+# Commands the locked lane of .ci/run runs verbatim itself (they create .venv from requirements-lock.txt).
+VERBATIM_IN_CI_RUN = [r"^python3 -m venv \.venv && "]
+# Commands that use that .venv: run by this script in the locked lane.
+USES_LOCKED_VENV = r"^\.venv/bin/"
+COMMAND_START = re.compile(r"^(fastprompt|python3?|pytest|bash|OUT=\S+ bash|HF_HUB_OFFLINE=1 python|\.venv/bin/)(\s|$)")
 
 
 def readme_commands(text: str) -> list[str]:
@@ -63,8 +67,8 @@ def _expand_optional(command: str) -> list[str]:
     return [without, (command[: match.start()] + " " + match.group(1) + command[match.end():]).strip()]
 
 
-def decision(command: str):
-    for pattern in LOCKED_LANE:
+def decision(command: str, lane: str):
+    for pattern in VERBATIM_IN_CI_RUN:
         if re.search(pattern, command):
             if command not in (ROOT / ".ci" / "run").read_text():
                 return "unknown", "an install command the locked lane of .ci/run must run verbatim, and does not"
@@ -72,13 +76,16 @@ def decision(command: str):
     for pattern, reason in SKIP:
         if re.search(pattern, command):
             return "skip", reason
+    if re.search(USES_LOCKED_VENV, command):
+        return ("run", "") if lane == "locked" else ("locked", "uses the locked lane's .venv: run there")
     if COMMAND_START.match(command):
-        return "run", ""
+        return ("run", "") if lane == "newest" else ("newest", "run in the newest lane")
     return "unknown", "neither run nor skipped for a reason: add it to SKIP with the reason, or make it runnable"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--lane", choices=("locked", "newest"), required=True)
     parser.add_argument("--venv", required=True, help="the lane's virtual environment (its bin/ goes first on PATH)")
     parser.add_argument("--list", action="store_true", help="only say what would run")
     parser.add_argument("--logs", default=str(ROOT / ".ci-cache" / "readme_commands"))
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
     failed = []
     commands = readme_commands((ROOT / "README.md").read_text())
     for i, command in enumerate(commands):
-        kind, reason = decision(command)
+        kind, reason = decision(command, args.lane)
         if kind != "run" or args.list:
             print(f"[{kind}] {command}" + (f"  -- {reason}" if reason else ""), flush=True)
             if kind == "unknown":
@@ -109,7 +116,8 @@ def main(argv=None) -> int:
     if failed:
         print(f"README commands failed or unclassified: {failed}")
         return 1
-    print(f"README commands: {len(commands)} read, every one run or skipped for the reason shown")
+    print(f"README commands ({args.lane} lane): {len(commands)} read, each run here, in the other lane, or "
+          "skipped for the reason shown")
     return 0
 
 
