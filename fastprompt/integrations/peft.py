@@ -41,6 +41,7 @@ from .transformers_attention import (
     layer_prefixes,
     model_layout,
     set_backend,
+    take_bridged_grad,
     uses_reentrant_checkpointing,
 )
 
@@ -270,7 +271,9 @@ class _PrefixGradBridge(torch.autograd.Function):
 
     Reentrant checkpointing differentiates only a layer's positional tensor inputs, so the layers read a detached
     leaf copy of the prefix; each layer's recompute accumulates into `leaf.grad`. This node sits before layer 0,
-    so autograd reaches it after every layer's backward, when `leaf.grad` is complete.
+    so autograd reaches it after every layer's backward, when `leaf.grad` holds this backward pass's gradient.
+    It takes that gradient and clears `leaf.grad`: another backward pass over a retained graph (retain_graph=True,
+    several losses) then carries its own gradient only, never this one's again (take_bridged_grad).
     """
 
     @staticmethod
@@ -280,9 +283,7 @@ class _PrefixGradBridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        leaf = ctx.holder.leaf
-        grad_kv = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        return grad, grad_kv, None
+        return grad, take_bridged_grad(ctx.holder.leaf), None
 
 
 class _BridgeHolder:

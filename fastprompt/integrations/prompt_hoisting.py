@@ -46,6 +46,7 @@ from .transformers_attention import (
     disable_fastprompt_attention,
     enable_fastprompt_attention,
     model_layout,
+    take_bridged_grad,
     uses_reentrant_checkpointing,
 )
 
@@ -223,7 +224,8 @@ def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidde
 class _HoistGradBridge(torch.autograd.Function):
     """Identity on the real tokens' input embeddings that hands the detached prefix leaves' gradients (accumulated
     by every layer's reentrant-checkpointed recompute) to the prompt pass. It sits before layer 0, so autograd
-    reaches it after every layer's backward."""
+    reaches it after every layer's backward. The gradients are taken out of the leaves (take_bridged_grad): a
+    second backward pass over a retained graph carries its own only."""
 
     @staticmethod
     def forward(ctx, hidden, leaves, *kv):
@@ -232,8 +234,7 @@ class _HoistGradBridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ctx.leaves]
-        return (grad, None, *grads)
+        return (grad, None, *[take_bridged_grad(leaf) for leaf in ctx.leaves])
 
 
 def _real_pass_prefixes(hf, prompt_pass: PromptPass, rows: Optional[Tensor], embeds: Tensor):

@@ -252,6 +252,15 @@ class BridgedPrefixes(dict):
     does so under reentrant gradient checkpointing); the reentrant-checkpointing guard lets them through."""
 
 
+def take_bridged_grad(leaf: torch.Tensor) -> torch.Tensor:
+    """The gradient the layers' reentrant-checkpointed recompute accumulated into a detached leaf during THIS
+    backward pass, taken out of the leaf (its .grad cleared): nothing a backward pass leaves behind is read by the
+    next one (zero_grad() never reaches the leaf, which is no parameter)."""
+    grad = leaf.grad
+    leaf.grad = None
+    return grad if grad is not None else torch.zeros_like(leaf)
+
+
 def uses_reentrant_checkpointing(layer) -> bool:
     return _uses_reentrant_checkpointing(layer)
 
