@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .peft_config import enum_value as _value
 from .transformers_attention import (
+    AttentionCall,
     _LAYER_STATE_ATTR,
     _SLOT_ATTR,
     _STATE_ATTR,
@@ -43,7 +44,9 @@ from .transformers_attention import (
     _EnableToken,
     _hf_model,
     check_prefix_checkpointing,
+    bind_call,
     check_supports_attention_interface,
+    current_call,
     fastprompt_attention_mask,
 )
 
@@ -165,17 +168,19 @@ def _inject_prefixes_hook(layer, args, kwargs):
     # As in transformers_attention: the prefixes travel as a layer keyword, so a checkpointed layer's recompute
     # (after the patched forward returned) reads the same tensors.
     state = layer.__dict__.get(_LAYER_STATE_ATTR)
-    if state is None or state.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
+    call = current_call(state) if state is not None else None
+    if call is None or call.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
         return None
-    check_prefix_checkpointing(layer, state.prefixes)
-    kwargs[SEQ2SEQ_PREFIXES_KWARG] = state.prefixes
+    check_prefix_checkpointing(layer, call.prefixes)
+    kwargs[SEQ2SEQ_PREFIXES_KWARG] = call.prefixes
     return args, kwargs
 
 
 def _shift_positions_hook(module, args, kwargs):
     # BART's learned decoder positions: PEFT's P-long cache makes real tokens start at P
     state = module.__dict__.get(_LAYER_STATE_ATTR)
-    shift = getattr(state, "position_shift", 0) if state is not None and state.prefixes is not None else 0
+    call = current_call(state) if state is not None else None
+    shift = call.position_shift if call is not None and call.prefixes is not None else 0
     if not shift:
         return None
     if kwargs.get("position_ids") is not None:
@@ -199,7 +204,7 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
     _register_once()
     previous = hf.config._attn_implementation
     state = _AttentionState(backend)
-    state.position_shift = 0
+    state.seq2seq = True
     slotted, hooks = [], []
     encoder, decoder = _stacks(hf)
     for role_stack, stack in (("encoder", encoder), ("decoder", decoder)):
@@ -238,22 +243,24 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
 class decoder_prefixes:
     """Inside the block, decoder layer l's self-attention reads `prefixes[("self", l)]` (and cross-attention
     `prefixes[("cross", l)]`, encoder layer l `prefixes[("encoder", l)]` where given). `position_shift`: how far the
-    prefix moves learned decoder positions (PEFT: P)."""
+    prefix moves learned decoder positions (PEFT: P). Bound to the calling thread / asyncio task (call_context):
+    concurrent calls of the same model each read their own."""
 
     def __init__(self, model, prefixes: dict, position_shift: int = 0):
         self.state = getattr(_hf_model(model), _STATE_ATTR, None)
-        if self.state is None or not hasattr(self.state, "position_shift"):
+        if self.state is None or not getattr(self.state, "seq2seq", False):
             raise ValueError("fastprompt: decoder_prefixes needs enable_seq2seq_attention(model) first")
         self.prefixes, self.shift = prefixes, position_shift
+        self._binding = None
 
     def __enter__(self):
-        self.previous = (self.state.prefixes, self.state.position_shift)
-        self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
+        self._binding = bind_call(self.state, AttentionCall(prefixes=self.prefixes, position_shift=self.shift))
+        self._binding.__enter__()
         return self.prefixes
 
     def __exit__(self, *exc):
-        self.state.prefixes, self.state.position_shift = self.previous
-        return False
+        binding, self._binding = self._binding, None
+        return binding.__exit__(*exc)
 
 
 def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -> Tensor:
@@ -303,8 +310,9 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
 
     slot = module.__dict__.get(_SLOT_ATTR)
     prefixes = kwargs.get(SEQ2SEQ_PREFIXES_KWARG)
-    if prefixes is None and slot is not None:
-        prefixes = slot.state.prefixes
+    if prefixes is None and slot is not None:  # a layer that drops the keyword: the call's own binding
+        call = current_call(slot.state)
+        prefixes = call.prefixes if call is not None else None
     role = slot.role if isinstance(slot, _Seq2SeqSlot) else None
     prefix = prefixes.get((role, slot.layer_idx)) if (prefixes and role is not None) else None
     backend = slot.state.backend if slot is not None else "auto"
