@@ -276,31 +276,48 @@ def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -
     return bias_module.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
-# T5's prefix bias tables, per bias module (weakly held: they go with the model): {(P, dtype): ((weight, its
-# version, its data_ptr), [1, H, N, P] table for query positions 0..N-1)}
+# T5's prefix bias tables, per bias module (weakly held: they go with the model): {(P, dtype): (a copy of the bias
+# weight the table was built from, [1, H, N, P] table for query positions 0..N-1)}. Entries are replaced, never
+# mutated (concurrent calls read them).
 _PREFIX_BIAS_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _built_from(source: Tensor, weight: Tensor) -> bool:
+    """Whether a table built from `source` (a copy of the weight then) is still right for `weight`: compared by
+    value. The weight object, its `_version` and `data_ptr` stay the same when it is updated through `.data` (EMA,
+    weight averaging, some loaders), so only its values tell. [buckets, H] values, compared once per call: about
+    1-2 us on a CPU for T5-small's 32 x 8, against 0.6-1.5 ms for rebuilding the table (P = 20) and hundreds of ms
+    for the forward itself (measured on a shared 2-core CPU)."""
+    return (source.shape == weight.shape and source.dtype == weight.dtype and source.device == weight.device
+            and torch.equal(source, weight))
 
 
 def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> Tensor:
     """t5_prefix_bias for this call, sliced from a table of every query position seen so far: computed once, not
-    once per layer, decoding step and training step (the table grows by doubling, and is rebuilt when the bias
-    weights change in place). Computed afresh while the bias weights are being trained."""
+    once per layer, decoding step and training step (the table grows by doubling). The table is checked against the
+    bias weight's values once per call (the call's memo holds it for the other layers) and rebuilt when they
+    changed, however they were changed. Computed afresh while the bias weights are being trained."""
     bias_module = slot.bias_module
     weight = bias_module.relative_attention_bias.weight
     if weight.requires_grad and torch.is_grad_enabled():
         return t5_prefix_bias(bias_module, num_prefix, query_length, past).to(dtype)
     needed = past + query_length
-    tables = _PREFIX_BIAS_TABLES.setdefault(bias_module, {})
-    key = (num_prefix, dtype)
-    entry = tables.get(key)
-    state = (weight._version, weight.data_ptr())  # data_ptr: moved or cast in place (module.to)
-    if entry is None or entry[0][0] is not weight or entry[0][1:] != state or entry[1].shape[2] < needed:
-        rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
-        with torch.no_grad():
-            # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias gets copied per call)
-            table = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
-        entry = tables[key] = ((weight, *state), table)
-    return entry[1][:, :, past:needed]
+    call = current_call(slot.state)
+    memo = call.derived if call is not None else {}
+    memo_key = ("t5_prefix_bias", id(bias_module), num_prefix, dtype)
+    table = memo.get(memo_key)
+    if table is None or table.shape[2] < needed:
+        tables = _PREFIX_BIAS_TABLES.setdefault(bias_module, {})
+        entry = tables.get((num_prefix, dtype))
+        current = weight.detach()
+        if entry is None or entry[1].shape[2] < needed or not _built_from(entry[0], current):
+            rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
+            with torch.no_grad():
+                # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias, copied per call)
+                built = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
+            entry = tables[(num_prefix, dtype)] = (current.clone(), built)
+        table = memo[memo_key] = entry[1]
+    return table[:, :, past:needed]
 
 
 def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
