@@ -62,3 +62,66 @@ def test_table_per_dtype(dtype):
     assert got.dtype == dtype
     assert torch.equal(got, seq2seq.t5_prefix_bias(slot.bias_module, 4, 3, 1).to(dtype))
 
+
+
+def _greedy_no_cache(model, ids, mask, steps, start):
+    """Greedy decoding over the model's full forward, decoder_input_ids grown one token at a time (no cache)."""
+    dec = torch.full((ids.shape[0], 1), start, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+            dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return dec
+
+
+@pytest.mark.parametrize("update", ["data_in_place", "data_assigned_in_place"])
+def test_table_follows_weight_updates_through_data(update):
+    """EMA, weight averaging and some loaders write a weight through `.data`: its object, `_version` and `data_ptr`
+    all stay the same. No-grad forwards and generate() after such an update must read the new bias: the patched model
+    against the unpatched PEFT model given the same update (forward), and a no-cache greedy loop over it (generate)."""
+    peft = pytest.importorskip("peft")
+    import fastprompt
+    from seq2seq_helpers import peft_seq2seq_pair, rel, seq2seq_inputs
+
+    patched, oracle = peft_seq2seq_pair("t5", peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    fastprompt.patch_model(patched)
+    ids, mask, labels, decoder_mask = seq2seq_inputs("t5")
+    call = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    with torch.no_grad():
+        patched(**call)  # builds the table from the weights as they are
+        patched.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        for model in (patched, oracle):
+            weight = model.get_base_model().decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+            version, pointer = weight._version, weight.data_ptr()
+            if update == "data_in_place":
+                weight.data.mul_(-1.5).add_(0.7)  # an EMA-style update: the .data alias has its own version counter
+            else:
+                weight.data.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
+            assert (weight._version, weight.data_ptr()) == (version, pointer)  # nothing but the values tells
+        got = patched(**call).logits
+        want = oracle(**call).logits
+        assert rel(got, want) < 1e-5
+        tokens = patched.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False)
+    expected = _greedy_no_cache(oracle, ids, mask, 5, patched.config.decoder_start_token_id)
+    assert torch.equal(tokens, expected), f"generate() after the update\n{tokens}\n!= no-cache greedy\n{expected}"
+
+
+def test_table_checked_once_per_call():
+    """The content check runs once per call (the call's memo serves the other layers and decoding steps)."""
+    model = tiny_seq2seq("t5")
+    slot = _decoder_slot(model)
+    from fastprompt.integrations.transformers_attention import AttentionCall, bind_call
+
+    checks = []
+    original = seq2seq._built_from
+    seq2seq._built_from = lambda *args: checks.append(1) or original(*args)
+    try:
+        seq2seq._prefix_bias(slot, 3, 2, 0, torch.float32)  # builds the table (no check: nothing to compare yet)
+        checks.clear()
+        with bind_call(slot.state, AttentionCall(prefixes={})):
+            for past in range(6):  # six layers / steps of one call
+                seq2seq._prefix_bias(slot, 3, 1, past, torch.float32)
+        assert len(checks) == 1
+    finally:
+        seq2seq._built_from = original

@@ -12,7 +12,8 @@ from typing import Any, MutableMapping, Optional
 
 CACHE_KEYS = ("cache", "past_key_values")  # the new name first: when both are given, transformers uses `cache`
 
-__all__ = ["CACHE_KEYS", "get_cache", "pop_cache", "set_cache", "cache_kwarg", "cache_length", "output_cache"]
+__all__ = ["CACHE_KEYS", "get_cache", "pop_cache", "set_cache", "cache_kwarg", "cache_length", "output_cache",
+           "returned_cache"]
 
 
 def get_cache(kwargs: MutableMapping[str, Any]) -> Any:
@@ -93,3 +94,13 @@ def output_cache(output: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def returned_cache(output: Any, passed: Any = None) -> Any:
+    """The cache a call filled: the one it was passed, else the one its output carries (a ModelOutput, or the tuple
+    of return_dict=False, where it is the entry that is a cache)."""
+    if passed is not None:
+        return passed
+    if isinstance(output, tuple) and not hasattr(output, "keys"):
+        return next((item for item in output if hasattr(item, "get_seq_length")), None)
+    return output_cache(output)

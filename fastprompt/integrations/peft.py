@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
+from .call_context import CallLocal
 from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod as _PatchedMethod
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
@@ -41,6 +42,7 @@ from .transformers_attention import (
     layer_prefixes,
     model_layout,
     set_backend,
+    take_bridged_grad,
     uses_reentrant_checkpointing,
 )
 
@@ -193,6 +195,10 @@ def unpatch_peft_model(model):
     from .prompt_hoisting import uninstall_peft_hoisting
 
     uninstall_peft_hoisting(model)
+    if record.method in ("prefix", "input"):
+        _remove_prepare_dispatch(model)
+    if record.method == "prefix":
+        _remove_bridge_hooks(model)
     names = _replaced_names(record.method)
     for name in names:
         if name in model.__dict__:
@@ -270,7 +276,9 @@ class _PrefixGradBridge(torch.autograd.Function):
 
     Reentrant checkpointing differentiates only a layer's positional tensor inputs, so the layers read a detached
     leaf copy of the prefix; each layer's recompute accumulates into `leaf.grad`. This node sits before layer 0,
-    so autograd reaches it after every layer's backward, when `leaf.grad` is complete.
+    so autograd reaches it after every layer's backward, when `leaf.grad` holds this backward pass's gradient.
+    It takes that gradient and clears `leaf.grad`: another backward pass over a retained graph (retain_graph=True,
+    several losses) then carries its own gradient only, never this one's again (take_bridged_grad).
     """
 
     @staticmethod
@@ -280,9 +288,7 @@ class _PrefixGradBridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        leaf = ctx.holder.leaf
-        grad_kv = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        return grad, grad_kv, None
+        return grad, take_bridged_grad(ctx.holder.leaf), None
 
 
 class _BridgeHolder:
@@ -373,12 +379,87 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     if inputs_embeds is not None:
         call["inputs_embeds"] = holder.bridge(inputs_embeds)
         return self.base_model(**call)
-    handle = self.get_base_model().get_input_embeddings().register_forward_hook(
-        lambda module, args, output: holder.bridge(output))
-    try:
+    embeddings = self.get_base_model().get_input_embeddings()
+    _ensure_bridge_hook(embeddings)
+    with _BRIDGES.bound(embeddings, holder):
         return self.base_model(**call)
-    finally:
-        handle.remove()
+
+
+# The bridge holder of the current call, per input-embedding module: read by a hook the module keeps while patched
+# (a hook registered per call would run on every other thread's forward of the shared module too)
+_BRIDGES = CallLocal("fastprompt_prefix_grad_bridge")
+
+
+def _bridge_embeddings_hook(module, args, output):
+    holder = _BRIDGES.get(module)
+    return holder.bridge(output) if holder is not None else None
+
+
+def _ensure_bridge_hook(embeddings) -> None:
+    """Install the hook once per embedding module (also a new one, e.g. after resize_token_embeddings)."""
+    if not any(hook is _bridge_embeddings_hook for hook in embeddings._forward_hooks.values()):
+        embeddings.register_forward_hook(_bridge_embeddings_hook)
+
+
+def _remove_bridge_hooks(model) -> None:
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _bridge_embeddings_hook:
+                del module._forward_hooks[key]
+
+
+# The PeftModel whose (patched) prepare step the base model's generate() runs, per call (see _generate_with_prepare)
+_GENERATION_PREPARE = CallLocal("fastprompt_peft_generation_prepare")
+
+
+class _PrepareDispatch:
+    """The base model's prepare_inputs_for_generation while patched: during a patched PeftModel's generate() in
+    this thread / task, that PeftModel's prepare step; otherwise the base model's own. Its signature is the one it
+    dispatches to (generate() validates its keyword arguments, task_ids included, against it). Pickles and
+    deep-copies as (class, base model)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def __reduce__(self):
+        return (_PrepareDispatch, (self.hf,))
+
+    def _target(self):
+        target = _GENERATION_PREPARE.get(self.hf)
+        return target if target is not None else type(self.hf).prepare_inputs_for_generation.__get__(self.hf)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self._target())
+
+    def __call__(self, *args, **kwargs):
+        target = self._target()
+        with _GENERATION_PREPARE.bound(self.hf, None):  # PEFT's prepare step calls the base model's: no loop back
+            return target(*args, **kwargs)
+
+
+def _generate_with_prepare(model, *args, **kwargs):
+    """What PEFT's generate() does for prompt learning (the base model's generate() with the PeftModel's prepare
+    step, under the PeftModel's generation config), without its swap of the base model's prepare_inputs_for_generation
+    attribute and the restore afterwards: per-call state on the shared base model, so two threads' generate() calls
+    undo each other's (one then decodes without its prefix positions). The prepare step is bound to the call."""
+    hf = model.base_model
+    target = hf.model if hasattr(hf, "model") else hf
+    if getattr(target, "generation_config", None) is not model.generation_config:
+        target.generation_config = model.generation_config  # as PEFT does (the same object on every call)
+    if not isinstance(hf.__dict__.get("prepare_inputs_for_generation"), _PrepareDispatch):
+        # (re)installed: PEFT's own generate(), run for an adapter fastprompt does not patch, restores its own
+        object.__setattr__(hf, "prepare_inputs_for_generation", _PrepareDispatch(hf))
+    with _GENERATION_PREPARE.bound(hf, model.prepare_inputs_for_generation):
+        return hf.generate(*args, **kwargs)
+
+
+def _remove_prepare_dispatch(model) -> None:
+    hf = model.base_model
+    if isinstance(hf.__dict__.get("prepare_inputs_for_generation"), _PrepareDispatch):
+        del hf.__dict__["prepare_inputs_for_generation"]
 
 
 def _prefix_generate(self, *args, **kwargs):
@@ -392,6 +473,8 @@ def _prefix_generate(self, *args, **kwargs):
     with torch.no_grad():
         prefixes = prefix_layer_kv(self)
     with layer_prefixes(self.get_base_model(), prefixes):
+        if _value(config.task_type) == "CAUSAL_LM":
+            return _generate_with_prepare(self, *args, **kwargs)
         return original(self, *args, **kwargs)
 
 
@@ -496,6 +579,9 @@ def _input_generate(self, *args, **kwargs):
     config = self.active_peft_config
     if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
+    if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") and \
+            _value(config.task_type) == "CAUSAL_LM":
+        return _generate_with_prepare(self, *args, **kwargs)
     return type(self).generate(self, *args, **kwargs)
 
 

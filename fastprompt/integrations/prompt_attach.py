@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -36,7 +36,8 @@ from . import query_pass
 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
-from .cache_compat import cache_kwarg, cache_length, get_cache, set_cache
+from .cache_compat import cache_kwarg, cache_length, get_cache, returned_cache, set_cache
+from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, mark_cache, prompt_in_cache
 
 PROMPT_ATTR = "fastprompt_prompt"
 _STATE_ATTR = "_fastprompt_attach_state"
@@ -53,25 +54,17 @@ class _AttachState:
     requires_grad: Dict[str, bool]
     attention_token: Any = None
     original_generate: Any = None  # the instance's own `generate` attribute before attach (when wrapped)
-    # generate(): the per-row query / task ids chosen at the prefill step, keyed by the cache object
-    by_cache: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
 
     def forward_signature(self) -> inspect.Signature:
         if self.signature is None:
             self.signature = inspect.signature(self.bound_forward)
         return self.signature
 
-    # pickle / torch.save / deepcopy: the queries kept for live caches are per-generate() bookkeeping (weak keys do
-    # not pickle), and a signature's annotations need not pickle; both are rebuilt after loading.
+    # pickle / torch.save / deepcopy: a signature's annotations need not pickle; it is rebuilt after loading.
     def __getstate__(self):
         state = dict(self.__dict__)
         state["signature"] = None
-        state["by_cache"] = None
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.by_cache = weakref.WeakKeyDictionary()
 
 
 def attached_prompt(model) -> Optional[PromptModule]:
@@ -135,6 +128,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, _STATE_ATTR, state)
     model.forward = _PatchedForward(model)
+    query_pass.install(model, prompt)
     if encoder_decoder:
         from .seq2seq_own_prompts import install_generate
 
@@ -165,6 +159,7 @@ def detach(model):
         from .own_prompt_generate import remove_generate
 
         remove_generate(model, state)
+    query_pass.uninstall(model)
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
@@ -329,6 +324,10 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     elif task_ids is not None:
         raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
 
+    # What the cache holds of the prompt (its layout, the query / prompt rows chosen at prefill) travels in the cache
+    # object itself (prompt_cache), so copies, deep copies and the cache a forward made for itself decode right
+    in_cache = None if prefill else _prompt_in_decoding_cache(prompt, kw, past, batch)
+
     query = reuse = None
     heads = getattr(prompt, "heads", None)  # task heads (fastprompt.prompts.task_heads) take the labels
     head_labels, head_mask = (kw.pop("labels", None), kw.get("attention_mask")) if heads is not None else (None, None)
@@ -338,10 +337,8 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                 query = prompt_query
             else:  # query_layer=k: layers [0, k) only, their output reused below when exact
                 query, reuse = query_pass.compute(model, state, prompt, kw)
-            if past is not None:
-                state.by_cache[past] = query
         else:
-            query = state.by_cache.get(past, prompt_query)
+            query = in_cache.query if in_cache is not None and in_cache.query is not None else prompt_query
             if query is None:
                 raise ValueError("decoding step without the query chosen at prefill: pass prompt_query=")
             if query.shape[0] != batch:
@@ -350,12 +347,12 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                     "a cache across batch rows is not supported with query-selected prompts"
                 )
 
-    prompt.aux_loss = None
+    prompt.aux_loss = None  # per call: local to this thread / task (PerCallAttribute)
     return_tuple = False
     if prompt.placement == "input":
         from .prompt_hoisting import hoisted_attached_call
 
-        out = hoisted_attached_call(model, state, kw, batch, prefill, task_ids)
+        out = hoisted_attached_call(model, state, kw, batch, prefill, task_ids, in_cache)
         if out is None:
             task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
             if task is not None:
@@ -364,6 +361,8 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                 kw["return_dict"] = True
             num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids, encoder_side)
             out = state.bound_forward(**kw)
+            if prefill and not encoder_side:
+                mark_cache(returned_cache(out, past), PromptInCache(INLINE, num, query=_detached(query)))
             if task is not None:
                 out = real_token_outputs(task, out, num, spans)
     else:
@@ -374,6 +373,8 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
         place = own_prompt_prefixes if getattr(model.config, "is_encoder_decoder", False) else layer_prefixes
         with place(model, prefixes), query_pass.reusing_lower_layers(model, reuse, kw, state.signature):
             out = state.bound_forward(**kw)
+        if prefill and query is not None:  # prefix placement: the cache holds real tokens only, and the query
+            mark_cache(returned_cache(out, past), PromptInCache(HOISTED, 0, query=_detached(query)))
     if heads is not None and prefill:
         out = attach_head_outputs(prompt, out, head_mask, task_ids, head_labels)
 
@@ -383,6 +384,38 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
         if loss is not None:
             out["loss"] = loss + aux.to(loss.dtype)
     return out.to_tuple() if return_tuple else out
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+def _prompt_in_decoding_cache(prompt, kw, past, batch: int) -> Optional[PromptInCache]:
+    """What the non-empty cache of a decoding step holds of the prompt: its record, checked against the attention
+    mask where one is given; for a cache without a record, the layout told by its length (or a clear error).
+    Prefix placement: the cache holds real tokens only, whatever made it (the record carries a pool's query)."""
+    record = prompt_in_cache(past)
+    if prompt.placement != "input":
+        return record
+    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    seq = source.shape[1]
+    num = prompt.num_input_tokens()
+    mask = kw.get("attention_mask")
+    if record is None:
+        return PromptInCache(layout_from_lengths(cache_length(past), mask, seq, num, "a decoding step"), num)
+    if mask is not None and mask.dim() == 2:  # the record checked against the mask
+        real = mask.shape[1] - seq
+        held = cache_length(past)
+        if held != real + (num if record.layout == INLINE else 0):
+            hint = (" generate() reusing a cache that starts with the prompt slices the new tokens by the cache "
+                    f"length, prompt included, and so drops {num} of them: pass only the new tokens (with the whole "
+                    "attention_mask), or let prompt hoisting fill the cache (its caches hold real tokens only)."
+                    if record.layout == INLINE else "")
+            raise ValueError(
+                f"fastprompt: a decoding step got a KV cache of {held} tokens "
+                f"({'the prompt first' if record.layout == INLINE else 'real tokens only'}), but attention_mask says "
+                f"{real} real tokens precede the {seq} new ones.{hint}")
+    return record
 
 
 def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids,

@@ -29,24 +29,31 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from .cache_compat import returned_cache
 from .generate_args import resolve_generate
 from .peft_config import enum_value as _value
+from .prompt_cache import HOISTED as CACHE_HOISTED, PromptInCache, mark_cache, prompt_in_cache
 from .patched_method import PatchedMethod
 from .transformers_attention import (
     PREFIXES_KWARG,
+    AttentionCall,
     BridgedPrefixes,
     LayerPrefix,
     _find_layers,
     _STATE_ATTR as _ATTENTION_STATE_ATTR,
+    bind_call,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
+    layer_prefixes,
     model_layout,
+    take_bridged_grad,
     uses_reentrant_checkpointing,
 )
 
@@ -57,10 +64,10 @@ _DISABLED_ATTR = "_fastprompt_hoisting_disabled"
 _PEFT_ATTR = "_fastprompt_peft_hoisting"
 _INPUT_METHODS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 
-# which path the last forward / generate of a model took: "hoisted" or "unhoisted: <reason>" (tests, benchmarks)
-_LAST_PATH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# generate() through a fastprompt-attached prompt: the prompt K/V computed at prefill, kept per cache object
-_BY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# which path the last forward / generate of a model took in this thread / asyncio task: "hoisted" or
+# "unhoisted: <reason>" (tests, benchmarks). {id(model): (weakref to the model, path)}, replaced on every note (never
+# mutated), so a thread or task reads the paths of its own calls only.
+_LAST_PATH: ContextVar = ContextVar("fastprompt_last_prompt_path", default=None)
 
 
 _FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf model -> (layout, layers): once per model
@@ -75,15 +82,20 @@ def _facts(hf):
 
 
 def last_prompt_path(model) -> Optional[str]:
-    """"hoisted" or "unhoisted: <reason>" for the last forward / generate of `model` (None: none ran yet)."""
-    return _LAST_PATH.get(model)
+    """"hoisted" or "unhoisted: <reason>" for the last forward / generate of `model` made by this thread / asyncio
+    task (None: none ran yet)."""
+    entry = (_LAST_PATH.get() or {}).get(id(model))
+    return entry[1] if entry is not None and entry[0]() is model else None
 
 
 def _note(model, path: str) -> None:
     try:
-        _LAST_PATH[model] = path
+        ref = weakref.ref(model)
     except TypeError:  # not weak-referenceable
-        pass
+        return
+    paths = {key: entry for key, entry in (_LAST_PATH.get() or {}).items() if entry[0]() is not None}
+    paths[id(model)] = (ref, path)
+    _LAST_PATH.set(paths)
 
 
 def set_prompt_hoisting(model, enabled: bool) -> None:
@@ -226,24 +238,25 @@ def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidde
     positions = torch.arange(num, device=prompts.device)[None].expand(rows, num)
     layers = _facts(hf)[1]
     # The prompt pass is one short row: not worth checkpointing, and reentrant checkpointing would run it without
-    # a graph (the captured K/V must carry the gradient back to the prompt).
-    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
-    previous_capture = getattr(state, "capture", None)
-    state.capture = {}
+    # a graph (the captured K/V must carry the gradient back to the prompt). Checkpointing acts only on a training
+    # forward with grad, so the flag is left alone otherwise (inference from several threads never touches it).
+    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)
+                    and layer.training] if torch.is_grad_enabled() else []
+    capture: dict = {}  # bound to this call: concurrent calls each capture their own K/V
     for layer in checkpointed:
         layer.gradient_checkpointing = False
     try:
-        call = dict(inputs_embeds=prompts, position_ids=positions, use_cache=False, return_dict=True,
-                    output_hidden_states=want_hidden)
-        if want_logits:
-            out = (forward or hf)(**call)
-            logits = out.logits
-        else:
-            out = hf.base_model(**call)
-            logits = None
-        kv = dict(sorted(state.capture.items()))
+        with bind_call(state, AttentionCall(capture=capture)):
+            call = dict(inputs_embeds=prompts, position_ids=positions, use_cache=False, return_dict=True,
+                        output_hidden_states=want_hidden)
+            if want_logits:
+                out = (forward or hf)(**call)
+                logits = out.logits
+            else:
+                out = hf.base_model(**call)
+                logits = None
+        kv = dict(sorted(capture.items()))
     finally:
-        state.capture = previous_capture
         for layer in checkpointed:
             layer.gradient_checkpointing = True
     if len(kv) != len(layers):
@@ -254,7 +267,8 @@ def prompt_kv_pass(hf, prompts: Tensor, *, want_logits: bool = False, want_hidde
 class _HoistGradBridge(torch.autograd.Function):
     """Identity on the real tokens' input embeddings that hands the detached prefix leaves' gradients (accumulated
     by every layer's reentrant-checkpointed recompute) to the prompt pass. It sits before layer 0, so autograd
-    reaches it after every layer's backward."""
+    reaches it after every layer's backward. The gradients are taken out of the leaves (take_bridged_grad): a
+    second backward pass over a retained graph carries its own only."""
 
     @staticmethod
     def forward(ctx, hidden, leaves, *kv):
@@ -263,8 +277,7 @@ class _HoistGradBridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ctx.leaves]
-        return (grad, None, *grads)
+        return (grad, None, *[take_bridged_grad(leaf) for leaf in ctx.leaves])
 
 
 def _real_pass_prefixes(hf, prompt_pass: PromptPass, rows: Optional[Tensor], embeds: Tensor):
@@ -427,9 +440,14 @@ def _peft_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
     seq = source.shape[1] if source is not None else None
     reason = _peft_blocker(self, seq)
     full_logits = _logits_to_keep_ok(kwargs, seq or 0, labels)
+    passed_cache = _cache_of(kwargs)
+    if _holds_real_tokens_only(passed_cache):
+        raise ValueError("fastprompt: this KV cache was filled by hoisted generate() and holds real tokens only, but "
+                         "PEFT's forward with a cache expects the prompt in it; continue with generate(), or turn "
+                         "hoisting off (set_prompt_hoisting(model, False)) before filling the cache")
     if reason is None and output_attentions:
         reason = "output_attentions"
-    if reason is None and (_cache_of(kwargs) is not None or kwargs.get("use_cache")):
+    if reason is None and (passed_cache is not None or kwargs.get("use_cache")):
         reason = "a KV cache was passed or asked for"
     if reason is None and full_logits is None:
         reason = f"logits_to_keep={kwargs.get('logits_to_keep')!r}"
@@ -462,30 +480,24 @@ def _peft_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
 
 
 class _PrefixesForGeneration:
-    """Wraps the base model's prepare_inputs_for_generation for one generate() call: every step reads the same
-    prompt K/V; a pool's row index follows the batch expansion of beams / returned sequences."""
+    """The prompt K/V of one generate() call, every step reading the same ones; a pool's row index follows the
+    batch expansion of beams / returned sequences (resolved by the layer for its batch size, see
+    transformers_attention.resolve_prefixes). Bound to the call with layer_prefixes, never set on the model."""
 
-    def __init__(self, hf, prompt_pass: PromptPass, rows: Optional[Tensor], batch: int):
-        self.inner = hf.prepare_inputs_for_generation
+    def __init__(self, prompt_pass: PromptPass, rows: Optional[Tensor], batch: int):
         self.prompt_pass, self.rows, self.batch = prompt_pass, rows, batch
         self.shared = prompt_pass.layer_prefixes(None) if rows is None else None
         self.pooled = {}  # rows per batch expansion (beams x returned sequences): built once, not once per step
 
-    def __call__(self, *args, **kwargs):
-        model_inputs = self.inner(*args, **kwargs)
+    def for_batch(self, batch: int) -> dict:
         if self.shared is not None:
-            model_inputs[PREFIXES_KWARG] = self.shared
-        else:
-            source = model_inputs.get("input_ids")
-            if source is None:
-                source = model_inputs["inputs_embeds"]
-            expand = source.shape[0] // self.batch
-            prefixes = self.pooled.get(expand)
-            if prefixes is None:
-                prefixes = self.prompt_pass.layer_prefixes(self.rows.repeat_interleave(expand))
-                self.pooled[expand] = prefixes
-            model_inputs[PREFIXES_KWARG] = prefixes
-        return model_inputs
+            return self.shared
+        expand = batch // self.batch
+        prefixes = self.pooled.get(expand)
+        if prefixes is None:
+            prefixes = self.prompt_pass.layer_prefixes(self.rows.repeat_interleave(expand))
+            self.pooled[expand] = prefixes
+        return prefixes
 
 
 def _peft_generate(self, *args, **kwargs):
@@ -496,6 +508,11 @@ def _peft_generate(self, *args, **kwargs):
         reason = "adapter disabled"
     elif kwargs.get("cache_implementation") == "paged" or isinstance(kwargs.get("custom_generate"), str):
         reason = "generate() hands the call to another generation loop (paged cache / custom_generate)"
+    passed_cache = _cache_of(kwargs)
+    if reason is None and _cache_length(passed_cache) > 0 and not _holds_real_tokens_only(passed_cache):
+        # PEFT's rule (prepare_inputs_for_generation): a non-empty cache holds the prompt; hoisting's hold real
+        # tokens only, and say so (prompt_cache), also in their copies
+        reason = "a cache that holds the prompt"
     if reason is None:
         # the input and the length as transformers resolves them: every spelling of the input, max_new_tokens
         # before max_length, the passed config before the model's default one
@@ -505,6 +522,9 @@ def _peft_generate(self, *args, **kwargs):
         else:
             reason = _peft_blocker(self, call.total_length)
     if reason is not None:
+        if _holds_real_tokens_only(passed_cache):
+            raise ValueError(f"fastprompt: this KV cache holds real tokens only (filled by hoisted generate()), and "
+                             f"only hoisting can continue it, which cannot run this call: {reason}")
         _note(self, f"unhoisted: {reason}")
         return record.fallback_generate(*args, **kwargs)
     _note(self, HOISTED)
@@ -518,18 +538,21 @@ def _peft_generate(self, *args, **kwargs):
         prompts, rows = _peft_prompt_rows(self, task_ids, batch)
         prompt_pass = prompt_kv_pass(hf, prompts.to(hf.get_input_embeddings().weight.dtype))
     positions = torch.arange(num, num + seq, device=call.input_ids.device)[None].expand(batch, seq)
-    wrapper = _PrefixesForGeneration(hf, prompt_pass, rows, batch)
-    had_own = "prepare_inputs_for_generation" in hf.__dict__
-    object.__setattr__(hf, "prepare_inputs_for_generation", wrapper)
-    try:
+    with layer_prefixes(hf, _PrefixesForGeneration(prompt_pass, rows, batch)):
         # the caller's arguments as given (transformers resolves them again, the same way); the cache it builds,
         # static or dynamic, holds the real tokens only, so its own sizing is right
-        return hf.generate(*args, position_ids=positions.contiguous(), **kwargs)
-    finally:
-        if had_own:
-            object.__setattr__(hf, "prepare_inputs_for_generation", wrapper.inner)
-        else:
-            hf.__dict__.pop("prepare_inputs_for_generation", None)
+        out = hf.generate(*args, position_ids=positions.contiguous(), **kwargs)
+    # the cache holds real tokens only: say so in the cache object (copies and deep copies carry it)
+    filled = PromptInCache(CACHE_HOISTED, num)
+    mark_cache(passed_cache, filled)
+    if not isinstance(out, Tensor):
+        mark_cache(returned_cache(out), filled)
+    return out
+
+
+def _holds_real_tokens_only(cache) -> bool:
+    record = prompt_in_cache(cache)
+    return record is not None and record.layout == CACHE_HOISTED and _cache_length(cache) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,10 +579,20 @@ def enable_for_attached_prompt(model, prompt, backend: Optional[str]):
     return enable_fastprompt_attention(model, **({} if backend is None else {"backend": backend}))
 
 
-def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, task_ids: Optional[Tensor]):
-    """prompt_attach's input placement, hoisted; returns the output, or None to run the unhoisted path."""
+def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, task_ids: Optional[Tensor],
+                          in_cache: Optional[PromptInCache] = None):
+    """prompt_attach's input placement, hoisted; returns the output, or None to run the unhoisted path.
+
+    `in_cache`: on a decoding step, what the cache holds of the prompt (prompt_attach reads it from the cache object,
+    or from its length). A cache that starts with the prompt is decoded by the unhoisted path; one of real tokens
+    only by this one, and by nothing else (a step this path cannot take on it is refused, never run unhoisted)."""
     prompt = state.prompt
+    decoding_hoisted = in_cache is not None and in_cache.layout == CACHE_HOISTED
     if state.attention_token is None or not _attach_hoistable_prompt(prompt):
+        if decoding_hoisted:
+            raise ValueError(f"fastprompt: this KV cache holds real tokens only (no prompt), but "
+                             f"{type(prompt).__name__} on {type(model).__name__} is never hoisted; fill the cache "
+                             "with this patched model")
         return None
     num = prompt.num_input_tokens()
     cache = _cache_of(kw)
@@ -569,12 +602,11 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
     seq = source.shape[1]
     labels = kw.get("labels")
     full_logits = _logits_to_keep_ok(kw, seq, labels)
-    stored = _BY_CACHE.get(cache) if (cache is not None and not prefill) else None
     reason = None
-    if _hoisting_disabled(model):
+    if not prefill and not decoding_hoisted:
+        reason = "decoding a cache that holds the prompt"
+    elif _hoisting_disabled(model) and prefill:
         reason = "hoisting turned off"
-    elif not prefill and stored is None:
-        reason = "decoding a cache filled by the unhoisted path"
     elif kw.get("output_attentions"):
         reason = "output_attentions"
     elif full_logits is None:
@@ -595,6 +627,9 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
                 if window is not None:
                     reason = "sliding window during generation"
     if reason is not None:
+        if decoding_hoisted:
+            raise ValueError(f"fastprompt: this KV cache holds real tokens only (it was filled by the hoisted path), "
+                             f"and only that path can decode it, which cannot run this step: {reason}")
         _note(model, f"unhoisted: {reason}")
         return None
     _note(model, HOISTED)
@@ -604,7 +639,7 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
     if embeds is None:
         embeds = model.get_input_embeddings()(kw.pop("input_ids"))
     kw.pop("input_ids", None)
-    if prefill:
+    if prefill or in_cache.prompt_kv is None:  # (a cache told by its length: the prompt pass is run again)
         if prompt.needs_task_ids:
             unique, rows = torch.unique(task_ids, return_inverse=True)
             prompts = prompt.input_prompts(unique.shape[0], task_ids=unique)
@@ -613,13 +648,11 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
             prompts = prompt.input_prompts(1)
         if prompts.dim() == 2:
             prompts = prompts[None]
-        prompt_pass = prompt_kv_pass(model, prompts.to(embeds.dtype), want_logits=cache is None or full_logits,
-                                     want_hidden=bool(kw.get("output_hidden_states")), forward=state.bound_forward)
-        if cache is not None:
-            _BY_CACHE[cache] = (PromptPass(kv={k: (a.detach(), b.detach()) for k, (a, b) in prompt_pass.kv.items()}),
-                                unique)
+        prompt_pass = prompt_kv_pass(model, prompts.to(embeds.dtype), want_logits=prefill and bool(full_logits),
+            want_hidden=prefill and bool(kw.get("output_hidden_states")),
+            forward=state.bound_forward)
     else:
-        prompt_pass, unique = stored
+        prompt_pass, unique = PromptPass(kv=in_cache.prompt_kv), in_cache.unique_tasks
         rows = None if unique is None else torch.searchsorted(unique, task_ids)
     positions = kw.pop("position_ids", None)
     if positions is not None:
@@ -636,6 +669,11 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
         full_logits = False
     if labels is not None and prompt_pass.logits is None:
         raise RuntimeError("prompt hoisting: labels on a decoding step")
-    return hoisted_causal_lm(model, prompt_pass, rows, embeds=embeds, attention_mask=mask,
-                             position_ids=positions, labels=labels, output_hidden_states=hidden,
-                             return_dict=return_dict, full_logits=full_logits, forward=state.bound_forward, **kw)
+    out = hoisted_causal_lm(model, prompt_pass, rows, embeds=embeds, attention_mask=mask, position_ids=positions,
+                            labels=labels, output_hidden_states=hidden, return_dict=True, full_logits=full_logits,
+                            forward=state.bound_forward, **kw)
+    if prefill:  # the cache holds real tokens only: say so in the cache, with the prompt K/V it decodes with
+        mark_cache(returned_cache(out, cache), PromptInCache(
+            CACHE_HOISTED, num, prompt_kv={k: (a.detach(), b.detach()) for k, (a, b) in prompt_pass.kv.items()},
+            unique_tasks=unique))
+    return out if return_dict is not False else out.to_tuple()

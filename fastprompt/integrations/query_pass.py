@@ -4,12 +4,16 @@ A pool's query is the frozen model's encoding of the input WITHOUT prompts (fast
 .compute_query runs the whole model under no_grad for it: one extra forward per step). With `query_layer=k` on the
 prompt's config the query is read from the hidden state entering layer k:
 
-- the query pass runs the embeddings and layers [0, k) only: a forward pre-hook on layer k (a forward hook on the
-  last layer when k = num_layers) records the hidden state and raises a private exception that this module
-  catches, so nothing above layer k runs;
+- the query pass runs the embeddings and layers [0, k) only: layer k (the last layer's output when k = num_layers)
+  records the hidden state and raises a private exception that this module catches, so nothing above layer k runs;
 - when every prompt enters at layer >= k (prefix placement, min(prompt.layers) >= k), the real pass's layers below
   k would compute exactly what the query pass computed (they see no prompt): for the real pass, layer 0 returns the
   recorded hidden state and layers 1..k-1 pass it through, so layers [0, k) run once per step, not twice.
+
+Both are done by one forward installed on layers [0, k] when the prompt is attached (`install`), which runs the
+layer as usual unless the CURRENT call asked it to stop or to hand on a hidden state. What a call asks is bound to
+that call (call_context), never set on the shared layers: a model serving several threads runs each thread's
+query pass and reuse without the others seeing them.
 
 The reuse is exact, and taken only when it is: no cache is being filled (past_key_values None, use_cache not True;
 the call then runs with use_cache=False so no cache misses the skipped layers), no hidden states / attentions are
@@ -20,7 +24,7 @@ grad), and the query came from the pass (not from `prompt_query=`). Otherwise th
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,8 +32,14 @@ import torch
 from torch import Tensor
 
 from .cache_compat import get_cache
+from .call_context import CallLocal
+from .patched_method import PatchedMethod
 
-__all__ = ["compute", "reusing_lower_layers", "LowerLayers", "query_layer_of"]
+__all__ = ["compute", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install", "uninstall"]
+
+# layer -> what the current call asks of it: ("stop_before" | "stop_after" | "first" | "through", hidden or None)
+_LAYER_ROLES = CallLocal("fastprompt_query_pass_layer_roles")
+_INNER_ATTR = "_fastprompt_query_pass_inner_forward"  # a forward the layer had as an instance attribute before
 
 
 class _QueryReady(Exception):
@@ -88,16 +98,57 @@ def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[
     return query, reuse
 
 
+def _query_layer_forward(layer, *args, **kwargs):
+    """Installed as the forward of layers [0, k]: the layer's own forward unless the current call asks otherwise."""
+    role = _LAYER_ROLES.get(layer)
+    if role is not None:
+        kind, hidden = role
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if kind == "stop_before":
+            raise _QueryReady(hidden_states)
+        if kind == "first":  # layer 0: what layers [0, k) computed in the query pass
+            return hidden
+        if kind == "through":  # layers 1..k-1: already included
+            return hidden_states
+    inner = layer.__dict__.get(_INNER_ATTR)
+    out = inner(*args, **kwargs) if inner is not None else type(layer).forward(layer, *args, **kwargs)
+    if role is not None and role[0] == "stop_after":
+        raise _QueryReady(out[0] if isinstance(out, (tuple, list)) else out)
+    return out
+
+
+def install(model, prompt) -> None:
+    """At attach time: layers [0, k] of a prompt with `query_layer=k` take `_query_layer_forward` (idle unless a
+    call binds a role to them)."""
+    k = query_layer_of(prompt)
+    if k is None or prompt.query_mode == "embeddings" or k < 0:
+        return
+    layers = _layers(model)
+    for layer in list(layers)[: min(k, len(layers) - 1) + 1]:
+        if isinstance(layer.__dict__.get("forward"), PatchedMethod) and \
+                layer.__dict__["forward"].__func__ is _query_layer_forward:
+            continue
+        if "forward" in layer.__dict__:
+            object.__setattr__(layer, _INNER_ATTR, layer.__dict__["forward"])
+        object.__setattr__(layer, "forward", PatchedMethod(_query_layer_forward, layer))
+
+
+def uninstall(model) -> None:
+    for layer in _layers(model):
+        installed = layer.__dict__.get("forward")
+        if isinstance(installed, PatchedMethod) and installed.__func__ is _query_layer_forward:
+            del layer.__dict__["forward"]
+            inner = layer.__dict__.pop(_INNER_ATTR, None)
+            if inner is not None:
+                object.__setattr__(layer, "forward", inner)
+
+
 def _hidden_entering(model, state, layers, k: int, kw) -> Tensor:
     """Run embeddings + layers [0, k) without prompts under no_grad; the hidden state entering layer k."""
     if k < len(layers):
-        def stop(module, args, kwargs):
-            raise _QueryReady(args[0] if args else kwargs["hidden_states"])
-        handle = layers[k].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+        stop = {layers[k]: ("stop_before", None)}
     else:
-        def stop(module, args, output):
-            raise _QueryReady(output[0] if isinstance(output, (tuple, list)) else output)
-        handle = layers[k - 1].register_forward_hook(stop, prepend=True)
+        stop = {layers[k - 1]: ("stop_after", None)}
     call = state.bound_forward
     params = inspect.signature(call).parameters
     kwargs = {"attention_mask": kw.get("attention_mask")}
@@ -111,12 +162,10 @@ def _hidden_entering(model, state, layers, k: int, kw) -> Tensor:
     if "use_cache" in params:
         kwargs["use_cache"] = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _LAYER_ROLES.bound_many(stop):
             call(**kwargs)
     except _QueryReady as ready:
         return ready.hidden
-    finally:
-        handle.remove()
     raise RuntimeError(f"fastprompt: the query pass never reached layer {k} of {type(model).__name__}")
 
 
@@ -160,29 +209,6 @@ def reusing_lower_layers(model, reuse: Optional[LowerLayers], kw: Dict[str, Any]
     return _skip_lower_layers(_layers(model), reuse)
 
 
-@contextmanager
 def _skip_lower_layers(layers, reuse: LowerLayers):
-    hidden = reuse.hidden
-
-    def first(hidden_states=None, *args, **kwargs):  # layer 0: what layers [0, k) computed in the query pass
-        return hidden
-
-    def through(hidden_states=None, *args, **kwargs):  # layers 1..k-1: already included
-        return hidden_states
-
-    patched = []
-    try:
-        for i in range(reuse.k):
-            layer = layers[i]
-            patched.append((layer, layer.__dict__.get("forward", _MISSING)))
-            layer.forward = first if i == 0 else through
-        yield
-    finally:
-        for layer, original in patched:
-            if original is _MISSING:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = original
-
-
-_MISSING = object()
+    roles = {layers[i]: ("first", reuse.hidden) if i == 0 else ("through", None) for i in range(reuse.k)}
+    return _LAYER_ROLES.bound_many(roles)

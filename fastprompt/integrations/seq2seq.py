@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .peft_config import enum_value as _value
 from .transformers_attention import (
+    AttentionCall,
     _LAYER_STATE_ATTR,
     _SLOT_ATTR,
     _STATE_ATTR,
@@ -43,7 +44,9 @@ from .transformers_attention import (
     _EnableToken,
     _hf_model,
     check_prefix_checkpointing,
+    bind_call,
     check_supports_attention_interface,
+    current_call,
     fastprompt_attention_mask,
 )
 
@@ -165,17 +168,19 @@ def _inject_prefixes_hook(layer, args, kwargs):
     # As in transformers_attention: the prefixes travel as a layer keyword, so a checkpointed layer's recompute
     # (after the patched forward returned) reads the same tensors.
     state = layer.__dict__.get(_LAYER_STATE_ATTR)
-    if state is None or state.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
+    call = current_call(state) if state is not None else None
+    if call is None or call.prefixes is None or SEQ2SEQ_PREFIXES_KWARG in kwargs:
         return None
-    check_prefix_checkpointing(layer, state.prefixes)
-    kwargs[SEQ2SEQ_PREFIXES_KWARG] = state.prefixes
+    check_prefix_checkpointing(layer, call.prefixes)
+    kwargs[SEQ2SEQ_PREFIXES_KWARG] = call.prefixes
     return args, kwargs
 
 
 def _shift_positions_hook(module, args, kwargs):
     # BART's learned decoder positions: PEFT's P-long cache makes real tokens start at P
     state = module.__dict__.get(_LAYER_STATE_ATTR)
-    shift = getattr(state, "position_shift", 0) if state is not None and state.prefixes is not None else 0
+    call = current_call(state) if state is not None else None
+    shift = call.position_shift if call is not None and call.prefixes is not None else 0
     if not shift:
         return None
     if kwargs.get("position_ids") is not None:
@@ -199,7 +204,7 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
     _register_once()
     previous = hf.config._attn_implementation
     state = _AttentionState(backend)
-    state.position_shift = 0
+    state.seq2seq = True
     slotted, hooks = [], []
     encoder, decoder = _stacks(hf)
     for role_stack, stack in (("encoder", encoder), ("decoder", decoder)):
@@ -238,22 +243,24 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
 class decoder_prefixes:
     """Inside the block, decoder layer l's self-attention reads `prefixes[("self", l)]` (and cross-attention
     `prefixes[("cross", l)]`, encoder layer l `prefixes[("encoder", l)]` where given). `position_shift`: how far the
-    prefix moves learned decoder positions (PEFT: P)."""
+    prefix moves learned decoder positions (PEFT: P). Bound to the calling thread / asyncio task (call_context):
+    concurrent calls of the same model each read their own."""
 
     def __init__(self, model, prefixes: dict, position_shift: int = 0):
         self.state = getattr(_hf_model(model), _STATE_ATTR, None)
-        if self.state is None or not hasattr(self.state, "position_shift"):
+        if self.state is None or not getattr(self.state, "seq2seq", False):
             raise ValueError("fastprompt: decoder_prefixes needs enable_seq2seq_attention(model) first")
         self.prefixes, self.shift = prefixes, position_shift
+        self._binding = None
 
     def __enter__(self):
-        self.previous = (self.state.prefixes, self.state.position_shift)
-        self.state.prefixes, self.state.position_shift = self.prefixes, self.shift
+        self._binding = bind_call(self.state, AttentionCall(prefixes=self.prefixes, position_shift=self.shift))
+        self._binding.__enter__()
         return self.prefixes
 
     def __exit__(self, *exc):
-        self.state.prefixes, self.state.position_shift = self.previous
-        return False
+        binding, self._binding = self._binding, None
+        return binding.__exit__(*exc)
 
 
 def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -> Tensor:
@@ -269,31 +276,48 @@ def t5_prefix_bias(bias_module, num_prefix: int, query_length: int, past: int) -
     return bias_module.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
-# T5's prefix bias tables, per bias module (weakly held: they go with the model): {(P, dtype): ((weight, its
-# version, its data_ptr), [1, H, N, P] table for query positions 0..N-1)}
+# T5's prefix bias tables, per bias module (weakly held: they go with the model): {(P, dtype): (a copy of the bias
+# weight the table was built from, [1, H, N, P] table for query positions 0..N-1)}. Entries are replaced, never
+# mutated (concurrent calls read them).
 _PREFIX_BIAS_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _built_from(source: Tensor, weight: Tensor) -> bool:
+    """Whether a table built from `source` (a copy of the weight then) is still right for `weight`: compared by
+    value. The weight object, its `_version` and `data_ptr` stay the same when it is updated through `.data` (EMA,
+    weight averaging, some loaders), so only its values tell. [buckets, H] values, compared once per call: about
+    1-2 us on a CPU for T5-small's 32 x 8, against 0.6-1.5 ms for rebuilding the table (P = 20) and hundreds of ms
+    for the forward itself (measured on a shared 2-core CPU)."""
+    return (source.shape == weight.shape and source.dtype == weight.dtype and source.device == weight.device
+            and torch.equal(source, weight))
 
 
 def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> Tensor:
     """t5_prefix_bias for this call, sliced from a table of every query position seen so far: computed once, not
-    once per layer, decoding step and training step (the table grows by doubling, and is rebuilt when the bias
-    weights change in place). Computed afresh while the bias weights are being trained."""
+    once per layer, decoding step and training step (the table grows by doubling). The table is checked against the
+    bias weight's values once per call (the call's memo holds it for the other layers) and rebuilt when they
+    changed, however they were changed. Computed afresh while the bias weights are being trained."""
     bias_module = slot.bias_module
     weight = bias_module.relative_attention_bias.weight
     if weight.requires_grad and torch.is_grad_enabled():
         return t5_prefix_bias(bias_module, num_prefix, query_length, past).to(dtype)
     needed = past + query_length
-    tables = _PREFIX_BIAS_TABLES.setdefault(bias_module, {})
-    key = (num_prefix, dtype)
-    entry = tables.get(key)
-    state = (weight._version, weight.data_ptr())  # data_ptr: moved or cast in place (module.to)
-    if entry is None or entry[0][0] is not weight or entry[0][1:] != state or entry[1].shape[2] < needed:
-        rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
-        with torch.no_grad():
-            # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias gets copied per call)
-            table = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
-        entry = tables[key] = ((weight, *state), table)
-    return entry[1][:, :, past:needed]
+    call = current_call(slot.state)
+    memo = call.derived if call is not None else {}
+    memo_key = ("t5_prefix_bias", id(bias_module), num_prefix, dtype)
+    table = memo.get(memo_key)
+    if table is None or table.shape[2] < needed:
+        tables = _PREFIX_BIAS_TABLES.setdefault(bias_module, {})
+        entry = tables.get((num_prefix, dtype))
+        current = weight.detach()
+        if entry is None or entry[1].shape[2] < needed or not _built_from(entry[0], current):
+            rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
+            with torch.no_grad():
+                # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias, copied per call)
+                built = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
+            entry = tables[(num_prefix, dtype)] = (current.clone(), built)
+        table = memo[memo_key] = entry[1]
+    return table[:, :, past:needed]
 
 
 def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -303,8 +327,9 @@ def seq2seq_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
 
     slot = module.__dict__.get(_SLOT_ATTR)
     prefixes = kwargs.get(SEQ2SEQ_PREFIXES_KWARG)
-    if prefixes is None and slot is not None:
-        prefixes = slot.state.prefixes
+    if prefixes is None and slot is not None:  # a layer that drops the keyword: the call's own binding
+        call = current_call(slot.state)
+        prefixes = call.prefixes if call is not None else None
     role = slot.role if isinstance(slot, _Seq2SeqSlot) else None
     prefix = prefixes.get((role, slot.layer_idx)) if (prefixes and role is not None) else None
     backend = slot.state.backend if slot is not None else "auto"

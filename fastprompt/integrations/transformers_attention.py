@@ -6,14 +6,15 @@ A model switched to the "fastprompt" attention implementation runs every self-at
 sequence K/V, never as a 4D mask: the registered mask function hands the attention a 2D key padding mask or None,
 as flash-attention's does.
 
-How a layer finds its prefix: `layer_prefixes(model, prefixes)` stores the mapping on the model instance, and a
-forward pre-hook on each of that instance's layers passes it as the `fastprompt_prefixes` keyword, which
-transformers 5 forwards from the layer to its attention function. The hook runs outside the gradient-checkpointed
-layer forward, so the backward recompute sees the same prefix tensors; generate() and torch.compile see them too.
-A caller may also pass `fastprompt_prefixes=` to the model's forward itself (the PEFT path does). Where a family
-drops the keyword, the attention function falls back to the instance state. Nothing here touches a class or a
-module global other than the two interface registrations, which are inert for models that did not select
-"fastprompt".
+How a layer finds its prefix: `layer_prefixes(model, prefixes)` binds the mapping to the current call (a context
+variable local to the calling thread / asyncio task, see call_context; never state on the shared model, which other
+threads call at the same time), and a forward pre-hook on each of that instance's layers passes it as the
+`fastprompt_prefixes` keyword, which transformers 5 forwards from the layer to its attention function. The hook runs
+outside the gradient-checkpointed layer forward, so the backward recompute sees the same prefix tensors; generate()
+and torch.compile see them too. A caller may also pass `fastprompt_prefixes=` to the model's forward itself (the
+PEFT path does). Where a family drops the keyword, the attention function reads the call's binding itself. Nothing
+here touches a class or a module global other than the two interface registrations, which are inert for models
+that did not select "fastprompt".
 
 Semantics that differ from PEFT's prefix-as-cache on purpose: prefix keys are always visible, also past a sliding
 window (PEFT's prefix slides out of the window once P + position exceeds it); everything else is identical.
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..ops.prefix_attention_decode import shared_prefix_decode
+from .call_context import CallLocal
 from .families import ROBERTA, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"
@@ -195,21 +197,50 @@ def check_supports_attention_interface(hf) -> None:
 
 
 class _AttentionState:
-    """Lives on an enabled model instance. `prefixes` is set only inside `layer_prefixes`."""
+    """Lives on an enabled model instance: its settings only (backend, enable count), nothing of any one call."""
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.prefixes: Optional[Mapping[int, LayerPrefix]] = None
         self.users = 1
 
-    # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process);
-    # the prefixes of an open `layer_prefixes` block are not part of the saved state.
-    def __getstate__(self):
-        return {**self.__dict__, "prefixes": None}
-
+    # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process)
     def __setstate__(self, state):
         self.__dict__.update(state)
         _register_once()
+
+
+@dataclass
+class AttentionCall:
+    """What one call of an enabled model hands its attention, bound to that call (see call_context)."""
+
+    prefixes: Optional[Mapping] = None      # layer (seq2seq: (role, layer)) -> LayerPrefix
+    capture: Optional[dict] = None          # prompt hoisting: layer -> (key, value) as the attention sees them
+    position_shift: int = 0                 # seq2seq: how far the prefix moves learned decoder positions (BART)
+    derived: dict = field(default_factory=dict)  # values derived once per call for every layer (T5's prefix bias)
+
+
+_CALLS = CallLocal("fastprompt_attention_call")
+
+
+def current_call(state) -> Optional[AttentionCall]:
+    """The AttentionCall the current thread / task bound for the model owning `state`, or None."""
+    return _CALLS.get(state)
+
+
+def bind_call(model_or_state, call: AttentionCall):
+    """Context manager: inside the block, this thread's / task's calls of the model read `call`."""
+    state = model_or_state if isinstance(model_or_state, _AttentionState) else getattr(
+        _hf_model(model_or_state), _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("fastprompt: binding a call needs a model with fastprompt attention enabled")
+    return _CALLS.bound(state, call)
+
+
+def resolve_prefixes(prefixes, batch: int):
+    """Prefixes whose pool rows follow generate()'s batch expansion (beams, returned sequences) resolve to the
+    mapping for this batch size; any other mapping is returned as it is."""
+    for_batch = getattr(prefixes, "for_batch", None)
+    return for_batch(batch) if for_batch is not None else prefixes
 
 
 @dataclass
@@ -252,6 +283,15 @@ class BridgedPrefixes(dict):
     does so under reentrant gradient checkpointing); the reentrant-checkpointing guard lets them through."""
 
 
+def take_bridged_grad(leaf: torch.Tensor) -> torch.Tensor:
+    """The gradient the layers' reentrant-checkpointed recompute accumulated into a detached leaf during THIS
+    backward pass, taken out of the leaf (its .grad cleared): nothing a backward pass leaves behind is read by the
+    next one (zero_grad() never reaches the leaf, which is no parameter)."""
+    grad = leaf.grad
+    leaf.grad = None
+    return grad if grad is not None else torch.zeros_like(leaf)
+
+
 def uses_reentrant_checkpointing(layer) -> bool:
     return _uses_reentrant_checkpointing(layer)
 
@@ -283,10 +323,15 @@ def _inject_prefixes_hook(layer, args, kwargs):
     if state is None:
         return None
     given = kwargs.get(PREFIXES_KWARG)
-    check_prefix_checkpointing(layer, given if given is not None else state.prefixes)
-    if given is None and state.prefixes is not None:
-        kwargs[PREFIXES_KWARG] = state.prefixes
+    call = current_call(state)
+    bound = call.prefixes if call is not None else None
+    if given is None and bound is not None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        given = resolve_prefixes(bound, hidden.shape[0]) if hidden is not None else bound
+        check_prefix_checkpointing(layer, given)
+        kwargs[PREFIXES_KWARG] = given
         return args, kwargs
+    check_prefix_checkpointing(layer, given)
     return None
 
 
@@ -405,17 +450,15 @@ def _normalize_prefixes(prefixes) -> dict:
 
 @contextmanager
 def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
-    """Inside the block, the attention of layer i reads `prefixes[i]`; absent layers get no prefix."""
+    """Inside the block, the attention of layer i reads `prefixes[i]`; absent layers get no prefix. The binding is
+    the calling thread's / asyncio task's own: concurrent calls of the same model each read their own prefixes."""
     hf = _hf_model(model)
     state = getattr(hf, _STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: layer_prefixes needs enable_fastprompt_attention(model) first")
-    previous = state.prefixes
-    state.prefixes = _normalize_prefixes(prefixes)
-    try:
-        yield state.prefixes
-    finally:
-        state.prefixes = previous
+    normalized = prefixes if hasattr(prefixes, "for_batch") else _normalize_prefixes(prefixes)
+    with _CALLS.bound(state, AttentionCall(prefixes=normalized)):
+        yield normalized
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,13 +498,15 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
                                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
     """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
     slot = getattr(module, _SLOT_ATTR, None)
+    call = current_call(slot.state) if slot is not None else None
     prefixes = kwargs.get(PREFIXES_KWARG)
-    if prefixes is None and slot is not None:
-        prefixes = slot.state.prefixes
+    if prefixes is None and call is not None:  # a family that drops the layer keyword
+        prefixes = call.prefixes
+    prefixes = resolve_prefixes(prefixes, query.shape[0]) if prefixes is not None else None
     layer_idx = slot.layer_idx if slot is not None else getattr(module, "layer_idx", None)
     prefix = prefixes.get(layer_idx) if prefixes else None
     backend = slot.state.backend if slot is not None else "auto"
-    capture = getattr(slot.state, "capture", None) if slot is not None else None
+    capture = call.capture if call is not None else None
     if capture is not None:  # prompt hoisting: keep this layer's K/V as the attention sees them (after RoPE)
         capture[layer_idx] = (key, value)
 

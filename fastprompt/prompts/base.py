@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple, Type
 
@@ -189,6 +191,33 @@ def check_task_ids(task_ids: Optional[Tensor], num_tasks: int, batch_size: Optio
     return task_ids.to(device=device, dtype=torch.long)
 
 
+# What the last call of each prompt module computed besides its prompts (a pool's key-pull loss and choice), per
+# thread / asyncio task: {(id(module), name): (weakref to the module, value)}, replaced on every write (never
+# mutated), so concurrent calls of one shared module never read each other's.
+_LAST_CALL: ContextVar = ContextVar("fastprompt_prompt_last_call", default=None)
+
+
+class PerCallAttribute:
+    """A module attribute that holds what the last call in the CURRENT thread / asyncio task set (None before any).
+
+    The prompt modules record per-call results (`aux_loss`, `last_index`, `last_weights`) as attributes, which a
+    model served from several threads would otherwise share: a thread reads its own call's value."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        entry = (_LAST_CALL.get() or {}).get((id(module), self.name))
+        return entry[1] if entry is not None and entry[0]() is module else None
+
+    def __set__(self, module, value):
+        values = {key: entry for key, entry in (_LAST_CALL.get() or {}).items() if entry[0]() is not None}
+        values[(id(module), self.name)] = (weakref.ref(module), value)
+        _LAST_CALL.set(values)
+
+
 class PromptModule(nn.Module):
     """Base of every fastprompt prompt method.
 
@@ -198,12 +227,15 @@ class PromptModule(nn.Module):
 
     config_class: ClassVar[Type[PromptConfig]] = PromptConfig
     needs_task_ids: ClassVar[bool] = False
+    # per-call results, local to the calling thread / asyncio task (see PerCallAttribute)
+    aux_loss = PerCallAttribute()
+    last_index = PerCallAttribute()
+    last_weights = PerCallAttribute()
 
     def __init__(self, config: PromptConfig):
         super().__init__()
         config.validate()
         self.config = config
-        self.aux_loss: Optional[Tensor] = None
 
     @classmethod
     def _make_config(cls, config, kwargs) -> PromptConfig:

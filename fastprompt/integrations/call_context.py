@@ -1,0 +1,50 @@
+"""Per-call state: what one model call computes travels with that call, never as state on the shared model.
+
+Threads (a web server's pool) and asyncio tasks call one patched model at once, so nothing a call computes (the
+layer prefixes it hands to the attention, the prompt K/V that hoisting captures, a pool's query pass, generate()'s
+prompt state) may be stored on the model or its modules, where another call would read or overwrite it. The parts
+of the integration that need a value deeper in the same call (a layer's forward pre-hook, the registered attention
+function) read it from a `CallLocal`: a `contextvars.ContextVar` holding a small mapping, set for the duration of a
+block. A context variable is local to its thread and to its asyncio task, and the mapping is replaced, never
+mutated, so a task that inherited a copy of the context never sees a later call's values.
+
+Keys are objects compared by identity (a model's attention state, a layer module); they are held only while the
+block runs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Mapping
+
+__all__ = ["CallLocal"]
+
+
+class CallLocal:
+    """A value per key, visible to the calling thread / asyncio task inside a `bound(...)` block only."""
+
+    def __init__(self, name: str):
+        self._var: ContextVar = ContextVar(name, default=None)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        values = self._var.get()
+        if values is None:
+            return default
+        return values.get(id(key), (None, default))[1]
+
+    @contextmanager
+    def bound(self, key: Any, value: Any) -> Iterator[Any]:
+        with self.bound_many({key: value}):
+            yield value
+
+    @contextmanager
+    def bound_many(self, items: Mapping[Any, Any]) -> Iterator[None]:
+        values = self._var.get()
+        new = dict(values) if values else {}
+        for key, value in items.items():
+            new[id(key)] = (key, value)  # the key is kept alive with its id while the block runs
+        token = self._var.set(new)
+        try:
+            yield
+        finally:
+            self._var.reset(token)
