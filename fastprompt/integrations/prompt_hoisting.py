@@ -603,10 +603,10 @@ def hoisted_attached_call(model, state, kw: dict, batch: int, prefill: bool, tas
     labels = kw.get("labels")
     full_logits = _logits_to_keep_ok(kw, seq, labels)
     reason = None
-    if not prefill and not decoding_hoisted:
-        reason = "decoding a cache that holds the prompt"
-    elif _hoisting_disabled(model) and prefill:
+    if _hoisting_disabled(model) and not decoding_hoisted:  # a cache of real tokens only goes on hoisted
         reason = "hoisting turned off"
+    elif not prefill and not decoding_hoisted:
+        reason = "decoding a cache that holds the prompt"
     elif kw.get("output_attentions"):
         reason = "output_attentions"
     elif full_logits is None:
