@@ -468,11 +468,17 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
     mask = kwargs.get("attention_mask")
     model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     num_tokens = config.num_virtual_tokens
-    prefill = cache_length(get_cache(model_kwargs)) == 0
+    past = cache_length(get_cache(model_kwargs))
+    prefill = past == 0
     embeds = model_kwargs.get("inputs_embeds")
     ids = model_kwargs.get("input_ids")
     source = embeds if embeds is not None else ids
     batch = source.shape[0]
+    if mask is None and model_kwargs.get("attention_mask") is not None:
+        # No 2D mask from the caller, but the base prepare step made one (a 4D mask, or transformers' dict of masks
+        # per layer type, sized without the prompt): PEFT re-creates it over P + S keys; its key padding is read
+        # back here and extended past the prompt below, as a 2D mask the model expands itself.
+        mask = key_padding_mask(model_kwargs["attention_mask"], past + source.shape[1])
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError(f"fastprompt: generate() with an input-level prompt takes a 2D attention_mask, got "
@@ -489,6 +495,34 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
         model_kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
         model_kwargs["input_ids"] = None
     return model_kwargs
+
+
+def key_padding_mask(mask, num_keys: int) -> torch.Tensor:
+    """The 2D key padding mask `[B, num_keys]` (1 = a real key) behind a mask transformers built for `num_keys` keys.
+
+    A 4D mask `[B, 1 or H, Lq, Lk]` (boolean; float additive, 0 = visible and large negative = masked; or float 0/1)
+    marks a key real when some query sees it; static-cache slots past `num_keys` are dropped. A dict (one mask per
+    layer type) is read through its full-attention mask; None entries mean every key is visible.
+    """
+    if isinstance(mask, dict):
+        masks = [m for m in mask.values() if m is not None]
+        full = mask.get("full_attention")
+        if full is None and not masks:
+            return None
+        mask = full if full is not None else masks[0]
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.dim() != 4:
+        raise ValueError(f"fastprompt: attention_mask must be 2D [batch, keys] or 4D [batch, heads, queries, keys], "
+                         f"got {mask.dim()}D")
+    if mask.dtype == torch.bool:
+        visible = mask
+    elif mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all() and (mask == 1).any()):
+        visible = mask > torch.finfo(mask.dtype).min / 2  # additive: 0 where visible, the dtype's minimum where not
+    else:
+        visible = mask != 0
+    keys = visible.any(dim=2).any(dim=1)[:, :num_keys]
+    return keys.to(torch.long)
 
 
 def _input_generate(self, *args, **kwargs):
