@@ -1,6 +1,7 @@
 """Tiny models of the families in fastprompt/integrations/families.py, and PEFT's prefix semantics written out.
 
-Every model is built from a config (no hub access), hidden 32, 2 layers. Oracles never run fastprompt code:
+Every model is built from a config (no hub access), hidden 32, 2 layers (Gemma 4: 4, two of them KV-shared). Oracles
+never run fastprompt code:
 - prefix tuning where the base model takes a cache: PEFT's own semantics, `base_model(input_ids, attention_mask=
   [ones(P); mask], cache=peft_model.get_prompt(B), ...)` (PEFT 0.21.2 refuses to call it itself on transformers
   5.24, which renamed `past_key_values` to `cache`; older transformers take it as `past_key_values`).
@@ -37,6 +38,21 @@ ENCODERS = ["bert", "roberta"] + NEW_ENCODERS
 CACHELESS = {"distilbert", "modernbert"}
 # attention outside transformers' AttentionInterface: prefix tuning refused, input-level methods accepted
 REFUSED_FAMILIES = ["deberta-v2", "falcon", "bloom", "albert"]
+# Gemma 4 (transformers >= 5.24's gemma4 module): the text model without per-layer inputs (every PEFT method), and the
+# multimodal wrapper AutoModelForCausalLM builds for Gemma 4 checkpoints, with per-layer inputs (prefix tuning only)
+GEMMA4 = ["gemma4_text", "gemma4"]
+requires_gemma4 = pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"),
+                                     reason=f"transformers {transformers.__version__} has no Gemma 4")
+
+
+def _gemma4_text_config(window, per_layer_inputs: int):
+    """Four layers, local/global, with Gemma 4's per-layer shapes (global layers: head_dim 16, local: 8) and the last
+    two layers sharing the K/V of the first two."""
+    return transformers.Gemma4TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, global_head_dim=16, sliding_window=window or 64, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=per_layer_inputs,
+        vocab_size_per_layer_input=VOCAB, final_logit_softcapping=30.0, max_position_embeddings=128, **COMMON)
 
 
 def family_config(family: str, window: int | None = None):
@@ -91,6 +107,15 @@ def family_config(family: str, window: int | None = None):
                                             query_pre_attn_scalar=16, sliding_window=window or 64,
                                             layer_types=["sliding_attention", "full_attention"],
                                             max_position_embeddings=128, **COMMON)
+    elif family == "gemma4_text":
+        cfg = _gemma4_text_config(window, per_layer_inputs=0)
+    elif family == "gemma4":
+        names = ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id", "audio_token_id",
+                 "boa_token_id", "eoa_token_index")
+        special = {name: VOCAB + i for i, name in enumerate(names)}  # past the ids make_inputs draws: text only
+        text = _gemma4_text_config(window, per_layer_inputs=8).to_dict()
+        text.update(vocab_size=VOCAB + len(names), vocab_size_per_layer_input=VOCAB + len(names))
+        cfg = transformers.Gemma4Config(text_config=text, vision_config=None, audio_config=None, **special)
     elif family == "distilbert":
         cfg = transformers.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=128,
                                             dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
