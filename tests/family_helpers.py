@@ -297,7 +297,21 @@ def peft_prefix_kv(oracle, batch):
     tokens = oracle.prompt_tokens[oracle.active_adapter][:P].unsqueeze(0).expand(batch, -1)
     flat = encoder(tokens).view(batch, P, config.num_layers * 2, heads, config.token_dim // heads)
     kv = flat.permute(2, 0, 3, 1, 4)  # [2L, B, Hkv, P, D]: index 2l = K of layer l, 2l+1 = V
-    return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.num_layers)]
+    layers = [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.num_layers)]
+    text = oracle.get_base_model().config.get_text_config()
+    if not getattr(text, "is_heterogeneous", False):
+        return layers
+    # Gemma 4, PEFT's get_prompt: each layer's leading heads / dims (none where the layer is wider); a KV-shared
+    # ("reuse") layer attends with the K/V, prefix included, of the last "store" layer of its type
+    own = []
+    for layer, (key, value) in enumerate(layers):
+        shape = text.per_layer_config[layer]
+        heads, dim = shape.num_key_value_heads, shape.head_dim
+        fits = heads <= key.shape[1] and dim <= key.shape[3]
+        own.append((key[:, :heads, :, :dim], value[:, :heads, :, :dim]) if fits else None)
+    modes, types = text.kv_sharing_modes, text.layer_types
+    store = {types[i]: i for i in range(len(modes)) if modes[i] == "store"}
+    return [own[store[types[i]]] if modes[i] == "reuse" else own[i] for i in range(len(modes))]
 
 
 def prefix_oracle_forward(oracle, family, input_ids, attention_mask, concat=False, **kwargs):

@@ -378,3 +378,23 @@ def test_gemma4_layout(family):
     assert layout.per_layer_inputs == (family == "gemma4")
     assert layout.layers_path.endswith("language_model.layers" if family == "gemma4" else "model.layers")
     assert "gemma4_text" in FAMILIES and family in SUPPORTED_MODEL_TYPES
+
+
+@requires_gemma4
+def test_gemma4_sliding_window_layers():
+    """A local window shorter than P + S on Gemma 4's local layers (head_dim 8, the global ones 16; KV-shared layers):
+    the sequence windowed as the family does it, the prefix always visible (the documented semantics)."""
+    patched, oracle = _prefix_parity("gemma4_text", "CAUSAL_LM", padding="left", window=3, concat=True)
+    assert model_layout(patched).sliding_window == 3
+
+
+@requires_gemma4
+def test_gemma4_bidirectional_attention_refused():
+    """use_bidirectional_attention="all": transformers' own attention paths disagree on the window bound, so
+    fastprompt's attention refuses it (input-level prompts, which leave the attention alone, still run)."""
+    patched, oracle = family_peft_pair("gemma4_text", "prefix", "FEATURE_EXTRACTION")
+    config = patched.get_base_model().config
+    config.use_bidirectional_attention = "all"
+    with pytest.raises(ValueError, match="use_bidirectional_attention='all'.*window"):
+        fpp.patch_model(patched)
+    assert "forward" not in patched.__dict__ and config._attn_implementation == "sdpa"

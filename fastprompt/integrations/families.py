@@ -48,6 +48,9 @@ class FamilyFacts:
     # config field with the width of per-layer input embeddings (a second embedding looked up from the token ids,
     # recovered from inputs_embeds by a vocabulary lookup that virtual tokens cannot pass: input-level prompts refused)
     per_layer_input_field: Optional[str] = None
+    # (config field, value, why): configurations whose attention fastprompt's cannot reproduce (refused when the
+    # model is switched to it: prefix tuning, fastprompt's prefix prompts, hoisting)
+    refused_configs: tuple = ()
     quirks: tuple = ()                  # what the family's parity tests pin down, for readers
 
 
@@ -79,6 +82,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     "gemma4_text": FamilyFacts(**_DECODER, embedding_scale="embedding",
                                kv_shared_layers_field="num_kv_shared_layers",
                                per_layer_input_field="hidden_size_per_layer_input",
+                               refused_configs=(("use_bidirectional_attention", "all",
+                                                 "transformers' Gemma 4 bounds its bidirectional sliding window one "
+                                                 "position differently in its SDPA/eager masks (|i - j| <= w) and in "
+                                                 "flash attention (|i - j| < w), so no single semantics exists to "
+                                                 "reproduce"),),
                                quirks=("local/global layers with their own RoPE, head_dim and KV heads per layer "
                                        "(config.per_layer_config): PEFT sizes its prefix for the widest layer and "
                                        "gives each layer its leading heads and dims, skipping wider layers",

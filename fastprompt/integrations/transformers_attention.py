@@ -244,6 +244,16 @@ def check_supports_attention_interface(hf) -> None:
         )
 
 
+def _check_refused_config(hf) -> None:
+    """Raise ValueError for a configuration its family's entry says fastprompt's attention cannot reproduce."""
+    config = _text_config(hf.config)
+    facts = family_facts(getattr(config, "model_type", ""))
+    for name, value, why in (facts.refused_configs if facts is not None else ()):
+        if getattr(config, name, None) == value:
+            raise ValueError(f"fastprompt: cannot switch {type(hf).__name__} with {name}={value!r} to fastprompt's "
+                             f"attention: {why}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Registration and the per-instance switch
 
@@ -374,6 +384,7 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
         existing.users += 1
         return _EnableToken(hf, None, [], [], nested=True)
     check_supports_attention_interface(hf)
+    _check_refused_config(hf)
     _register_once()
     path, layers = _find_layers(hf)
     previous = hf.config._attn_implementation
