@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from gradient_checks import assert_grads_close
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import transformers  # noqa: E402
@@ -186,7 +188,8 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what=""):
 
 
 def assert_rel_close(actual, expected, rel, what=""):
-    """Relative to the tensor's scale: |a - e| <= rel * (|e| + max|e|) elementwise."""
+    """Relative to the tensor's scale: |a - e| <= rel * (|e| + max|e|) elementwise. Outputs and losses; gradients are
+    compared on the whole gradient's scale (gradient_checks.assert_grads_close)."""
     scale = expected.detach().abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * max(scale, 1e-12),
                                msg=lambda m: f"{what}: {m}")
@@ -242,8 +245,7 @@ def assert_step_parity(patched, oracle, task, ids, mask, what="", **kwargs):
     assert_rel_close(loss_p, loss_o, 1e-5, what=f"{what} loss")
     grads_p, grads_o = prompt_grads(patched), prompt_grads(oracle)
     assert grads_p.keys() == grads_o.keys() and grads_p, f"{what}: trainable parameters differ"
-    for name in grads_o:
-        assert_rel_close(grads_p[name], grads_o[name], 1e-4, what=f"{what} grad {name}")
+    assert_grads_close(grads_p, grads_o, 1e-4, what=what)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from family_helpers import (
     CACHELESS,
+    GEMMA4,
     NEW_DECODERS,
     NEW_ENCODERS,
     NEW_FAMILIES,
@@ -22,6 +23,7 @@ from family_helpers import (
     make_inputs,
     main_output,
     prefix_oracle_forward,
+    requires_gemma4,
     task_targets,
 )
 
@@ -37,7 +39,7 @@ SECOND_DECODER_TASK = {"granite": "FEATURE_EXTRACTION"}  # transformers has no G
 PREFIX_CASES = [(f, t) for f in NEW_DECODERS for t in ("CAUSAL_LM", SECOND_DECODER_TASK.get(f, "SEQ_CLS"))] + \
                [(f, t) for f in NEW_ENCODERS for t in ("SEQ_CLS", "FEATURE_EXTRACTION")]
 ENCODER_REFUSED = ("deberta-v2", "albert")
-MAIN_TASK = {f: "CAUSAL_LM" if f in NEW_DECODERS else "SEQ_CLS" for f in NEW_FAMILIES}
+MAIN_TASK = {f: "CAUSAL_LM" if f in NEW_DECODERS + GEMMA4 else "SEQ_CLS" for f in NEW_FAMILIES + GEMMA4}
 
 
 def _prefix_parity(family, task, padding="hole", method="prefix", window=None, concat=False, **kwargs):
@@ -242,6 +244,10 @@ def test_own_prompts(family, kind):
 def test_prefix_tuning_greedy_generation(family):
     """Patched generate() = a no-cache greedy loop over PEFT's prefix semantics (left padding: OPT's positions come
     from the attention mask)."""
+    _greedy_generation_parity(family)
+
+
+def _greedy_generation_parity(family):
     patched, oracle = family_peft_pair(family, "prefix", "CAUSAL_LM")
     fpp.patch_model(patched)
     ids, mask = make_inputs(padding="left")
@@ -262,3 +268,133 @@ def test_prefix_tuning_greedy_generation(family):
     for row_got, row_want in zip(got.tolist(), want.tolist()):  # generate pads a row after its end-of-sequence
         stop = row_want.index(eos) + 1 if eos in row_want else new_tokens
         assert row_got[:stop] == row_want[:stop]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gemma 4: per-layer attention shapes, KV-shared layers, per-layer input embeddings, a multimodal wrapper
+
+
+GEMMA4_PREFIX_CASES = [("gemma4_text", "CAUSAL_LM"), ("gemma4_text", "FEATURE_EXTRACTION"), ("gemma4", "CAUSAL_LM")]
+
+
+@requires_gemma4
+@pytest.mark.filterwarnings("ignore:Prefix tuning injected")  # PEFT's (and the patched model's) note on shared layers
+@pytest.mark.parametrize("padding", ["left", "right", "hole"])
+@pytest.mark.parametrize("family,task", GEMMA4_PREFIX_CASES)
+def test_gemma4_prefix_tuning_parity(family, task, padding):
+    """PEFT sizes the prefix for the widest (global) layers and gives the local ones its leading dims; the KV-shared
+    layers attend with the prefix their source layer's cache entry got. The wrapper (per-layer inputs) too."""
+    _prefix_parity(family, task, padding)
+
+
+@requires_gemma4
+@pytest.mark.filterwarnings("ignore:Prefix tuning injected")
+@pytest.mark.parametrize("family", GEMMA4)
+def test_gemma4_prefix_projection_and_user_positions(family):
+    _prefix_parity(family, "CAUSAL_LM", method="prefix_proj")
+    _, mask = make_inputs(padding="left")
+    _prefix_parity(family, "CAUSAL_LM", padding="left", position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+
+
+@requires_gemma4
+def test_gemma4_peft_warning_and_error_on_skipped_layers():
+    """PEFT's notes on the layers without a prefix of their own: the same warning (the KV-shared layers), and its
+    error when no layer fits the prefix (PEFT's test: num_key_value_heads set past the prefix's heads)."""
+    patched, oracle = family_peft_pair("gemma4_text", "prefix", "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="left")
+    notes = []
+    for call in (lambda: patched(input_ids=ids, attention_mask=mask),
+                 lambda: prefix_oracle_forward(oracle, "gemma4_text", ids, mask)):
+        with pytest.warns(UserWarning, match=r"injected into layers \[0, 1\]; skipped \[2, 3\]") as record:
+            call()
+        notes.append({str(w.message) for w in record if "Prefix tuning" in str(w.message)})
+    assert notes[0] == notes[1]
+    patched, oracle = family_peft_pair("gemma4_text", "prefix", "CAUSAL_LM")
+    for model in (patched, oracle):
+        model.get_base_model().config.num_key_value_heads = 999
+    fpp.patch_model(patched)
+    for call in (lambda: patched(input_ids=ids, attention_mask=mask),
+                 lambda: prefix_oracle_forward(oracle, "gemma4_text", ids, mask)):
+        with pytest.raises(ValueError, match="skipped every layer"):
+            call()
+
+
+@requires_gemma4
+@pytest.mark.filterwarnings("ignore:Prefix tuning injected")
+@pytest.mark.parametrize("family", GEMMA4)
+def test_gemma4_prefix_tuning_greedy_generation(family):
+    """generate() slices the queries before the KV-shared layers (logits_to_keep); the prefill and decode steps
+    equal a no-cache greedy loop over PEFT's prefix semantics."""
+    _greedy_generation_parity(family)
+
+
+@requires_gemma4
+@pytest.mark.parametrize("method", ["prompt", "ptuning_mlp", "ptuning_lstm", "mpt"])
+def test_gemma4_input_level_parity(method):
+    patched, oracle = family_peft_pair("gemma4_text", method, "CAUSAL_LM")
+    fpp.patch_model(patched)
+    ids, mask = make_inputs(padding="hole")
+    kwargs = {"task_ids": torch.tensor([2, 0, 1])} if method == "mpt" else {}
+    assert_pair_parity(patched, oracle, patched, oracle, "CAUSAL_LM", ids, mask, task_targets("CAUSAL_LM", ids, mask),
+                       what=f"gemma4_text/{method}", **kwargs)
+
+
+@requires_gemma4
+def test_gemma4_per_layer_inputs_refuse_input_level_prompts():
+    """With per-layer input embeddings the model recovers token ids from inputs_embeds by a vocabulary lookup, which
+    virtual tokens fail: PEFT's own forward raises; patch_model and attach refuse up front and say why."""
+    patched, oracle = family_peft_pair("gemma4", "prompt", "CAUSAL_LM")
+    ids, mask = make_inputs(padding="none")
+    with pytest.raises(RuntimeError, match="inputs_embeds"):
+        oracle(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="per-layer input embeddings"):
+        fpp.patch_model(patched)
+    model = family_model("gemma4", "CAUSAL_LM")
+    with pytest.raises(ValueError, match="per-layer input embeddings"):
+        fp.patch_model(model, fp.PromptTuning(model, num_virtual_tokens=3, init="vocab"))
+    assert "forward" not in model.__dict__ and "forward" not in patched.__dict__
+
+
+@requires_gemma4
+def test_gemma4_own_prompts():
+    """fastprompt's own input-level prompts run on Gemma 4 (no per-layer inputs); its prefix prompts, one shape for
+    every layer, are refused where the layers differ."""
+    test_own_prompts("gemma4_text", "prompt")
+    for kind in ("prefix", "ptuning_v2"):
+        model = family_model("gemma4_text", "CAUSAL_LM")
+        with pytest.raises(ValueError, match="layers of .* differ"):
+            fp.patch_model(model, _own_prompt(kind, model))
+
+
+@requires_gemma4
+@pytest.mark.parametrize("family", GEMMA4)
+def test_gemma4_layout(family):
+    layout = model_layout(family_model(family, "CAUSAL_LM"))
+    assert layout.model_type == "gemma4_text" and layout.num_layers == 4 and layout.is_causal
+    assert layout.layer_kv_shapes == ((2, 8), (2, 16), (2, 8), (2, 16)) and (layout.num_kv_heads, layout.head_dim) == (
+        2, 16)
+    assert layout.kv_sources == (0, 1, 0, 1) and not layout.uniform_prefixes
+    assert layout.per_layer_inputs == (family == "gemma4")
+    assert layout.layers_path.endswith("language_model.layers" if family == "gemma4" else "model.layers")
+    assert "gemma4_text" in FAMILIES and family in SUPPORTED_MODEL_TYPES
+
+
+@requires_gemma4
+def test_gemma4_sliding_window_layers():
+    """A local window shorter than P + S on Gemma 4's local layers (head_dim 8, the global ones 16; KV-shared layers):
+    the sequence windowed as the family does it, the prefix always visible (the documented semantics)."""
+    patched, oracle = _prefix_parity("gemma4_text", "CAUSAL_LM", padding="left", window=3, concat=True)
+    assert model_layout(patched).sliding_window == 3
+
+
+@requires_gemma4
+def test_gemma4_bidirectional_attention_refused():
+    """use_bidirectional_attention="all": transformers' own attention paths disagree on the window bound, so
+    fastprompt's attention refuses it (input-level prompts, which leave the attention alone, still run)."""
+    patched, oracle = family_peft_pair("gemma4_text", "prefix", "FEATURE_EXTRACTION")
+    config = patched.get_base_model().config
+    config.use_bidirectional_attention = "all"
+    with pytest.raises(ValueError, match="use_bidirectional_attention='all'.*window"):
+        fpp.patch_model(patched)
+    assert "forward" not in patched.__dict__ and config._attn_implementation == "sdpa"

@@ -9,6 +9,7 @@ from fastprompt.integrations.prompt_attach import attach
 from fastprompt.ops.gather_prompts import gather_prompts
 
 import prompts_helpers as H
+from gradient_checks import assert_grads_close
 from integration_helpers import greedy_no_cache
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, prompt_grads, tiny_model, tiny_config, zero_grads
@@ -55,8 +56,7 @@ def test_mixed_task_batch_equals_per_task_runs(kind):
         _row_loss(part.logits, mask[rows], weights[rows]).backward()  # grads accumulate over the groups
     group_grads = prompt_grads(prompt)
     assert batch_grads.keys() == group_grads.keys() and batch_grads
-    for name in batch_grads:
-        torch.testing.assert_close(batch_grads[name], group_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_grads_close(batch_grads, group_grads, 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["selector", "mpt"])

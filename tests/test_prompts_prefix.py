@@ -9,6 +9,7 @@ import fastprompt as fp
 from fastprompt.integrations.prompt_attach import attach
 
 import prompts_helpers as H
+from gradient_checks import assert_grads_close
 from integration_helpers import greedy_no_cache
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from prompts_helpers import make_inputs, positions_from_mask, prompt_grads, reference_copy, tiny_model, zero_grads
@@ -129,8 +130,7 @@ def _check(family, kind, padding="left"):
     torch.testing.assert_close(out.logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert got.keys() == want.keys() and got
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_grads_close(got, want, 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["prefix_reparam", "prefix_layer1", "ptuning_v2", "pool_hard", "pool_hard_layer0",

@@ -22,6 +22,7 @@ import transformers
 from torch.nn import functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
+from gradient_checks import assert_grads_close
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from seq2seq_helpers import requires_seq2seq_transformers, prompt_grads, rel, seq2seq_inputs, tiny_seq2seq, \
     tiny_seq2seq_config
@@ -192,8 +193,7 @@ def test_own_prompt_matches_oracle(family, kind):
     grads, ref_grads = prompt_grads(prompt), prompt_grads(oracle_prompt)
     trainable = {n for n, q in prompt.named_parameters() if q.requires_grad}
     assert grads.keys() == ref_grads.keys() == trainable  # every prompt parameter is reached
-    for name in grads:
-        assert rel(grads[name], ref_grads[name]) < 1e-4, name
+    assert_grads_close(grads, ref_grads, 1e-4, norm=True)
     assert all(p.grad is None for p in base.parameters() if p is not None and not p.requires_grad)
 
 

@@ -7,6 +7,7 @@ instrumenting the attention on both; see fastprompt/integrations/seq2seq.py).
 import pytest
 import torch
 
+from gradient_checks import assert_grads_close
 from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from seq2seq_helpers import (SEQ2SEQ_FAMILIES, _seq2seq_supported, peft_seq2seq_pair, prompt_grads, rel,
                              requires_seq2seq_transformers, seq2seq_inputs, tiny_seq2seq)
@@ -53,8 +54,7 @@ def _assert_parity(patched, oracle, family, method, **extra):
     assert rel(out_p.logits, out_o.logits) < 1e-5
     assert abs(out_p.loss.item() - out_o.loss.item()) <= 1e-5 * max(1.0, abs(out_o.loss.item()))
     assert grads_o and grads_p.keys() == grads_o.keys()
-    for name in grads_o:
-        assert rel(grads_p[name], grads_o[name]) < 1e-4, name
+    assert_grads_close(grads_p, grads_o, 1e-4, norm=True)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning_mlp", "ptuning_lstm", "mpt"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "family_facts", "refusal_reason", "supported_model_types"]
+__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "WRAPPERS", "family_facts", "refusal_reason", "supported_model_types", "text_family"]
 
 # How real tokens get position ids when the caller passes none:
 OFFSET = "offset"            # arange(past_length, past_length + S)
@@ -42,6 +42,15 @@ class FamilyFacts:
     layer_types_field: Optional[str] = "layer_types"  # config field with per-layer "full"/"sliding" attention
     softcap_field: Optional[str] = "attn_logit_softcapping"
     layer_names: tuple = ("layers", "layer", "h")  # leaf name of the ModuleList holding the transformer layers
+    # config field with the number of trailing layers that attend with an earlier layer's K/V (KV sharing: PEFT's
+    # prefix reaches them through that layer's cache entry, so they read its prefix)
+    kv_shared_layers_field: Optional[str] = None
+    # config field with the width of per-layer input embeddings (a second embedding looked up from the token ids,
+    # recovered from inputs_embeds by a vocabulary lookup that virtual tokens cannot pass: input-level prompts refused)
+    per_layer_input_field: Optional[str] = None
+    # (config field, value, why): configurations whose attention fastprompt's cannot reproduce (refused when the
+    # model is switched to it: prefix tuning, fastprompt's prefix prompts, hoisting)
+    refused_configs: tuple = ()
     quirks: tuple = ()                  # what the family's parity tests pin down, for readers
 
 
@@ -70,6 +79,20 @@ FAMILIES: dict[str, FamilyFacts] = {
     "gemma3_text": FamilyFacts(**_DECODER, embedding_scale="embedding",
                                quirks=("local/global layers with their own RoPE bases", "q/k norms",
                                        "query_pre_attn_scalar scaling")),
+    "gemma4_text": FamilyFacts(**_DECODER, embedding_scale="embedding",
+                               kv_shared_layers_field="num_kv_shared_layers",
+                               per_layer_input_field="hidden_size_per_layer_input",
+                               refused_configs=(("use_bidirectional_attention", "all",
+                                                 "transformers' Gemma 4 bounds its bidirectional sliding window one "
+                                                 "position differently in its SDPA/eager masks (|i - j| <= w) and in "
+                                                 "flash attention (|i - j| < w), so no single semantics exists to "
+                                                 "reproduce"),),
+                               quirks=("local/global layers with their own RoPE, head_dim and KV heads per layer "
+                                       "(config.per_layer_config): PEFT sizes its prefix for the widest layer and "
+                                       "gives each layer its leading heads and dims, skipping wider layers",
+                                       "KV-shared trailing layers read the prefix of the layer whose K/V they share",
+                                       "q/k/v norms, unit score scale", "final logit soft-capping",
+                                       "per-layer input embeddings (PLE): prefix tuning only")),
     # learned absolute positions
     "gpt2": FamilyFacts(**_DECODER, rotary=False),
     "opt": FamilyFacts(**_DECODER, rotary=False, position_style=MASK_CUMSUM,
@@ -87,6 +110,12 @@ FAMILIES: dict[str, FamilyFacts] = {
     "modernbert": FamilyFacts(encoder=True, shifts_positions=False,
                               quirks=("no cache argument: positions never shift",
                                       "local (bidirectional sliding window) / global layers, own RoPE bases")),
+}
+
+# Multimodal wrappers whose text-only forward runs the text model of a family in FAMILIES unchanged (masks from the
+# text config, positions from the cache length): model_type -> the text model's model_type.
+WRAPPERS: dict[str, str] = {
+    "gemma4": "gemma4_text",  # Gemma4ForConditionalGeneration (what AutoModelForCausalLM builds for Gemma 4 checkpoints)
 }
 
 _NO_INTERFACE = ("its attention does not go through transformers' AttentionInterface (transformers 5.24), so "
@@ -114,9 +143,14 @@ def family_facts(model_type: str) -> Optional[FamilyFacts]:
     return FAMILIES.get(model_type)
 
 
+def text_family(model_type: str) -> str:
+    """The family whose facts apply: a wrapper's text model's, else `model_type` itself."""
+    return WRAPPERS.get(model_type, model_type)
+
+
 def refusal_reason(model_type: str) -> Optional[str]:
     return REFUSED.get(model_type)
 
 
 def supported_model_types() -> tuple:
-    return tuple(FAMILIES)
+    return tuple(FAMILIES) + tuple(WRAPPERS)

@@ -29,7 +29,7 @@ from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
 from .call_context import CallLocal
 from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod as _PatchedMethod
-from .families import MASK_CUMSUM, REFUSED, supported_model_types
+from .families import MASK_CUMSUM, REFUSED, WRAPPERS, supported_model_types
 from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
@@ -102,6 +102,11 @@ def _check_patchable(model):
         raise ValueError("fastprompt: encoder-decoder prompt learning (num_transformer_submodules=2) is not supported")
     hf = model.get_base_model()
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    if model_type in WRAPPERS:  # a multimodal wrapper: its text model is what must be a supported family
+        text_type = getattr(hf.config.get_text_config(), "model_type", "")
+        if text_type != WRAPPERS[model_type]:
+            raise ValueError(f"fastprompt: {type(hf).__name__} (model_type={model_type!r}) wraps a "
+                             f"{text_type!r} text model; patch_model supports it around {WRAPPERS[model_type]!r}")
     if model_type in REFUSED:
         if peft_type == "PREFIX_TUNING":
             raise TypeError(f"fastprompt: cannot patch prefix tuning on {type(hf).__name__} "
@@ -115,9 +120,17 @@ def _check_patchable(model):
             f"prompt-learning semantics were not validated (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     check_supports_attention_interface(hf)
+    layout = model_layout(hf)
+    if peft_type != "PREFIX_TUNING" and layout.per_layer_inputs:
+        raise ValueError(
+            f"fastprompt: {peft_type} on {type(hf).__name__} (model_type={layout.model_type!r}) cannot run: the model "
+            "has per-layer input embeddings (hidden_size_per_layer_input > 0), which it recovers from inputs_embeds "
+            "by looking them up in its vocabulary, and virtual tokens are not in it (PEFT's own forward fails there "
+            "too). Use prefix tuning, or a configuration with hidden_size_per_layer_input=0")
     if peft_type == "PREFIX_TUNING":
-        layout = model_layout(hf)
         heads, dim = config.num_attention_heads, config.token_dim // config.num_attention_heads
+        if not layout.uniform_prefixes:  # layers of several shapes: PEFT's per-layer rules decide (see
+            heads, dim = layout.num_kv_heads, layout.head_dim  # layer_prefixes_from_kv), for any prefix width
         if (config.num_layers, heads, dim) != (layout.num_layers, layout.num_kv_heads, layout.head_dim):
             raise ValueError(
                 f"fastprompt: the prefix of {model_type!r} is shaped for {config.num_layers} layers x {heads} heads "
@@ -262,13 +275,44 @@ def prefix_kv(model) -> torch.Tensor:
     return kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
 
 
-def layer_prefixes_from_kv(kv: torch.Tensor, container=dict) -> dict:
-    return container((layer, LayerPrefix(kv[2 * layer], kv[2 * layer + 1])) for layer in range(kv.shape[0] // 2))
+def layer_prefixes_from_kv(kv: torch.Tensor, container=dict, layout=None) -> dict:
+    """{layer: LayerPrefix} from PEFT's `[2L, Hkv, P, D]`: layer l's K/V are kv[2l], kv[2l+1].
+
+    With a `layout` whose layers differ (Gemma 4), PEFT's rules: a layer takes the leading (KV heads, head_dim) of its
+    own shape from the prefix (sized for the widest layer), a layer wider than the prefix gets none, and a KV-shared
+    layer reads the prefix of the layer whose K/V it shares (PEFT puts the prefix in that layer's cache entry only).
+    PEFT's warning about the layers without a prefix of their own is repeated, and its error when no layer has one.
+    """
+    if layout is None or layout.uniform_prefixes:
+        return container((layer, LayerPrefix(kv[2 * layer], kv[2 * layer + 1])) for layer in range(kv.shape[0] // 2))
+    own, injected, skipped = {}, [], []
+    for layer, ((heads, dim), source) in enumerate(zip(layout.layer_kv_shapes, layout.kv_sources)):
+        if source != layer or heads > kv.shape[1] or dim > kv.shape[3]:
+            skipped.append(layer)
+            continue
+        own[layer] = LayerPrefix(kv[2 * layer, :heads, :, :dim], kv[2 * layer + 1, :heads, :, :dim])
+        injected.append(layer)
+    if not injected:
+        raise ValueError(
+            "Prefix tuning skipped every layer because no layer's KV shape matched the provisioned prefix "
+            f"(num_attention_heads={kv.shape[1]}, head_dim={kv.shape[3]}). Override `token_dim` and "
+            "`num_attention_heads` in `PrefixTuningConfig` to match a layer that should receive the prefix.")
+    if skipped:
+        import warnings
+
+        warnings.warn(f"Prefix tuning injected into layers {injected}; skipped {skipped} due to KV shape mismatch or "
+                      "shared-KV layers.")
+    return container((layer, own[source]) for layer, source in enumerate(layout.kv_sources) if source in own)
 
 
 def prefix_layer_kv(model) -> dict:
     """Per-layer prefix K/V `[Hkv, P, D]` (views of `prefix_kv(model)`), keyed by layer index."""
-    return layer_prefixes_from_kv(prefix_kv(model))
+    return layer_prefixes_from_kv(prefix_kv(model), layout=_layout(model))
+
+
+def _layout(model):
+    record = model.__dict__.get(_PATCH_ATTR)
+    return record.layout if record is not None and record.layout is not None else model_layout(model)
 
 
 class _PrefixGradBridge(torch.autograd.Function):
@@ -371,11 +415,11 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     kv = prefix_kv(self)
     if not (kv.requires_grad and torch.is_grad_enabled() and record.layers is not None
             and all(uses_reentrant_checkpointing(layer) for layer in record.layers)):
-        call[PREFIXES_KWARG] = layer_prefixes_from_kv(kv)
+        call[PREFIXES_KWARG] = layer_prefixes_from_kv(kv, layout=record.layout)
         return self.base_model(**call)
     # Reentrant gradient checkpointing on every layer: the layers read a detached leaf, bridged back (see above)
     holder = _BridgeHolder(kv, kv.detach().requires_grad_(True))
-    call[PREFIXES_KWARG] = layer_prefixes_from_kv(holder.leaf, BridgedPrefixes)
+    call[PREFIXES_KWARG] = layer_prefixes_from_kv(holder.leaf, BridgedPrefixes, layout=record.layout)
     if inputs_embeds is not None:
         call["inputs_embeds"] = holder.bridge(inputs_embeds)
         return self.base_model(**call)
@@ -551,11 +595,17 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
     mask = kwargs.get("attention_mask")
     model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     num_tokens = config.num_virtual_tokens
-    prefill = cache_length(get_cache(model_kwargs)) == 0
+    past = cache_length(get_cache(model_kwargs))
+    prefill = past == 0
     embeds = model_kwargs.get("inputs_embeds")
     ids = model_kwargs.get("input_ids")
     source = embeds if embeds is not None else ids
     batch = source.shape[0]
+    if mask is None and model_kwargs.get("attention_mask") is not None:
+        # No 2D mask from the caller, but the base prepare step made one (a 4D mask, or transformers' dict of masks
+        # per layer type, sized without the prompt): PEFT re-creates it over P + S keys; its key padding is read
+        # back here and extended past the prompt below, as a 2D mask the model expands itself.
+        mask = key_padding_mask(model_kwargs["attention_mask"], past + source.shape[1])
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError(f"fastprompt: generate() with an input-level prompt takes a 2D attention_mask, got "
@@ -572,6 +622,34 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
         model_kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
         model_kwargs["input_ids"] = None
     return model_kwargs
+
+
+def key_padding_mask(mask, num_keys: int) -> torch.Tensor:
+    """The 2D key padding mask `[B, num_keys]` (1 = a real key) behind a mask transformers built for `num_keys` keys.
+
+    A 4D mask `[B, 1 or H, Lq, Lk]` (boolean; float additive, 0 = visible and large negative = masked; or float 0/1)
+    marks a key real when some query sees it; static-cache slots past `num_keys` are dropped. A dict (one mask per
+    layer type) is read through its full-attention mask; None entries mean every key is visible.
+    """
+    if isinstance(mask, dict):
+        masks = [m for m in mask.values() if m is not None]
+        full = mask.get("full_attention")
+        if full is None and not masks:
+            return None
+        mask = full if full is not None else masks[0]
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.dim() != 4:
+        raise ValueError(f"fastprompt: attention_mask must be 2D [batch, keys] or 4D [batch, heads, queries, keys], "
+                         f"got {mask.dim()}D")
+    if mask.dtype == torch.bool:
+        visible = mask
+    elif mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all() and (mask == 1).any()):
+        visible = mask > torch.finfo(mask.dtype).min / 2  # additive: 0 where visible, the dtype's minimum where not
+    else:
+        visible = mask != 0
+    keys = visible.any(dim=2).any(dim=1)[:, :num_keys]
+    return keys.to(torch.long)
 
 
 def _input_generate(self, *args, **kwargs):

@@ -72,6 +72,31 @@ def attached_prompt(model) -> Optional[PromptModule]:
     return None if state is None else state.prompt
 
 
+def _check_layer_geometry(model, prompt) -> None:
+    """Refuse what a fastprompt prompt cannot do on a model whose layers differ (Gemma 4): one prefix shape for every
+    layer, or virtual tokens where the model looks its input embeddings up in its vocabulary (per-layer inputs)."""
+    from .families import family_facts
+    from .transformers_attention import _text_config, model_layout
+
+    config = _text_config(model.config)
+    facts = family_facts(getattr(config, "model_type", ""))
+    if not (getattr(config, "is_heterogeneous", False) or (facts is not None and (
+            facts.kv_shared_layers_field or facts.per_layer_input_field))):
+        return
+    layout = model_layout(model)
+    name = f"{type(model).__name__} (model_type={layout.model_type!r})"
+    if prompt.placement == "prefix" and not layout.uniform_prefixes:
+        raise ValueError(
+            f"fastprompt: {type(prompt).__name__} gives every layer a prefix of one shape, but the layers of {name} "
+            f"differ (KV heads and head_dim per layer: {list(layout.layer_kv_shapes)}; K/V read from layers "
+            f"{list(layout.kv_sources)}). Use PEFT's PrefixTuning with patch_model, which follows PEFT's per-layer rules")
+    if prompt.placement == "input" and layout.per_layer_inputs:
+        raise ValueError(
+            f"fastprompt: {type(prompt).__name__} places virtual tokens in the input, but {name} has per-layer input "
+            "embeddings (hidden_size_per_layer_input > 0) that it recovers from inputs_embeds by a vocabulary lookup "
+            "virtual tokens cannot pass. Use a configuration with hidden_size_per_layer_input=0")
+
+
 def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Optional[str] = None):
     """Attach `prompt` to `model` in place; returns the model."""
     if not isinstance(prompt, PromptModule):
@@ -90,6 +115,8 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         check_own_prompt_seq2seq(model, prompt)
     if prompt.placement == "input" and model.get_input_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings: input-level prompts cannot be placed")
+    if not encoder_decoder:
+        _check_layer_geometry(model, prompt)
 
     prompt_params = {id(p) for p in prompt.parameters()}
     requires_grad = {}

@@ -4,7 +4,7 @@ A model switched to the "fastprompt" attention implementation runs every self-at
 `fastprompt.ops.prefix_attention`. Learned prefixes reach the attention function of decoder layer i as one
 `LayerPrefix` (K/V stored once, shared / per-sample / pooled), never as cache entries, never concatenated with the
 sequence K/V, never as a 4D mask: the registered mask function hands the attention a 2D key padding mask or None,
-as flash-attention's does.
+as flash-attention's does (viewed as `[B, 1, 1, Lk]` on models whose KV-shared layers slice the masks' query axis).
 
 How a layer finds its prefix: `layer_prefixes(model, prefixes)` binds the mapping to the current call (a context
 variable local to the calling thread / asyncio task, see call_context; never state on the shared model, which other
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..ops.prefix_attention_decode import shared_prefix_decode
 from .call_context import CallLocal
-from .families import ROBERTA, FamilyFacts, family_facts
+from .families import ROBERTA, WRAPPERS, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
@@ -87,6 +87,18 @@ class ModelLayout:
     padding_idx: Optional[int] = None   # RoBERTa-style position ids start after padding_idx
     layers_path: str = ""               # dotted path of the ModuleList holding the layers
     extra: dict = field(default_factory=dict)
+    # Per layer: (KV heads, head_dim) of its attention. Uniform models repeat (num_kv_heads, head_dim); where layers
+    # differ (Gemma 4), num_kv_heads / head_dim above are the widest layer's, the footprint PEFT sizes its prefix for.
+    layer_kv_shapes: tuple = ()
+    # Per layer: the layer whose keys/values (and so whose prefix) its attention reads: itself, or for a KV-shared
+    # layer the earlier layer that stores them.
+    kv_sources: tuple = ()
+    per_layer_inputs: bool = False      # per-layer input embeddings looked up from token ids (Gemma 4's PLE)
+
+    @property
+    def uniform_prefixes(self) -> bool:
+        """Every layer takes its own prefix of one shape (no per-layer shapes, no KV sharing)."""
+        return len(set(self.layer_kv_shapes)) <= 1 and all(src == i for i, src in enumerate(self.kv_sources))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,13 +120,46 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _layer_kv_shapes(config, num_layers: int) -> Optional[list]:
+    """(KV heads, head_dim) per layer where the config declares per-layer attention shapes (transformers'
+    heterogeneous configs: `per_layer_config[i]`; reading `config.head_dim` there raises), else None."""
+    if not getattr(config, "is_heterogeneous", False):
+        return None
+    shapes = []
+    for layer in config.per_layer_config[:num_layers]:
+        heads = layer.num_attention_heads
+        shapes.append((int(getattr(layer, "num_key_value_heads", None) or heads),
+                       int(getattr(layer, "head_dim", None) or layer.hidden_size // heads)))
+    return shapes
+
+
+def _kv_sources(config, facts: FamilyFacts, layer_types, num_layers: int) -> tuple:
+    """Per layer, the layer whose K/V it attends: a KV-shared trailing layer reads the last earlier layer of its
+    type (transformers' Gemma 4 rule: `kv_sharing_modes`, "store" layers feed the "reuse" ones)."""
+    shared = int(getattr(config, facts.kv_shared_layers_field, 0) or 0) if facts.kv_shared_layers_field else 0
+    first_shared = num_layers - shared
+    sources = list(range(num_layers))
+    for layer in range(max(first_shared, 0), num_layers):
+        earlier = [i for i in range(first_shared) if layer_types[i] == layer_types[layer]]
+        if not earlier:
+            raise ValueError(f"fastprompt: layer {layer} shares the K/V of an earlier {layer_types[layer]!r} layer, "
+                             "but no earlier layer has that type")
+        sources[layer] = earlier[-1]
+    return tuple(sources)
+
+
 def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
     config = _text_config(hf.config)
     num_layers = getattr(config, "num_hidden_layers", None)
     facts = family_facts(getattr(config, "model_type", ""))
     names = facts.layer_names if facts is not None else ("layers", "h", "layer", "blocks")
+    root, scope = "", hf
+    if getattr(hf.config, "model_type", "") in WRAPPERS:  # the text model's layers, not a vision tower's
+        scope = hf.get_decoder()
+        root = next(name for name, module in hf.named_modules() if module is scope)
     best = None
-    for name, module in hf.named_modules():
+    for name, module in scope.named_modules():
+        name = f"{root}.{name}" if root and name else (root or name)
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and num_layers:
             leaf = name.rsplit(".", 1)[-1]
             if leaf in names:
@@ -140,10 +185,15 @@ def model_layout(model) -> ModelLayout:
     model_type = getattr(config, "model_type", "")
     facts = family_facts(model_type) or _UNKNOWN_FAMILY
     num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
     num_layers = config.num_hidden_layers
+    shapes = _layer_kv_shapes(config, num_layers)
+    if shapes is None:
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        shapes = [(int(num_kv_heads), int(head_dim))] * num_layers
+    else:  # the widest layer's (the first of the largest head_dim), which PEFT sizes its prefix for
+        num_kv_heads, head_dim = max(shapes, key=lambda shape: shape[1])
     path, _ = _find_layers(hf)
     encoder = facts.encoder and not getattr(config, "is_decoder", False)
     is_causal = (not encoder) and getattr(config, "is_causal", True) and not getattr(
@@ -157,6 +207,7 @@ def model_layout(model) -> ModelLayout:
         sliding = None
     softcap = getattr(config, facts.softcap_field, None) if facts.softcap_field else None
     roberta_like = facts.position_style == ROBERTA
+    per_layer_inputs = bool(getattr(config, facts.per_layer_input_field, 0)) if facts.per_layer_input_field else False
     return ModelLayout(
         model_type=model_type,
         num_layers=num_layers,
@@ -174,6 +225,9 @@ def model_layout(model) -> ModelLayout:
         padding_idx=getattr(config, "pad_token_id", None) if roberta_like else None,
         layers_path=path,
         extra={"embedding_scale": facts.embedding_scale, "quirks": facts.quirks},
+        layer_kv_shapes=tuple(shapes),
+        kv_sources=_kv_sources(config, facts, layer_types, num_layers),
+        per_layer_inputs=per_layer_inputs,
     )
 
 
@@ -190,6 +244,16 @@ def check_supports_attention_interface(hf) -> None:
             f"fastprompt: cannot patch {cls.__name__} (model_type={model_type!r}): its attention does not go through "
             "transformers' AttentionInterface, so a registered attention function would never be called"
         )
+
+
+def _check_refused_config(hf) -> None:
+    """Raise ValueError for a configuration its family's entry says fastprompt's attention cannot reproduce."""
+    config = _text_config(hf.config)
+    facts = family_facts(getattr(config, "model_type", ""))
+    for name, value, why in (facts.refused_configs if facts is not None else ()):
+        if getattr(config, name, None) == value:
+            raise ValueError(f"fastprompt: cannot switch {type(hf).__name__} with {name}={value!r} to fastprompt's "
+                             f"attention: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,6 +429,7 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
         existing.users += 1
         return _EnableToken(hf, None, [], [], nested=True)
     check_supports_attention_interface(hf)
+    _check_refused_config(hf)
     _register_once()
     path, layers = _find_layers(hf)
     previous = hf.config._attn_implementation
@@ -467,7 +532,8 @@ def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
 
 def fastprompt_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                               attention_mask=None, **kwargs):
-    """A 2D key padding mask `[B, Lk_valid]` (True = real key) or None, never a 4D mask.
+    """A 2D key padding mask `[B, Lk_valid]` (True = real key) or None, never a 4D mask (Gemma 4 with KV-shared
+    layers: the same key mask viewed as `[B, 1, 1, Lk_valid]`, see `_sliceable`).
 
     Causality, sliding windows and soft-capping are applied by the attention from the layer's own attributes.
     A mask shorter than the keys means the trailing keys are empty static-cache slots (flash-attention's contract).
@@ -486,12 +552,26 @@ def fastprompt_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_of
         if isinstance(valid, Tensor):
             valid = int(valid)
         if isinstance(kv_length, int) and kv_length > valid:  # a static cache not yet full
-            return torch.ones(batch_size, valid, dtype=torch.bool, device=kwargs.get("device"))
+            return _sliceable(torch.ones(batch_size, valid, dtype=torch.bool, device=kwargs.get("device")),
+                              kwargs.get("config"))
         return None
     attention_mask = attention_mask.to(torch.bool)[:, -kv_length:]
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
-    return attention_mask
+    return _sliceable(attention_mask, kwargs.get("config"))
+
+
+def _sliceable(key_mask: Tensor, config) -> Tensor:
+    """The key padding mask as `[B, 1, 1, Lk]` for a model with KV-shared layers: Gemma 4 slices its masks' query
+    dimension (`mask[:, :, -n:, :]`) before those layers, which a 2D mask cannot take; the attention reads it back
+    as `[B, Lk]`."""
+    return key_mask[:, None, None, :] if _has_kv_shared_layers(config) else key_mask
+
+
+def _has_kv_shared_layers(config) -> bool:
+    facts = family_facts(getattr(config, "model_type", "")) if config is not None else None
+    field = facts.kv_shared_layers_field if facts is not None else None
+    return bool(field) and int(getattr(config, field, 0) or 0) > 0
 
 
 def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -511,6 +591,9 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
         capture[layer_idx] = (key, value)
 
     if attention_mask is not None:
+        if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1)
+                and _has_kv_shared_layers(getattr(module, "config", None))):
+            attention_mask = attention_mask[:, 0, 0]  # the key mask of fastprompt_attention_mask (_sliceable)
         if attention_mask.dim() != 2:
             raise ValueError(
                 "fastprompt attention expects a 2D key padding mask (or None); got a "

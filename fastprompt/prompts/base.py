@@ -54,8 +54,15 @@ def model_dims(model_or_config) -> Dict[str, Any]:
         raise ValueError(
             f"cannot read hidden_size / num_hidden_layers / num_attention_heads from {type(config).__name__}"
         )
-    kv_heads = get("num_key_value_heads", "n_head_kv") or heads
-    head_dim = get("head_dim", "d_kv") or hidden // heads  # d_kv: T5 / mT5 (Flan-T5 small: 512 // 6 != 64)
+    if getattr(config, "is_heterogeneous", False):
+        # per-layer attention shapes (Gemma 4; reading config.head_dim raises there): the widest layer's, as PEFT
+        # sizes its prefix; attach refuses prefix prompts on such models (one prefix shape cannot fit every layer)
+        layer = max(config.per_layer_config[:int(layers)], key=lambda c: getattr(c, "head_dim", None) or 0)
+        kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+        head_dim = getattr(layer, "head_dim", None) or hidden // heads
+    else:
+        kv_heads = get("num_key_value_heads", "n_head_kv") or heads
+        head_dim = get("head_dim", "d_kv") or hidden // heads  # d_kv: T5 / mT5 (Flan-T5 small: 512 // 6 != 64)
     # Factorized input embeddings (ELECTRA, ALBERT): the word embeddings are embedding_size wide and a projection
     # (ELECTRA's embeddings_project) lifts them to hidden_size inside the model; input-level prompts are prepended
     # to the word embeddings, so they live in that narrower space. 0 = no factorization (the prompt is hidden_size).
