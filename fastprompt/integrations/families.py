@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "family_facts", "refusal_reason", "supported_model_types"]
+__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "family_facts", "pixel_model_types", "refusal_reason",
+           "supported_model_types"]
 
 # How real tokens get position ids when the caller passes none:
 OFFSET = "offset"            # arange(past_length, past_length + S)
@@ -43,6 +44,11 @@ class FamilyFacts:
     softcap_field: Optional[str] = "attn_logit_softcapping"
     layer_names: tuple = ("layers", "layer", "h")  # leaf name of the ModuleList holding the transformer layers
     quirks: tuple = ()                  # what the family's parity tests pin down, for readers
+    # Vision Transformers (fastprompt.integrations.vision): "pixels" = the model takes pixel_values, not token ids;
+    # leading_tokens = the learned tokens before the patches ([CLS], DeiT's distillation token) that input-level
+    # prompts go after.
+    inputs: str = "tokens"
+    leading_tokens: int = 0
 
 
 _DECODER = dict(encoder=False)
@@ -87,6 +93,14 @@ FAMILIES: dict[str, FamilyFacts] = {
     "modernbert": FamilyFacts(encoder=True, shifts_positions=False,
                               quirks=("no cache argument: positions never shift",
                                       "local (bidirectional sliding window) / global layers, own RoPE bases")),
+    # Vision Transformers: bidirectional, learned absolute positions added inside the embeddings module (prompts
+    # enter after it, so they get no position), no cache. Input-level prompts go after the leading tokens.
+    "vit": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=1),
+    "deit": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=2,
+                        quirks=("[CLS] and distillation token lead; the prompts follow both",)),
+    "dinov2": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=1,
+                          quirks=("layer scale", "the classification head averages every token after [CLS], "
+                                  "input-level prompts included")),
 }
 
 _NO_INTERFACE = ("its attention does not go through transformers' AttentionInterface (transformers 5.24), so "
@@ -119,4 +133,11 @@ def refusal_reason(model_type: str) -> Optional[str]:
 
 
 def supported_model_types() -> tuple:
-    return tuple(FAMILIES)
+    """The families PEFT's prompt learning is accepted on: those taking token ids (PEFT's prompt-learning models
+    need input_ids / inputs_embeds; pixel models take fastprompt's own prompts, fastprompt.integrations.vision)."""
+    return tuple(name for name, facts in FAMILIES.items() if facts.inputs == "tokens")
+
+
+def pixel_model_types() -> tuple:
+    """The Vision Transformer families (pixel_values in) that fastprompt's own prompts attach to."""
+    return tuple(name for name, facts in FAMILIES.items() if facts.inputs == "pixels")

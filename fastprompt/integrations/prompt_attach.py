@@ -32,7 +32,7 @@ from torch import Tensor
 from fastprompt.prompts.base import PromptModule, check_task_ids
 from fastprompt.prompts.task_heads import attach_head_outputs
 
-from . import query_pass
+from . import query_pass, vision
 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
@@ -90,6 +90,9 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
             return model  # patching twice with the same prompt is a no-op
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
     prompt.check_compatible(model)
+    pixels = vision.is_pixel_model(model)
+    if pixels:  # ViT / DeiT / DINOv2: pixel_values in (fastprompt.integrations.vision)
+        vision.check_vision_prompt(model, prompt)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
         from .seq2seq import check_own_prompt_seq2seq
@@ -135,6 +138,8 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, _STATE_ATTR, state)
     model.forward = _PatchedForward(model)
+    if pixels:
+        vision.install(model, prompt)
     if encoder_decoder:
         from .seq2seq_own_prompts import install_generate
 
@@ -156,6 +161,8 @@ def detach(model):
         from .seq2seq_own_prompts import remove_generate
 
         remove_generate(model, state)
+    if vision.is_pixel_model(model):
+        vision.remove(model)
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
@@ -300,6 +307,8 @@ def _batch_size(kw) -> int:
 
 
 def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
+    if vision.is_pixel_model(model):
+        return vision.patched_call(model, state, kw, task_ids, prompt_query)
     prompt = state.prompt
     encoder_side = prompt.placement == "input" and getattr(model.config, "is_encoder_decoder", False)
     if encoder_side:
