@@ -15,6 +15,8 @@ _LAZY = {
     "PTuningV2": ("fastprompt.prompts", "PTuningV2"),
     "PromptPool": ("fastprompt.prompts", "PromptPool"),
     "MultiTaskPrompt": ("fastprompt.prompts", "MultiTaskPrompt"),
+    "DualPrompt": ("fastprompt.prompts", "DualPrompt"),
+    "CodaPrompt": ("fastprompt.prompts", "CodaPrompt"),
     "TaskHeads": ("fastprompt.prompts", "TaskHeads"),
     "SequenceClassificationHead": ("fastprompt.prompts", "SequenceClassificationHead"),
     "TokenClassificationHead": ("fastprompt.prompts", "TokenClassificationHead"),

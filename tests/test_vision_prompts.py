@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, grads_rel, oracle_query, oracle_twin, pixels,
-                            readout, rel, run_oracle, tiny_vision_model)
+from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, cos_rows, grads_rel, oracle_query, oracle_twin,
+                            pixels, readout, rel, run_oracle, tiny_vision_model)
 
 INPUT_KINDS = ["tuning", "pool-input-hard", "pool-input-soft"]
 PREFIX_KINDS = ["prefix-reparam", "ptuning-v2", "pool-prefix-hard", "pool-prefix-cosine", "pool-prefix-softmax"]
@@ -43,15 +43,6 @@ def make_prompt(kind, model):
     return prompt
 
 
-def _cos_rows(q, keys, attention=None):
-    """[B, N] cosine similarities, row by row (attention: CODA's cos(q * A_n, K_n))."""
-    rows = []
-    for b in range(q.shape[0]):
-        qa = [q[b] * attention[n] if attention is not None else q[b] for n in range(keys.shape[0])]
-        rows.append(torch.stack([F.cosine_similarity(qa[n], keys[n], dim=0) for n in range(keys.shape[0])]))
-    return torch.stack(rows)
-
-
 def oracle_prompts(prompt, P, q, batch):
     """(prefixes {layer: (K [B, H, P, D], V)}, input prompts [B, P, d] or None, aux loss or None) written out per
     row from the float64 copies P of the prompt's parameters."""
@@ -71,7 +62,7 @@ def oracle_prompts(prompt, P, q, batch):
     assert isinstance(prompt, fp.PromptPool)
     hard = c.top_k is not None
     cosine = not hard and c.soft_weighting == "cosine"
-    sim = _cos_rows(q, P["keys"], P["attention_vectors"] if cosine else None)
+    sim = cos_rows(q, P["keys"], P["attention_vectors"] if cosine else None)
     aux = None
     if hard:
         index = [sim[b].topk(c.top_k).indices.tolist() for b in range(batch)]
@@ -149,11 +140,11 @@ def test_hard_pool_query_and_selection_are_the_cls_pre_logits():
     x = pixels(4)
     model(pixel_values=x)
     q = oracle_query(twin, x).float()
-    want = _cos_rows(q, prompt.keys.detach()).topk(2, dim=-1).indices
+    want = cos_rows(q, prompt.keys.detach()).topk(2, dim=-1).indices
     assert torch.equal(prompt.last_index, want)
     # an explicit query takes the place of the query pass
     model(pixel_values=x, prompt_query=-q)
-    assert torch.equal(prompt.last_index, _cos_rows(-q, prompt.keys.detach()).topk(2, dim=-1).indices)
+    assert torch.equal(prompt.last_index, cos_rows(-q, prompt.keys.detach()).topk(2, dim=-1).indices)
 
 
 @pytest.mark.parametrize("kind", ["tuning", "pool-prefix-hard"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -146,3 +147,12 @@ def grads_rel(got: dict, want: dict) -> float:
     assert set(got) == set(want), (sorted(got), sorted(want))
     total = torch.sqrt(sum((w.double() ** 2).sum() for w in want.values()))
     return max(float((got[n].double() - want[n].double()).norm() / total) for n in want)
+
+
+def cos_rows(q, keys, attention=None):
+    """[B, N] cosine similarities, row by row (attention: CODA's cos(q * A_n, K_n))."""
+    rows = []
+    for b in range(q.shape[0]):
+        qa = [q[b] * attention[n] if attention is not None else q[b] for n in range(keys.shape[0])]
+        rows.append(torch.stack([F.cosine_similarity(qa[n], keys[n], dim=0) for n in range(keys.shape[0])]))
+    return torch.stack(rows)

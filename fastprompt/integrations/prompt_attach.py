@@ -327,7 +327,9 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     if prompt.needs_task_ids:
         task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, device)
     elif task_ids is not None:
-        raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+        if not getattr(prompt, "accepts_task_ids", False):  # optional task ids: DualPrompt's E-prompt in training
+            raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+        task_ids = check_task_ids(task_ids, prompt.num_tasks, batch, device)
 
     query = reuse = None
     heads = getattr(prompt, "heads", None)  # task heads (fastprompt.prompts.task_heads) take the labels

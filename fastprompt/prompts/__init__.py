@@ -1,6 +1,8 @@
 """fastprompt's own prompt methods, one module per method, each with its config dataclass."""
 
 from .base import PromptConfig, PromptModule
+from .coda_prompt import CodaPrompt, CodaPromptConfig
+from .dual_prompt import DualPrompt, DualPromptConfig
 from .multitask import MultiTaskPrompt, MultiTaskPromptConfig
 from .param_groups import param_groups
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
@@ -25,6 +27,10 @@ __all__ = [
     "PromptPoolConfig",
     "MultiTaskPrompt",
     "MultiTaskPromptConfig",
+    "DualPrompt",
+    "DualPromptConfig",
+    "CodaPrompt",
+    "CodaPromptConfig",
     "TaskHeads",
     "SequenceClassificationHead",
     "TokenClassificationHead",

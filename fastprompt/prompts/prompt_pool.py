@@ -8,8 +8,9 @@ layers' outputs (fastprompt.integrations.query_pass). The learned encoder E (`en
 <nn.Module>`, fastprompt.prompts.encoder) maps q(x) to the vector that is matched against the keys, and is
 trained with the pool.
 - Hard selection (top_k = k, L2P): cosine(q, key_n), top-k entries per row; the key-pull loss
-  aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys is stored in `self.aux_loss` (and added to
-  outputs.loss by the integration when `add_aux_loss`).
+  aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys (pull_reduction="l2p": summed over the k chosen
+  keys, averaged over the batch, as l2p-pytorch) is stored in `self.aux_loss` (and added to outputs.loss by the
+  integration when `add_aux_loss`).
 - Soft mixture (top_k = None, CODA/ATTEMPT style): weights over the whole pool, "softmax" of cosine / temperature,
   or "cosine" (CODA: cos(q ⊙ A_n, key_n) with learnable attention vectors A_n, no normalization).
 Placement "input": entries [N, length, d]; chosen entries (k·length tokens) or the mixture (length tokens) go
@@ -35,6 +36,7 @@ from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, layer_pre
 from .encoder import build_encoder, check_encoder_config, encode_query, split_encoder_arg
 
 SOFT_WEIGHTINGS = ("softmax", "cosine")
+PULL_REDUCTIONS = ("mean", "l2p")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class PromptPoolConfig(PromptConfig):
     soft_weighting: str = "softmax"
     temperature: float = 1.0
     pull_constraint_coeff: float = 0.1
+    # "mean": over rows and chosen keys; "l2p": l2p-pytorch's reduce_sim, the chosen keys' cosines summed over the
+    # top-k and averaged over the batch (top_k times the mean)
+    pull_reduction: str = "mean"
     add_aux_loss: bool = True
     prefix_dropout: float = 0.0
     init_std: float = 0.02
@@ -73,6 +78,8 @@ class PromptPoolConfig(PromptConfig):
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
         if self.soft_weighting not in SOFT_WEIGHTINGS:
             raise ValueError(f"soft_weighting must be one of {SOFT_WEIGHTINGS}, got {self.soft_weighting!r}")
+        if self.pull_reduction not in PULL_REDUCTIONS:
+            raise ValueError(f"pull_reduction must be one of {PULL_REDUCTIONS}, got {self.pull_reduction!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.layers is not None:
@@ -162,7 +169,8 @@ class PromptPool(PromptModule):
     def _select_and_record(self, query: Tensor):
         index, values = self.select(query)
         if index is not None:
-            self.aux_loss = -self.config.pull_constraint_coeff * values.mean()
+            pulled = values.sum(-1).mean() if self.config.pull_reduction == "l2p" else values.mean()
+            self.aux_loss = -self.config.pull_constraint_coeff * pulled
             self.last_index = index.detach()
         else:
             self.aux_loss = None
