@@ -19,14 +19,18 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ORACLE_ATTENTION = "fastprompt_test_vision_concat"
-LEADING_TOKENS = {"vit": 1, "deit": 2, "dinov2": 1}
+LEADING_TOKENS = {"vit": 1, "deit": 2, "dinov2": 1, "clip_vision_model": 1, "siglip_vision_model": 0}
+# where the frozen model's pre-logits are: [CLS] of the last hidden state, or the pooler output (CLIP:
+# post_layernorm([CLS]); SigLIP: the attention-pooling head)
+POOLED_QUERY = {"clip_vision_model", "siglip_vision_model"}
 
 # What the oracle twin reads during one call: {layer: (K [B, H, P, D], V)} and the input-level prompts [B, P, d].
 ORACLE = {"prefixes": {}, "inputs": None}
 
 # (name, family, head): head "cls" = ForImageClassification (logits, loss from labels), "features" = the bare model
 MODELS = [("vit-cls", "vit", "cls"), ("deit-cls", "deit", "cls"), ("dinov2-cls", "dinov2", "cls"),
-          ("vit-features", "vit", "features"), ("dinov2-features", "dinov2", "features")]
+          ("vit-features", "vit", "features"), ("dinov2-features", "dinov2", "features"),
+          ("clip-vision", "clip", "features"), ("siglip-vision", "siglip", "features")]
 NUM_LABELS = 5
 
 
@@ -39,6 +43,10 @@ def tiny_config(family: str):
         return transformers.DeiTConfig(**common)
     if family == "dinov2":
         return transformers.Dinov2Config(**common, layerscale_value=0.5)
+    if family == "clip":
+        return transformers.CLIPVisionConfig(**common)
+    if family == "siglip":
+        return transformers.SiglipVisionConfig(**common)
     raise KeyError(family)
 
 
@@ -51,11 +59,12 @@ def tiny_vision_model(family: str, head: str = "cls", seed: int = 0, layers: int
         ("deit", "cls"): transformers.DeiTForImageClassification, ("deit", "features"): transformers.DeiTModel,
         ("dinov2", "cls"): transformers.Dinov2ForImageClassification,
         ("dinov2", "features"): transformers.Dinov2Model,
+        ("clip", "features"): transformers.CLIPVisionModel, ("siglip", "features"): transformers.SiglipVisionModel,
     }
     model = classes[(family, head)](config).eval()
     with torch.no_grad():  # cls tokens / position embeddings away from their near-zero init
         for name, p in model.named_parameters():
-            if "cls_token" in name or "distillation_token" in name or "position_embeddings" in name:
+            if any(k in name for k in ("cls_token", "distillation_token", "position_embedding", "class_embedding")):
                 p.normal_(0.0, 0.5)
     return model
 
@@ -66,7 +75,9 @@ def pixels(batch: int = 3, seed: int = 0):
 
 def _layers(model):
     base = model.base_model
-    return base.layers if hasattr(base, "layers") else base.encoder.layer
+    if hasattr(base, "layers"):
+        return base.layers
+    return base.encoder.layers if hasattr(base.encoder, "layers") else base.encoder.layer
 
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -101,7 +112,7 @@ def oracle_twin(model):
     twin = copy.deepcopy(model).double()
     twin.set_attn_implementation(ORACLE_ATTENTION)
     for idx, layer in enumerate(_layers(twin)):
-        layer.attention._oracle_layer = idx
+        (layer.attention if hasattr(layer, "attention") else layer.self_attn)._oracle_layer = idx
     emb = twin.base_model.embeddings
     emb._oracle_lead = LEADING_TOKENS[model.config.model_type]
     emb.register_forward_hook(_insert_inputs)
@@ -114,8 +125,10 @@ def oracle_query(twin, x, mode: str = "cls"):
     """The frozen model's [CLS] pre-logits (final layer norm at [CLS]) without prompts."""
     ORACLE["prefixes"], ORACLE["inputs"] = {}, None
     with torch.no_grad():
-        hidden = twin.base_model(pixel_values=x.double()).last_hidden_state
-    return hidden[:, 0] if mode == "cls" else hidden.mean(dim=1)
+        out = twin.base_model(pixel_values=x.double())
+    if mode != "cls":
+        return out.last_hidden_state.mean(dim=1)
+    return out.pooler_output if twin.config.model_type in POOLED_QUERY else out.last_hidden_state[:, 0]
 
 
 def run_oracle(twin, x, labels=None, prefixes=None, inputs=None):

@@ -49,6 +49,9 @@ class FamilyFacts:
     # prompts go after.
     inputs: str = "tokens"
     leading_tokens: int = 0
+    # where a pixel model's [CLS] pre-logits (the pool query) are: "first_token" = last_hidden_state[:, 0] (the final
+    # norm is inside the model), "pooler_output" (CLIP: post_layernorm of [CLS]; SigLIP: its attention-pooling head)
+    pre_logits: str = "first_token"
 
 
 _DECODER = dict(encoder=False)
@@ -101,6 +104,15 @@ FAMILIES: dict[str, FamilyFacts] = {
     "dinov2": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=1,
                           quirks=("layer scale", "the classification head averages every token after [CLS], "
                                   "input-level prompts included")),
+    "clip_vision_model": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels",
+                                     leading_tokens=1, pre_logits="pooler_output",
+                                     quirks=("pre_layrnorm follows the embeddings: input-level prompts pass it",
+                                             "the [CLS] pre-logits are post_layernorm([CLS]), the pooler output")),
+    "siglip_vision_model": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels",
+                                       leading_tokens=0, pre_logits="pooler_output",
+                                       quirks=("no [CLS]: input-level prompts go first",
+                                               "the query is the attention-pooling head's output (no [CLS])",
+                                               "the pooling head attends to input-level prompts too")),
 }
 
 _NO_INTERFACE = ("its attention does not go through transformers' AttentionInterface (transformers 5.24), so "

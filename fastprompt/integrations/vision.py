@@ -1,4 +1,5 @@
-"""fastprompt's own prompts on Hugging Face Vision Transformers (ViT, DeiT, DINOv2): pixel inputs, no token ids.
+"""fastprompt's own prompts on Hugging Face Vision Transformers (ViT, DeiT, DINOv2, CLIP's and SigLIP's vision
+towers): pixel inputs, no token ids.
 
 A vision family is an entry of the family table (families.py, `inputs="pixels"`); prefixes reach its attention
 through the same registered attention function as text models (transformers_attention). What differs from text
@@ -13,8 +14,9 @@ models, and lives here:
   installed at attach and removed at detach, does the insertion; what it inserts travels with the call in a context
   variable (per thread / task), never as state on the module;
 - the query of a pool is the frozen model's [CLS] pre-logits (the final layer norm's output at [CLS]: timm's
-  `forward_head(pre_logits=True)`, which the reference implementations use) from a first pass without prompts under
-  no_grad, or the mean over all tokens with query="mean";
+  `forward_head(pre_logits=True)`, which the reference implementations use; CLIP: the pooler output, i.e.
+  post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
+  without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean";
 - the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
   multi-task prompts that need them.
 """
@@ -116,7 +118,15 @@ def vision_query(model, state, prompt, kw: Dict[str, Any]) -> Tensor:
     with torch.no_grad():
         out = call(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[:, 0] if prompt.query_mode == "cls" else hidden.mean(dim=1)
+    if prompt.query_mode == "mean":
+        return hidden.mean(dim=1)
+    if _facts(model).pre_logits == "pooler_output":
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            raise ValueError(f"fastprompt: {type(model).__name__} returns no pooler output to take the query from "
+                             "(a SigLIP tower without its pooling head has no [CLS]); use query='mean'")
+        return pooled
+    return hidden[:, 0]
 
 
 def _var_kw(params) -> bool:
