@@ -208,3 +208,48 @@ def test_peft_is_not_offered_for_pixel_models():
 
     assert set(pixel_model_types()) >= {"vit", "deit", "dinov2"}
     assert not set(pixel_model_types()) & set(supported_model_types())
+
+
+def test_image_text_models_take_the_prompt_in_their_vision_tower():
+    import transformers
+
+    vision = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=48)
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPForImageClassification(
+        transformers.CLIPConfig(vision_config=vision, text_config=text, num_labels=3)).eval()
+    prompt = make_prompt("pool-prefix-hard", model.vision_model)
+    with pytest.raises(TypeError, match="model.vision_model"):
+        fp.patch_model(model, prompt)
+    fp.patch_model(model.vision_model, prompt)
+    x = pixels(2)
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+        tower = model.vision_model(pixel_values=x).last_hidden_state  # the patched tower, called directly
+    assert torch.allclose(logits, model.classifier(tower[:, 1:].mean(dim=1)), atol=1e-6)
+
+
+def test_input_prompts_from_threads_stay_with_their_call():
+    import threading
+
+    model = tiny_vision_model("vit")
+    prompt = make_prompt("pool-input-hard", model)
+    fp.patch_model(model, prompt)
+    batches = [pixels(b, seed=b) for b in (1, 2, 3, 4)]
+    with torch.no_grad():
+        serial = [model(pixel_values=x).logits for x in batches]
+    results = {}
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = model(pixel_values=batches[i]).logits
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert torch.equal(results[i], serial[i])

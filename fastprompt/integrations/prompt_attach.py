@@ -89,6 +89,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         if model.__dict__[_STATE_ATTR].prompt is prompt:
             return model  # patching twice with the same prompt is a no-op
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
+    vision.check_not_composite(model)
     prompt.check_compatible(model)
     pixels = vision.is_pixel_model(model)
     if pixels:  # ViT / DeiT / DINOv2: pixel_values in (fastprompt.integrations.vision)

@@ -36,7 +36,7 @@ from .families import family_facts
 
 PIXELS = "pixels"
 
-__all__ = ["is_pixel_model", "check_vision_prompt", "install", "remove", "patched_call", "vision_query"]
+__all__ = ["is_pixel_model", "check_not_composite", "check_vision_prompt", "install", "remove", "patched_call", "vision_query"]
 
 # {id(embeddings module): (prompts [B, P, d], leading tokens)} for the call in flight on this thread / task
 _INSERTS: contextvars.ContextVar = contextvars.ContextVar("fastprompt_vision_inserts", default=None)
@@ -58,6 +58,16 @@ def _embeddings_module(model):
         raise TypeError(f"fastprompt: found no `embeddings` module in {type(model).__name__}, where input-level "
                         "prompts would be inserted after the position embedding")
     return emb
+
+
+def check_not_composite(model) -> None:
+    """An image-text model (CLIP, SigLIP) or a classifier around a vision tower: the prompt belongs in the tower."""
+    tower = getattr(model, "vision_model", None)
+    if not is_pixel_model(model) and isinstance(tower, torch.nn.Module) and hasattr(tower, "config") \
+            and is_pixel_model(tower):
+        raise TypeError(f"fastprompt: {type(model).__name__} wraps a vision tower; attach the prompt to the tower "
+                        f"itself: fp.patch_model(model.vision_model, prompt), with the prompt built from "
+                        f"model.vision_model (the outer model then calls the patched tower)")
 
 
 def check_vision_prompt(model, prompt) -> None:
