@@ -253,3 +253,28 @@ def test_input_prompts_from_threads_stay_with_their_call():
         t.join()
     for i in range(4):
         assert torch.equal(results[i], serial[i])
+
+
+@pytest.mark.parametrize("kind", ["pool-input-hard", "pool-prefix-hard"])
+def test_gradient_checkpointing_and_copies_give_the_same_results(kind):
+    import copy
+    import pickle
+
+    model = tiny_vision_model("dinov2")
+    prompt = make_prompt(kind, model)
+    fp.patch_model(model, prompt)
+    x, labels = pixels(3), torch.tensor([0, 1, 2])
+    model.train()
+    model(pixel_values=x, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in prompt.named_parameters() if p.grad is not None}
+    prompt.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(pixel_values=x, labels=labels).loss.backward()
+    for n, g in plain.items():
+        assert torch.allclose(prompt.get_parameter(n).grad, g, rtol=1e-5, atol=1e-7), n
+    model.gradient_checkpointing_disable()
+    model.eval()
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(twin(pixel_values=x).logits, want)
