@@ -17,6 +17,7 @@ _LAZY = {
     "MultiTaskPrompt": ("fastprompt.prompts", "MultiTaskPrompt"),
     "DualPrompt": ("fastprompt.prompts", "DualPrompt"),
     "CodaPrompt": ("fastprompt.prompts", "CodaPrompt"),
+    "PromptStack": ("fastprompt.prompts", "PromptStack"),
     "TaskHeads": ("fastprompt.prompts", "TaskHeads"),
     "SequenceClassificationHead": ("fastprompt.prompts", "SequenceClassificationHead"),
     "TokenClassificationHead": ("fastprompt.prompts", "TokenClassificationHead"),

@@ -279,3 +279,51 @@ def test_l2p_key_pull_loss_is_reduce_sim():
     sim = cos_rows(q, prompt.keys.detach().double())
     reduce_sim = sim.topk(3, dim=-1).values.sum() / 4  # l2p-pytorch: torch.sum(sim) / x_embed.shape[0]
     assert rel(prompt.aux_loss, -0.1 * reduce_sim) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several prompts at once
+
+
+def test_a_stack_of_prompts_matches_its_members_written_out():
+    from test_vision_prompts import oracle_prompts
+
+    model = tiny_vision_model("vit", "cls")
+    shared = fp.PTuningV2(model, num_virtual_tokens=3, layers=[0], prefix_dropout=0.0)
+    pool = fp.PromptPool(model, pool_size=5, length=2, top_k=2, placement="prefix", layers=[1], query="cls")
+    stack = fp.PromptStack(shared, pool)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    twin = oracle_twin(model)
+    P = _copies(stack)
+    fp.patch_model(model, stack)
+    x, labels = pixels(3), _labels(3)
+
+    def oracle(q):
+        prefixes, aux = {}, None
+        for i, member in enumerate(stack.members):
+            mine = {n[len(f"members.{i}."):]: t for n, t in P.items() if n.startswith(f"members.{i}.")}
+            pre, _, member_aux = oracle_prompts(member, mine, q, 3)
+            prefixes.update(pre)
+            aux = member_aux if aux is None else aux + member_aux
+        return prefixes, aux
+
+    _run_both(model, stack, twin, P, x, labels, oracle)
+    assert stack.aux_loss is not None and set(stack.layers) == {0, 1}
+
+
+def test_a_stack_saves_and_loads_as_one_prompt(tmp_path):
+    model = _model()
+    stack = fp.PromptStack(fp.PTuningV2(model, num_virtual_tokens=2, layers=[0, 1]), _coda(model, layers=(2, 3, 4)))
+    stack.members[1].next_task()
+    stack.save_pretrained(str(tmp_path))
+    loaded = fp.load_prompt(str(tmp_path), model)
+    assert isinstance(loaded, fp.PromptStack) and loaded.config == stack.config
+    assert loaded.members[1].task == 1 and not loaded.members[1].keys[0].requires_grad
+    want, got = stack.state_dict(), loaded.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="overlap in layer 1"):
+        fp.PromptStack(fp.PTuningV2(model, layers=[0, 1]), _coda(model, layers=(1, 2)))
+    with pytest.raises(ValueError, match="prefix prompts"):
+        fp.PromptStack(fp.PTuningV2(model, layers=[0]), fp.PromptTuning(model))

@@ -7,6 +7,7 @@ from .multitask import MultiTaskPrompt, MultiTaskPromptConfig
 from .param_groups import param_groups
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_pool import PromptPool, PromptPoolConfig
+from .prompt_stack import PromptStack, PromptStackConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig
 from .ptuning import PTuning, PTuningConfig
 from .ptuning_v2 import PTuningV2, PTuningV2Config
@@ -31,6 +32,8 @@ __all__ = [
     "DualPromptConfig",
     "CodaPrompt",
     "CodaPromptConfig",
+    "PromptStack",
+    "PromptStackConfig",
     "TaskHeads",
     "SequenceClassificationHead",
     "TokenClassificationHead",
