@@ -79,7 +79,7 @@ def coda_oracle(prompt, P, q, training):
         P_ = torch.einsum("bk,kld->bld", aq_k, p)
         half = c.length // 2
         Ek, Ev = P_[:, :half, :], P_[:, half:, :]
-        prefixes[layer] = (Ek.reshape(batch, -1, H, D).permute(0, 2, 1, 3), Ev.reshape(batch, -1, H, D).permute(0, 2, 1, 3))
+        prefixes[layer] = tuple(E.reshape(batch, -1, H, D).permute(0, 2, 1, 3) for E in (Ek, Ev))  # vit.py
         if training and c.ortho_mu > 0:
             for T in (K, A, p.reshape(p.shape[0], -1)):
                 loss = loss + ((T @ T.T - torch.eye(T.shape[0], dtype=T.dtype)) ** 2).mean() * c.ortho_mu

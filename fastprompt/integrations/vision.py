@@ -36,7 +36,8 @@ from .families import family_facts
 
 PIXELS = "pixels"
 
-__all__ = ["is_pixel_model", "check_not_composite", "check_vision_prompt", "install", "remove", "patched_call", "vision_query"]
+__all__ = ["is_pixel_model", "check_not_composite", "check_vision_prompt", "install", "remove", "patched_call",
+           "vision_query"]
 
 # {id(embeddings module): (prompts [B, P, d], leading tokens)} for the call in flight on this thread / task
 _INSERTS: contextvars.ContextVar = contextvars.ContextVar("fastprompt_vision_inserts", default=None)
