@@ -327,3 +327,56 @@ def test_a_stack_saves_and_loads_as_one_prompt(tmp_path):
         fp.PromptStack(fp.PTuningV2(model, layers=[0, 1]), _coda(model, layers=(1, 2)))
     with pytest.raises(ValueError, match="prefix prompts"):
         fp.PromptStack(fp.PTuningV2(model, layers=[0]), fp.PromptTuning(model))
+
+
+@pytest.mark.parametrize("phase", ["training", "inference"])
+def test_dualprompt_is_a_stack_of_a_shared_prefix_and_a_task_aware_pool(phase):
+    """DualPrompt == PromptStack(PTuningV2 in the G layers, PromptPool(top_k=1, task_entries=True) in the E
+    layers) with the same parameters: logits, loss, chosen entries and gradients."""
+    model = _model()
+    dual = _dual(model)
+    other = copy.deepcopy(model)
+    g = fp.PTuningV2(model, num_virtual_tokens=2, layers=[0, 1], prefix_dropout=0.0)
+    e = fp.PromptPool(model, pool_size=4, length=3, top_k=1, placement="prefix", layers=[2, 3, 4], query="cls",
+                      task_entries=True, pull_constraint_coeff=1.0)
+    with torch.no_grad():
+        g.prefix.copy_(dual.g_prompt)
+        e.pool.copy_(dual.e_pool)
+        e.keys.copy_(dual.e_keys)
+    stack = fp.PromptStack(g, e)
+    fp.patch_model(model, dual)
+    fp.patch_model(other, stack)
+    x, labels = pixels(4), _labels(4)
+    call = {"task_ids": torch.full((4,), 1)} if phase == "training" else {}
+    model.train(phase == "training")
+    other.train(phase == "training")
+    out_d = model(pixel_values=x, labels=labels, **call)
+    out_s = other(pixel_values=x, labels=labels, **call)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    assert torch.allclose(out_d.logits, out_s.logits, atol=1e-6) and torch.allclose(out_d.loss, out_s.loss)
+    assert torch.equal(dual.last_index, e.last_index[:, 0])
+    if phase == "training":
+        assert dual.last_index.tolist() == [1] * 4
+    for mine, theirs in ((dual.g_prompt, g.prefix), (dual.e_pool, e.pool), (dual.e_keys, e.keys)):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_l2p_prompt_mask_gives_each_task_its_own_entries():
+    model = _model(layers=2)
+    prompt = fp.PromptPool(model, pool_size=6, length=2, top_k=2, query="cls", task_entries=True,
+                           pull_reduction="l2p")
+    twin = oracle_twin(model)
+    fp.patch_model(model, prompt)
+    x = pixels(3)
+    model(pixel_values=x, task_ids=torch.tensor([2, 0, 1]))
+    assert prompt.last_index.tolist() == [[4, 5], [0, 1], [2, 3]]
+    sim = cos_rows(oracle_query(twin, x), prompt.keys.detach().double())
+    pulled = (sim[0, 4] + sim[0, 5] + sim[1, 0] + sim[1, 1] + sim[2, 2] + sim[2, 3]) / 3  # toward the task's keys
+    assert rel(prompt.aux_loss, -prompt.config.pull_constraint_coeff * pulled) < 1e-6
+    model(pixel_values=x)  # no task ids: the keys choose
+    assert torch.equal(prompt.last_index, sim.float().topk(2, dim=-1).indices)
+    with pytest.raises(ValueError, match="unknown task id 3"):
+        model(pixel_values=x, task_ids=torch.tensor([3, 0, 0]))
+    with pytest.raises(ValueError, match="task_entries needs a hard pool"):
+        fp.PromptPool(model, pool_size=6, length=2, top_k=None, task_entries=True)
