@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "WRAPPERS", "family_facts", "refusal_reason", "supported_model_types", "text_family"]
+__all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "WRAPPERS", "family_facts", "pixel_model_types", "refusal_reason",
+           "supported_model_types", "text_family"]
 
 # How real tokens get position ids when the caller passes none:
 OFFSET = "offset"            # arange(past_length, past_length + S)
@@ -52,6 +53,14 @@ class FamilyFacts:
     # model is switched to it: prefix tuning, fastprompt's prefix prompts, hoisting)
     refused_configs: tuple = ()
     quirks: tuple = ()                  # what the family's parity tests pin down, for readers
+    # Vision Transformers (fastprompt.integrations.vision): "pixels" = the model takes pixel_values, not token ids;
+    # leading_tokens = the learned tokens before the patches ([CLS], DeiT's distillation token) that input-level
+    # prompts go after.
+    inputs: str = "tokens"
+    leading_tokens: int = 0
+    # where a pixel model's [CLS] pre-logits (the pool query) are: "first_token" = last_hidden_state[:, 0] (the final
+    # norm is inside the model), "pooler_output" (CLIP: post_layernorm of [CLS]; SigLIP: its attention-pooling head)
+    pre_logits: str = "first_token"
 
 
 _DECODER = dict(encoder=False)
@@ -110,6 +119,23 @@ FAMILIES: dict[str, FamilyFacts] = {
     "modernbert": FamilyFacts(encoder=True, shifts_positions=False,
                               quirks=("no cache argument: positions never shift",
                                       "local (bidirectional sliding window) / global layers, own RoPE bases")),
+    # Vision Transformers: bidirectional, learned absolute positions added inside the embeddings module (prompts
+    # enter after it, so they get no position), no cache. Input-level prompts go after the leading tokens.
+    "vit": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=1),
+    "deit": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=2,
+                        quirks=("[CLS] and distillation token lead; the prompts follow both",)),
+    "dinov2": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels", leading_tokens=1,
+                          quirks=("layer scale", "the classification head averages every token after [CLS], "
+                                  "input-level prompts included")),
+    "clip_vision_model": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels",
+                                     leading_tokens=1, pre_logits="pooler_output",
+                                     quirks=("pre_layrnorm follows the embeddings: input-level prompts pass it",
+                                             "the [CLS] pre-logits are post_layernorm([CLS]), the pooler output")),
+    "siglip_vision_model": FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels",
+                                       leading_tokens=0, pre_logits="pooler_output",
+                                       quirks=("no [CLS]: input-level prompts go first",
+                                               "the query is the attention-pooling head's output (no [CLS])",
+                                               "the pooling head attends to input-level prompts too")),
 }
 
 # Multimodal wrappers whose text-only forward runs the text model of a family in FAMILIES unchanged (masks from the
@@ -153,4 +179,12 @@ def refusal_reason(model_type: str) -> Optional[str]:
 
 
 def supported_model_types() -> tuple:
-    return tuple(FAMILIES) + tuple(WRAPPERS)
+    """The families PEFT's prompt learning is accepted on: those taking token ids (PEFT's prompt-learning models
+    need input_ids / inputs_embeds; pixel models take fastprompt's own prompts, fastprompt.integrations.vision),
+    and the wrappers around a text family."""
+    return tuple(name for name, facts in FAMILIES.items() if facts.inputs == "tokens") + tuple(WRAPPERS)
+
+
+def pixel_model_types() -> tuple:
+    """The Vision Transformer families (pixel_values in) that fastprompt's own prompts attach to."""
+    return tuple(name for name, facts in FAMILIES.items() if facts.inputs == "pixels")

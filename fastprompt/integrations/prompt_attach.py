@@ -32,7 +32,7 @@ from torch import Tensor
 from fastprompt.prompts.base import PromptModule, check_task_ids
 from fastprompt.prompts.task_heads import attach_head_outputs
 
-from . import query_pass
+from . import query_pass, vision
 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
@@ -107,7 +107,11 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         if model.__dict__[_STATE_ATTR].prompt is prompt:
             return model  # patching twice with the same prompt is a no-op
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
+    vision.check_not_composite(model)
     prompt.check_compatible(model)
+    pixels = vision.is_pixel_model(model)
+    if pixels:  # ViT / DeiT / DINOv2: pixel_values in (fastprompt.integrations.vision)
+        vision.check_vision_prompt(model, prompt)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
         from .seq2seq import check_own_prompt_seq2seq
@@ -156,6 +160,8 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     object.__setattr__(model, _STATE_ATTR, state)
     model.forward = _PatchedForward(model)
     query_pass.install(model, prompt)
+    if pixels:
+        vision.install(model, prompt)
     if encoder_decoder:
         from .seq2seq_own_prompts import install_generate
 
@@ -187,6 +193,8 @@ def detach(model):
 
         remove_generate(model, state)
     query_pass.uninstall(model)
+    if vision.is_pixel_model(model):
+        vision.remove(model)
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
@@ -331,6 +339,8 @@ def _batch_size(kw) -> int:
 
 
 def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
+    if vision.is_pixel_model(model):
+        return vision.patched_call(model, state, kw, task_ids, prompt_query)
     prompt = state.prompt
     encoder_side = prompt.placement == "input" and getattr(model.config, "is_encoder_decoder", False)
     if encoder_side:
@@ -349,7 +359,9 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     if prompt.needs_task_ids:
         task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, device)
     elif task_ids is not None:
-        raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+        if not getattr(prompt, "accepts_task_ids", False):  # optional task ids: DualPrompt's E-prompt in training
+            raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+        task_ids = check_task_ids(task_ids, prompt.num_tasks, batch, device)
 
     # What the cache holds of the prompt (its layout, the query / prompt rows chosen at prefill) travels in the cache
     # object itself (prompt_cache), so copies, deep copies and the cache a forward made for itself decode right

@@ -23,7 +23,8 @@ def load_prompt(path: str, model=None, *, encoder=None, device=None,
     rebuilt from the config alone.
     """
     # The method modules register themselves on import.
-    from . import multitask, prefix_tuning, prompt_pool, prompt_tuning, ptuning, ptuning_v2  # noqa: F401
+    from . import (coda_prompt, dual_prompt, multitask, prefix_tuning, prompt_pool, prompt_stack,  # noqa: F401
+                   prompt_tuning, ptuning, ptuning_v2)
     from .encoder import resolve_custom_encoder
 
     config_path = os.path.join(path, CONFIG_NAME)

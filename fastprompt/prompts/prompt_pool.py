@@ -8,8 +8,9 @@ layers' outputs (fastprompt.integrations.query_pass). The learned encoder E (`en
 <nn.Module>`, fastprompt.prompts.encoder) maps q(x) to the vector that is matched against the keys, and is
 trained with the pool.
 - Hard selection (top_k = k, L2P): cosine(q, key_n), top-k entries per row; the key-pull loss
-  aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys is stored in `self.aux_loss` (and added to
-  outputs.loss by the integration when `add_aux_loss`).
+  aux_loss = -pull_constraint_coeff * mean cosine of the chosen keys (pull_reduction="l2p": summed over the k chosen
+  keys, averaged over the batch, as l2p-pytorch) is stored in `self.aux_loss` (and added to outputs.loss by the
+  integration when `add_aux_loss`).
 - Soft mixture (top_k = None, CODA/ATTEMPT style): weights over the whole pool, "softmax" of cosine / temperature,
   or "cosine" (CODA: cos(q ⊙ A_n, key_n) with learnable attention vectors A_n, no normalization).
 Placement "input": entries [N, length, d]; chosen entries (k·length tokens) or the mixture (length tokens) go
@@ -35,6 +36,7 @@ from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, layer_pre
 from .encoder import build_encoder, check_encoder_config, encode_query, split_encoder_arg
 
 SOFT_WEIGHTINGS = ("softmax", "cosine")
+PULL_REDUCTIONS = ("mean", "l2p")
 
 
 @dataclass
@@ -48,6 +50,12 @@ class PromptPoolConfig(PromptConfig):
     soft_weighting: str = "softmax"
     temperature: float = 1.0
     pull_constraint_coeff: float = 0.1
+    # "mean": over rows and chosen keys; "l2p": l2p-pytorch's reduce_sim, the chosen keys' cosines summed over the
+    # top-k and averaged over the batch (top_k times the mean)
+    pull_reduction: str = "mean"
+    # hard pools: with task_ids=, row b takes entries [t*k, (t+1)*k) of its task t instead of the best keys (the
+    # prompt mask of l2p-pytorch / dualprompt-pytorch in training); without task_ids, the keys choose
+    task_entries: bool = False
     add_aux_loss: bool = True
     prefix_dropout: float = 0.0
     init_std: float = 0.02
@@ -73,6 +81,10 @@ class PromptPoolConfig(PromptConfig):
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
         if self.soft_weighting not in SOFT_WEIGHTINGS:
             raise ValueError(f"soft_weighting must be one of {SOFT_WEIGHTINGS}, got {self.soft_weighting!r}")
+        if self.task_entries and self.top_k is None:
+            raise ValueError("task_entries needs a hard pool (top_k=k): a task owns k entries")
+        if self.pull_reduction not in PULL_REDUCTIONS:
+            raise ValueError(f"pull_reduction must be one of {PULL_REDUCTIONS}, got {self.pull_reduction!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.layers is not None:
@@ -159,10 +171,30 @@ class PromptPool(PromptModule):
         weights = (attended * F.normalize(self.keys, dim=-1)[None]).sum(-1)
         return None, weights
 
-    def _select_and_record(self, query: Tensor):
-        index, values = self.select(query)
+    @property
+    def accepts_task_ids(self) -> bool:
+        return bool(self.config.task_entries)
+
+    @property
+    def num_tasks(self) -> int:
+        """With task_entries: task t owns entries [t*k, (t+1)*k)."""
+        return self.config.pool_size // self.config.top_k
+
+    def task_selection(self, query: Tensor, task_ids: Tensor):
+        """(index [B, k] of each row's task entries, cosine of their keys [B, k])."""
+        k = self.config.top_k
+        index = task_ids.to(device=query.device, dtype=torch.long)[:, None] * k + torch.arange(k, device=query.device)
+        sim = F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).t()
+        return index, sim.gather(1, index)
+
+    def _select_and_record(self, query: Tensor, task_ids: Optional[Tensor] = None):
+        if task_ids is not None and self.config.task_entries:
+            index, values = self.task_selection(query, task_ids)
+        else:
+            index, values = self.select(query)
         if index is not None:
-            self.aux_loss = -self.config.pull_constraint_coeff * values.mean()
+            pulled = values.sum(-1).mean() if self.config.pull_reduction == "l2p" else values.mean()
+            self.aux_loss = -self.config.pull_constraint_coeff * pulled
             self.last_index = index.detach()
         else:
             self.aux_loss = None
@@ -174,7 +206,7 @@ class PromptPool(PromptModule):
         if self.placement != "input":
             raise RuntimeError("this PromptPool has placement='prefix'; use layer_prefixes")
         query = self.encode(self.check_query(query, batch_size))
-        index, values = self._select_and_record(query)
+        index, values = self._select_and_record(query, task_ids)
         if index is not None:
             chosen = gather_prompts(self.pool, index)  # [B, k, length, d]
             return chosen.reshape(batch_size, -1, self.config.input_width)
@@ -185,7 +217,7 @@ class PromptPool(PromptModule):
             raise RuntimeError("this PromptPool has placement='input'; use input_prompts")
         LayerPrefix = layer_prefix_class()
         query = self.encode(self.check_query(query, batch_size))
-        index, values = self._select_and_record(query)
+        index, values = self._select_and_record(query, task_ids)
         pool = self.pool
         if self.training and self.config.prefix_dropout > 0:
             pool = F.dropout(pool, p=self.config.prefix_dropout, training=True)

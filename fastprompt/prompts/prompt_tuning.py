@@ -43,6 +43,8 @@ def _word_embedding_weight(word_embeddings) -> Optional[Tensor]:
         return None
     if hasattr(word_embeddings, "get_input_embeddings"):
         word_embeddings = word_embeddings.get_input_embeddings()
+        if not isinstance(word_embeddings, nn.Embedding):  # a Vision Transformer's patch embeddings: no word table
+            return None
     weight = getattr(word_embeddings, "weight", word_embeddings)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError("word_embeddings must be an nn.Embedding, a model, or a [V, d] tensor")

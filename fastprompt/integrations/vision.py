@@ -1,0 +1,199 @@
+"""fastprompt's own prompts on Hugging Face Vision Transformers (ViT, DeiT, DINOv2, CLIP's and SigLIP's vision
+towers): pixel inputs, no token ids.
+
+A vision family is an entry of the family table (families.py, `inputs="pixels"`); prefixes reach its attention
+through the same registered attention function as text models (transformers_attention). What differs from text
+models, and lives here:
+
+- the call takes `pixel_values`; the batch size, the query and the input-level prompts come from them;
+- input-level prompts (PromptTuning, PromptPool(placement="input")) are inserted into the output of the model's
+  embeddings module, i.e. after the position embedding (the prompts get no position) and after the leading tokens
+  ([CLS]; DeiT's distillation token): the sequence is [CLS, prompts, patches], the order of l2p-pytorch, so the
+  [CLS] head still reads position 0. (l2p-pytorch also adds [CLS]'s frozen position embedding to each prompt: a
+  constant shift of the learned prompt, left to its initialization here.) A forward hook on the embeddings module,
+  installed at attach and removed at detach, does the insertion; what it inserts travels with the call in a context
+  variable (per thread / task), never as state on the module;
+- the query of a pool is the frozen model's [CLS] pre-logits (the final layer norm's output at [CLS]: timm's
+  `forward_head(pre_logits=True)`, which the reference implementations use; CLIP: the pooler output, i.e.
+  post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
+  without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean";
+- the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
+  multi-task prompts that need them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from fastprompt.prompts.base import check_task_ids
+
+from .families import family_facts
+
+PIXELS = "pixels"
+
+__all__ = ["is_pixel_model", "check_not_composite", "check_vision_prompt", "install", "remove", "patched_call",
+           "vision_query"]
+
+# {id(embeddings module): (prompts [B, P, d], leading tokens)} for the call in flight on this thread / task
+_INSERTS: contextvars.ContextVar = contextvars.ContextVar("fastprompt_vision_inserts", default=None)
+
+
+def _facts(model):
+    return family_facts(getattr(model.config, "model_type", ""))
+
+
+def is_pixel_model(model) -> bool:
+    facts = _facts(model)
+    return facts is not None and facts.inputs == PIXELS
+
+
+def _embeddings_module(model):
+    base = getattr(model, "base_model", model)
+    emb = getattr(base, "embeddings", None)
+    if not isinstance(emb, torch.nn.Module):
+        raise TypeError(f"fastprompt: found no `embeddings` module in {type(model).__name__}, where input-level "
+                        "prompts would be inserted after the position embedding")
+    return emb
+
+
+def check_not_composite(model) -> None:
+    """An image-text model (CLIP, SigLIP) or a classifier around a vision tower: the prompt belongs in the tower."""
+    tower = getattr(model, "vision_model", None)
+    if not is_pixel_model(model) and isinstance(tower, torch.nn.Module) and hasattr(tower, "config") \
+            and is_pixel_model(tower):
+        raise TypeError(f"fastprompt: {type(model).__name__} wraps a vision tower; attach the prompt to the tower "
+                        f"itself: fp.patch_model(model.vision_model, prompt), with the prompt built from "
+                        f"model.vision_model (the outer model then calls the patched tower)")
+
+
+def check_vision_prompt(model, prompt) -> None:
+    """What fastprompt's prompts support on a pixel model; a clear error for the rest (called by attach)."""
+    name = type(prompt).__name__
+    if getattr(prompt, "heads", None) is not None:
+        raise ValueError(f"fastprompt: {name} has task heads, which read token-level outputs of text models; on "
+                         f"{type(model).__name__} put a classifier on the model's own outputs instead")
+    if getattr(prompt.config, "query_layer", None) is not None and prompt.needs_query:
+        raise ValueError(f"fastprompt: {name}(query_layer=...) is not supported on Vision Transformers yet; the "
+                         "query is the frozen model's [CLS] pre-logits (query_layer=None)")
+    if prompt.needs_query and prompt.query_mode not in ("cls", "mean"):
+        raise ValueError(f"fastprompt: {name}(query={prompt.query_mode!r}) does not apply to a Vision Transformer; "
+                         "use query='cls' (the [CLS] pre-logits, as L2P / DualPrompt / CODA-Prompt) or 'mean'")
+    if prompt.placement == "input":
+        _embeddings_module(model)
+
+
+def _insert_prompts_hook(module, args, output):
+    inserts = _INSERTS.get()
+    entry = inserts.get(id(module)) if inserts else None
+    if entry is None:
+        return None
+    prompts, lead = entry
+    if prompts.shape[0] != output.shape[0]:
+        raise ValueError(f"fastprompt: {prompts.shape[0]} rows of prompts for a batch of {output.shape[0]} images")
+    prompts = prompts.to(output.dtype)
+    return torch.cat([output[:, :lead], prompts, output[:, lead:]], dim=1)
+
+
+def install(model, prompt) -> None:
+    """Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
+    the copy's hook reads the copy's own entry, keyed by the module it is called on)."""
+    if prompt.placement != "input":
+        return
+    emb = _embeddings_module(model)
+    if _insert_prompts_hook not in emb._forward_hooks.values():
+        emb.register_forward_hook(_insert_prompts_hook)
+
+
+def remove(model) -> None:
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if isinstance(emb, torch.nn.Module):
+        for key, hook in list(emb._forward_hooks.items()):
+            if hook is _insert_prompts_hook:
+                del emb._forward_hooks[key]
+
+
+def vision_query(model, state, prompt, kw: Dict[str, Any]) -> Tensor:
+    """[B, hidden]: the frozen model's [CLS] pre-logits (or token mean) from a pass without prompts, no_grad."""
+    base = getattr(model, "base_model", model)
+    call = state.bound_forward if base is model else base
+    params = inspect.signature(call).parameters
+    kwargs = {"pixel_values": kw["pixel_values"]}
+    for name in ("interpolate_pos_encoding", "attention_mask"):
+        if kw.get(name) is not None and (name in params or _var_kw(params)):
+            kwargs[name] = kw[name]
+    with torch.no_grad():
+        out = call(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if prompt.query_mode == "mean":
+        return hidden.mean(dim=1)
+    if _facts(model).pre_logits == "pooler_output":
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            raise ValueError(f"fastprompt: {type(model).__name__} returns no pooler output to take the query from "
+                             "(a SigLIP tower without its pooling head has no [CLS]); use query='mean'")
+        return pooled
+    return hidden[:, 0]
+
+
+def _var_kw(params) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _task_ids(prompt, task_ids, batch: int, device) -> Optional[Tensor]:
+    if prompt.needs_task_ids:
+        return check_task_ids(task_ids, prompt.config.num_tasks, batch, device)
+    if task_ids is None:
+        return None
+    if not getattr(prompt, "accepts_task_ids", False):
+        raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
+    return check_task_ids(task_ids, prompt.num_tasks, batch, device)
+
+
+def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
+    """prompt_attach's patched forward for a pixel model."""
+    from .transformers_attention import layer_prefixes
+
+    prompt = state.prompt
+    pixels = kw.get("pixel_values")
+    if pixels is None:
+        raise ValueError(f"{type(model).__name__} with a fastprompt prompt needs pixel_values")
+    batch = pixels.shape[0]
+    task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
+    query = None
+    if prompt.needs_query:
+        if prompt_query is not None:
+            query = prompt_query
+        else:
+            query = vision_query(model, state, prompt, kw)
+    prompt.aux_loss = None
+    if prompt.placement == "input":
+        prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids)
+        if prompts.dim() == 2:
+            prompts = prompts.unsqueeze(0).expand(batch, -1, -1)  # a shared prompt: a view, not B copies
+        lead = _facts(model).leading_tokens
+        mask = kw.get("attention_mask")
+        if mask is not None:  # the prompts are real tokens
+            if mask.dim() != 2:
+                raise ValueError("input-level prompts need a 2D attention_mask [B, L]")
+            ones = mask.new_ones(batch, prompts.shape[1])
+            kw["attention_mask"] = torch.cat([mask[:, :lead], ones, mask[:, lead:]], dim=1)
+        token = _INSERTS.set({**(_INSERTS.get() or {}), id(_embeddings_module(model)): (prompts, lead)})
+        try:
+            out = state.bound_forward(**kw)
+        finally:
+            _INSERTS.reset(token)
+    else:
+        prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
+        with layer_prefixes(model, prefixes):
+            out = state.bound_forward(**kw)
+    aux = prompt.aux_loss
+    if aux is not None and getattr(prompt.config, "add_aux_loss", False):
+        loss = out.get("loss") if hasattr(out, "get") else None
+        if loss is not None:
+            out["loss"] = loss + aux.to(loss.dtype)
+    return out
