@@ -504,7 +504,7 @@ def make_subject(kind: str, seed: int = 0) -> Subject:
         return PeftCausalSubject("llama", "prefix", seed)
     if kind == "peft_prompt_mistral_window":
         # a sliding window that generation runs past: hoisting must turn off exactly when P + length > window
-        return PeftCausalSubject("mistral", "prompt", seed, sliding_window=12)
+        return PeftCausalSubject("mistral", "prompt", seed, sliding_window=8)
     if kind == "pool_prefix_llama":
         return OwnPromptSubject("pool_prefix", seed)
     if kind == "prompt_tuning_llama":

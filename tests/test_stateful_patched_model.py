@@ -90,36 +90,42 @@ def assert_scale_close(got, want, rel, what):
 
 
 class Recorder:
-    """Wraps an oracle forward for greedy_no_cache: keeps each step's gap between the two best last-position logits
-    relative to their scale, so that a token differing at a near tie is told apart from a wrong token."""
+    """Wraps an oracle forward for greedy_no_cache: keeps each step's last-position logits and the gap between the
+    two best of them relative to their scale, so that a token differing at a near tie is told apart from a wrong
+    token, and generate()'s own logits can be compared step by step."""
 
     def __init__(self, forward):
-        self.forward, self.gaps = forward, []
+        self.forward, self.gaps, self.logits = forward, [], []
 
     def __call__(self, **kw):
         out = self.forward(**kw)
         last = out.logits[:, -1].float()
         top = last.topk(2, dim=-1).values
+        self.logits.append(last)
         self.gaps.append(((top[:, 0] - top[:, 1]) / last.abs().amax(-1).clamp_min(1e-12)))
         return out
 
 
-def assert_tokens_equal(got, want, start, gaps, what):
-    """Generated tokens equal the oracle's, except past a step where the oracle's two best logits were a near tie."""
-    width = max(got.shape[1], want.shape[1])
-    pad = -1
-    g = torch.nn.functional.pad(got, (0, width - got.shape[1]), value=pad)
-    w = torch.nn.functional.pad(want, (0, width - want.shape[1]), value=pad)
-    if torch.equal(g, w):
-        return
-    diff = (g != w).nonzero()
-    row, col = int(diff[0, 0]), int(diff[0, 1])
-    step = col - start
-    if 0 <= step < len(gaps) and float(gaps[step][row]) < TIE_REL:
+def assert_generated(got, want, start, recorder, what):
+    """generate() with output_logits: its tokens equal the oracle's, and so do its logits at every step (to 1e-5 of
+    their scale: a drift that does not flip a token is caught too); past a step where the oracle's two best logits
+    were a near tie the two may part, and are compared up to there."""
+    tokens = got.sequences
+    width = max(tokens.shape[1], want.shape[1])
+    g = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=-1)
+    w = torch.nn.functional.pad(want, (0, width - want.shape[1]), value=-1)
+    steps = min(len(got.logits), len(recorder.logits))
+    if not torch.equal(g, w):
+        diff = (g != w).nonzero()
+        row, col = int(diff[0, 0]), int(diff[0, 1])
+        step = col - start
+        if not (0 <= step < len(recorder.gaps) and float(recorder.gaps[step][row]) < TIE_REL):
+            raise AssertionError(f"{what}: generated tokens\n{tokens}\n!= no-cache greedy oracle\n{want}\n(first "
+                                 f"difference at row {row}, new token {step})")
         event("generated tokens differ after a near tie")
-        return
-    raise AssertionError(f"{what}: generated tokens\n{got}\n!= no-cache greedy oracle\n{want}\n(first difference at "
-                         f"row {row}, new token {step})")
+        steps = min(steps, step + 1)
+    for i in range(steps):
+        assert_scale_close(got.logits[i].float(), recorder.logits[i], LOGITS_REL, f"{what}: logits of new token {i}")
 
 
 class PatchedModelMachine(RuleBasedStateMachine):
@@ -210,7 +216,9 @@ class PatchedModelMachine(RuleBasedStateMachine):
         """The same in-place update on both sides: `p.data.add_(d)` (no version bump), `with torch.no_grad():
         p.add_(d)`, or `p.data = p.data + d` (new storage)."""
         pairs = self.subject.weight_pairs()
-        names = sorted(pairs)
+        # the weights with derived state first (small indices, so the fixed sequence below reaches them): the
+        # trainable prompt, T5's relative attention bias (a cached table), then the rest
+        names = sorted(pairs, key=lambda n: (not pairs[n][1].requires_grad, "relative_attention_bias" not in n, n))
         if is_open("t5_bias_data_update") and spelling == "data":
             names = [n for n in names if "relative_attention_bias" not in n] or names
         name = names[index % len(names)]
@@ -303,6 +311,12 @@ class PatchedModelMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------------------------------------------------
     # generation
 
+    def reused_cache_open(self):
+        # 19.7 hits the input-level prompts (hoisted K/V registered per cache object) and the pool (its query is
+        # kept per cache object: refused loudly); PEFT prefix tuning is covered now
+        s = self.subject
+        return is_open("reused_cache") and s.patched and (s.hoistable or getattr(s, "kind", None) == "pool_prefix")
+
     def generation_allowed(self):
         # unpatched PEFT generate() is broken on transformers >= 5.24 (PEFT's bug, not judged here)
         return self.subject.patched or hasattr(self.subject, "prompt")
@@ -312,7 +326,8 @@ class PatchedModelMachine(RuleBasedStateMachine):
           seed=st.integers(0, 2**16), new=st.integers(1, 4),
           spelling=st.sampled_from(["positional", "input_ids", "inputs"]),
           length=st.sampled_from(["max_new_tokens", "max_length", "both", "config_max_new_tokens",
-                                  "config_max_length", "config_both"]),
+                                  "config_max_length", "config_both", "config_new_kwarg_length",
+                                  "default_new_kwarg_length"]),
           other_length=st.integers(1, 8), cache=st.sampled_from(["dynamic", "static", "config_static"]))
     def generate(self, batch, seq, padding, seed, new, spelling, length, other_length, cache):
         from transformers import GenerationConfig
@@ -326,21 +341,29 @@ class PatchedModelMachine(RuleBasedStateMachine):
             cache = "dynamic"
         if is_open("own_prompt_unhoisted_static_cache") and s.may_run_unhoisted_own_input_prompt():
             cache = "dynamic"
-        if is_open("max_new_tokens_precedence") and length.endswith("both"):
-            length = length[:-len("both")] + "max_new_tokens"
+        if is_open("max_new_tokens_precedence") and length.endswith("kwarg_length"):
+            length = "config_max_new_tokens"
         b = self.batch(batch, seq, padding, seed)
         prompt_length = 1 if s.seq2seq else seq  # max_length counts the decoder tokens of an encoder-decoder
-        lengths = {}
-        if "max_new_tokens" in length or "both" in length:
+        # transformers: max_new_tokens wins over max_length wherever each is set (kwargs, a passed config, the
+        # model's default config); a conflicting max_length then says `other_length` new tokens
+        conflicting = prompt_length + other_length
+        lengths, kwarg_lengths, default_lengths = {}, {}, {}
+        if length in ("max_new_tokens", "config_max_new_tokens", "both", "config_both", "config_new_kwarg_length"):
             lengths["max_new_tokens"] = new
-        if "max_length" in length:
+        if length in ("max_length", "config_max_length"):
             lengths["max_length"] = prompt_length + new
-        if "both" in length:  # transformers: max_new_tokens wins, whatever max_length says
-            lengths["max_length"] = prompt_length + other_length
+        if length in ("both", "config_both"):
+            lengths["max_length"] = conflicting
+        if length == "config_new_kwarg_length":
+            kwarg_lengths["max_length"] = conflicting
+        if length == "default_new_kwarg_length":
+            default_lengths["max_new_tokens"] = new
+            kwarg_lengths["max_length"] = conflicting
         common = dict(do_sample=False, num_beams=1, pad_token_id=s.pad, eos_token_id=s.eos)
         if s.seq2seq:
             common["decoder_start_token_id"] = s.decoder_start
-        kwargs = {"attention_mask": b.mask}
+        kwargs = {"attention_mask": b.mask, "output_logits": True, "return_dict_in_generate": True, **kwarg_lengths}
         if length.startswith("config"):
             config = dict(common, **lengths)
             if cache == "config_static":
@@ -358,12 +381,21 @@ class PatchedModelMachine(RuleBasedStateMachine):
         else:
             kwargs[spelling] = b.ids
         event(f"generate {spelling} {length} {cache}")
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            got = s.model.generate(*args, **kwargs)
-        want, gaps = self.greedy_oracle(b.ids, b.mask, new)
-        assert_tokens_equal(got, want, 1 if s.seq2seq else seq, gaps,
-                            f"generate({spelling}, {length}={lengths}, cache={cache})")
+        defaults = s.hf_model.generation_config
+        saved = {k: getattr(defaults, k) for k in default_lengths}
+        try:
+            for k, v in default_lengths.items():
+                setattr(defaults, k, v)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                got = s.model.generate(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                setattr(defaults, k, v)
+        want, recorder = self.greedy_oracle(b.ids, b.mask, new)
+        assert_generated(got, want, 1 if s.seq2seq else seq, recorder,
+                         f"generate({spelling}, {length}: {lengths} {kwarg_lengths} model default "
+                         f"{default_lengths}, cache={cache})")
 
     def greedy_oracle(self, ids, mask, steps):
         recorders = []
@@ -373,16 +405,17 @@ class PatchedModelMachine(RuleBasedStateMachine):
             return recorders[-1]
 
         tokens = self.subject.greedy_oracle(ids, mask, steps, wrap=wrap)
-        return tokens, recorders[0].gaps
+        return tokens, recorders[0]
 
-    @precondition(lambda self: self.generation_allowed() and not self.subject.seq2seq and not is_open("reused_cache"))
-    @rule(batch=st.integers(1, 3), seq=st.integers(3, 6), padding=st.sampled_from(["none", "left"]),
-          seed=st.integers(0, 2**16), new=st.integers(1, 3), cut=st.integers(1, 5), deep_copy=st.booleans())
-    def generate_reusing_a_prompt_cache(self, batch, seq, padding, seed, new, cut, deep_copy):
+    @precondition(lambda self: self.generation_allowed() and not self.subject.seq2seq and not self.reused_cache_open())
+    @rule(batch=st.integers(1, 3), seq=st.integers(3, 6), seed=st.integers(0, 2**16), new=st.integers(1, 3),
+          cut=st.integers(1, 5), deep_copy=st.booleans())
+    def generate_reusing_a_prompt_cache(self, batch, seq, seed, new, cut, deep_copy):
         """transformers' prompt reuse: a forward fills a cache for the first tokens, generate() continues from it
-        (or from a copy.deepcopy of it) given the whole text."""
+        (or from a copy.deepcopy of it) given the whole text. Unpadded: with left padding the forward's positions
+        (0, 1, ...) and generate()'s (counted from the first real token) differ in any model, patched or not."""
         s = self.subject
-        b = self.batch(batch, seq, padding, seed)
+        b = self.batch(batch, seq, "none", seed)
         cut = min(cut, seq - 1)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -391,11 +424,12 @@ class PatchedModelMachine(RuleBasedStateMachine):
             if deep_copy:
                 cache = copy.deepcopy(cache)
             got = s.model.generate(input_ids=b.ids, attention_mask=b.mask, max_new_tokens=new, do_sample=False,
-                                   pad_token_id=s.pad, eos_token_id=s.eos, past_key_values=cache)
-        want, gaps = self.greedy_oracle(b.ids, b.mask, new)
-        assert_tokens_equal(got, want, seq, gaps, f"generate() from a reused prompt cache (deepcopy={deep_copy})")
+                                   pad_token_id=s.pad, eos_token_id=s.eos, past_key_values=cache,
+                                   output_logits=True, return_dict_in_generate=True)
+        want, recorder = self.greedy_oracle(b.ids, b.mask, new)
+        assert_generated(got, want, seq, recorder, f"generate() from a reused prompt cache (deepcopy={deep_copy})")
 
-    @precondition(lambda self: self.generation_allowed() and not is_open("reused_cache"))
+    @precondition(lambda self: self.generation_allowed() and not self.reused_cache_open())
     @rule(batch=st.integers(1, 3), seq=st.integers(2, 6), padding=st.sampled_from(["none", "left"]),
           seed=st.integers(0, 2**16), steps=st.integers(1, 3), name=st.sampled_from(["past_key_values", "cache"]),
           deep_copy=st.booleans())
@@ -521,6 +555,8 @@ EVERY_RULE_ONCE = [
     ("set_checkpointing", dict(mode="off")),
     ("set_training", dict(training=False)),
     ("update_weight", dict(index=0, spelling="data", seed=15)),
+    ("update_weight", dict(index=1, spelling="data", seed=115)),  # T5: the decoder's relative attention bias
+    ("forward", dict(batch=2, seq=4, padding="left", seed=116, grad="no_grad")),
     ("update_weight", dict(index=7, spelling="no_grad", seed=16)),
     ("update_weight", dict(index=3, spelling="replace_data", seed=17)),
     ("update_weight", dict(index=10_000, spelling="no_grad", seed=18)),
@@ -533,8 +569,13 @@ EVERY_RULE_ONCE = [
                       other_length=1, cache="static")),
     ("generate", dict(batch=3, seq=3, padding="left", seed=23, new=3, spelling="inputs", length="config_both",
                       other_length=8, cache="dynamic")),
-    ("generate_reusing_a_prompt_cache", dict(batch=3, seq=5, padding="left", seed=24, new=2, cut=3, deep_copy=False)),
-    ("generate_reusing_a_prompt_cache", dict(batch=2, seq=5, padding="none", seed=25, new=2, cut=2, deep_copy=True)),
+    # past Mistral's window (8): P + 3 + 1 fits it, P + 3 + 4 does not
+    ("generate", dict(batch=3, seq=3, padding="left", seed=123, new=4, spelling="input_ids",
+                      length="config_new_kwarg_length", other_length=1, cache="dynamic")),
+    ("generate", dict(batch=2, seq=3, padding="none", seed=124, new=4, spelling="positional",
+                      length="default_new_kwarg_length", other_length=1, cache="dynamic")),
+    ("generate_reusing_a_prompt_cache", dict(batch=3, seq=5, seed=24, new=2, cut=3, deep_copy=False)),
+    ("generate_reusing_a_prompt_cache", dict(batch=2, seq=5, seed=25, new=2, cut=2, deep_copy=True)),
     ("manual_decode", dict(batch=3, seq=4, padding="left", seed=26, steps=3, name="past_key_values",
                            deep_copy=False)),
     ("manual_decode", dict(batch=2, seq=4, padding="none", seed=27, steps=2, name="cache", deep_copy=True)),
