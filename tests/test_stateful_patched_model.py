@@ -49,6 +49,10 @@ OPEN_DEFECTS = {
     # (hoist_prompts=False) and generate(cache_implementation="static"): IndexError, the static cache is sized for
     # the real tokens only (the PEFT front end enlarges it by P, the attached-prompt one does not)
     "own_prompt_unhoisted_static_cache",
+    # found by this test: a T5 prefix-tuning forward under torch.inference_mode() builds T5's cached prefix-bias
+    # table as an inference tensor; the next forward with grad enabled reuses it and fails ("Inference tensors
+    # cannot be saved for backward")
+    "t5_bias_table_inference_mode",
 }
 _enable = os.environ.get("FASTPROMPT_STATEFUL_ENABLE", "")
 OPEN_DEFECTS = set() if _enable == "all" else OPEN_DEFECTS - set(_enable.split(","))
@@ -150,6 +154,14 @@ class PatchedModelMachine(RuleBasedStateMachine):
         s = self.subject
         return s.patched and s.refuses_reentrant_training and self.reentrant() and grad_enabled
 
+    def peft_itself_breaks(self, grad_enabled: bool) -> bool:
+        """Unpatched PEFT prefix tuning under gradient checkpointing in training crashes on transformers 5.25
+        (transformers turns use_cache off, the layers drop PEFT's prefix cache, the mask keeps its P columns:
+        "size of tensor a (S) must match ... (P + S)"), with or without fastprompt ever patching it: nothing to judge."""
+        s = self.subject
+        return (not s.patched and getattr(s, "method", None) == "prefix" and s.checkpointing != "off"
+                and s.training and grad_enabled)
+
     def expect_refusal(self, batch):
         with pytest.raises(ValueError, match="non-reentrant gradient checkpointing"):
             self.subject.call_patched(batch)
@@ -210,7 +222,7 @@ class PatchedModelMachine(RuleBasedStateMachine):
     def zero_grad(self, set_to_none):
         self.subject.zero_grad(set_to_none)
 
-    @rule(index=st.integers(0, 10_000), spelling=st.sampled_from(["data", "no_grad", "replace_data"]),
+    @rule(index=st.integers(0, 3) | st.integers(0, 10_000), spelling=st.sampled_from(["data", "no_grad", "replace_data"]),
           seed=st.integers(0, 2**16))
     def update_weight(self, index, spelling, seed):
         """The same in-place update on both sides: `p.data.add_(d)` (no version bump), `with torch.no_grad():
@@ -246,8 +258,12 @@ class PatchedModelMachine(RuleBasedStateMachine):
           seed=st.integers(0, 2**16), grad=st.sampled_from(["enabled", "no_grad", "inference_mode"]))
     def forward(self, batch, seq, padding, seed, grad):
         b = self.batch(batch, seq, padding, seed)
+        if is_open("t5_bias_table_inference_mode") and self.subject.seq2seq and grad == "inference_mode":
+            grad = "no_grad"
         if self.refuses(grad == "enabled"):
             return self.expect_refusal(b)
+        if self.peft_itself_breaks(grad == "enabled"):
+            return event("skipped: unpatched PEFT prefix tuning under checkpointing")
         context = {"enabled": torch.enable_grad, "no_grad": torch.no_grad,
                    "inference_mode": torch.inference_mode}[grad]
         with context():
@@ -260,6 +276,8 @@ class PatchedModelMachine(RuleBasedStateMachine):
         """Both sides' (logits, loss_a, loss_b), the outputs compared; None when the patched model refuses."""
         if self.refuses(True):
             return self.expect_refusal(b)
+        if self.peft_itself_breaks(True):
+            return event("skipped: unpatched PEFT prefix tuning under checkpointing")
         got = self.subject.call_patched(b)
         want = self.subject.call_oracle(b)
         self.compare_outputs(got, want, b, "forward for backward")
@@ -555,8 +573,10 @@ EVERY_RULE_ONCE = [
     ("set_checkpointing", dict(mode="off")),
     ("set_training", dict(training=False)),
     ("update_weight", dict(index=0, spelling="data", seed=15)),
-    ("update_weight", dict(index=1, spelling="data", seed=115)),  # T5: the decoder's relative attention bias
-    ("forward", dict(batch=2, seq=4, padding="left", seed=116, grad="no_grad")),
+    ("update_weight", dict(index=1, spelling="no_grad", seed=114)),  # T5: the decoder's relative attention bias
+    ("forward", dict(batch=2, seq=4, padding="left", seed=115, grad="no_grad")),
+    ("update_weight", dict(index=1, spelling="data", seed=116)),
+    ("forward", dict(batch=2, seq=4, padding="left", seed=117, grad="no_grad")),
     ("update_weight", dict(index=7, spelling="no_grad", seed=16)),
     ("update_weight", dict(index=3, spelling="replace_data", seed=17)),
     ("update_weight", dict(index=10_000, spelling="no_grad", seed=18)),
