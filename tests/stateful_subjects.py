@@ -77,7 +77,9 @@ class Subject:
     """What every subject provides; see the subclasses."""
 
     seq2seq = False
+    is_peft = False  # a PeftModel (else a transformers model with a fastprompt prompt attached)
     hoistable = False  # input-level prompt on a causal LM: hoisting applies
+    query_selected = False  # a pool: the prompt is chosen per row by a query pass over the input
     # generate(ids) / generate(input_ids=ids) / generate(inputs=ids)
     input_spellings = ("positional", "input_ids", "inputs")
     # trainable prefixes read by fastprompt's attention under reentrant checkpointing: refused with a ValueError
@@ -180,6 +182,7 @@ class Subject:
 
 
 class PeftCausalSubject(Subject):
+    is_peft = True
     pad = integration_helpers.PAD
     eos = 3
     vocab = integration_helpers.VOCAB
@@ -294,7 +297,7 @@ class OwnPromptSubject(Subject):
         else:
             prompt = fastprompt.PromptTuning(model, num_virtual_tokens=self.num_virtual)  # token embeddings' std
         self.hoistable = kind == "prompt_tuning"
-        self.refuses_reentrant_training = kind == "pool_prefix"
+        self.refuses_reentrant_training = self.query_selected = kind == "pool_prefix"
         self.prompt = prompt.eval()
         self.oracle_prompt = copy.deepcopy(prompt)
         fastprompt.patch_model(model, prompt)

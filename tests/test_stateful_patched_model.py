@@ -159,7 +159,7 @@ class PatchedModelMachine(RuleBasedStateMachine):
         (transformers turns use_cache off, the layers drop PEFT's prefix cache, the mask keeps its P columns:
         "size of tensor a (S) must match ... (P + S)"), with or without fastprompt ever patching it: nothing to judge."""
         s = self.subject
-        return (not s.patched and getattr(s, "method", None) == "prefix" and s.checkpointing != "off"
+        return (not s.patched and s.is_peft and s.method == "prefix" and s.checkpointing != "off"
                 and s.training and grad_enabled)
 
     def expect_refusal(self, batch):
@@ -169,7 +169,7 @@ class PatchedModelMachine(RuleBasedStateMachine):
 
     def trainable(self):
         s = self.subject
-        return bool(s.trainable_pairs()) and (s.patched or not hasattr(s, "prompt"))
+        return bool(s.trainable_pairs()) and (s.patched or s.is_peft)  # a detached prompt is not in the model
 
     def compare_grads(self, what):
         pairs = self.subject.trainable_pairs()
@@ -333,11 +333,11 @@ class PatchedModelMachine(RuleBasedStateMachine):
         # 19.7 hits the input-level prompts (hoisted K/V registered per cache object) and the pool (its query is
         # kept per cache object: refused loudly); PEFT prefix tuning is covered now
         s = self.subject
-        return is_open("reused_cache") and s.patched and (s.hoistable or getattr(s, "kind", None) == "pool_prefix")
+        return is_open("reused_cache") and s.patched and (s.hoistable or s.query_selected)
 
     def generation_allowed(self):
         # unpatched PEFT generate() is broken on transformers >= 5.24 (PEFT's bug, not judged here)
-        return self.subject.patched or hasattr(self.subject, "prompt")
+        return self.subject.patched or not self.subject.is_peft
 
     @precondition(lambda self: self.generation_allowed())
     @rule(batch=st.integers(1, 3), seq=st.integers(2, 6), padding=st.sampled_from(["none", "left"]),
@@ -490,7 +490,7 @@ class PatchedModelMachine(RuleBasedStateMachine):
 
     def next_logits(self, tokens, mask, first):
         s = self.subject
-        if getattr(s, "kind", None) == "pool_prefix":
+        if s.query_selected:
             return s.next_logits_oracle(tokens, mask, chosen_from=(first.ids, first.mask))
         return s.next_logits_oracle(tokens, mask)
 
