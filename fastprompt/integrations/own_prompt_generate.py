@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 
-__all__ = ["install_generate", "remove_generate", "wants_generate_wrapper"]
+__all__ = ["install_generate", "wants_generate_wrapper"]
 
 
 def wants_generate_wrapper(model, prompt) -> bool:
@@ -23,17 +23,7 @@ def wants_generate_wrapper(model, prompt) -> bool:
 
 
 def install_generate(model, state) -> None:
-    state.original_generate = model.__dict__.get("generate")
-    model.generate = _PatchedCausalGenerate(model)
-
-
-def remove_generate(model, state) -> None:
-    if not isinstance(model.__dict__.get("generate"), _PatchedCausalGenerate):
-        return
-    if state.original_generate is None:
-        model.__dict__.pop("generate", None)
-    else:
-        model.generate = state.original_generate
+    state.methods.replace(model, "generate", _PatchedCausalGenerate(model))
 
 
 class _PatchedCausalGenerate:

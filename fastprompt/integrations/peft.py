@@ -28,7 +28,7 @@ import torch
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
 from .call_context import CallLocal
 from .peft_config import enum_value as _value
-from .patched_method import PatchedMethod as _PatchedMethod
+from .patched_method import PatchedMethod as _PatchedMethod, ReplacedMethods
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
 from .transformers_attention import (
     ATTENTION_NAME,
@@ -63,7 +63,7 @@ class _PeftPatch:
     attention_token: Any = None
     layout: Any = None                           # ModelLayout of the base model (prefix tuning)
     layers: Any = None                           # the base model's ModuleList of layers (prefix tuning)
-    saved: dict = field(default_factory=dict)    # instance attributes that existed before patching
+    methods: ReplacedMethods = field(default_factory=ReplacedMethods)  # every PeftModel method replaced, once
 
 
 def _peft():
@@ -170,21 +170,13 @@ def patch_peft_model(model, *, backend: str = "auto"):
             "prepare_inputs_for_generation": _input_prepare_inputs_for_generation,
         }
     for name, fn in replacements.items():
-        if name in model.__dict__:
-            record.saved[name] = model.__dict__[name]
-        object.__setattr__(model, name, _PatchedMethod(fn, model))
+        record.methods.replace(model, name, _PatchedMethod(fn, model))
     object.__setattr__(model, _PATCH_ATTR, record)
     if method == "input":  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
         from .prompt_hoisting import install_peft_hoisting
 
-        install_peft_hoisting(model, backend)
+        install_peft_hoisting(model, backend, record.methods)
     return model
-
-
-def _replaced_names(method: str) -> tuple:
-    if method == "input":
-        return ("get_prompt", "generate", "prepare_inputs_for_generation")
-    return ("forward", "generate", "prepare_inputs_for_generation")  # prefix tuning, decoder or seq2seq
 
 
 def unpatch_peft_model(model):
@@ -199,12 +191,7 @@ def unpatch_peft_model(model):
         _remove_prepare_dispatch(model)
     if record.method == "prefix":
         _remove_bridge_hooks(model)
-    names = _replaced_names(record.method)
-    for name in names:
-        if name in model.__dict__:
-            object.__delattr__(model, name)
-        if name in record.saved:
-            object.__setattr__(model, name, record.saved[name])
+    record.methods.restore(model)
     if record.attention_token is not None:
         disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PATCH_ATTR)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
@@ -37,6 +37,7 @@ from . import query_pass
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 
 from .cache_compat import cache_kwarg, cache_length, get_cache, returned_cache, set_cache
+from .patched_method import ReplacedMethods
 from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, mark_cache, prompt_in_cache
 
 PROMPT_ATTR = "fastprompt_prompt"
@@ -48,12 +49,16 @@ __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
 @dataclass
 class _AttachState:
     prompt: PromptModule
-    original_forward: Any  # the instance's own `forward` attribute before attach, or None (a singleton: pickles)
     bound_forward: Any  # the method the wrapper calls
     signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
     requires_grad: Dict[str, bool]
     attention_token: Any = None
-    original_generate: Any = None  # the instance's own `generate` attribute before attach (when wrapped)
+    methods: ReplacedMethods = field(default_factory=ReplacedMethods)  # `forward`, `generate`: the one record
+
+    @property
+    def original_generate(self):
+        """The instance's own `generate` attribute before attach, or None."""
+        return self.methods.original("generate")
 
     def forward_signature(self) -> inspect.Signature:
         if self.signature is None:
@@ -123,11 +128,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     if device is not None:
         prompt.to(device)
     model.add_module(PROMPT_ATTR, prompt)
-    original = model.__dict__.get("forward")
     bound = model.forward
-    state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
+    state = _AttachState(prompt, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, _STATE_ATTR, state)
-    model.forward = _PatchedForward(model)
+    state.methods.replace(model, "forward", _PatchedForward(model))
     query_pass.install(model, prompt)
     if encoder_decoder:
         from .seq2seq_own_prompts import install_generate
@@ -147,18 +151,7 @@ def detach(model):
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
-    if state.original_forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = state.original_forward
-    if getattr(model.config, "is_encoder_decoder", False):
-        from .seq2seq_own_prompts import remove_generate
-
-        remove_generate(model, state)
-    else:
-        from .own_prompt_generate import remove_generate
-
-        remove_generate(model, state)
+    state.methods.restore(model)
     query_pass.uninstall(model)
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]

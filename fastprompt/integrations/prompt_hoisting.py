@@ -40,7 +40,7 @@ from .cache_compat import returned_cache
 from .generate_args import resolve_generate
 from .peft_config import enum_value as _value
 from .prompt_cache import HOISTED as CACHE_HOISTED, PromptInCache, mark_cache, prompt_in_cache
-from .patched_method import PatchedMethod
+from .patched_method import PatchedMethod, ReplacedMethods
 from .transformers_attention import (
     PREFIXES_KWARG,
     AttentionCall,
@@ -365,15 +365,15 @@ def _logits_to_keep_ok(kwargs, seq: int, labels) -> Optional[bool]:
 @dataclass
 class _PeftHoisting:
     attention_token: Any
-    saved: dict                                 # instance attributes replaced (name -> previous value or None)
     fallback_forward: Any
     fallback_generate: Any
 
 
 
-def install_peft_hoisting(model, backend: str = "auto") -> bool:
+def install_peft_hoisting(model, backend: str, methods: ReplacedMethods) -> bool:
     """Called by patch_peft_model for input-level methods: hoist where the model is a causal LM. Returns whether
-    hoisting was installed."""
+    hoisting was installed. `forward` / `generate` are replaced through `methods`, the patch's one record of the
+    PeftModel methods it replaced (unpatch_peft_model restores them)."""
     config = model.active_peft_config
     if _value(config.peft_type) not in _INPUT_METHODS or _value(config.task_type) != "CAUSAL_LM":
         return False
@@ -381,11 +381,10 @@ def install_peft_hoisting(model, backend: str = "auto") -> bool:
     if not _hoistable_model(hf):
         return False
     token = enable_fastprompt_attention(hf, backend=backend)
-    saved = {name: model.__dict__.get(name) for name in ("forward", "generate")}
-    record = _PeftHoisting(token, saved, model.forward, model.generate)
+    record = _PeftHoisting(token, model.forward, model.generate)
     # PatchedMethod, not types.MethodType: the patched model pickles / torch.saves / deep-copies (see its docstring)
-    object.__setattr__(model, "forward", PatchedMethod(_peft_forward, model))
-    object.__setattr__(model, "generate", PatchedMethod(_peft_generate, model))
+    methods.replace(model, "forward", PatchedMethod(_peft_forward, model))
+    methods.replace(model, "generate", PatchedMethod(_peft_generate, model))
     object.__setattr__(model, _PEFT_ATTR, record)
     return True
 
@@ -394,10 +393,6 @@ def uninstall_peft_hoisting(model) -> None:
     record = model.__dict__.get(_PEFT_ATTR)
     if record is None:
         return
-    for name, previous in record.saved.items():
-        model.__dict__.pop(name, None)
-        if previous is not None:
-            object.__setattr__(model, name, previous)
     disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PEFT_ATTR)
     model.__dict__.pop(_DISABLED_ATTR, None)

@@ -42,6 +42,8 @@ from .transformers_attention import (
     _AttentionSlot,
     _AttentionState,
     _EnableToken,
+    finish_enable,
+    join_enabled,
     _hf_model,
     check_prefix_checkpointing,
     bind_call,
@@ -199,12 +201,12 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
 
     _check_backend(backend)
     hf = _hf_model(model)
-    if getattr(hf, _STATE_ATTR, None) is not None:
-        raise ValueError("fastprompt: this model already runs fastprompt attention; unpatch it first")
+    joined = join_enabled(hf, "seq2seq")  # enabling twice adds a user, as on decoder-only models
+    if joined is not None:
+        return joined
     _register_once()
     previous = hf.config._attn_implementation
-    state = _AttentionState(backend)
-    state.seq2seq = True
+    state = _AttentionState(backend, "seq2seq")
     slotted, hooks = [], []
     encoder, decoder = _stacks(hf)
     for role_stack, stack in (("encoder", encoder), ("decoder", decoder)):
@@ -236,8 +238,7 @@ def enable_seq2seq_attention(model, *, backend: str = "auto") -> _EnableToken:
             for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
                 sub.__dict__.pop(attr, None)
         raise TypeError(f"fastprompt: {type(hf).__name__} refused the attention implementation switch")
-    object.__setattr__(hf, _STATE_ATTR, state)
-    return _EnableToken(hf, previous, hooks, slotted)
+    return finish_enable(hf, state, previous, hooks, slotted)
 
 
 class decoder_prefixes:

@@ -23,7 +23,7 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["install_generate", "remove_generate", "prompt_in_encoder_outputs"]
+__all__ = ["install_generate", "prompt_in_encoder_outputs"]
 
 
 def prompt_in_encoder_outputs(kw: Dict[str, Any]) -> bool:
@@ -32,15 +32,7 @@ def prompt_in_encoder_outputs(kw: Dict[str, Any]) -> bool:
 
 
 def install_generate(model, state) -> None:
-    state.original_generate = model.__dict__.get("generate")
-    model.generate = _PatchedSeq2SeqGenerate(model)
-
-
-def remove_generate(model, state) -> None:
-    if state.original_generate is None:
-        model.__dict__.pop("generate", None)
-    else:
-        model.generate = state.original_generate
+    state.methods.replace(model, "generate", _PatchedSeq2SeqGenerate(model))
 
 
 class _PatchedSeq2SeqGenerate:

@@ -197,11 +197,15 @@ def check_supports_attention_interface(hf) -> None:
 
 
 class _AttentionState:
-    """Lives on an enabled model instance: its settings only (backend, enable count), nothing of any one call."""
+    """Lives on an enabled model instance: its settings only (backend, enable count, what the first enable changed
+    and the last disable restores), nothing of any one call."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, kind: str = "decoder"):
         self.backend = backend
+        self.kind = kind            # "decoder" (enable_fastprompt_attention) | "seq2seq" (enable_seq2seq_attention)
+        self.seq2seq = kind == "seq2seq"
         self.users = 1
+        self.teardown = None        # _Teardown: set by the enable that switched the model
 
     # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process)
     def __setstate__(self, state):
@@ -250,13 +254,40 @@ class _AttentionSlot:
 
 
 @dataclass
-class _EnableToken:
-    hf_model: Any
+class _Teardown:
+    """What switching one model to fastprompt attention changed: restored by the disable that ends the last user."""
     previous_implementation: Any
     hooks: list
     slotted: list
-    nested: bool = False
+
+
+@dataclass
+class _EnableToken:
+    """One enable's handle: every enable (the first or a nested one) counts one user of the model's attention state,
+    and the disable of whichever token ends the last user restores the model, in any order. Idempotent."""
+    hf_model: Any
+    state: Any
     restored: bool = False
+
+
+def join_enabled(hf, kind: str) -> Optional[_EnableToken]:
+    """Enabling a model already switched to fastprompt attention of the same `kind` adds one user and returns its
+    token; of the other kind, a clear error; not enabled, None (the caller switches it)."""
+    existing = hf.__dict__.get(_STATE_ATTR)
+    if existing is None:
+        return None
+    if getattr(existing, "kind", "seq2seq" if getattr(existing, "seq2seq", False) else "decoder") != kind:
+        raise ValueError(f"fastprompt: {type(hf).__name__} already runs fastprompt's {existing.kind} attention; "
+                         f"it cannot also take the {kind} one (unpatch it first)")
+    existing.users += 1
+    return _EnableToken(hf, existing)
+
+
+def finish_enable(hf, state: _AttentionState, previous, hooks: list, slotted: list) -> _EnableToken:
+    """Record what switching `hf` changed on its new attention state and hand out the first user's token."""
+    state.teardown = _Teardown(previous, hooks, slotted)
+    object.__setattr__(hf, _STATE_ATTR, state)
+    return _EnableToken(hf, state)
 
 
 _registered = False
@@ -356,14 +387,14 @@ def is_fastprompt_enabled(model) -> bool:
 def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken:
     """Register (once) and switch THIS model instance to the "fastprompt" attention; returns a restore token.
 
-    Enabling an already-enabled model is a no-op whose token restores nothing (the first token owns the state).
+    Enabling an already-enabled model adds one user: the model is restored when every token has been disabled, in
+    any order (disabling a token twice is a no-op).
     """
     _check_backend(backend)
     hf = _hf_model(model)
-    existing = getattr(hf, _STATE_ATTR, None)
-    if existing is not None:
-        existing.users += 1
-        return _EnableToken(hf, None, [], [], nested=True)
+    joined = join_enabled(hf, "decoder")
+    if joined is not None:
+        return joined
     check_supports_attention_interface(hf)
     _register_once()
     path, layers = _find_layers(hf)
@@ -394,30 +425,31 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
             object.__setattr__(layer, _LAYER_STATE_ATTR, state)
             hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
             slotted.append(layer)
-    object.__setattr__(hf, _STATE_ATTR, state)
-    return _EnableToken(hf, previous, hooks, slotted)
+    return finish_enable(hf, state, previous, hooks, slotted)
 
 
 def disable_fastprompt_attention(model, token: _EnableToken) -> None:
-    """Undo `enable_fastprompt_attention`: previous attention implementation, no hook, no per-module state."""
+    """Undo one `enable_fastprompt_attention` / `enable_seq2seq_attention`: the last user's disable restores the
+    previous attention implementation, no hook, no per-module state. Idempotent; any order."""
     if token is None or token.restored:
         return
     token.restored = True
     hf = token.hf_model
-    state = getattr(hf, _STATE_ATTR, None)
-    if token.nested:
-        if state is not None:
-            state.users -= 1
+    state = hf.__dict__.get(_STATE_ATTR)
+    if state is None or state is not token.state:  # the model was restored (and maybe enabled anew) since
         return
-    for hook in token.hooks:
+    state.users -= 1
+    if state.users > 0:
+        return
+    teardown = state.teardown
+    for hook in teardown.hooks:
         hook.remove()
-    for sub in token.slotted:
+    for sub in teardown.slotted:
         for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
             if attr in sub.__dict__:
                 object.__delattr__(sub, attr)
-    if _STATE_ATTR in hf.__dict__:
-        object.__delattr__(hf, _STATE_ATTR)
-    hf.set_attn_implementation(token.previous_implementation)
+    object.__delattr__(hf, _STATE_ATTR)
+    hf.set_attn_implementation(teardown.previous_implementation)
 
 
 def set_backend(model, backend: str) -> None:
