@@ -189,3 +189,29 @@ def test_decoder_and_seq2seq_attention_do_not_mix():
         enable_fastprompt_attention(model)
     disable_fastprompt_attention(model, token)
     assert _fastprompt_leftovers(model) == []
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "own-t5-prompt"])
+def test_patching_again_with_another_backend_applies_it_for_every_model_kind(case):
+    """Patching twice is a no-op except that a different backend is applied, for PEFT models and fastprompt's own
+    prompts alike (the own-prompt path used to ignore it), wherever the patch runs fastprompt's attention."""
+    from fastprompt.integrations.transformers_attention import STATE_ATTR
+
+    model, _, prompt, _ = _case(case)
+
+    def patch(backend):
+        return (fastprompt.patch_model(model, backend=backend) if prompt is None
+                else fastprompt.patch_model(model, prompt, backend=backend))
+
+    patch("torch")
+    state = _base(model).__dict__.get(STATE_ATTR)
+    if state is None:  # this patch runs no fastprompt attention (e.g. PEFT prompt tuning on T5): nothing to apply
+        pytest.skip(f"{case}: no fastprompt attention")
+    assert state.backend == "torch"
+    snapshot = _snapshot(model)
+    patch("reference")
+    assert state.backend == "reference" and _snapshot(model) == snapshot
+    patch("auto")
+    assert state.backend == "auto"
+    fastprompt.unpatch_model(model)
+    assert _fastprompt_leftovers(model) == []

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import weakref
 
+from .attach_state import attach_state
+from .generate_args import resolve_generate, static_cache_with_room
+
 __all__ = ["install_generate", "wants_generate_wrapper"]
 
 
@@ -41,11 +44,8 @@ class _PatchedCausalGenerate:
         return (_PatchedCausalGenerate, (self._model_ref(),))
 
     def __call__(self, *args, **kwargs):
-        from .generate_args import resolve_generate, static_cache_with_room
-        from .prompt_attach import _STATE_ATTR
-
         model = self._model_ref()
-        state = None if model is None else model.__dict__.get(_STATE_ATTR)
+        state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))

@@ -1,6 +1,8 @@
 """A patched method bound to one model instance that survives pickle, torch.save and copy.deepcopy."""
 from __future__ import annotations
 
+import inspect
+
 __all__ = ["PatchedMethod", "ReplacedMethods"]
 
 
@@ -23,8 +25,6 @@ class PatchedMethod:
 
     @property
     def __signature__(self):  # as a bound method's: without `self` (generate() validates kwargs against it)
-        import inspect
-
         signature = inspect.signature(self.__func__)
         return signature.replace(parameters=list(signature.parameters.values())[1:])
 

@@ -20,25 +20,32 @@ save_pretrained / from_pretrained are untouched):
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from .. import ops
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
 from .call_context import CallLocal
 from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod as _PatchedMethod, ReplacedMethods
+from .peft_prompts import check_mpt_task_ids, layer_prefixes_from_kv, prefix_kv, prefix_layer_kv  # noqa: F401
 from .families import MASK_CUMSUM, REFUSED, supported_model_types
+from .generate_args import resolve_generate, static_cache_with_room
+from .prompt_hoisting import install_peft_hoisting, uninstall_peft_hoisting
+from .seq2seq import check_seq2seq_patchable, seq2seq_prefix_replacements
 from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
     BridgedPrefixes,
-    LayerPrefix,
-    _find_layers,
+    find_layers,
     check_supports_attention_interface,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
+    is_fastprompt_enabled,
     layer_prefixes,
     model_layout,
     set_backend,
@@ -67,7 +74,7 @@ class _PeftPatch:
 
 
 def _peft():
-    import peft
+    import peft  # optional dependency (the peft extra): imported where a PeftModel is handled
 
     return peft
 
@@ -92,8 +99,6 @@ def _check_patchable(model):
         raise ValueError(f"fastprompt: PEFT method {peft_type} is not supported by patch_model")
     task = _value(config.task_type)
     if task == "SEQ_2_SEQ_LM":  # encoder-decoder models: their own checks (T5 / mT5 / BART)
-        from .seq2seq import check_seq2seq_patchable
-
         return check_seq2seq_patchable(model, config)
     if task not in SUPPORTED_TASK_TYPES:
         raise ValueError(
@@ -128,16 +133,15 @@ def _check_patchable(model):
 
 
 def patch_peft_model(model, *, backend: str = "auto"):
-    """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op
-    (except that an explicitly different `backend` is applied)."""
-    from fastprompt.ops.prefix_attention import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
+    """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op,
+    except that a different `backend` is applied (as for fastprompt's own prompts, prompt_attach.attach)."""
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {ops.BACKENDS}, got {backend!r}")
     if is_patched(model):
         record = model.__dict__[_PATCH_ATTR]
-        if record.method in ("prefix", "seq2seq_prefix") and backend != record.backend:
-            set_backend(model.get_base_model(), backend)
+        if backend != record.backend:  # where the patch runs fastprompt attention (prefixes, hoisting)
+            if is_fastprompt_enabled(model.get_base_model()):
+                set_backend(model.get_base_model(), backend)
             record.backend = backend
         return model
     config = _check_patchable(model)
@@ -146,12 +150,10 @@ def patch_peft_model(model, *, backend: str = "auto"):
         method = "seq2seq_prefix"
     record = _PeftPatch(method=method, backend=backend)
     if method == "seq2seq_prefix":
-        from .seq2seq import seq2seq_prefix_replacements
-
         replacements = seq2seq_prefix_replacements(model, record, backend)
     elif method == "prefix":
         record.layout = model_layout(model.get_base_model())
-        record.layers = _find_layers(model.get_base_model())[1]
+        record.layers = find_layers(model.get_base_model())[1]
         record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
         replacements = {
             "forward": _prefix_forward,
@@ -173,8 +175,6 @@ def patch_peft_model(model, *, backend: str = "auto"):
         record.methods.replace(model, name, _PatchedMethod(fn, model))
     object.__setattr__(model, _PATCH_ATTR, record)
     if method == "input":  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
-        from .prompt_hoisting import install_peft_hoisting
-
         install_peft_hoisting(model, backend, record.methods)
     return model
 
@@ -184,8 +184,6 @@ def unpatch_peft_model(model):
     record = model.__dict__.get(_PATCH_ATTR)
     if record is None:
         return model
-    from .prompt_hoisting import uninstall_peft_hoisting
-
     uninstall_peft_hoisting(model)
     if record.method in ("prefix", "input"):
         _remove_prepare_dispatch(model)
@@ -212,8 +210,6 @@ def default_return_dict(config) -> bool:
 def adjust_prompt_learning_kwargs(config, kwargs: dict, *, remove_token_type_ids: bool = True) -> None:
     """PEFT's `_adjust_prompt_learning_kwargs`: prefix tuning shifts user position ids by P (the prefix sits where
     a P-long cache would); input-level methods ignore them; token_type_ids dropped where PEFT drops them."""
-    import warnings
-
     if kwargs.get("position_ids") is not None:
         if _value(config.peft_type) == "PREFIX_TUNING":
             kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
@@ -227,35 +223,6 @@ def adjust_prompt_learning_kwargs(config, kwargs: dict, *, remove_token_type_ids
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prefix tuning
-
-
-def prefix_kv(model) -> torch.Tensor:
-    """The active prefix-tuning adapter's K/V for all layers, `[2L, Hkv, P, D]`, the encoder run once on P tokens.
-
-    PEFT's saved layout `[P, 2·L·Hkv·D]` viewed as `(P, 2L, Hkv, D)`: index 2l is layer l's K, 2l+1 its V.
-    """
-    config = model.active_peft_config
-    encoder = model.prompt_encoder[model.active_adapter]
-    num_tokens = config.num_virtual_tokens
-    if config.inference_mode:
-        flat = encoder.embedding.weight
-    else:
-        tokens = model.prompt_tokens[model.active_adapter][:num_tokens].to(encoder.embedding.weight.device)
-        flat = encoder(tokens)
-    if model.base_model_torch_dtype is not None:
-        flat = flat.to(model.base_model_torch_dtype)
-    heads = config.num_attention_heads
-    kv = flat.view(num_tokens, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    return kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
-
-
-def layer_prefixes_from_kv(kv: torch.Tensor, container=dict) -> dict:
-    return container((layer, LayerPrefix(kv[2 * layer], kv[2 * layer + 1])) for layer in range(kv.shape[0] // 2))
-
-
-def prefix_layer_kv(model) -> dict:
-    """Per-layer prefix K/V `[Hkv, P, D]` (views of `prefix_kv(model)`), keyed by layer index."""
-    return layer_prefixes_from_kv(prefix_kv(model))
 
 
 class _PrefixGradBridge(torch.autograd.Function):
@@ -417,8 +384,6 @@ class _PrepareDispatch:
 
     @property
     def __signature__(self):
-        import inspect
-
         return inspect.signature(self._target())
 
     def __call__(self, *args, **kwargs):
@@ -512,17 +477,6 @@ def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = 
     return prompts.expand(batch_size, -1, -1)
 
 
-def check_mpt_task_ids(task_ids, batch_size: int, device=None) -> torch.Tensor:
-    """MPT's task ids as a 1D LongTensor: one per row, or one for the whole batch (PEFT broadcasts it)."""
-    if task_ids is None:
-        raise ValueError("task_ids cannot be None")
-    task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
-    if task_ids.shape[0] not in (1, batch_size):
-        raise ValueError(f"task_ids must hold one task id per row ({batch_size}) or one for the whole batch, "
-                         f"got {task_ids.shape[0]}")
-    return task_ids
-
-
 def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
     """One generation step of an input-level prompt (prompt tuning, P-tuning, MPT) on the base model.
 
@@ -576,7 +530,6 @@ def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
     """Where generate() would build a static cache (cache_implementation from the call, a passed config or the
     model's default one), build it with P more slots: PEFT's virtual tokens enter the cache at prefill. Its length
     is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
-    from .generate_args import resolve_generate, static_cache_with_room
 
     base = model.get_base_model()
     call = resolve_generate(base, args, kwargs)

@@ -29,15 +29,20 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface  # (also exported at the top level by later 5.x)
+
+from .. import ops  # ops.prefix_attention looked up per call (a test spy may stand in for it)
 from ..ops.prefix_attention_decode import shared_prefix_decode
+from ..prompts.layer_prefix import LayerPrefix
 from .call_context import CallLocal
 from .families import ROBERTA, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
-_STATE_ATTR = "_fastprompt_attention_state"
-_SLOT_ATTR = "_fastprompt_attention_slot"
-_LAYER_STATE_ATTR = "_fastprompt_layer_state"
+STATE_ATTR = "_fastprompt_attention_state"
+SLOT_ATTR = "_fastprompt_attention_slot"
+LAYER_STATE_ATTR = "_fastprompt_layer_state"
 
 __all__ = [
     "ATTENTION_NAME",
@@ -52,19 +57,6 @@ __all__ = [
     "fastprompt_attention_forward",
     "fastprompt_attention_mask",
 ]
-
-
-@dataclass
-class LayerPrefix:
-    """One layer's learned prefix, stored once.
-
-    key/value: `[Hkv, P, D]` shared by the batch | `[B, Hkv, P, D]` per sample | `[N, Hkv, P, D]` a pool read through
-    `index` (`[B]` or `[B, S]`, -1 = empty slot). Prefix keys are never rotated and always visible.
-    """
-
-    key: Tensor
-    value: Tensor
-    index: Optional[Tensor] = None
 
 
 @dataclass
@@ -93,10 +85,10 @@ class ModelLayout:
 # Model inspection
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers PreTrainedModel inside `model` (a PeftModel, or the model itself)."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the peft extra)
     except ImportError:  # peft is optional for the plumbing
         PeftModel = ()
     if PeftModel and isinstance(model, PeftModel):
@@ -108,7 +100,7 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
+def find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
     config = _text_config(hf.config)
     num_layers = getattr(config, "num_hidden_layers", None)
     facts = family_facts(getattr(config, "model_type", ""))
@@ -135,7 +127,7 @@ _UNKNOWN_FAMILY = FamilyFacts(encoder=False)
 
 def model_layout(model) -> ModelLayout:
     """Shapes and family facts of a transformers model (or the base model of a PeftModel)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     config = _text_config(hf.config)
     model_type = getattr(config, "model_type", "")
     facts = family_facts(model_type) or _UNKNOWN_FAMILY
@@ -144,7 +136,7 @@ def model_layout(model) -> ModelLayout:
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
     num_layers = config.num_hidden_layers
-    path, _ = _find_layers(hf)
+    path, _ = find_layers(hf)
     encoder = facts.encoder and not getattr(config, "is_decoder", False)
     is_causal = (not encoder) and getattr(config, "is_causal", True) and not getattr(
         config, "use_bidirectional_attention", False)
@@ -196,7 +188,7 @@ def check_supports_attention_interface(hf) -> None:
 # Registration and the per-instance switch
 
 
-class _AttentionState:
+class AttentionState:
     """Lives on an enabled model instance: its settings only (backend, enable count, what the first enable changed
     and the last disable restores), nothing of any one call."""
 
@@ -233,8 +225,8 @@ def current_call(state) -> Optional[AttentionCall]:
 
 def bind_call(model_or_state, call: AttentionCall):
     """Context manager: inside the block, this thread's / task's calls of the model read `call`."""
-    state = model_or_state if isinstance(model_or_state, _AttentionState) else getattr(
-        _hf_model(model_or_state), _STATE_ATTR, None)
+    state = model_or_state if isinstance(model_or_state, AttentionState) else getattr(
+        hf_model(model_or_state), STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: binding a call needs a model with fastprompt attention enabled")
     return _CALLS.bound(state, call)
@@ -248,9 +240,9 @@ def resolve_prefixes(prefixes, batch: int):
 
 
 @dataclass
-class _AttentionSlot:
+class AttentionSlot:
     layer_idx: int
-    state: _AttentionState
+    state: AttentionState
 
 
 @dataclass
@@ -262,7 +254,7 @@ class _Teardown:
 
 
 @dataclass
-class _EnableToken:
+class EnableToken:
     """One enable's handle: every enable (the first or a nested one) counts one user of the model's attention state,
     and the disable of whichever token ends the last user restores the model, in any order. Idempotent."""
     hf_model: Any
@@ -270,24 +262,24 @@ class _EnableToken:
     restored: bool = False
 
 
-def join_enabled(hf, kind: str) -> Optional[_EnableToken]:
+def join_enabled(hf, kind: str) -> Optional[EnableToken]:
     """Enabling a model already switched to fastprompt attention of the same `kind` adds one user and returns its
     token; of the other kind, a clear error; not enabled, None (the caller switches it)."""
-    existing = hf.__dict__.get(_STATE_ATTR)
+    existing = hf.__dict__.get(STATE_ATTR)
     if existing is None:
         return None
     if getattr(existing, "kind", "seq2seq" if getattr(existing, "seq2seq", False) else "decoder") != kind:
         raise ValueError(f"fastprompt: {type(hf).__name__} already runs fastprompt's {existing.kind} attention; "
                          f"it cannot also take the {kind} one (unpatch it first)")
     existing.users += 1
-    return _EnableToken(hf, existing)
+    return EnableToken(hf, existing)
 
 
-def finish_enable(hf, state: _AttentionState, previous, hooks: list, slotted: list) -> _EnableToken:
+def finish_enable(hf, state: AttentionState, previous, hooks: list, slotted: list) -> EnableToken:
     """Record what switching `hf` changed on its new attention state and hand out the first user's token."""
     state.teardown = _Teardown(previous, hooks, slotted)
-    object.__setattr__(hf, _STATE_ATTR, state)
-    return _EnableToken(hf, state)
+    object.__setattr__(hf, STATE_ATTR, state)
+    return EnableToken(hf, state)
 
 
 _registered = False
@@ -297,13 +289,6 @@ def _register_once() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:  # exported at the top level from some 5.x release on; masking_utils has it in all
-        from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(ATTENTION_NAME, fastprompt_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, fastprompt_attention_mask)
     _registered = True
@@ -350,7 +335,7 @@ def _inject_prefixes_hook(layer, args, kwargs):
     # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
     # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
     # The state is read from the layer itself (not a closure) so that a deep copy of the model uses its own.
-    state = layer.__dict__.get(_LAYER_STATE_ATTR)
+    state = layer.__dict__.get(LAYER_STATE_ATTR)
     if state is None:
         return None
     given = kwargs.get(PREFIXES_KWARG)
@@ -373,33 +358,31 @@ def _accepts_var_kwargs(fn) -> bool:
         return False
 
 
-def _check_backend(backend: str) -> None:
-    from fastprompt.ops.prefix_attention import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
+def check_backend(backend: str) -> None:
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {ops.BACKENDS}, got {backend!r}")
 
 
 def is_fastprompt_enabled(model) -> bool:
-    return getattr(_hf_model(model), _STATE_ATTR, None) is not None
+    return getattr(hf_model(model), STATE_ATTR, None) is not None
 
 
-def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken:
+def enable_fastprompt_attention(model, *, backend: str = "auto") -> EnableToken:
     """Register (once) and switch THIS model instance to the "fastprompt" attention; returns a restore token.
 
     Enabling an already-enabled model adds one user: the model is restored when every token has been disabled, in
     any order (disabling a token twice is a no-op).
     """
-    _check_backend(backend)
-    hf = _hf_model(model)
+    check_backend(backend)
+    hf = hf_model(model)
     joined = join_enabled(hf, "decoder")
     if joined is not None:
         return joined
     check_supports_attention_interface(hf)
     _register_once()
-    path, layers = _find_layers(hf)
+    path, layers = find_layers(hf)
     previous = hf.config._attn_implementation
-    state = _AttentionState(backend)
+    state = AttentionState(backend)
     slotted = []
     for idx, layer in enumerate(layers):
         for sub in layer.modules():
@@ -407,14 +390,14 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
             if "cross" in name:  # cross-attention reads encoder states: prefixes are for self-attention only
                 continue
             if "attention" in name or hasattr(sub, "is_causal"):
-                setattr(sub, _SLOT_ATTR, _AttentionSlot(idx, state))
+                setattr(sub, SLOT_ATTR, AttentionSlot(idx, state))
                 slotted.append(sub)
     if not slotted:
         raise TypeError(f"fastprompt: found no attention module in the layers of {type(hf).__name__}")
     hf.set_attn_implementation(ATTENTION_NAME)
     if hf.config._attn_implementation != ATTENTION_NAME:
         for sub in slotted:
-            delattr(sub, _SLOT_ATTR)
+            delattr(sub, SLOT_ATTR)
         raise TypeError(
             f"fastprompt: {type(hf).__name__} refused the attention implementation switch "
             f"(still {hf.config._attn_implementation!r})"
@@ -422,20 +405,20 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
     hooks = []
     for layer in layers:
         if _accepts_var_kwargs(layer.forward):  # else the attention reads the instance state (no checkpointing)
-            object.__setattr__(layer, _LAYER_STATE_ATTR, state)
+            object.__setattr__(layer, LAYER_STATE_ATTR, state)
             hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
             slotted.append(layer)
     return finish_enable(hf, state, previous, hooks, slotted)
 
 
-def disable_fastprompt_attention(model, token: _EnableToken) -> None:
+def disable_fastprompt_attention(model, token: EnableToken) -> None:
     """Undo one `enable_fastprompt_attention` / `enable_seq2seq_attention`: the last user's disable restores the
     previous attention implementation, no hook, no per-module state. Idempotent; any order."""
     if token is None or token.restored:
         return
     token.restored = True
     hf = token.hf_model
-    state = hf.__dict__.get(_STATE_ATTR)
+    state = hf.__dict__.get(STATE_ATTR)
     if state is None or state is not token.state:  # the model was restored (and maybe enabled anew) since
         return
     state.users -= 1
@@ -445,23 +428,23 @@ def disable_fastprompt_attention(model, token: _EnableToken) -> None:
     for hook in teardown.hooks:
         hook.remove()
     for sub in teardown.slotted:
-        for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
+        for attr in (SLOT_ATTR, LAYER_STATE_ATTR):
             if attr in sub.__dict__:
                 object.__delattr__(sub, attr)
-    object.__delattr__(hf, _STATE_ATTR)
+    object.__delattr__(hf, STATE_ATTR)
     hf.set_attn_implementation(teardown.previous_implementation)
 
 
 def set_backend(model, backend: str) -> None:
     """Force the prefix_attention backend ("auto" | "torch" | "triton" | "cuda" | "reference") of an enabled model."""
-    _check_backend(backend)
-    state = getattr(_hf_model(model), _STATE_ATTR, None)
+    check_backend(backend)
+    state = getattr(hf_model(model), STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: set_backend needs a model with fastprompt attention enabled")
     state.backend = backend
 
 
-def _normalize_prefixes(prefixes) -> dict:
+def normalize_prefixes(prefixes) -> dict:
     if prefixes is None:
         return {}
     if isinstance(prefixes, Mapping):
@@ -484,11 +467,11 @@ def _normalize_prefixes(prefixes) -> dict:
 def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
     """Inside the block, the attention of layer i reads `prefixes[i]`; absent layers get no prefix. The binding is
     the calling thread's / asyncio task's own: concurrent calls of the same model each read their own prefixes."""
-    hf = _hf_model(model)
-    state = getattr(hf, _STATE_ATTR, None)
+    hf = hf_model(model)
+    state = getattr(hf, STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: layer_prefixes needs enable_fastprompt_attention(model) first")
-    normalized = prefixes if hasattr(prefixes, "for_batch") else _normalize_prefixes(prefixes)
+    normalized = prefixes if hasattr(prefixes, "for_batch") else normalize_prefixes(prefixes)
     with _CALLS.bound(state, AttentionCall(prefixes=normalized)):
         yield normalized
 
@@ -529,7 +512,7 @@ def fastprompt_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_of
 def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
     """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
-    slot = getattr(module, _SLOT_ATTR, None)
+    slot = getattr(module, SLOT_ATTR, None)
     call = current_call(slot.state) if slot is not None else None
     prefixes = kwargs.get(PREFIXES_KWARG)
     if prefixes is None and call is not None:  # a family that drops the layer keyword
@@ -580,9 +563,7 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
         if out is not None:
             return out.transpose(1, 2), None
 
-    from fastprompt.ops import prefix_attention
-
-    out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
+    out = ops.prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
                            causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
                            dropout_p=dropout_p, backend=backend)
     return out.transpose(1, 2), None
