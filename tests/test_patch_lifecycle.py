@@ -215,3 +215,16 @@ def test_patching_again_with_another_backend_applies_it_for_every_model_kind(cas
     assert state.backend == "auto"
     fastprompt.unpatch_model(model)
     assert _fastprompt_leftovers(model) == []
+
+
+@pytest.mark.parametrize("case", ["peft-decoder-prompt", "own-decoder-prompt"])
+def test_unpatch_forgets_hoist_prompts_false(case):
+    """patch_model(..., hoist_prompts=False) records the choice on the model: unpatch removes it with the rest."""
+    model, twin, prompt, seq2seq = _case(case)
+    attn_before = _base(model).config._attn_implementation
+    if prompt is None:
+        fastprompt.patch_model(model, hoist_prompts=False)
+    else:
+        fastprompt.patch_model(model, prompt, hoist_prompts=False)
+    fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, attn_before)

@@ -35,7 +35,7 @@ from .attach_state import PROMPT_ATTR, STATE_ATTR, AttachState, attached_prompt
 from .cache_compat import cache_kwarg, cache_length, get_cache, returned_cache, set_cache
 from .placement import batch_size, model_device, place_input_prompts
 from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, mark_cache, prompt_in_cache
-from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call
+from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call, set_prompt_hoisting
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 from .query_pass import compute_query
 from .seq2seq_attention import check_own_prompt_seq2seq, enable_seq2seq_attention, own_prompt_prefixes
@@ -113,6 +113,7 @@ def detach(model):
         return model
     state.methods.restore(model)
     query_pass.uninstall(model)
+    set_prompt_hoisting(model, True)  # the default again: patch_model(..., hoist_prompts=False) recorded the opt-out
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
