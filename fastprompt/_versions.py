@@ -34,7 +34,7 @@ def installed_versions() -> dict:
     return {name: installed_version(name) for name in TESTED_RANGES}
 
 
-def _release(version: str) -> tuple:
+def release(version: str) -> tuple:
     """(major, minor, patch) of a version string; local and pre-release tags ('+cu130', 'rc1') ignored."""
     parts = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
     return tuple(int(p or 0) for p in parts.groups()) if parts else (0, 0, 0)
@@ -45,10 +45,10 @@ def range_status(package: str, version: Optional[str]) -> str:
     if version is None:
         return "not installed"
     low, high = TESTED_RANGES[package]
-    if _release(version) < _release(low):
+    if release(version) < release(low):
         return "older than tested"
     # A newer patch release of the newest tested minor is still covered (e.g. 5.25.1 when 5.25.0 is tested).
-    if _release(version)[:2] > _release(high)[:2]:
+    if release(version)[:2] > release(high)[:2]:
         return "newer than tested"
     return "tested"
 

@@ -1,14 +1,17 @@
 """`fastprompt.patch_model` / `fastprompt.unpatch_model`: one call to accelerate a model, one call to undo it."""
 from __future__ import annotations
 
-import inspect
+from ._versions import warn_untested_versions_once
+from .integrations import prompt_attach
+from .integrations.peft import patch_peft_model, unpatch_peft_model
+from .integrations.prompt_hoisting import set_prompt_hoisting
 
 __all__ = ["patch_model", "unpatch_model"]
 
 
 def _is_peft_model(model) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the peft extra)
     except ImportError:
         return False
     return isinstance(model, PeftModel)
@@ -25,15 +28,11 @@ def patch_model(model, prompt=None, *, backend: str = "auto", hoist_prompts: boo
     tokens run once per step, see fastprompt.integrations.prompt_hoisting). Patching twice is a no-op;
     `unpatch_model` restores the model exactly.
     """
-    from ._versions import warn_untested_versions_once
-
     warn_untested_versions_once()
     if not isinstance(hoist_prompts, bool):
         raise TypeError(f"fastprompt.patch_model: hoist_prompts must be a bool, got {type(hoist_prompts).__name__}")
     patched = _patch(model, prompt, backend)
     if not hoist_prompts:
-        from .integrations.prompt_hoisting import set_prompt_hoisting
-
         set_prompt_hoisting(patched, False)
     return patched
 
@@ -45,27 +44,16 @@ def _patch(model, prompt, backend):
                 f"fastprompt.patch_model: {type(model).__name__} is not a peft.PeftModel; pass a fastprompt prompt "
                 "module as `prompt` to add prompt learning to a plain transformers model"
             )
-        from .integrations.peft import patch_peft_model
-
         return patch_peft_model(model, backend=backend)
     if _is_peft_model(model):
         raise TypeError("fastprompt.patch_model: pass either a PeftModel or a (transformers model, prompt) pair")
-    from .integrations import prompt_attach
-
-    if backend != "auto" and "backend" in inspect.signature(prompt_attach.attach).parameters:
-        result = prompt_attach.attach(model, prompt, backend=backend)
-    else:
-        result = prompt_attach.attach(model, prompt)
+    result = prompt_attach.attach(model, prompt, backend=backend)
     return model if result is None else result
 
 
 def unpatch_model(model):
     """Undo `patch_model` exactly; returns the model. A model that is not patched is returned unchanged."""
     if _is_peft_model(model):
-        from .integrations.peft import unpatch_peft_model
-
         return unpatch_peft_model(model)
-    from .integrations import prompt_attach
-
     result = prompt_attach.detach(model)
     return model if result is None else result

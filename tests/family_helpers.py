@@ -257,9 +257,9 @@ def _register():
 
 
 def _attention_modules(hf):
-    from fastprompt.integrations.transformers_attention import _find_layers  # locates layers only; no math
+    from fastprompt.integrations.transformers_attention import find_layers  # locates layers only; no math
 
-    layers = _find_layers(hf)[1]
+    layers = find_layers(hf)[1]
     out = []
     for layer in layers:
         mods = [m for m in layer.modules() if hasattr(m, "is_causal") and "cross" not in type(m).__name__.lower()]

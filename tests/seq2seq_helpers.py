@@ -100,10 +100,10 @@ def prompt_grads(model):
 
 
 def _seq2seq_supported() -> bool:
-    from fastprompt._versions import _release
+    from fastprompt._versions import release
     from fastprompt.integrations.seq2seq import MIN_SEQ2SEQ_TRANSFORMERS
 
-    return _release(transformers.__version__)[:2] >= MIN_SEQ2SEQ_TRANSFORMERS
+    return release(transformers.__version__)[:2] >= MIN_SEQ2SEQ_TRANSFORMERS
 
 
 # Encoder-decoder prompt learning is claimed from transformers 5.24 on; below, patch_model refuses it (tested in

@@ -15,7 +15,7 @@ from torch import nn
 import fastprompt as fp
 from fastprompt.integrations import query_pass
 from fastprompt.integrations.prompt_attach import attach, detach
-from fastprompt.integrations.transformers_attention import _find_layers
+from fastprompt.integrations.transformers_attention import find_layers
 from fastprompt.prompts.io import load_prompt
 
 import prompts_helpers as H
@@ -41,7 +41,7 @@ class _Count:
     reaches (the layer's own hooks still fire when the reuse stands in for its forward)."""
 
     def __init__(self, model):
-        self.layers = _find_layers(model.base_model if hasattr(model, "base_model") else model)[1]
+        self.layers = find_layers(model.base_model if hasattr(model, "base_model") else model)[1]
         self.calls = [0] * len(self.layers)
         self.handles = [next(layer.children()).register_forward_pre_hook(self._hook(i))
                         for i, layer in enumerate(self.layers)]
@@ -216,7 +216,7 @@ def test_reuse_is_not_taken_where_it_would_be_wrong():
     assert c == [2, 1] and len(out.hidden_states) == 3
     c, _ = calls(prompt_query=torch.randn(3, 32))  # no query pass: nothing to reuse
     assert c == [1, 1]
-    layer0 = _find_layers(model)[1][0]
+    layer0 = find_layers(model)[1][0]
     layer0.mlp.down_proj.weight.requires_grad_(True)  # unfrozen lower weights need the real pass through them
     c, out = calls(labels=ids.masked_fill(mask == 0, -100))
     assert c == [2, 1]

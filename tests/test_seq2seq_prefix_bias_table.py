@@ -4,8 +4,8 @@ can have, rebuilt when the bias weights change."""
 import pytest
 import torch
 
-from fastprompt.integrations import seq2seq
-from fastprompt.integrations.transformers_attention import _SLOT_ATTR
+from fastprompt.integrations import seq2seq_attention as seq2seq
+from fastprompt.integrations.transformers_attention import SLOT_ATTR
 
 from seq2seq_helpers import requires_seq2seq_transformers, tiny_seq2seq
 
@@ -16,7 +16,7 @@ def _decoder_slot(model):
     model.requires_grad_(False)  # PEFT freezes the base model, T5's relative attention bias with it
     seq2seq.enable_seq2seq_attention(model)
     attn = model.get_decoder().block[0].layer[0].SelfAttention
-    return attn.__dict__[_SLOT_ATTR]
+    return attn.__dict__[SLOT_ATTR]
 
 
 def _table(slot, plen, dtype=torch.float32):

@@ -115,7 +115,7 @@ def test_every_place_that_states_the_tested_versions_says_the_same():
     oldest, locked = _pins(root / ".ci" / "oldest.txt"), _pins(root / "requirements-lock.txt")
     for name, (low, high) in _versions.TESTED_RANGES.items():
         assert readme_rows.get(name) == (low, high, locked[name]), f"README's versions table row for {name}"
-        assert _versions._release(_declared_floor(requirements, name)) == _versions._release(low), name
+        assert _versions.release(_declared_floor(requirements, name)) == _versions.release(low), name
         assert oldest[name] == low, f".ci/oldest.txt pins {name} {oldest[name]}, the tested floor is {low}"
         assert _versions.range_status(name, locked[name]) == "tested", f"the locked {name} {locked[name]}"
     assert set(readme_rows) == set(_versions.TESTED_RANGES)

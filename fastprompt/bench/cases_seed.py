@@ -32,7 +32,7 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
     def build(device):
         import fastprompt as fp
         from fastprompt.integrations import query_pass
-        from fastprompt.integrations.prompt_attach import _STATE_ATTR
+        from fastprompt.integrations.attach_state import attach_state
         from fastprompt.prompts import PromptPool
 
         ids = token_batch(batch, seq, shape.vocab, device)
@@ -46,7 +46,7 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
                               query_layer=query_layer, seed=0).to(device)
             fp.patch_model(model, pool)
             if query is None:
-                query = query_pass.compute(model, model.__dict__[_STATE_ATTR], pool,
+                query = query_pass.compute(model, attach_state(model), pool,
                                            {"input_ids": ids, "attention_mask": mask})[0]
             given = {"prompt_query": query} if name == "baseline" else {}
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, MutableMapping, Optional
 
+from transformers.generation.utils import GenerationMixin
+
 CACHE_KEYS = ("cache", "past_key_values")  # the new name first: when both are given, transformers uses `cache`
 
 __all__ = ["CACHE_KEYS", "get_cache", "pop_cache", "set_cache", "cache_kwarg", "cache_length", "output_cache",
@@ -64,8 +66,6 @@ def _library_default() -> str:
     global _default
     if _default is None:
         try:
-            from transformers.generation.utils import GenerationMixin
-
             params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
             _default = "cache" if "cache" in params else "past_key_values"
         except Exception:  # an unexpected layout: the old name is accepted by every release that has the alias

@@ -21,22 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from torch import Tensor
+from transformers import StaticCache
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
-from .cache_compat import get_cache
+from .cache_compat import cache_kwarg, get_cache
 
 __all__ = ["GenerateCall", "resolve_generate", "static_cache_with_room", "STATIC_CACHE_IMPLEMENTATIONS"]
 
 
-def _static_implementations() -> tuple:
-    try:
-        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
-
-        return tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
-    except ImportError:  # pragma: no cover (older layouts)
-        return ("static", "offloaded_static")
-
-
-STATIC_CACHE_IMPLEMENTATIONS = _static_implementations()
+STATIC_CACHE_IMPLEMENTATIONS = tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -130,10 +123,6 @@ def static_cache_with_room(model, call: GenerateCall, kwargs: dict, extra_tokens
     passed `max_cache_len` ceiling as generate() does."""
     if not call.static_cache or call.max_cache_length is None or extra_tokens <= 0:
         return kwargs
-    from transformers import StaticCache
-
-    from .cache_compat import cache_kwarg
-
     length = call.max_cache_length
     ceiling = getattr(call.generation_config, "max_cache_len", None)  # transformers >= 5.25
     if ceiling is not None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import weakref
 
-__all__ = ["install_generate", "remove_generate", "wants_generate_wrapper"]
+from .attach_state import attach_state
+from .generate_args import resolve_generate, static_cache_with_room
+
+__all__ = ["install_generate", "wants_generate_wrapper"]
 
 
 def wants_generate_wrapper(model, prompt) -> bool:
@@ -23,17 +26,7 @@ def wants_generate_wrapper(model, prompt) -> bool:
 
 
 def install_generate(model, state) -> None:
-    state.original_generate = model.__dict__.get("generate")
-    model.generate = _PatchedCausalGenerate(model)
-
-
-def remove_generate(model, state) -> None:
-    if not isinstance(model.__dict__.get("generate"), _PatchedCausalGenerate):
-        return
-    if state.original_generate is None:
-        model.__dict__.pop("generate", None)
-    else:
-        model.generate = state.original_generate
+    state.methods.replace(model, "generate", _PatchedCausalGenerate(model))
 
 
 class _PatchedCausalGenerate:
@@ -51,11 +44,8 @@ class _PatchedCausalGenerate:
         return (_PatchedCausalGenerate, (self._model_ref(),))
 
     def __call__(self, *args, **kwargs):
-        from .generate_args import resolve_generate, static_cache_with_room
-        from .prompt_attach import _STATE_ATTR
-
         model = self._model_ref()
-        state = None if model is None else model.__dict__.get(_STATE_ATTR)
+        state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))

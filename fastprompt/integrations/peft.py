@@ -20,25 +20,32 @@ save_pretrained / from_pretrained are untouched):
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from .. import ops
 from .cache_compat import cache_kwarg, cache_length, get_cache, pop_cache
 from .call_context import CallLocal
 from .peft_config import enum_value as _value
-from .patched_method import PatchedMethod as _PatchedMethod
+from .patched_method import PatchedMethod as _PatchedMethod, ReplacedMethods
+from .peft_prompts import check_mpt_task_ids, layer_prefixes_from_kv, prefix_kv, prefix_layer_kv  # noqa: F401
 from .families import MASK_CUMSUM, REFUSED, WRAPPERS, supported_model_types
+from .generate_args import resolve_generate, static_cache_with_room
+from .prompt_hoisting import install_peft_hoisting, uninstall_peft_hoisting
+from .seq2seq import check_seq2seq_patchable, seq2seq_prefix_replacements
 from .transformers_attention import (
     ATTENTION_NAME,
     PREFIXES_KWARG,
     BridgedPrefixes,
-    LayerPrefix,
-    _find_layers,
+    find_layers,
     check_supports_attention_interface,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
+    is_fastprompt_enabled,
     layer_prefixes,
     model_layout,
     set_backend,
@@ -63,11 +70,11 @@ class _PeftPatch:
     attention_token: Any = None
     layout: Any = None                           # ModelLayout of the base model (prefix tuning)
     layers: Any = None                           # the base model's ModuleList of layers (prefix tuning)
-    saved: dict = field(default_factory=dict)    # instance attributes that existed before patching
+    methods: ReplacedMethods = field(default_factory=ReplacedMethods)  # every PeftModel method replaced, once
 
 
 def _peft():
-    import peft
+    import peft  # optional dependency (the peft extra): imported where a PeftModel is handled
 
     return peft
 
@@ -92,8 +99,6 @@ def _check_patchable(model):
         raise ValueError(f"fastprompt: PEFT method {peft_type} is not supported by patch_model")
     task = _value(config.task_type)
     if task == "SEQ_2_SEQ_LM":  # encoder-decoder models: their own checks (T5 / mT5 / BART)
-        from .seq2seq import check_seq2seq_patchable
-
         return check_seq2seq_patchable(model, config)
     if task not in SUPPORTED_TASK_TYPES:
         raise ValueError(
@@ -141,16 +146,15 @@ def _check_patchable(model):
 
 
 def patch_peft_model(model, *, backend: str = "auto"):
-    """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op
-    (except that an explicitly different `backend` is applied)."""
-    from fastprompt.ops.prefix_attention import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
+    """Patch a PeftModel instance in place (see the module docstring); returns it. Patching twice is a no-op,
+    except that a different `backend` is applied (as for fastprompt's own prompts, prompt_attach.attach)."""
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {ops.BACKENDS}, got {backend!r}")
     if is_patched(model):
         record = model.__dict__[_PATCH_ATTR]
-        if record.method in ("prefix", "seq2seq_prefix") and backend != record.backend:
-            set_backend(model.get_base_model(), backend)
+        if backend != record.backend:  # where the patch runs fastprompt attention (prefixes, hoisting)
+            if is_fastprompt_enabled(model.get_base_model()):
+                set_backend(model.get_base_model(), backend)
             record.backend = backend
         return model
     config = _check_patchable(model)
@@ -159,12 +163,10 @@ def patch_peft_model(model, *, backend: str = "auto"):
         method = "seq2seq_prefix"
     record = _PeftPatch(method=method, backend=backend)
     if method == "seq2seq_prefix":
-        from .seq2seq import seq2seq_prefix_replacements
-
         replacements = seq2seq_prefix_replacements(model, record, backend)
     elif method == "prefix":
         record.layout = model_layout(model.get_base_model())
-        record.layers = _find_layers(model.get_base_model())[1]
+        record.layers = find_layers(model.get_base_model())[1]
         record.attention_token = enable_fastprompt_attention(model.get_base_model(), backend=backend)
         replacements = {
             "forward": _prefix_forward,
@@ -183,21 +185,11 @@ def patch_peft_model(model, *, backend: str = "auto"):
             "prepare_inputs_for_generation": _input_prepare_inputs_for_generation,
         }
     for name, fn in replacements.items():
-        if name in model.__dict__:
-            record.saved[name] = model.__dict__[name]
-        object.__setattr__(model, name, _PatchedMethod(fn, model))
+        record.methods.replace(model, name, _PatchedMethod(fn, model))
     object.__setattr__(model, _PATCH_ATTR, record)
     if method == "input":  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
-        from .prompt_hoisting import install_peft_hoisting
-
-        install_peft_hoisting(model, backend)
+        install_peft_hoisting(model, backend, record.methods)
     return model
-
-
-def _replaced_names(method: str) -> tuple:
-    if method == "input":
-        return ("get_prompt", "generate", "prepare_inputs_for_generation")
-    return ("forward", "generate", "prepare_inputs_for_generation")  # prefix tuning, decoder or seq2seq
 
 
 def unpatch_peft_model(model):
@@ -205,19 +197,12 @@ def unpatch_peft_model(model):
     record = model.__dict__.get(_PATCH_ATTR)
     if record is None:
         return model
-    from .prompt_hoisting import uninstall_peft_hoisting
-
     uninstall_peft_hoisting(model)
     if record.method in ("prefix", "input"):
         _remove_prepare_dispatch(model)
     if record.method == "prefix":
         _remove_bridge_hooks(model)
-    names = _replaced_names(record.method)
-    for name in names:
-        if name in model.__dict__:
-            object.__delattr__(model, name)
-        if name in record.saved:
-            object.__setattr__(model, name, record.saved[name])
+    record.methods.restore(model)
     if record.attention_token is not None:
         disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PATCH_ATTR)
@@ -238,8 +223,6 @@ def default_return_dict(config) -> bool:
 def adjust_prompt_learning_kwargs(config, kwargs: dict, *, remove_token_type_ids: bool = True) -> None:
     """PEFT's `_adjust_prompt_learning_kwargs`: prefix tuning shifts user position ids by P (the prefix sits where
     a P-long cache would); input-level methods ignore them; token_type_ids dropped where PEFT drops them."""
-    import warnings
-
     if kwargs.get("position_ids") is not None:
         if _value(config.peft_type) == "PREFIX_TUNING":
             kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
@@ -253,66 +236,6 @@ def adjust_prompt_learning_kwargs(config, kwargs: dict, *, remove_token_type_ids
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prefix tuning
-
-
-def prefix_kv(model) -> torch.Tensor:
-    """The active prefix-tuning adapter's K/V for all layers, `[2L, Hkv, P, D]`, the encoder run once on P tokens.
-
-    PEFT's saved layout `[P, 2·L·Hkv·D]` viewed as `(P, 2L, Hkv, D)`: index 2l is layer l's K, 2l+1 its V.
-    """
-    config = model.active_peft_config
-    encoder = model.prompt_encoder[model.active_adapter]
-    num_tokens = config.num_virtual_tokens
-    if config.inference_mode:
-        flat = encoder.embedding.weight
-    else:
-        tokens = model.prompt_tokens[model.active_adapter][:num_tokens].to(encoder.embedding.weight.device)
-        flat = encoder(tokens)
-    if model.base_model_torch_dtype is not None:
-        flat = flat.to(model.base_model_torch_dtype)
-    heads = config.num_attention_heads
-    kv = flat.view(num_tokens, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    return kv.contiguous()  # one [2L, Hkv, P, D] copy for the whole batch
-
-
-def layer_prefixes_from_kv(kv: torch.Tensor, container=dict, layout=None) -> dict:
-    """{layer: LayerPrefix} from PEFT's `[2L, Hkv, P, D]`: layer l's K/V are kv[2l], kv[2l+1].
-
-    With a `layout` whose layers differ (Gemma 4), PEFT's rules: a layer takes the leading (KV heads, head_dim) of its
-    own shape from the prefix (sized for the widest layer), a layer wider than the prefix gets none, and a KV-shared
-    layer reads the prefix of the layer whose K/V it shares (PEFT puts the prefix in that layer's cache entry only).
-    PEFT's warning about the layers without a prefix of their own is repeated, and its error when no layer has one.
-    """
-    if layout is None or layout.uniform_prefixes:
-        return container((layer, LayerPrefix(kv[2 * layer], kv[2 * layer + 1])) for layer in range(kv.shape[0] // 2))
-    own, injected, skipped = {}, [], []
-    for layer, ((heads, dim), source) in enumerate(zip(layout.layer_kv_shapes, layout.kv_sources)):
-        if source != layer or heads > kv.shape[1] or dim > kv.shape[3]:
-            skipped.append(layer)
-            continue
-        own[layer] = LayerPrefix(kv[2 * layer, :heads, :, :dim], kv[2 * layer + 1, :heads, :, :dim])
-        injected.append(layer)
-    if not injected:
-        raise ValueError(
-            "Prefix tuning skipped every layer because no layer's KV shape matched the provisioned prefix "
-            f"(num_attention_heads={kv.shape[1]}, head_dim={kv.shape[3]}). Override `token_dim` and "
-            "`num_attention_heads` in `PrefixTuningConfig` to match a layer that should receive the prefix.")
-    if skipped:
-        import warnings
-
-        warnings.warn(f"Prefix tuning injected into layers {injected}; skipped {skipped} due to KV shape mismatch or "
-                      "shared-KV layers.")
-    return container((layer, own[source]) for layer, source in enumerate(layout.kv_sources) if source in own)
-
-
-def prefix_layer_kv(model) -> dict:
-    """Per-layer prefix K/V `[Hkv, P, D]` (views of `prefix_kv(model)`), keyed by layer index."""
-    return layer_prefixes_from_kv(prefix_kv(model), layout=_layout(model))
-
-
-def _layout(model):
-    record = model.__dict__.get(_PATCH_ATTR)
-    return record.layout if record is not None and record.layout is not None else model_layout(model)
 
 
 class _PrefixGradBridge(torch.autograd.Function):
@@ -474,8 +397,6 @@ class _PrepareDispatch:
 
     @property
     def __signature__(self):
-        import inspect
-
         return inspect.signature(self._target())
 
     def __call__(self, *args, **kwargs):
@@ -515,7 +436,7 @@ def _prefix_generate(self, *args, **kwargs):
     if _value(config.peft_type) != "PREFIX_TUNING" or adapter_disabled:
         return original(self, *args, **kwargs)
     with torch.no_grad():
-        prefixes = prefix_layer_kv(self)
+        prefixes = prefix_layer_kv(self, _layout(self))
     with layer_prefixes(self.get_base_model(), prefixes):
         if _value(config.task_type) == "CAUSAL_LM":
             return _generate_with_prepare(self, *args, **kwargs)
@@ -567,17 +488,6 @@ def _input_get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = 
     else:
         prompts = encoder(tokens[None])                                        # [1, P, D], once (LSTM needs a batch)
     return prompts.expand(batch_size, -1, -1)
-
-
-def check_mpt_task_ids(task_ids, batch_size: int, device=None) -> torch.Tensor:
-    """MPT's task ids as a 1D LongTensor: one per row, or one for the whole batch (PEFT broadcasts it)."""
-    if task_ids is None:
-        raise ValueError("task_ids cannot be None")
-    task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
-    if task_ids.shape[0] not in (1, batch_size):
-        raise ValueError(f"task_ids must hold one task id per row ({batch_size}) or one for the whole batch, "
-                         f"got {task_ids.shape[0]}")
-    return task_ids
 
 
 def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
@@ -667,8 +577,13 @@ def _with_static_cache_for_prompt(model, args, kwargs, num_tokens: int) -> dict:
     """Where generate() would build a static cache (cache_implementation from the call, a passed config or the
     model's default one), build it with P more slots: PEFT's virtual tokens enter the cache at prefill. Its length
     is generate()'s own (transformers' resolution of the input and of max_new_tokens / max_length)."""
-    from .generate_args import resolve_generate, static_cache_with_room
 
     base = model.get_base_model()
     call = resolve_generate(base, args, kwargs)
     return static_cache_with_room(base, call, kwargs, num_tokens)
+
+
+def _layout(model):
+    """The base model's layer layout, as read at patch time (model_layout walks the config)."""
+    record = model.__dict__.get(_PATCH_ATTR)
+    return record.layout if record is not None and record.layout is not None else model_layout(model.get_base_model())

@@ -23,62 +23,33 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
-from fastprompt.prompts.base import PromptModule, check_task_ids
-from fastprompt.prompts.task_heads import attach_head_outputs
-
-from . import query_pass, vision
-
-from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
-
+from ..prompts.base import PromptModule, check_task_ids
+from ..prompts.task_heads import attach_head_outputs
+from . import own_prompt_generate, query_pass, seq2seq_own_prompts, vision
+from .attach_state import PROMPT_ATTR, STATE_ATTR, AttachState, attached_prompt
 from .cache_compat import cache_kwarg, cache_length, get_cache, returned_cache, set_cache
+from .families import family_facts
+from .placement import batch_size, model_device, place_input_prompts
 from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, mark_cache, prompt_in_cache
-
-PROMPT_ATTR = "fastprompt_prompt"
-_STATE_ATTR = "_fastprompt_attach_state"
+from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call, set_prompt_hoisting
+from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
+from .query_pass import compute_query
+from .seq2seq_attention import check_own_prompt_seq2seq, enable_seq2seq_attention, own_prompt_prefixes
+from .transformers_attention import (disable_fastprompt_attention, enable_fastprompt_attention, layer_prefixes,
+                                     model_layout, set_backend, text_config)
 
 __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
-
-
-@dataclass
-class _AttachState:
-    prompt: PromptModule
-    original_forward: Any  # the instance's own `forward` attribute before attach, or None (a singleton: pickles)
-    bound_forward: Any  # the method the wrapper calls
-    signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
-    requires_grad: Dict[str, bool]
-    attention_token: Any = None
-    original_generate: Any = None  # the instance's own `generate` attribute before attach (when wrapped)
-
-    def forward_signature(self) -> inspect.Signature:
-        if self.signature is None:
-            self.signature = inspect.signature(self.bound_forward)
-        return self.signature
-
-    # pickle / torch.save / deepcopy: a signature's annotations need not pickle; it is rebuilt after loading.
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["signature"] = None
-        return state
-
-
-def attached_prompt(model) -> Optional[PromptModule]:
-    state = model.__dict__.get(_STATE_ATTR)
-    return None if state is None else state.prompt
 
 
 def _check_layer_geometry(model, prompt) -> None:
     """Refuse what a fastprompt prompt cannot do on a model whose layers differ (Gemma 4): one prefix shape for every
     layer, or virtual tokens where the model looks its input embeddings up in its vocabulary (per-layer inputs)."""
-    from .families import family_facts
-    from .transformers_attention import _text_config, model_layout
-
-    config = _text_config(model.config)
+    config = text_config(model.config)
     facts = family_facts(getattr(config, "model_type", ""))
     if not (getattr(config, "is_heterogeneous", False) or (facts is not None and (
             facts.kv_shared_layers_field or facts.per_layer_input_field))):
@@ -103,9 +74,12 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         raise TypeError(f"prompt must be a fastprompt prompt module (PromptTuning, ...), got {type(prompt).__name__}")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if _STATE_ATTR in model.__dict__:
-        if model.__dict__[_STATE_ATTR].prompt is prompt:
-            return model  # patching twice with the same prompt is a no-op
+    if STATE_ATTR in model.__dict__:
+        state = model.__dict__[STATE_ATTR]
+        if state.prompt is prompt:  # patching twice with the same prompt is a no-op, except that a different
+            if backend is not None and state.attention_token is not None:  # backend is applied (as for PEFT)
+                set_backend(model, backend)
+            return model
         raise ValueError("this model already has a fastprompt prompt attached; call unpatch_model(model) first")
     vision.check_not_composite(model)
     prompt.check_compatible(model)
@@ -114,8 +88,6 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
         vision.check_vision_prompt(model, prompt)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
-        from .seq2seq import check_own_prompt_seq2seq
-
         check_own_prompt_seq2seq(model, prompt)
     if prompt.placement == "input" and model.get_input_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings: input-level prompts cannot be placed")
@@ -132,9 +104,6 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
 
     token = None
     if prompt.placement == "prefix":
-        from .seq2seq import enable_seq2seq_attention
-        from .transformers_attention import enable_fastprompt_attention
-
         kwargs = {} if backend is None else {"backend": backend}
         try:
             token = (enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)(model, **kwargs)
@@ -142,33 +111,26 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
             _restore_requires_grad(model, requires_grad)
             raise
     else:  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
-        from .prompt_hoisting import enable_for_attached_prompt
-
         try:
             token = enable_for_attached_prompt(model, prompt, backend)
         except Exception:
             _restore_requires_grad(model, requires_grad)
             raise
 
-    device = _model_device(model)
+    device = model_device(model)
     if device is not None:
         prompt.to(device)
     model.add_module(PROMPT_ATTR, prompt)
-    original = model.__dict__.get("forward")
     bound = model.forward
-    state = _AttachState(prompt, original, bound, inspect.signature(bound), requires_grad, token)
-    object.__setattr__(model, _STATE_ATTR, state)
-    model.forward = _PatchedForward(model)
+    state = AttachState(prompt, bound, inspect.signature(bound), requires_grad, token)
+    object.__setattr__(model, STATE_ATTR, state)
+    state.methods.replace(model, "forward", _PatchedForward(model))
     query_pass.install(model, prompt)
     if pixels:
         vision.install(model, prompt)
     if encoder_decoder:
-        from .seq2seq_own_prompts import install_generate
-
-        install_generate(model, state)
+        seq2seq_own_prompts.install_generate(model, state)
     else:  # causal LMs with an input-level prompt: static caches get room for it (own_prompt_generate)
-        from . import own_prompt_generate
-
         if own_prompt_generate.wants_generate_wrapper(model, prompt):
             own_prompt_generate.install_generate(model, state)
     return model
@@ -177,32 +139,20 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
 def detach(model):
     """Undo attach exactly: original forward, no prompt submodule, requires_grad flags and attention restored.
     Returns the model (unchanged when nothing was attached); the prompt module stays usable on its own."""
-    state = model.__dict__.get(_STATE_ATTR)
+    state = model.__dict__.get(STATE_ATTR)
     if state is None:
         return model
-    if state.original_forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = state.original_forward
-    if getattr(model.config, "is_encoder_decoder", False):
-        from .seq2seq_own_prompts import remove_generate
-
-        remove_generate(model, state)
-    else:
-        from .own_prompt_generate import remove_generate
-
-        remove_generate(model, state)
+    state.methods.restore(model)
     query_pass.uninstall(model)
     if vision.is_pixel_model(model):
         vision.remove(model)
+    set_prompt_hoisting(model, True)  # the default again: patch_model(..., hoist_prompts=False) recorded the opt-out
     if PROMPT_ATTR in model._modules:
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
     if state.attention_token is not None:
-        from .transformers_attention import disable_fastprompt_attention
-
         disable_fastprompt_attention(model, state.attention_token)
-    object.__delattr__(model, _STATE_ATTR)
+    object.__delattr__(model, STATE_ATTR)
     return model
 
 
@@ -210,62 +160,6 @@ def _restore_requires_grad(model, flags: Dict[str, bool]) -> None:
     for name, p in model.named_parameters():
         if name in flags:
             p.requires_grad_(flags[name])
-
-
-def _model_device(model):
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    p = next(model.parameters(), None)
-    return None if p is None else p.device
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the query
-
-
-def compute_query(model, state: Optional[_AttachState], mode: str, input_ids, attention_mask, inputs_embeds,
-                  token_type_ids=None) -> Tensor:
-    """[B, hidden]: the frozen model's encoding of the input, without prompts, under no_grad."""
-    with torch.no_grad():
-        if mode == "embeddings":
-            embeds = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
-            return _masked_mean(embeds, attention_mask)
-        base = getattr(model, "base_model", model)
-        call = state.bound_forward if (base is model and state is not None) else base
-        if getattr(model.config, "is_encoder_decoder", False):
-            call = model.get_encoder()  # the decoder needs a target: the query is the encoder's encoding
-        kwargs = dict(attention_mask=attention_mask)
-        if inputs_embeds is not None:
-            kwargs["inputs_embeds"] = inputs_embeds
-        else:
-            kwargs["input_ids"] = input_ids
-        params = inspect.signature(call).parameters
-        if token_type_ids is not None and "token_type_ids" in params:
-            kwargs["token_type_ids"] = token_type_ids
-        if "use_cache" in params:
-            kwargs["use_cache"] = False
-        out = call(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        if mode == "mean":
-            return _masked_mean(hidden, attention_mask)
-        if mode == "cls":
-            return hidden[:, 0]
-        if mode == "last":
-            if attention_mask is None:
-                return hidden[:, -1]
-            mask = attention_mask.to(torch.long)
-            length = mask.shape[1]
-            last = length - 1 - torch.argmax(mask.flip(1), dim=1)  # last real token (left or right padding)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        raise ValueError(f"unknown query mode {mode!r}")
-
-
-def _masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
-    if mask is None:
-        return hidden.mean(dim=1)
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +187,7 @@ class _PatchedForward:
         model = self._model_ref()
         if model is None:
             raise RuntimeError("fastprompt: the model this forward belonged to no longer exists")
-        state = model.__dict__.get(_STATE_ATTR)
+        state = model.__dict__.get(STATE_ATTR)
         if state is None:
             raise RuntimeError("fastprompt: this forward belongs to a model whose prompt was detached")
         return model, state
@@ -330,31 +224,21 @@ def _wrapped_signature(signature: inspect.Signature, accepts_var_kwargs: bool) -
     return signature.replace(parameters=params + var)
 
 
-def _batch_size(kw) -> int:
-    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
-        t = kw.get(name)
-        if t is not None:
-            return t.shape[0]
-    raise ValueError("the patched model needs input_ids or inputs_embeds")
-
-
-def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prompt_query):
+def _patched_call(model, state: AttachState, kw: Dict[str, Any], task_ids, prompt_query):
     if vision.is_pixel_model(model):
         return vision.patched_call(model, state, kw, task_ids, prompt_query)
     prompt = state.prompt
     encoder_side = prompt.placement == "input" and getattr(model.config, "is_encoder_decoder", False)
     if encoder_side:
-        from .seq2seq_own_prompts import prompt_in_encoder_outputs
-
-        if prompt_in_encoder_outputs(kw):
+        if seq2seq_own_prompts.prompt_in_encoder_outputs(kw):
             return state.bound_forward(**kw)
-    batch = _batch_size(kw)
+    batch = batch_size(kw)
     past = get_cache(kw)  # `cache` (transformers 5.24+) or `past_key_values` (older, or the deprecated alias)
     if past is not None:  # handed on under the one name the model's forward takes
         set_cache(kw, past, cache_kwarg(state.forward_signature()))
     # encoder-decoder input placement: the prompt enters with the encoder, whatever the decoder cache holds
     prefill = encoder_side or cache_length(past) == 0
-    device = _model_device(model)
+    device = model_device(model)
 
     if prompt.needs_task_ids:
         task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, device)
@@ -389,8 +273,6 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
     prompt.aux_loss = None  # per call: local to this thread / task (PerCallAttribute)
     return_tuple = False
     if prompt.placement == "input":
-        from .prompt_hoisting import hoisted_attached_call
-
         out = hoisted_attached_call(model, state, kw, batch, prefill, task_ids, in_cache)
         if out is None:
             task = per_token_task(model) if prefill else None  # token classification / QA: real-token outputs
@@ -398,16 +280,13 @@ def _patched_call(model, state: _AttachState, kw: Dict[str, Any], task_ids, prom
                 spans = take_span_targets(kw)
                 return_tuple = kw.get("return_dict") is False
                 kw["return_dict"] = True
-            num = _place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids, encoder_side)
+            num = place_input_prompts(model, prompt, kw, batch, prefill, query, task_ids, encoder_side)
             out = state.bound_forward(**kw)
             if prefill and not encoder_side:
                 mark_cache(returned_cache(out, past), PromptInCache(INLINE, num, query=_detached(query)))
             if task is not None:
                 out = real_token_outputs(task, out, num, spans)
     else:
-        from .seq2seq import own_prompt_prefixes
-        from .transformers_attention import layer_prefixes
-
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
         place = own_prompt_prefixes if getattr(model.config, "is_encoder_decoder", False) else layer_prefixes
         with place(model, prefixes), query_pass.reusing_lower_layers(model, reuse, kw, state.signature):
@@ -455,52 +334,3 @@ def _prompt_in_decoding_cache(prompt, kw, past, batch: int) -> Optional[PromptIn
                 f"({'the prompt first' if record.layout == INLINE else 'real tokens only'}), but attention_mask says "
                 f"{real} real tokens precede the {seq} new ones.{hint}")
     return record
-
-
-def _place_input_prompts(model, prompt: PromptModule, kw, batch, prefill, query, task_ids,
-                         encoder_side: bool = False) -> int:
-    """encoder_side: an encoder-decoder model's encoder input; labels and the decoder are the target's, untouched."""
-    num = prompt.num_input_tokens()
-    mask = kw.get("attention_mask")
-    if not prefill:
-        # The prompt already sits in the cache: the real-token mask / positions just move past it.
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError("input-level prompts need a 2D attention_mask")
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
-        if kw.get("position_ids") is not None:
-            kw["position_ids"] = kw["position_ids"] + num
-        return num
-
-    embeds = kw.get("inputs_embeds")
-    if embeds is None:
-        embeds = model.get_input_embeddings()(kw["input_ids"])
-    prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids).to(embeds.dtype)
-    if prompts.dim() == 2:
-        prompts = prompts.unsqueeze(0).expand(batch, -1, -1)  # shared prompt: a view, not B copies
-    if prompts.shape[-1] != embeds.shape[-1]:  # e.g. a prompt built for another model's embedding width
-        raise ValueError(f"{type(prompt).__name__} makes prompts {prompts.shape[-1]} wide, but this model's input "
-                         f"embeddings are {embeds.shape[-1]} wide (embedding_size); build the prompt from this model")
-    num = prompts.shape[1]
-    length = embeds.shape[1]
-    kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
-    kw.pop("input_ids", None)
-    if mask is not None:
-        if mask.dim() != 2:
-            raise ValueError("input-level prompts need a 2D attention_mask [B, L]")
-        kw["attention_mask"] = torch.cat([mask.new_ones(batch, num), mask], dim=1)
-    if encoder_side:
-        return num
-    labels = kw.get("labels")
-    if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:
-        kw["labels"] = torch.cat([labels.new_full((batch, num, *labels.shape[2:]), -100), labels], dim=1)
-    token_types = kw.get("token_type_ids")
-    if token_types is not None:
-        kw["token_type_ids"] = torch.cat([token_types.new_zeros(batch, num), token_types], dim=1)
-    positions = kw.get("position_ids")
-    if positions is not None:
-        if positions.dim() != 2:
-            raise ValueError("input-level prompts take 2D position_ids [B, L] only")
-        head = torch.arange(num, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], num)
-        kw["position_ids"] = torch.cat([head, positions + num], dim=1)
-    return num

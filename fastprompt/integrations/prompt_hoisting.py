@@ -35,19 +35,23 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.modules.dropout import _DropoutNd
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..prompts import MultiTaskPrompt, PromptTuning, PTuning
 from .cache_compat import returned_cache
 from .generate_args import resolve_generate
 from .peft_config import enum_value as _value
 from .prompt_cache import HOISTED as CACHE_HOISTED, PromptInCache, mark_cache, prompt_in_cache
-from .patched_method import PatchedMethod
+from .patched_method import PatchedMethod, ReplacedMethods
+from .peft_prompts import check_mpt_task_ids
 from .transformers_attention import (
     PREFIXES_KWARG,
     AttentionCall,
     BridgedPrefixes,
     LayerPrefix,
-    _find_layers,
-    _STATE_ATTR as _ATTENTION_STATE_ATTR,
+    find_layers,
+    STATE_ATTR as _ATTENTION_STATE_ATTR,
     bind_call,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
@@ -76,7 +80,7 @@ _FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf model ->
 def _facts(hf):
     facts = _FACTS.get(hf)
     if facts is None:
-        facts = (model_layout(hf), _find_layers(hf)[1], _is_causal_lm(hf))
+        facts = (model_layout(hf), find_layers(hf)[1], _is_causal_lm(hf))
         _FACTS[hf] = facts
     return facts
 
@@ -127,10 +131,6 @@ def _hoistable_model(hf) -> bool:
 
 
 def _is_causal_lm(hf) -> bool:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover
-        return type(hf).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     return type(hf).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
@@ -141,8 +141,6 @@ def _dropout_sites(hf) -> tuple:
     """The modules of `hf` that can draw dropout: every nn.Dropout (any _DropoutNd) and every module with an
     `attention_dropout` rate (transformers' attention modules pass it to the attention function while training).
     Found once per model, like its layers (`_facts`); their rates and training flags are read on every call."""
-    from torch.nn.modules.dropout import _DropoutNd
-
     sites = _DROPOUT_SITES.get(hf)
     if sites is None:
         sites = tuple(m for m in hf.modules()
@@ -156,8 +154,6 @@ def _dropout_in_training(hf) -> bool:
     with a functional attention dropout rate > 0, each by its own training flag. Grad mode plays no part: under
     torch.no_grad() in train() the unhoisted model still draws one mask per row, where the hoisted prompt pass
     would share one across rows."""
-    from torch.nn.modules.dropout import _DropoutNd
-
     config = getattr(hf, "config", None)
     if hf.training and config is not None and _positive(getattr(config, "attention_dropout", None)):
         return True
@@ -365,15 +361,15 @@ def _logits_to_keep_ok(kwargs, seq: int, labels) -> Optional[bool]:
 @dataclass
 class _PeftHoisting:
     attention_token: Any
-    saved: dict                                 # instance attributes replaced (name -> previous value or None)
     fallback_forward: Any
     fallback_generate: Any
 
 
 
-def install_peft_hoisting(model, backend: str = "auto") -> bool:
+def install_peft_hoisting(model, backend: str, methods: ReplacedMethods) -> bool:
     """Called by patch_peft_model for input-level methods: hoist where the model is a causal LM. Returns whether
-    hoisting was installed."""
+    hoisting was installed. `forward` / `generate` are replaced through `methods`, the patch's one record of the
+    PeftModel methods it replaced (unpatch_peft_model restores them)."""
     config = model.active_peft_config
     if _value(config.peft_type) not in _INPUT_METHODS or _value(config.task_type) != "CAUSAL_LM":
         return False
@@ -381,11 +377,10 @@ def install_peft_hoisting(model, backend: str = "auto") -> bool:
     if not _hoistable_model(hf):
         return False
     token = enable_fastprompt_attention(hf, backend=backend)
-    saved = {name: model.__dict__.get(name) for name in ("forward", "generate")}
-    record = _PeftHoisting(token, saved, model.forward, model.generate)
+    record = _PeftHoisting(token, model.forward, model.generate)
     # PatchedMethod, not types.MethodType: the patched model pickles / torch.saves / deep-copies (see its docstring)
-    object.__setattr__(model, "forward", PatchedMethod(_peft_forward, model))
-    object.__setattr__(model, "generate", PatchedMethod(_peft_generate, model))
+    methods.replace(model, "forward", PatchedMethod(_peft_forward, model))
+    methods.replace(model, "generate", PatchedMethod(_peft_generate, model))
     object.__setattr__(model, _PEFT_ATTR, record)
     return True
 
@@ -394,10 +389,6 @@ def uninstall_peft_hoisting(model) -> None:
     record = model.__dict__.get(_PEFT_ATTR)
     if record is None:
         return
-    for name, previous in record.saved.items():
-        model.__dict__.pop(name, None)
-        if previous is not None:
-            object.__setattr__(model, name, previous)
     disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PEFT_ATTR)
     model.__dict__.pop(_DISABLED_ATTR, None)
@@ -425,8 +416,6 @@ def _peft_prompt_rows(model, task_ids: Optional[Tensor], batch: Optional[int] = 
         if task_ids is None:
             raise ValueError("task_ids cannot be None")
         if batch is not None:  # one id per row or one for the batch, else a clear error naming task_ids
-            from .peft import check_mpt_task_ids
-
             task_ids = check_mpt_task_ids(task_ids, batch)
         unique, rows = torch.unique(task_ids, return_inverse=True)
         return model.get_prompt(batch_size=unique.shape[0], task_ids=unique), rows
@@ -562,8 +551,6 @@ def _holds_real_tokens_only(cache) -> bool:
 def _attach_hoistable_prompt(prompt) -> bool:
     """Prompts whose virtual tokens are the same for every input (MPT: for every row of a task). A whitelist: a new
     prompt type is hoisted only once it is known not to read the input."""
-    from fastprompt.prompts import MultiTaskPrompt, PromptTuning, PTuning
-
     if prompt.placement != "input" or prompt.needs_query:
         return False
     if type(prompt) in (PromptTuning, PTuning):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from transformers.loss.loss_utils import ForQuestionAnsweringLoss
+
 __all__ = ["per_token_task", "take_span_targets", "real_token_outputs"]
 
 _SPAN_KEYS = ("start_positions", "end_positions")
@@ -44,7 +46,5 @@ def real_token_outputs(task: str, out, num_prompt_tokens: int, spans: Dict[str, 
         values["end_logits"] = out.end_logits[:, num_prompt_tokens:].contiguous()
         start, end = spans.get("start_positions"), spans.get("end_positions")
         if start is not None and end is not None:
-            from transformers.loss.loss_utils import ForQuestionAnsweringLoss
-
             values["loss"] = ForQuestionAnsweringLoss(values["start_logits"], values["end_logits"], start, end)
     return type(out)(**values)

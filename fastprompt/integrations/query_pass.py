@@ -34,8 +34,9 @@ from torch import Tensor
 from .cache_compat import get_cache
 from .call_context import CallLocal
 from .patched_method import PatchedMethod
+from .transformers_attention import find_layers, hf_model
 
-__all__ = ["compute", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install", "uninstall"]
+__all__ = ["compute", "compute_query", "masked_mean", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install", "uninstall"]
 
 # layer -> what the current call asks of it: ("stop_before" | "stop_after" | "first" | "through", hidden or None)
 _LAYER_ROLES = CallLocal("fastprompt_query_pass_layer_roles")
@@ -63,15 +64,11 @@ def query_layer_of(prompt) -> Optional[int]:
 
 
 def _layers(model):
-    from .transformers_attention import _find_layers, _hf_model
-
-    return _find_layers(_hf_model(model))[1]
+    return find_layers(hf_model(model))[1]
 
 
 def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[LowerLayers]]:
     """(query [B, hidden], the lower layers' output for the real pass to reuse, or None)."""
-    from .prompt_attach import _masked_mean, compute_query
-
     k = query_layer_of(prompt)
     mode = prompt.query_mode
     if k is None or mode == "embeddings":
@@ -82,7 +79,7 @@ def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[
     hidden = _hidden_entering(model, state, layers, k, kw)
     mask = kw.get("attention_mask")
     if mode == "mean":
-        query = _masked_mean(hidden, mask)
+        query = masked_mean(hidden, mask)
     elif mode == "cls":
         query = hidden[:, 0]
     elif mode == "last":
@@ -212,3 +209,51 @@ def reusing_lower_layers(model, reuse: Optional[LowerLayers], kw: Dict[str, Any]
 def _skip_lower_layers(layers, reuse: LowerLayers):
     roles = {layers[i]: ("first", reuse.hidden) if i == 0 else ("through", None) for i in range(reuse.k)}
     return _LAYER_ROLES.bound_many(roles)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the query
+
+
+def compute_query(model, state, mode: str, input_ids, attention_mask, inputs_embeds,
+                  token_type_ids=None) -> Tensor:
+    """[B, hidden]: the frozen model's encoding of the input, without prompts, under no_grad."""
+    with torch.no_grad():
+        if mode == "embeddings":
+            embeds = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+            return masked_mean(embeds, attention_mask)
+        base = getattr(model, "base_model", model)
+        call = state.bound_forward if (base is model and state is not None) else base
+        if getattr(model.config, "is_encoder_decoder", False):
+            call = model.get_encoder()  # the decoder needs a target: the query is the encoder's encoding
+        kwargs = dict(attention_mask=attention_mask)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        params = inspect.signature(call).parameters
+        if token_type_ids is not None and "token_type_ids" in params:
+            kwargs["token_type_ids"] = token_type_ids
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        out = call(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if mode == "mean":
+            return masked_mean(hidden, attention_mask)
+        if mode == "cls":
+            return hidden[:, 0]
+        if mode == "last":
+            if attention_mask is None:
+                return hidden[:, -1]
+            mask = attention_mask.to(torch.long)
+            length = mask.shape[1]
+            last = length - 1 - torch.argmax(mask.flip(1), dim=1)  # last real token (left or right padding)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        raise ValueError(f"unknown query mode {mode!r}")
+
+
+def masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -5,7 +5,7 @@ Where each method's prompt goes (PEFT 0.21.2's SEQ_2_SEQ_LM semantics for the co
   go before the encoder's input embeddings and the encoder attention mask gets P ones, as PEFT's prompt tuning /
   P-tuning (and MPT with num_transformer_submodules=1) do; the decoder, its mask and the labels are the target's and
   stay as given. Per-row prompts (a pool's selection, a task's prompt) are chosen from the input by the encoder's
-  own encoding of it (prompt_attach.compute_query) or from task_ids, once per call.
+  own encoding of it (query_pass.compute_query) or from task_ids, once per call.
 - placement "prefix" (PrefixTuning, PTuningV2, PromptPool(placement="prefix")): the decoder's self-attention, with
   PEFT's prefix-tuning semantics (seq2seq.own_prompt_prefixes).
 
@@ -23,7 +23,13 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["install_generate", "remove_generate", "prompt_in_encoder_outputs"]
+from ..prompts.base import check_task_ids
+from .attach_state import attach_state
+from .generate_args import resolve_generate
+from .placement import batch_size, model_device, place_input_prompts
+from .query_pass import compute_query
+
+__all__ = ["install_generate", "prompt_in_encoder_outputs"]
 
 
 def prompt_in_encoder_outputs(kw: Dict[str, Any]) -> bool:
@@ -32,15 +38,7 @@ def prompt_in_encoder_outputs(kw: Dict[str, Any]) -> bool:
 
 
 def install_generate(model, state) -> None:
-    state.original_generate = model.__dict__.get("generate")
-    model.generate = _PatchedSeq2SeqGenerate(model)
-
-
-def remove_generate(model, state) -> None:
-    if state.original_generate is None:
-        model.__dict__.pop("generate", None)
-    else:
-        model.generate = state.original_generate
+    state.methods.replace(model, "generate", _PatchedSeq2SeqGenerate(model))
 
 
 class _PatchedSeq2SeqGenerate:
@@ -58,11 +56,8 @@ class _PatchedSeq2SeqGenerate:
         return (_PatchedSeq2SeqGenerate, (self._model_ref(),))
 
     def __call__(self, *args, task_ids=None, prompt_query=None, **kwargs):
-        from .generate_args import resolve_generate
-        from .prompt_attach import _STATE_ATTR
-
         model = self._model_ref()
-        state = None if model is None else model.__dict__.get(_STATE_ATTR)
+        state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
@@ -81,17 +76,13 @@ class _PatchedSeq2SeqGenerate:
 
 
 def _place_for_generate(model, state, kwargs: Dict[str, Any], task_ids, prompt_query) -> Dict[str, Any]:
-    from fastprompt.prompts.base import check_task_ids
-
-    from .prompt_attach import _batch_size, _model_device, _place_input_prompts, compute_query
-
     prompt = state.prompt
     if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
         raise ValueError("generate with a fastprompt prompt on an encoder-decoder model needs input_ids or "
                          "inputs_embeds (the encoder input the prompt goes before)")
-    batch = _batch_size(kwargs)
+    batch = batch_size(kwargs)
     if prompt.needs_task_ids:
-        task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, _model_device(model))
+        task_ids = check_task_ids(task_ids, prompt.config.num_tasks, batch, model_device(model))
     elif task_ids is not None:
         raise ValueError(f"task_ids was given but {type(prompt).__name__} has no tasks")
     query = prompt_query
@@ -102,5 +93,5 @@ def _place_for_generate(model, state, kwargs: Dict[str, Any], task_ids, prompt_q
         if query is not None:
             kwargs["prompt_query"] = query  # the patched forward's prefill step selects with it
         return kwargs
-    _place_input_prompts(model, prompt, kwargs, batch, True, query, task_ids, encoder_side=True)
+    place_input_prompts(model, prompt, kwargs, batch, True, query, task_ids, encoder_side=True)
     return kwargs

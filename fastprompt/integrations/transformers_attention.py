@@ -29,15 +29,20 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface  # (also exported at the top level by later 5.x)
+
+from .. import ops  # ops.prefix_attention looked up per call (a test spy may stand in for it)
 from ..ops.prefix_attention_decode import shared_prefix_decode
+from ..prompts.layer_prefix import LayerPrefix
 from .call_context import CallLocal
 from .families import ROBERTA, WRAPPERS, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
-_STATE_ATTR = "_fastprompt_attention_state"
-_SLOT_ATTR = "_fastprompt_attention_slot"
-_LAYER_STATE_ATTR = "_fastprompt_layer_state"
+STATE_ATTR = "_fastprompt_attention_state"
+SLOT_ATTR = "_fastprompt_attention_slot"
+LAYER_STATE_ATTR = "_fastprompt_layer_state"
 
 __all__ = [
     "ATTENTION_NAME",
@@ -52,19 +57,6 @@ __all__ = [
     "fastprompt_attention_forward",
     "fastprompt_attention_mask",
 ]
-
-
-@dataclass
-class LayerPrefix:
-    """One layer's learned prefix, stored once.
-
-    key/value: `[Hkv, P, D]` shared by the batch | `[B, Hkv, P, D]` per sample | `[N, Hkv, P, D]` a pool read through
-    `index` (`[B]` or `[B, S]`, -1 = empty slot). Prefix keys are never rotated and always visible.
-    """
-
-    key: Tensor
-    value: Tensor
-    index: Optional[Tensor] = None
 
 
 @dataclass
@@ -105,10 +97,10 @@ class ModelLayout:
 # Model inspection
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers PreTrainedModel inside `model` (a PeftModel, or the model itself)."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the peft extra)
     except ImportError:  # peft is optional for the plumbing
         PeftModel = ()
     if PeftModel and isinstance(model, PeftModel):
@@ -116,7 +108,7 @@ def _hf_model(model):
     return model
 
 
-def _text_config(config):
+def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -148,8 +140,8 @@ def _kv_sources(config, facts: FamilyFacts, layer_types, num_layers: int) -> tup
     return tuple(sources)
 
 
-def _find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
-    config = _text_config(hf.config)
+def find_layers(hf) -> tuple[str, torch.nn.ModuleList]:
+    config = text_config(hf.config)
     num_layers = getattr(config, "num_hidden_layers", None)
     facts = family_facts(getattr(config, "model_type", ""))
     names = facts.layer_names if facts is not None else ("layers", "h", "layer", "blocks")
@@ -180,8 +172,8 @@ _UNKNOWN_FAMILY = FamilyFacts(encoder=False)
 
 def model_layout(model) -> ModelLayout:
     """Shapes and family facts of a transformers model (or the base model of a PeftModel)."""
-    hf = _hf_model(model)
-    config = _text_config(hf.config)
+    hf = hf_model(model)
+    config = text_config(hf.config)
     model_type = getattr(config, "model_type", "")
     facts = family_facts(model_type) or _UNKNOWN_FAMILY
     num_heads = config.num_attention_heads
@@ -194,7 +186,7 @@ def model_layout(model) -> ModelLayout:
         shapes = [(int(num_kv_heads), int(head_dim))] * num_layers
     else:  # the widest layer's (the first of the largest head_dim), which PEFT sizes its prefix for
         num_kv_heads, head_dim = max(shapes, key=lambda shape: shape[1])
-    path, _ = _find_layers(hf)
+    path, _ = find_layers(hf)
     encoder = facts.encoder and not getattr(config, "is_decoder", False)
     is_causal = (not encoder) and getattr(config, "is_causal", True) and not getattr(
         config, "use_bidirectional_attention", False)
@@ -233,7 +225,7 @@ def model_layout(model) -> ModelLayout:
 
 def check_supports_attention_interface(hf) -> None:
     """Raise TypeError when the model's attention does not go through transformers' AttentionInterface."""
-    config = _text_config(hf.config)
+    config = text_config(hf.config)
     model_type = getattr(config, "model_type", type(hf).__name__)
     cls = type(hf)
     # private class facts of transformers 5; where a release lacks one, the switch itself is checked afterwards
@@ -248,7 +240,7 @@ def check_supports_attention_interface(hf) -> None:
 
 def _check_refused_config(hf) -> None:
     """Raise ValueError for a configuration its family's entry says fastprompt's attention cannot reproduce."""
-    config = _text_config(hf.config)
+    config = text_config(hf.config)
     facts = family_facts(getattr(config, "model_type", ""))
     for name, value, why in (facts.refused_configs if facts is not None else ()):
         if getattr(config, name, None) == value:
@@ -260,12 +252,16 @@ def _check_refused_config(hf) -> None:
 # Registration and the per-instance switch
 
 
-class _AttentionState:
-    """Lives on an enabled model instance: its settings only (backend, enable count), nothing of any one call."""
+class AttentionState:
+    """Lives on an enabled model instance: its settings only (backend, enable count, what the first enable changed
+    and the last disable restores), nothing of any one call."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, kind: str = "decoder"):
         self.backend = backend
+        self.kind = kind            # "decoder" (enable_fastprompt_attention) | "seq2seq" (enable_seq2seq_attention)
+        self.seq2seq = kind == "seq2seq"
         self.users = 1
+        self.teardown = None        # _Teardown: set by the enable that switched the model
 
     # A pickled / torch.saved model is loaded where "fastprompt" may not be registered yet (a fresh process)
     def __setstate__(self, state):
@@ -293,8 +289,8 @@ def current_call(state) -> Optional[AttentionCall]:
 
 def bind_call(model_or_state, call: AttentionCall):
     """Context manager: inside the block, this thread's / task's calls of the model read `call`."""
-    state = model_or_state if isinstance(model_or_state, _AttentionState) else getattr(
-        _hf_model(model_or_state), _STATE_ATTR, None)
+    state = model_or_state if isinstance(model_or_state, AttentionState) else getattr(
+        hf_model(model_or_state), STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: binding a call needs a model with fastprompt attention enabled")
     return _CALLS.bound(state, call)
@@ -308,19 +304,46 @@ def resolve_prefixes(prefixes, batch: int):
 
 
 @dataclass
-class _AttentionSlot:
+class AttentionSlot:
     layer_idx: int
-    state: _AttentionState
+    state: AttentionState
 
 
 @dataclass
-class _EnableToken:
-    hf_model: Any
+class _Teardown:
+    """What switching one model to fastprompt attention changed: restored by the disable that ends the last user."""
     previous_implementation: Any
     hooks: list
     slotted: list
-    nested: bool = False
+
+
+@dataclass
+class EnableToken:
+    """One enable's handle: every enable (the first or a nested one) counts one user of the model's attention state,
+    and the disable of whichever token ends the last user restores the model, in any order. Idempotent."""
+    hf_model: Any
+    state: Any
     restored: bool = False
+
+
+def join_enabled(hf, kind: str) -> Optional[EnableToken]:
+    """Enabling a model already switched to fastprompt attention of the same `kind` adds one user and returns its
+    token; of the other kind, a clear error; not enabled, None (the caller switches it)."""
+    existing = hf.__dict__.get(STATE_ATTR)
+    if existing is None:
+        return None
+    if getattr(existing, "kind", "seq2seq" if getattr(existing, "seq2seq", False) else "decoder") != kind:
+        raise ValueError(f"fastprompt: {type(hf).__name__} already runs fastprompt's {existing.kind} attention; "
+                         f"it cannot also take the {kind} one (unpatch it first)")
+    existing.users += 1
+    return EnableToken(hf, existing)
+
+
+def finish_enable(hf, state: AttentionState, previous, hooks: list, slotted: list) -> EnableToken:
+    """Record what switching `hf` changed on its new attention state and hand out the first user's token."""
+    state.teardown = _Teardown(previous, hooks, slotted)
+    object.__setattr__(hf, STATE_ATTR, state)
+    return EnableToken(hf, state)
 
 
 _registered = False
@@ -330,13 +353,6 @@ def _register_once() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:  # exported at the top level from some 5.x release on; masking_utils has it in all
-        from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(ATTENTION_NAME, fastprompt_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, fastprompt_attention_mask)
     _registered = True
@@ -383,7 +399,7 @@ def _inject_prefixes_hook(layer, args, kwargs):
     # Runs in the layer's __call__, outside the gradient-checkpointed forward: the keyword is captured with the
     # layer's other arguments, so the backward recompute sees the same prefix tensors after the block exits.
     # The state is read from the layer itself (not a closure) so that a deep copy of the model uses its own.
-    state = layer.__dict__.get(_LAYER_STATE_ATTR)
+    state = layer.__dict__.get(LAYER_STATE_ATTR)
     if state is None:
         return None
     given = kwargs.get(PREFIXES_KWARG)
@@ -406,34 +422,32 @@ def _accepts_var_kwargs(fn) -> bool:
         return False
 
 
-def _check_backend(backend: str) -> None:
-    from fastprompt.ops.prefix_attention import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"fastprompt: backend must be one of {BACKENDS}, got {backend!r}")
+def check_backend(backend: str) -> None:
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"fastprompt: backend must be one of {ops.BACKENDS}, got {backend!r}")
 
 
 def is_fastprompt_enabled(model) -> bool:
-    return getattr(_hf_model(model), _STATE_ATTR, None) is not None
+    return getattr(hf_model(model), STATE_ATTR, None) is not None
 
 
-def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken:
+def enable_fastprompt_attention(model, *, backend: str = "auto") -> EnableToken:
     """Register (once) and switch THIS model instance to the "fastprompt" attention; returns a restore token.
 
-    Enabling an already-enabled model is a no-op whose token restores nothing (the first token owns the state).
+    Enabling an already-enabled model adds one user: the model is restored when every token has been disabled, in
+    any order (disabling a token twice is a no-op).
     """
-    _check_backend(backend)
-    hf = _hf_model(model)
-    existing = getattr(hf, _STATE_ATTR, None)
-    if existing is not None:
-        existing.users += 1
-        return _EnableToken(hf, None, [], [], nested=True)
+    check_backend(backend)
+    hf = hf_model(model)
+    joined = join_enabled(hf, "decoder")
+    if joined is not None:
+        return joined
     check_supports_attention_interface(hf)
     _check_refused_config(hf)
     _register_once()
-    path, layers = _find_layers(hf)
+    path, layers = find_layers(hf)
     previous = hf.config._attn_implementation
-    state = _AttentionState(backend)
+    state = AttentionState(backend)
     slotted = []
     for idx, layer in enumerate(layers):
         for sub in layer.modules():
@@ -441,14 +455,14 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
             if "cross" in name:  # cross-attention reads encoder states: prefixes are for self-attention only
                 continue
             if "attention" in name or hasattr(sub, "is_causal"):
-                setattr(sub, _SLOT_ATTR, _AttentionSlot(idx, state))
+                setattr(sub, SLOT_ATTR, AttentionSlot(idx, state))
                 slotted.append(sub)
     if not slotted:
         raise TypeError(f"fastprompt: found no attention module in the layers of {type(hf).__name__}")
     hf.set_attn_implementation(ATTENTION_NAME)
     if hf.config._attn_implementation != ATTENTION_NAME:
         for sub in slotted:
-            delattr(sub, _SLOT_ATTR)
+            delattr(sub, SLOT_ATTR)
         raise TypeError(
             f"fastprompt: {type(hf).__name__} refused the attention implementation switch "
             f"(still {hf.config._attn_implementation!r})"
@@ -456,45 +470,46 @@ def enable_fastprompt_attention(model, *, backend: str = "auto") -> _EnableToken
     hooks = []
     for layer in layers:
         if _accepts_var_kwargs(layer.forward):  # else the attention reads the instance state (no checkpointing)
-            object.__setattr__(layer, _LAYER_STATE_ATTR, state)
+            object.__setattr__(layer, LAYER_STATE_ATTR, state)
             hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
             slotted.append(layer)
-    object.__setattr__(hf, _STATE_ATTR, state)
-    return _EnableToken(hf, previous, hooks, slotted)
+    return finish_enable(hf, state, previous, hooks, slotted)
 
 
-def disable_fastprompt_attention(model, token: _EnableToken) -> None:
-    """Undo `enable_fastprompt_attention`: previous attention implementation, no hook, no per-module state."""
+def disable_fastprompt_attention(model, token: EnableToken) -> None:
+    """Undo one `enable_fastprompt_attention` / `enable_seq2seq_attention`: the last user's disable restores the
+    previous attention implementation, no hook, no per-module state. Idempotent; any order."""
     if token is None or token.restored:
         return
     token.restored = True
     hf = token.hf_model
-    state = getattr(hf, _STATE_ATTR, None)
-    if token.nested:
-        if state is not None:
-            state.users -= 1
+    state = hf.__dict__.get(STATE_ATTR)
+    if state is None or state is not token.state:  # the model was restored (and maybe enabled anew) since
         return
-    for hook in token.hooks:
+    state.users -= 1
+    if state.users > 0:
+        return
+    teardown = state.teardown
+    for hook in teardown.hooks:
         hook.remove()
-    for sub in token.slotted:
-        for attr in (_SLOT_ATTR, _LAYER_STATE_ATTR):
+    for sub in teardown.slotted:
+        for attr in (SLOT_ATTR, LAYER_STATE_ATTR):
             if attr in sub.__dict__:
                 object.__delattr__(sub, attr)
-    if _STATE_ATTR in hf.__dict__:
-        object.__delattr__(hf, _STATE_ATTR)
-    hf.set_attn_implementation(token.previous_implementation)
+    object.__delattr__(hf, STATE_ATTR)
+    hf.set_attn_implementation(teardown.previous_implementation)
 
 
 def set_backend(model, backend: str) -> None:
     """Force the prefix_attention backend ("auto" | "torch" | "triton" | "cuda" | "reference") of an enabled model."""
-    _check_backend(backend)
-    state = getattr(_hf_model(model), _STATE_ATTR, None)
+    check_backend(backend)
+    state = getattr(hf_model(model), STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: set_backend needs a model with fastprompt attention enabled")
     state.backend = backend
 
 
-def _normalize_prefixes(prefixes) -> dict:
+def normalize_prefixes(prefixes) -> dict:
     if prefixes is None:
         return {}
     if isinstance(prefixes, Mapping):
@@ -517,11 +532,11 @@ def _normalize_prefixes(prefixes) -> dict:
 def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
     """Inside the block, the attention of layer i reads `prefixes[i]`; absent layers get no prefix. The binding is
     the calling thread's / asyncio task's own: concurrent calls of the same model each read their own prefixes."""
-    hf = _hf_model(model)
-    state = getattr(hf, _STATE_ATTR, None)
+    hf = hf_model(model)
+    state = getattr(hf, STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: layer_prefixes needs enable_fastprompt_attention(model) first")
-    normalized = prefixes if hasattr(prefixes, "for_batch") else _normalize_prefixes(prefixes)
+    normalized = prefixes if hasattr(prefixes, "for_batch") else normalize_prefixes(prefixes)
     with _CALLS.bound(state, AttentionCall(prefixes=normalized)):
         yield normalized
 
@@ -577,7 +592,7 @@ def _has_kv_shared_layers(config) -> bool:
 def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
     """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
-    slot = getattr(module, _SLOT_ATTR, None)
+    slot = getattr(module, SLOT_ATTR, None)
     call = current_call(slot.state) if slot is not None else None
     prefixes = kwargs.get(PREFIXES_KWARG)
     if prefixes is None and call is not None:  # a family that drops the layer keyword
@@ -631,9 +646,7 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
         if out is not None:
             return out.transpose(1, 2), None
 
-    from fastprompt.ops import prefix_attention
-
-    out = prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
+    out = ops.prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
                            causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
                            dropout_p=dropout_p, backend=backend)
     return out.transpose(1, 2), None

@@ -33,6 +33,7 @@ from torch import Tensor
 from fastprompt.prompts.base import check_task_ids
 
 from .families import family_facts
+from .transformers_attention import layer_prefixes
 
 PIXELS = "pixels"
 
@@ -156,8 +157,6 @@ def _task_ids(prompt, task_ids, batch: int, device) -> Optional[Tensor]:
 
 def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
     """prompt_attach's patched forward for a pixel model."""
-    from .transformers_attention import layer_prefixes
-
     prompt = state.prompt
     pixels = kw.get("pixel_values")
     if pixels is None:

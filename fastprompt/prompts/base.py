@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple, Type
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .encoder import resolve_custom_encoder
+from .layer_prefix import LayerPrefix
+
+# The submodule name under which fastprompt.patch_model attaches a prompt to a model (its integrations attach it;
+# param_groups finds it there: the prompts layer names it so that it never imports the integrations).
+ATTACHED_PROMPT_NAME = "fastprompt_prompt"
 
 CONFIG_NAME = "fastprompt_config.json"
 WEIGHTS_NAME = "fastprompt_prompt.safetensors"
@@ -173,9 +181,7 @@ def normalize_layers(layers: Optional[Iterable[int]], num_layers: int, name: str
 
 
 def layer_prefix_class():
-    """The attention plumbing's LayerPrefix (imported lazily: prompts work without transformers installed)."""
-    from fastprompt.integrations.transformers_attention import LayerPrefix
-
+    """The LayerPrefix fastprompt's attention reads (fastprompt.prompts.layer_prefix)."""
     return LayerPrefix
 
 
@@ -297,8 +303,6 @@ class PromptModule(nn.Module):
     # ---- persistence ---------------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:
         """Write fastprompt_config.json + fastprompt_prompt.safetensors into the folder `path`."""
-        from safetensors.torch import save_file
-
         os.makedirs(path, exist_ok=True)
         self.config.to_json(os.path.join(path, CONFIG_NAME))
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -306,8 +310,6 @@ class PromptModule(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "PromptModule":
-        from .io import load_prompt
-
         prompt = load_prompt(path, **kwargs)
         if not isinstance(prompt, cls):
             raise TypeError(f"{path} holds a {type(prompt).__name__}, not a {cls.__name__}")
@@ -320,3 +322,59 @@ class PromptModule(nn.Module):
 def init_normal_(tensor: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
     with torch.no_grad():
         return tensor.normal_(0.0, std, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading (here, beside save_pretrained and the registry it reads; fastprompt.prompts.io is its public path)
+
+
+def load_prompt(path: str, model=None, *, encoder=None, device=None,
+                dtype: Optional[torch.dtype] = None) -> PromptModule:
+    """Load a prompt saved with `prompt.save_pretrained(path)`.
+
+    model: optional transformers model (or config); a prompt built for another model shape raises ValueError.
+    encoder: for a prompt saved with a custom (user nn.Module) prompt encoder, the module to load its weights
+    into: an instance, or a class / factory called with no arguments. Built-in encoders and task heads are
+    rebuilt from the config alone.
+    """
+    # The method modules registered themselves when the fastprompt.prompts package (which imports them all, and
+    # is imported before any of its modules) was first imported.
+    config_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    for p in (config_path, weights_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found: is {path!r} a folder written by save_pretrained?")
+    with open(config_path) as fh:
+        data = json.load(fh)
+    cls = prompt_class(data.get("prompt_type", ""))
+    config = cls.config_class.from_dict(data)
+    extra = {}
+    if getattr(config, "encoder", None) == "custom":
+        extra["encoder"] = resolve_custom_encoder(encoder, getattr(config, "encoder_class", ""))
+    elif encoder is not None:
+        raise ValueError(f"encoder= was given but the prompt in {path!r} has no custom encoder "
+                         f"(its encoder is {getattr(config, 'encoder', None)!r})")
+    # Build without the init cost of text/vocab init: the weights are overwritten below.
+    if getattr(config, "init", None) in ("vocab", "text"):
+        prompt = cls(dataclasses.replace(config, init="random"), **extra)
+        prompt.config = config
+    else:
+        prompt = cls(config, **extra)
+
+    state = load_file(weights_path)
+    expected = prompt.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shapes = [f"{k}: saved {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise ValueError(
+            f"{weights_path} does not match its config ({cls.__name__}): missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {bad_shapes}"
+        )
+    prompt.load_state_dict(state, strict=True)
+    if model is not None:
+        prompt.check_compatible(model)
+    if device is not None or dtype is not None:
+        prompt.to(device=device, dtype=dtype)
+    return prompt

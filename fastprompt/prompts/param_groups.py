@@ -22,6 +22,8 @@ from typing import Dict, List
 
 from torch import nn
 
+from .base import ATTACHED_PROMPT_NAME, PromptModule
+
 __all__ = ["param_groups", "SUGGESTED_LR"]
 
 SUGGESTED_LR = {"prompt": 3e-2, "encoder": 1e-3, "heads": 1e-3, "base": 2e-5}
@@ -32,10 +34,6 @@ def param_groups(model: nn.Module, *, prompt_lr: float = SUGGESTED_LR["prompt"],
                  base_lr: float = SUGGESTED_LR["base"]) -> List[Dict]:
     """[{"name", "params", "lr"}, ...] for the trainable parameters of a patched `model` (or of a prompt module
     alone); empty groups are left out. Every trainable parameter lands in exactly one group."""
-    from fastprompt.integrations.prompt_attach import attached_prompt
-
-    from .base import PromptModule
-
     prompt = model if isinstance(model, PromptModule) else attached_prompt(model)
     if prompt is None:
         raise ValueError("param_groups needs a model patched with a fastprompt prompt (fp.patch_model(model, "
@@ -61,3 +59,9 @@ def param_groups(model: nn.Module, *, prompt_lr: float = SUGGESTED_LR["prompt"],
             groups["base"].append(p)
     lrs = {"prompt": prompt_lr, "encoder": encoder_lr, "heads": head_lr, "base": base_lr}
     return [{"name": name, "params": params, "lr": lrs[name]} for name, params in groups.items() if params]
+
+
+def attached_prompt(model: nn.Module):
+    """The prompt fastprompt.patch_model attached to `model` (its submodule ATTACHED_PROMPT_NAME), or None."""
+    prompt = model._modules.get(ATTACHED_PROMPT_NAME) if isinstance(model, nn.Module) else None
+    return prompt if isinstance(prompt, PromptModule) else None

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from transformers import AutoTokenizer
+
 from .base import PromptConfig, PromptModule, register_prompt
 
 INITS = ("random", "vocab", "text")
@@ -86,8 +88,6 @@ class PromptTuning(PromptModule):
             if tokenizer is None:
                 if not c.tokenizer_name_or_path:
                     raise ValueError("init='text' needs tokenizer= or tokenizer_name_or_path")
-                from transformers import AutoTokenizer
-
                 tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_name_or_path)
             ids = tokenizer(c.init_text, add_special_tokens=False)["input_ids"]
             if not ids:

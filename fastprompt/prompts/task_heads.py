@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .base import model_dims
+
 IGNORE_INDEX = -100
 POOLINGS = ("cls", "mean", "last")
 
@@ -304,8 +306,6 @@ def _weights_in_order(names, loss_weights) -> Tuple[float, ...]:
 
 
 def _hidden_size(model_or_config) -> int:
-    from .base import model_dims
-
     return model_dims(model_or_config)["hidden_size"]
 
 

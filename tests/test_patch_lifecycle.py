@@ -1,0 +1,230 @@
+"""The patch lifecycle, the same for every model kind and front end: patching twice is a no-op, unpatching is
+idempotent and restores exactly what was recorded in any order (also where several patches stack on one model), and
+an unpatched model is its never-patched twin again (same outputs, no fastprompt attribute or hook anywhere)."""
+import copy
+
+import pytest
+import torch
+
+from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
+from integration_helpers import assert_close, make_inputs, tiny_model, tiny_peft_pair
+
+import fastprompt
+from fastprompt.integrations.seq2seq import enable_seq2seq_attention
+from fastprompt.integrations.transformers_attention import disable_fastprompt_attention, enable_fastprompt_attention
+from fastprompt.prompts import PrefixTuning, PromptTuning
+
+peft = pytest.importorskip("peft")
+seq2seq_helpers = pytest.importorskip("seq2seq_helpers")
+
+CASES = ["peft-decoder-prefix", "peft-decoder-prompt", "peft-t5-prefix", "peft-t5-prompt",
+         "own-decoder-prefix", "own-decoder-prompt", "own-t5-prefix", "own-t5-prompt"]
+
+
+def _own_prompt(kind, model):
+    c = model.config
+    prompt = (PrefixTuning(c, num_virtual_tokens=3, encoder_hidden_size=16) if kind == "prefix"
+              else PromptTuning(c, num_virtual_tokens=3)).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in prompt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return prompt
+
+
+def _case(name):
+    """(model to patch, its never-patched twin, what patch_model takes besides the model, is_seq2seq)"""
+    front, kind, method = name.split("-")
+    seq2seq = kind == "t5"
+    if front == "peft":
+        if seq2seq:
+            cls = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
+            model, twin = seq2seq_helpers.peft_seq2seq_pair("t5", cls(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+        else:
+            model, twin = tiny_peft_pair("qwen2", method, "CAUSAL_LM")
+        return model, twin, None, seq2seq
+    model = seq2seq_helpers.tiny_seq2seq("t5") if seq2seq else tiny_model("llama", "CAUSAL_LM")
+    twin = copy.deepcopy(model)
+    return model, twin, _own_prompt(method, model), seq2seq
+
+
+def _outputs(model, seq2seq):
+    if seq2seq:
+        ids, mask, labels, _ = seq2seq_helpers.seq2seq_inputs("t5")
+        return model(input_ids=ids, attention_mask=mask, labels=labels).logits
+    ids, mask = make_inputs(padding="left")
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _base(model):
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
+def _fastprompt_leftovers(model):
+    """Every fastprompt attribute, instance value or hook left on the model or any of its submodules."""
+    found = []
+    for name, module in model.named_modules():
+        for key, value in module.__dict__.items():
+            if "fastprompt" in key or type(value).__module__.startswith("fastprompt"):
+                found.append(f"{name or '<model>'}.{key}")
+        for key in module._modules:
+            if "fastprompt" in key:
+                found.append(f"{name or '<model>'}._modules[{key}]")
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                if getattr(hook, "__module__", "").startswith("fastprompt"):
+                    found.append(f"{name or '<model>'} hook {hook.__name__}")
+    return found
+
+
+def _snapshot(model):
+    return ({name: sorted(m.__dict__) for name, m in model.named_modules()},
+            sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+            _base(model).config._attn_implementation)
+
+
+def _assert_never_patched(model, twin, seq2seq, attn_before):
+    assert _fastprompt_leftovers(model) == []
+    assert _base(model).config._attn_implementation == attn_before
+    with torch.no_grad():
+        assert_close(_outputs(model, seq2seq), _outputs(twin, seq2seq), rtol=0, atol=1e-6, what="unpatched vs twin")
+
+
+def _patch(model, prompt):
+    return fastprompt.patch_model(model) if prompt is None else fastprompt.patch_model(model, prompt)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_patch_twice_is_a_no_op_and_unpatch_twice_restores_once(case):
+    model, twin, prompt, seq2seq = _case(case)
+    attn_before = _base(model).config._attn_implementation
+    assert _patch(model, prompt) is model
+    with torch.no_grad():
+        once = _outputs(model, seq2seq)
+    snapshot = _snapshot(model)
+    assert _patch(model, prompt) is model  # the same for every model kind: nothing nests, nothing raises
+    assert _snapshot(model) == snapshot
+    with torch.no_grad():
+        assert torch.equal(_outputs(model, seq2seq), once)
+    assert fastprompt.unpatch_model(model) is model
+    _assert_never_patched(model, twin, seq2seq, attn_before)
+    assert fastprompt.unpatch_model(model) is model  # idempotent
+    _assert_never_patched(model, twin, seq2seq, attn_before)
+
+
+@pytest.mark.parametrize("unpatch_first", [True, False], ids=["unpatch-then-disable", "disable-then-unpatch"])
+@pytest.mark.parametrize("case", CASES)
+def test_stacked_patches_unpatch_in_either_order(case, unpatch_first):
+    """A patched model whose attention is also enabled by hand: either undo first, the model keeps what the other
+    one still needs; after both it is its never-patched twin."""
+    model, twin, prompt, seq2seq = _case(case)
+    attn_before = _base(model).config._attn_implementation
+    _patch(model, prompt)
+    with torch.no_grad():
+        patched = _outputs(model, seq2seq)
+    enable = enable_seq2seq_attention if seq2seq else enable_fastprompt_attention
+    token = enable(_base(model))
+    if unpatch_first:
+        fastprompt.unpatch_model(model)
+        # the hand-enabled attention stays on, with no prefix: the twin's outputs up to rounding
+        assert _base(model).config._attn_implementation.startswith("fastprompt")
+        with torch.no_grad():
+            assert_close(_outputs(model, seq2seq), _outputs(twin, seq2seq), rtol=1e-4, atol=1e-5,
+                         what="enabled attention, unpatched")
+        disable_fastprompt_attention(_base(model), token)
+    else:
+        disable_fastprompt_attention(_base(model), token)
+        with torch.no_grad():  # the patch is whole: still its own outputs
+            assert torch.equal(_outputs(model, seq2seq), patched)
+        fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, attn_before)
+    disable_fastprompt_attention(_base(model), token)  # a second disable of the same token does nothing
+    fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, attn_before)
+
+
+def _instance_generate(*args, **kwargs):
+    return "the instance's own generate"
+
+
+@pytest.mark.parametrize("own_generate", [True, False], ids=["own-generate", "no-own-generate"])
+@pytest.mark.parametrize("case", ["peft-t5-prompt", "peft-t5-prefix", "own-t5-prompt", "own-t5-prefix",
+                                  "peft-decoder-prompt", "own-decoder-prompt"])
+def test_unpatch_restores_the_instance_generate_it_found(case, own_generate):
+    """Seq2seq input-level PEFT patches replace get_prompt only: unpatch used to delete an instance `generate` it
+    never replaced. Every patch gives back exactly the instance attribute it found, or none."""
+    model, _, prompt, _ = _case(case)
+    if own_generate:
+        model.__dict__["generate"] = _instance_generate
+    _patch(model, prompt)
+    fastprompt.unpatch_model(model)
+    if own_generate:
+        assert model.__dict__.get("generate") is _instance_generate
+    else:
+        assert "generate" not in model.__dict__
+    assert _fastprompt_leftovers(model) == []
+
+
+@pytest.mark.parametrize("family", ["decoder", "t5"])
+def test_enabling_attention_twice_nests_the_same_for_every_model_kind(family):
+    if family == "t5":
+        model, enable = seq2seq_helpers.tiny_seq2seq("t5"), enable_seq2seq_attention
+    else:
+        model, enable = tiny_model("qwen2", "CAUSAL_LM"), enable_fastprompt_attention
+    before = model.config._attn_implementation
+    first, second = enable(model), enable(model)
+    disable_fastprompt_attention(model, first)  # the first token is no owner: the second user keeps it on
+    assert model.config._attn_implementation.startswith("fastprompt")
+    disable_fastprompt_attention(model, first)
+    assert model.config._attn_implementation.startswith("fastprompt")
+    disable_fastprompt_attention(model, second)
+    assert model.config._attn_implementation == before
+    assert _fastprompt_leftovers(model) == []
+
+
+def test_decoder_and_seq2seq_attention_do_not_mix():
+    model = seq2seq_helpers.tiny_seq2seq("t5")
+    token = enable_seq2seq_attention(model)
+    with pytest.raises(ValueError, match="already runs fastprompt's seq2seq attention"):
+        enable_fastprompt_attention(model)
+    disable_fastprompt_attention(model, token)
+    assert _fastprompt_leftovers(model) == []
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "own-t5-prompt"])
+def test_patching_again_with_another_backend_applies_it_for_every_model_kind(case):
+    """Patching twice is a no-op except that a different backend is applied, for PEFT models and fastprompt's own
+    prompts alike (the own-prompt path used to ignore it), wherever the patch runs fastprompt's attention."""
+    from fastprompt.integrations.transformers_attention import STATE_ATTR
+
+    model, _, prompt, _ = _case(case)
+
+    def patch(backend):
+        return (fastprompt.patch_model(model, backend=backend) if prompt is None
+                else fastprompt.patch_model(model, prompt, backend=backend))
+
+    patch("torch")
+    state = _base(model).__dict__.get(STATE_ATTR)
+    if state is None:  # this patch runs no fastprompt attention (e.g. PEFT prompt tuning on T5): nothing to apply
+        pytest.skip(f"{case}: no fastprompt attention")
+    assert state.backend == "torch"
+    snapshot = _snapshot(model)
+    patch("reference")
+    assert state.backend == "reference" and _snapshot(model) == snapshot
+    patch("auto")
+    assert state.backend == "auto"
+    fastprompt.unpatch_model(model)
+    assert _fastprompt_leftovers(model) == []
+
+
+@pytest.mark.parametrize("case", ["peft-decoder-prompt", "own-decoder-prompt"])
+def test_unpatch_forgets_hoist_prompts_false(case):
+    """patch_model(..., hoist_prompts=False) records the choice on the model: unpatch removes it with the rest."""
+    model, twin, prompt, seq2seq = _case(case)
+    attn_before = _base(model).config._attn_implementation
+    if prompt is None:
+        fastprompt.patch_model(model, hoist_prompts=False)
+    else:
+        fastprompt.patch_model(model, prompt, hoist_prompts=False)
+    fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, attn_before)
