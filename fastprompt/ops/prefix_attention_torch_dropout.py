@@ -159,15 +159,17 @@ class _Problem:
             yield start, min(self.lq, start + self.queries_per_chunk)
 
     # -- the chunk's operands in matmul layouts ----------------------------------------------------------------
+    # (every view and reshape names its sizes: with B = 0 a -1 could be anything, and torch refuses it)
 
     def rows_of(self, x, start, stop):
         """`[B, Hkv, G, Lq, D]` -> the chunk's `[B*Hkv, G*m, D]` (a view when the chunk spans all queries)."""
-        return x[:, :, :, start:stop].reshape(self.rows, -1, x.shape[-1])
+        return x[:, :, :, start:stop].reshape(self.rows, self.group * (stop - start), x.shape[-1])
 
     def heads_of(self, x, start, stop):
         """`[B, Hkv, G, Lq, D]` -> the chunk's `[Hkv, B*G*m, D]` (the shared prefix's matmul rows; a copy of the
         chunk's queries, never of the prefix)."""
-        return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, -1, x.shape[-1])
+        return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, self.batch * self.group * (stop - start),
+                                                              x.shape[-1])
 
     def prefix_rows_of(self, x, start, stop, rows=None):
         """The chunk's rows for the prefix matmuls (rows: rows_of's result, reused for a per-row prefix)."""
@@ -232,8 +234,8 @@ class _Problem:
         """A chunk's `[B*Hkv, G*m, N]` block, or a shared prefix's `[Hkv, B*G*m, N]`, as `[B, Hkv, G, m, N]` (a
         view)."""
         if prefix and self.shared:
-            return block.view(self.hkv, self.batch, self.group, m, -1).transpose(0, 1)
-        return block.view(self.batch, self.hkv, self.group, m, -1)
+            return block.view(self.hkv, self.batch, self.group, m, block.shape[-1]).transpose(0, 1)
+        return block.view(self.batch, self.hkv, self.group, m, block.shape[-1])
 
     def prefix_grad_layout(self, grad):
         """A prefix gradient as prefix_grads_per_entry takes it: shared `[Hkv, P, D]`, per sample `[B, Hkv, P, D]`,
@@ -269,7 +271,7 @@ class _Problem:
             unpack_bits(bits, flags.view(torch.uint8))
         decisions = flags[:count].view(torch.uint8).view(self.batch, self.hkv, self.group, m, keys)
         # uint8 -> float copies (the fast cast) into each block's layout
-        keep_seq = self.grouped(self._keep[0][:lines * m * self.lk], m).copy_(decisions[..., self.prefix_keys:])
+        keep_seq = self.grouped(self._block(self._keep[0], m, False), m).copy_(decisions[..., self.prefix_keys:])
         keep_pre = None
         if self.mode != PREFIX_NONE:
             keep_pre = self.grouped(self._block(self._keep[1], m, True), m, prefix=True)
@@ -289,7 +291,7 @@ def _rows_view(x, start, stop, rows):
     one (G > 1 and a chunk shorter than L)."""
     part = x[:, :, :, start:stop]
     try:
-        return part.view(rows, -1, x.shape[-1])
+        return part.view(rows, x.shape[2] * (stop - start), x.shape[-1])
     except RuntimeError:
         return None
 
