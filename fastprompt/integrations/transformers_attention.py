@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..ops.prefix_attention_decode import shared_prefix_decode
+from ..ops import shared_prefix_decode
 from .families import ROBERTA, FamilyFacts, family_facts
 
 ATTENTION_NAME = "fastprompt"

@@ -17,15 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import prefix_attention_bias_cpu as bias_cpu
 from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from .prefix_attention_backend import PrefixAttentionBackend
+from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED, PrefixAttentionArgs
 
 NEG_INF = float("-inf")
-
-
-def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, needs_grad,
-             dropout_p=0.0):
-    return None  # the torch path is exact for the whole contract
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,37 +90,6 @@ def _row_max(seq: Tensor, pre: Optional[Tensor]) -> Tensor:
     if pre is not None:
         m = torch.maximum(m, pre.flatten(start_dim=4).amax(dim=-1))
     return m
-
-
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-            window, dropout_p=0.0, dropout_seed=None):
-    if dropout_p > 0:  # attention dropout: its own chunked path, which also returns the packed keep mask
-        from . import prefix_attention_torch_dropout as with_dropout
-
-        return with_dropout.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
-                                    causal, scale, softcap, window, dropout_p, dropout_seed)
-    if cpu_flash.applicable(q, softcap):
-        return cpu_flash.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal,
-                                 scale, window)
-    return explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                            softcap, window)
-
-
-def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-             causal, scale, softcap, window, out=None, dropout_p=0.0, dropout_seed=None, dropout_keep=None):
-    if dropout_p > 0:
-        from . import prefix_attention_torch_dropout as with_dropout
-
-        return with_dropout.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                     key_padding_mask, lse, delta, causal, scale, softcap, window, dropout_p,
-                                     dropout_seed, dropout_keep)
-    if out is not None and cpu_flash.applicable(q, softcap):
-        return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                  key_padding_mask, lse, causal, scale, window, delta=delta)
-    if out is not None and delta.numel() == 0:  # the caller left the row term to the fused path; this one needs it
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
-    return explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
-                             lse, delta, causal, scale, softcap, window)
 
 
 def _grouped_bias(bias, hkv, mode, slots):
@@ -234,3 +200,94 @@ def prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix
         dprefix_k.index_add_(0, flat_index, dpk.flatten(0, 1))
         dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
     return dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)
+
+
+class TorchBackend(PrefixAttentionBackend):
+    """The exact PyTorch backend: the whole contract, on any device. Which path runs:
+
+    - dropout_p > 0: the chunked dropout path (prefix_attention_torch_dropout), biases included;
+    - on the CPU without softcap: PyTorch's fused flash kernel in two lse-merged parts (prefix_attention_cpu_flash;
+      with biases prefix_attention_bias_cpu, float32 / float64 only, where the bias becomes the kernel's additive
+      mask); its backward takes over the whole call when the lse output carries no gradient (forms_row_term);
+    - everywhere else the explicit composition above (biases added in the accumulator precision)."""
+
+    NAME = "torch"
+    DESCRIPTION = "the torch path"
+    SUPPORTS_BIAS = True
+    SUPPORTS_DROPOUT = True
+
+    @classmethod
+    def kept_mask_bytes(cls, args: PrefixAttentionArgs) -> int:
+        if args.dropout_p == 0:
+            return 0
+        from .prefix_attention_torch_dropout import kept_mask_bytes
+
+        prefix_keys = 0 if args.prefix_k is None else args.prefix_index.shape[1] * args.prefix_k.shape[2]
+        q = args.q
+        return kept_mask_bytes(q.shape[0], q.shape[1], q.shape[2], args.k.shape[2], prefix_keys)
+
+    @classmethod
+    def _fused_cpu(cls, args: PrefixAttentionArgs) -> bool:
+        """Whether PyTorch's fused CPU kernel runs forward (without dropout: the kernel's mask would be its own, not
+        the contract's); else the explicit composition."""
+        if args.biased:
+            return bias_cpu.applicable(args.q, args.softcap)
+        return cpu_flash.applicable(args.q, args.softcap)
+
+    @classmethod
+    def forms_row_term(cls, args: PrefixAttentionArgs, lse_has_grad: bool) -> bool:
+        return not lse_has_grad and args.dropout_p == 0 and cls._fused_cpu(args)
+
+    @classmethod
+    def forward(cls, args: PrefixAttentionArgs):
+        a = args
+        if a.dropout_p > 0:  # its own chunked path, which also returns the packed keep mask
+            from . import prefix_attention_torch_dropout as with_dropout
+
+            return with_dropout.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
+                                        a.key_padding_mask, a.causal, a.scale, a.softcap, a.window, a.dropout_p,
+                                        a.dropout_seed, attn_bias=a.attn_bias, prefix_bias=a.prefix_bias)
+        if cls._fused_cpu(a):
+            if a.biased:  # the biases as the fused kernel's additive masks
+                out, lse = bias_cpu.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
+                                            a.key_padding_mask, a.causal, a.scale, a.window, attn_bias=a.attn_bias,
+                                            prefix_bias=a.prefix_bias)
+            else:
+                out, lse = cpu_flash.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
+                                             a.key_padding_mask, a.causal, a.scale, a.window)
+            return out, lse, None
+        attn_bias, prefix_bias = _biases_in(a, _accumulator_dtype(a.q.dtype))
+        out, lse = explicit_forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
+                                    a.key_padding_mask, a.causal, a.scale, a.softcap, a.window, attn_bias=attn_bias,
+                                    prefix_bias=prefix_bias)
+        return out, lse, None
+
+    @classmethod
+    def backward(cls, args: PrefixAttentionArgs, grad_out, out, lse, delta, kept):
+        a = args
+        if a.dropout_p > 0:
+            from . import prefix_attention_torch_dropout as with_dropout
+
+            return with_dropout.backward(grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index,
+                                         a.prefix_mode, a.key_padding_mask, lse, delta, a.causal, a.scale, a.softcap,
+                                         a.window, a.dropout_p, a.dropout_seed, kept, attn_bias=a.attn_bias,
+                                         prefix_bias=a.prefix_bias)
+        if delta is None:  # forms_row_term: the fused kernel's backward, which forms the row term from out
+            if a.biased:
+                return bias_cpu.backward(grad_out, a.q, a.k, a.v, out, lse, a.prefix_k, a.prefix_v, a.prefix_index,
+                                         a.prefix_mode, a.key_padding_mask, a.causal, a.scale, a.window,
+                                         attn_bias=a.attn_bias, prefix_bias=a.prefix_bias)
+            return cpu_flash.backward(grad_out, a.q, a.k, a.v, out, a.prefix_k, a.prefix_v, a.prefix_index,
+                                      a.prefix_mode, a.key_padding_mask, lse, a.causal, a.scale, a.window)
+        attn_bias, prefix_bias = _biases_in(a, _accumulator_dtype(a.q.dtype))
+        return explicit_backward(grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
+                                 a.key_padding_mask, lse, delta, a.causal, a.scale, a.softcap, a.window,
+                                 attn_bias=attn_bias, prefix_bias=prefix_bias)
+
+
+def _biases_in(args: PrefixAttentionArgs, dtype: torch.dtype):
+    """(attn_bias, prefix_bias) in `dtype` (None stays None): the explicit path adds them in its precision."""
+    return tuple(None if b is None else b.to(dtype) for b in (args.attn_bias, args.prefix_bias))
+
+
+BACKEND = TorchBackend
