@@ -108,7 +108,7 @@ def _call(case, inputs, bias, pbias, backend, dropout_p=0.3, grad=True):
 
 
 def test_triton_and_torch_paths_keep_the_same_elements():
-    """Same seed, same mask: the Triton kernels and the torch path (prefix_attention_bias_dropout) give the same
+    """Same seed, same mask: the Triton kernels and the torch path (prefix_attention_torch/dropout.py) give the same
     output and gradients; the no-dropout output differs, so the mask acted."""
     case = Case(batch=2, hq=4, hkv=2, lq=6, lk=9, dim=16, plen=3, mode="pool_slots", padding="holes")
     inputs = make_inputs(case)

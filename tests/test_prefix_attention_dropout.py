@@ -16,7 +16,8 @@ import torch
 import fastprompt as fp
 from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, opcheck_args, relative_error
 from fastprompt import reference
-from fastprompt.ops import attention_dropout, prefix_attention_torch_dropout
+from fastprompt.ops import attention_dropout
+from fastprompt.ops.prefix_attention_torch import dropout as prefix_attention_torch_dropout
 from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
 from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
 

@@ -155,7 +155,7 @@ def test_auto_with_no_backend_left_lists_every_backends_reasons(monkeypatch):
     from fastprompt.ops.prefix_attention_torch import TorchBackend
 
     monkeypatch.setattr(TorchBackend, "SUPPORTS_SOFTCAP", False)  # a capability the CPU's only auto choice lacks
-    with pytest.raises(ValueError, match=r"no backend can run this call on cpu:(.|\n)*torch: the torch path has no "
+    with pytest.raises(ValueError, match=r"no backend can run this call on cpu:(.|\n)*torch: the torch ops have no "
                                          r"softcap"):
         _call(softcap=30.0)
     assert _call().shape == (2, 4, 3, 8)  # what it does declare still runs

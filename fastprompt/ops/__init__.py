@@ -8,6 +8,6 @@ falling back to `prefix_attention`.
 from .gather_prompts import gather_prompts
 from .mix_prompts import mix_prompts
 from .prefix_attention import BACKENDS, prefix_attention
-from .prefix_attention_decode import shared_prefix_decode
+from .prefix_attention_torch.decode import shared_prefix_decode
 
 __all__ = ["BACKENDS", "prefix_attention", "gather_prompts", "mix_prompts", "shared_prefix_decode"]

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import reference_prompts
+from .prefix_attention_dispatch import BACKENDS  # every op takes the same backend names
 
-BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 PRIORITY = {"cuda": ("cuda", "triton", "torch")}
 DEFAULT_PRIORITY = ("torch",)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -84,7 +84,7 @@ class GatherMixBackend:
 
 class TorchGatherMix(GatherMixBackend):
     NAME = "torch"
-    DESCRIPTION = "the torch path"
+    DESCRIPTION = "the torch ops"
 
     @staticmethod
     def gather_forward(pool: Tensor, index: Tensor) -> Tensor:
@@ -189,7 +189,7 @@ class CudaGatherMix(GatherMixBackend):
 
 class ReferenceGatherMix(GatherMixBackend):
     NAME = "reference"
-    DESCRIPTION = "the reference"
+    DESCRIPTION = "the reference ops"
     DIFFERENTIATED_BY_AUTOGRAD = True
 
     gather = staticmethod(reference_prompts.gather_prompts)
@@ -222,12 +222,13 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {'; '.join(reasons)}\n"
                                f"every backend:\n{_every_reason(tensors)}")
         return backend
-    device_types = {t.device.type for t in tensors}
-    device = device_types.pop() if len(device_types) == 1 else None
-    for name in PRIORITY.get(device, DEFAULT_PRIORITY):
+    # The last entry of a priority list is the torch path, which runs every call: taken without asking, so the
+    # common CPU call (a prompt-pool-sized gather costs a few microseconds) pays for no checks.
+    priority = PRIORITY["cuda"] if all(t.is_cuda for t in tensors) else DEFAULT_PRIORITY
+    for name in priority[:-1]:
         if not _CLASSES[name].not_supported_reasons(*tensors):
             return name
-    return "torch"  # covers every device: never reached with reasons left
+    return priority[-1]
 
 
 # Pools of these dtypes are gathered / mixed by plain autograd-tracked indexing and matmuls on the torch backend

@@ -24,7 +24,7 @@ __all__ = ["BACKENDS", "prefix_attention", "resolve_backend", "check_prefix_atte
 _ARG_COUNT = 16  # the fields of PrefixAttentionArgs, the ops' leading inputs; `backend` follows them
 
 
-def _plain_eager() -> bool:
+def plain_eager() -> bool:
     """Whether the call may skip the custom-op machinery: not traced by torch.compile, and no dispatch / function
     mode or functorch transform watching (FlopCounterMode and fastprompt.bench.metrics count through the op, so
     they keep seeing it). Then an inference call runs the op's forward body directly and a differentiated one runs
@@ -36,7 +36,7 @@ def _plain_eager() -> bool:
 
 
 def _forward_impl(args: PrefixAttentionArgs, backend: str):
-    """The forward op's body, also run directly by eager calls (_plain_eager): (out, lse, kept), kept being
+    """The forward op's body, also run directly by eager calls (plain_eager): (out, lse, kept), kept being
     what the backend keeps for its backward (the torch path's packed dropout mask; empty elsewhere)."""
     if args.prefix_mode == PREFIX_POOL:  # here, not at the front door: this body runs on real tensors under compile
         check_index_values(args.prefix_index, args.prefix_k.shape[0], "prefix_index")
@@ -189,7 +189,7 @@ torch.library.register_autograd("fastprompt::prefix_attention_forward", _backwar
 
 class _EagerPrefixAttention(torch.autograd.Function):
     """The op's forward and backward bodies as a plain autograd.Function, for eager training calls
-    (_plain_eager): the same functions, the same saved tensors and the same backward as the custom op's
+    (plain_eager): the same functions, the same saved tensors and the same backward as the custom op's
     registered autograd, without the custom-op dispatch (schema handling, autograd redispatch and alias checks cost
     ~0.15 ms per direction per layer call, a few percent of a small model's step). torch.compile, dispatch and
     function modes (FlopCounterMode, fastprompt.bench.metrics) and functorch transforms keep the custom op.
@@ -259,7 +259,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     implementation = backend_class(name)
     if implementation.DIFFERENTIATED_BY_AUTOGRAD:  # the reference: slow, materializes everything
         out, lse = implementation.run(args)
-    elif _plain_eager():
+    elif plain_eager():
         if needs_grad:
             out, lse, _ = _EagerPrefixAttention.apply(args, name, args.q, args.k, args.v, args.prefix_k,
                                                       args.prefix_v)

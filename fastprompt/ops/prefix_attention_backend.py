@@ -22,7 +22,7 @@ class PrefixAttentionBackend:
     (BACKEND_INTERFACE.md); the base class turns the capabilities into reasons."""
 
     NAME = ""
-    DESCRIPTION = ""  # how reasons name it: "triton kernels", "the CUDA kernels"
+    DESCRIPTION = ""  # how reasons name it, in the plural: "triton kernels", "the torch ops"
     DEVICES: Optional[tuple] = None  # device types it runs on; None = any
     DEVICE_HINT = ""  # appended to the device reason
     DTYPES: tuple = FLOAT_DTYPES  # of q, k, v and the prefix

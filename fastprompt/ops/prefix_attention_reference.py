@@ -14,7 +14,7 @@ from .prefix_attention_inputs import PREFIX_POOL, PREFIX_SHARED, PrefixAttention
 
 class ReferenceBackend(PrefixAttentionBackend):
     NAME = "reference"
-    DESCRIPTION = "the reference"
+    DESCRIPTION = "the reference ops"
     SUPPORTS_BIAS = True
     SUPPORTS_DROPOUT = True
     DIFFERENTIATED_BY_AUTOGRAD = True

@@ -9,7 +9,7 @@ them from the saved log-sum-exp. With Z the keep mask and r = 1 / (1 - p):
     forward:  out = r (Z * P) V,  lse as without dropout (the softmax's own)
     backward: dV = r (Z * P)^T dO,  dS = P * (r Z * (dO V^T) - delta),  delta = rowsum(dO * O) - dlse
 
-The mask: forward draws it from the seed (fastprompt.ops.dropout_mask_fill: the Philox mask of
+The mask: forward draws it from the seed (dropout_mask_fill.py: the Philox mask of
 ops.attention_dropout, the same bits as the Triton kernels and the reference) and returns it packed, one bit per
 decision (`kept_mask_bytes`, 1/32 of the float scores); backward unpacks it instead of running Philox again (on the
 CPU, Philox in torch ops costs more than the rest of the attention). Without the packed mask backward regenerates
@@ -30,11 +30,11 @@ import math
 
 import torch
 
-from .attention_dropout import dropout_scale
+from ..attention_dropout import dropout_scale
 from .dropout_mask_fill import KeepMaskFiller, pack_bits, packed_size, unpack_bits
-from .prefix_attention_cpu_flash import hidden_positions
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
-from .prefix_attention_torch import _accumulator_dtype, prefix_grads_per_entry
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+from .cpu_flash import hidden_positions
+from .explicit import accumulator_dtype, prefix_grads_per_entry
 
 NEG_INF = float("-inf")
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are kept in log2 units: exp2 is twice as fast as exp here
@@ -68,7 +68,7 @@ class _Problem:
         self.hkv, self.lk = k.shape[1], k.shape[2]
         self.group = self.hq // self.hkv
         self.rows = self.batch * self.hkv
-        self.acc = _accumulator_dtype(q.dtype)
+        self.acc = accumulator_dtype(q.dtype)
         self.device = q.device
         self.qg = _grouped_rows(q, self.hkv, self.acc)
         self.k = k.to(self.acc).reshape(self.rows, self.lk, self.dim)  # [B*Hkv, Lk, D]

@@ -1,7 +1,7 @@
 """Exact PyTorch prefix attention: the CPU path and the fallback for shapes the kernels do not cover.
 
 On the CPU without softcap, forward and backward go to PyTorch's fused flash kernel in two lse-merged parts
-(prefix_attention_cpu_flash). Everywhere else, the explicit composition below:
+(cpu_flash.py). Everywhere else, the explicit composition below:
 
 Prefix scores and sequence scores are computed as two separate blocks and joined by one softmax, so the
 concatenated `[prefix; sequence]` keys never exist. A shared prefix stays `[Hkv, P, D]` (einsum broadcasts it over
@@ -17,15 +17,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import prefix_attention_bias_cpu as bias_cpu
-from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_backend import PrefixAttentionBackend
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED, PrefixAttentionArgs
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from . import cpu_flash
 
 NEG_INF = float("-inf")
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -108,7 +106,7 @@ def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key
                      softcap, window, attn_bias=None, prefix_bias=None):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
-    acc = _accumulator_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     qg = q.reshape(batch, hkv, hq // hkv, lq, dim).to(acc)
     kf, vf = k.to(acc), v.to(acc)
     pk = pv = None
@@ -142,7 +140,7 @@ def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefi
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    acc = _accumulator_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     qg = q.reshape(batch, hkv, group, lq, dim).to(acc)
     dog = grad_out.reshape(batch, hkv, group, lq, dim).to(acc)
     kf, vf = k.to(acc), v.to(acc)
@@ -201,93 +199,3 @@ def prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix
         dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
     return dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)
 
-
-class TorchBackend(PrefixAttentionBackend):
-    """The exact PyTorch backend: the whole contract, on any device. Which path runs:
-
-    - dropout_p > 0: the chunked dropout path (prefix_attention_torch_dropout), biases included;
-    - on the CPU without softcap: PyTorch's fused flash kernel in two lse-merged parts (prefix_attention_cpu_flash;
-      with biases prefix_attention_bias_cpu, float32 / float64 only, where the bias becomes the kernel's additive
-      mask); its backward takes over the whole call when the lse output carries no gradient (forms_row_term);
-    - everywhere else the explicit composition above (biases added in the accumulator precision)."""
-
-    NAME = "torch"
-    DESCRIPTION = "the torch path"
-    SUPPORTS_BIAS = True
-    SUPPORTS_DROPOUT = True
-
-    @classmethod
-    def kept_mask_bytes(cls, args: PrefixAttentionArgs) -> int:
-        if args.dropout_p == 0:
-            return 0
-        from .prefix_attention_torch_dropout import kept_mask_bytes
-
-        prefix_keys = 0 if args.prefix_k is None else args.prefix_index.shape[1] * args.prefix_k.shape[2]
-        q = args.q
-        return kept_mask_bytes(q.shape[0], q.shape[1], q.shape[2], args.k.shape[2], prefix_keys)
-
-    @classmethod
-    def _fused_cpu(cls, args: PrefixAttentionArgs) -> bool:
-        """Whether PyTorch's fused CPU kernel runs forward (without dropout: the kernel's mask would be its own, not
-        the contract's); else the explicit composition."""
-        if args.biased:
-            return bias_cpu.applicable(args.q, args.softcap)
-        return cpu_flash.applicable(args.q, args.softcap)
-
-    @classmethod
-    def forms_row_term(cls, args: PrefixAttentionArgs, lse_has_grad: bool) -> bool:
-        return not lse_has_grad and args.dropout_p == 0 and cls._fused_cpu(args)
-
-    @classmethod
-    def forward(cls, args: PrefixAttentionArgs):
-        a = args
-        if a.dropout_p > 0:  # its own chunked path, which also returns the packed keep mask
-            from . import prefix_attention_torch_dropout as with_dropout
-
-            return with_dropout.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
-                                        a.key_padding_mask, a.causal, a.scale, a.softcap, a.window, a.dropout_p,
-                                        a.dropout_seed, attn_bias=a.attn_bias, prefix_bias=a.prefix_bias)
-        if cls._fused_cpu(a):
-            if a.biased:  # the biases as the fused kernel's additive masks
-                out, lse = bias_cpu.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
-                                            a.key_padding_mask, a.causal, a.scale, a.window, attn_bias=a.attn_bias,
-                                            prefix_bias=a.prefix_bias)
-            else:
-                out, lse = cpu_flash.forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
-                                             a.key_padding_mask, a.causal, a.scale, a.window)
-            return out, lse, None
-        attn_bias, prefix_bias = _biases_in(a, _accumulator_dtype(a.q.dtype))
-        out, lse = explicit_forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
-                                    a.key_padding_mask, a.causal, a.scale, a.softcap, a.window, attn_bias=attn_bias,
-                                    prefix_bias=prefix_bias)
-        return out, lse, None
-
-    @classmethod
-    def backward(cls, args: PrefixAttentionArgs, grad_out, out, lse, delta, kept):
-        a = args
-        if a.dropout_p > 0:
-            from . import prefix_attention_torch_dropout as with_dropout
-
-            return with_dropout.backward(grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index,
-                                         a.prefix_mode, a.key_padding_mask, lse, delta, a.causal, a.scale, a.softcap,
-                                         a.window, a.dropout_p, a.dropout_seed, kept, attn_bias=a.attn_bias,
-                                         prefix_bias=a.prefix_bias)
-        if delta is None:  # forms_row_term: the fused kernel's backward, which forms the row term from out
-            if a.biased:
-                return bias_cpu.backward(grad_out, a.q, a.k, a.v, out, lse, a.prefix_k, a.prefix_v, a.prefix_index,
-                                         a.prefix_mode, a.key_padding_mask, a.causal, a.scale, a.window,
-                                         attn_bias=a.attn_bias, prefix_bias=a.prefix_bias)
-            return cpu_flash.backward(grad_out, a.q, a.k, a.v, out, a.prefix_k, a.prefix_v, a.prefix_index,
-                                      a.prefix_mode, a.key_padding_mask, lse, a.causal, a.scale, a.window)
-        attn_bias, prefix_bias = _biases_in(a, _accumulator_dtype(a.q.dtype))
-        return explicit_backward(grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode,
-                                 a.key_padding_mask, lse, delta, a.causal, a.scale, a.softcap, a.window,
-                                 attn_bias=attn_bias, prefix_bias=prefix_bias)
-
-
-def _biases_in(args: PrefixAttentionArgs, dtype: torch.dtype):
-    """(attn_bias, prefix_bias) in `dtype` (None stays None): the explicit path adds them in its precision."""
-    return tuple(None if b is None else b.to(dtype) for b in (args.attn_bias, args.prefix_bias))
-
-
-BACKEND = TorchBackend

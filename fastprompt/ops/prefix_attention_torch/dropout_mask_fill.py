@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, PHILOX_ROUNDS, dropout_threshold
+from ..attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, PHILOX_ROUNDS, dropout_threshold
 
 BLOCK_WORDS = 1 << 16  # Philox counters per block: big enough that the per-op overhead is small, small enough
 # that the six 64-bit work buffers (3 MiB) stay in cache
