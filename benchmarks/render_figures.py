@@ -188,7 +188,7 @@ def hoisting(src: dict) -> str:
             f"(P+B·S+B·{steps})/(B·(P+S)+B·{steps}) = {gen_pred:.3f}), {ratio(gen, 'new_bytes')} the new bytes "
             f"(the generation cache alone: predicted (S+new−1)/(P+S+new−1) = {cache_pred:.3f}) and "
             f"{ratio(gen, 'time_s')} the time ({iqr(gen)}) against {gen['baseline']}. Each decode step reads the "
-            f"prompt K/V through a lean CPU decode path (`ops/prefix_attention_decode.py`) and costs what PEFT's "
+            f"prompt K/V through a lean CPU decode path (`ops/prefix_attention_torch/decode.py`) and costs what PEFT's "
             f"costs; the {steps} steps are transformers' own per-step work on both sides, so time ≈ (prompt pass + "
             f"prefill(B·S) + {steps}·step) / (prefill(B·(P+S)) + {steps}·step).")
     return wrap(text)

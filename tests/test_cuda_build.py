@@ -65,11 +65,12 @@ def test_bindings_reject_cpu_tensors_with_a_clear_message():
 
 
 def test_cuda_backend_declines_cpu_tensors():
-    from fastprompt.ops import prefix_attention_cuda
+    from fastprompt.ops.prefix_attention_cuda import CudaBackend
+    from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
 
     q = torch.zeros(1, 2, 3, 64, dtype=torch.float16)
-    reason = prefix_attention_cuda.supports(q, q, q, None, None, 0, None, True, 0.0, -1, False)
-    assert reason is not None and "CUDA tensors" in reason
+    args = check_prefix_attention_args(q, q, q, None, None, None, None, True, None, None, None)
+    assert any("CUDA tensors" in reason for reason in CudaBackend.not_supported_reasons(args, False))
 
 
 def test_split_kv_plan():

@@ -24,9 +24,16 @@ def _cuda_backend():
 
     if extension() is None:
         pytest.fail(f"a CUDA GPU is present but fastprompt._C is unavailable: {extension_error()}")
-    from fastprompt.ops import prefix_attention_cuda
+    from fastprompt.ops.prefix_attention_cuda import CudaBackend
 
-    return prefix_attention_cuda
+    return CudaBackend
+
+
+def _args(q, k, v, kpm, norm, causal, scale, softcap, window):
+    from fastprompt.ops.prefix_attention_inputs import PrefixAttentionArgs
+
+    return PrefixAttentionArgs(q, k, v, norm["prefix_k"], norm["prefix_v"], norm["prefix_index"], norm["prefix_mode"],
+                               kpm, causal, scale, softcap or 0.0, -1 if window is None else window)
 
 
 def _rel(out, ref):
@@ -98,9 +105,8 @@ def check(out, lse, ref_out, ref_lse, dtype):
         assert (out[empty] == 0).all(), "rows with no visible key must be zeros"
 
 
-def run_backend(backend_mod, q, k, v, kpm, norm, causal, scale, softcap, window, **kw):
-    return backend_mod.forward(q, k, v, norm["prefix_k"], norm["prefix_v"], norm["prefix_index"], norm["prefix_mode"],
-                               kpm, causal, scale, softcap or 0.0, -1 if window is None else window, **kw)
+def run_backend(backend, q, k, v, kpm, norm, causal, scale, softcap, window, **kw):
+    return backend.forward(_args(q, k, v, kpm, norm, causal, scale, softcap, window), **kw)[:2]
 
 
 # ------------------------------------------------------------------ decode shapes (one-warp tiles, split-KV)
@@ -317,7 +323,7 @@ def test_float32_prefix_with_half_inputs():
     q, k, v, kpm, pub, norm = make_case(3, 8, 2, 1, 500, D, 20, "pool", S=2, dtype=dtype, padding="holes", seed=11)
     pub = dict(pub, prefix_k=pub["prefix_k"].float(), prefix_v=pub["prefix_v"].float())
     norm = dict(norm, prefix_k=norm["prefix_k"].float(), prefix_v=norm["prefix_v"].float())
-    assert cuda.supports(q, k, v, norm["prefix_k"], norm["prefix_index"], 3, kpm, True, 0.0, -1, False) is None
+    assert cuda.not_supported_reasons(_args(q, k, v, kpm, norm, True, D ** -0.5, None, None), False) == []
     ref_out, ref_lse = oracle(q, k, v, kpm, pub, True, D ** -0.5, None, None)
     out, lse = run_backend(cuda, q, k, v, kpm, norm, True, D ** -0.5, None, None)
     check(out, lse, ref_out, ref_lse, dtype)

@@ -1,4 +1,4 @@
-"""The decode-step path of a shared prefix on the CPU (fastprompt/ops/prefix_attention_decode.py): equals the float64
+"""The decode-step path of a shared prefix on the CPU (fastprompt/ops/prefix_attention_torch/decode.py): equals the float64
 reference over [prefix; sequence], steps aside (returns None) for every call outside its narrow case, and is what a
 hoisted generate() step runs."""
 import pytest
@@ -9,7 +9,7 @@ from integration_helpers import single_thread  # noqa: F401 (autouse fixture)
 from integration_helpers import make_inputs, tiny_peft_pair
 
 from fastprompt import reference
-from fastprompt.ops.prefix_attention_decode import shared_prefix_decode
+from fastprompt.ops import shared_prefix_decode
 
 B, HQ, HKV, D, P = 3, 6, 2, 12, 5
 

@@ -1,4 +1,4 @@
-"""The biased CPU path (prefix_attention_bias_cpu: T5's bias as the fused flash kernel's additive masks, two parts
+"""The biased CPU path (prefix_attention_torch/cpu_flash_bias.py: T5's bias as the fused flash kernel's additive masks, two parts
 merged by lse) vs the float64 reference, over the shapes its shortcuts special-case: decode (Lq = 1), Lq == Lk
 causal (the kernel's own is_causal with the bias as it is), more queries than keys, windows, empty sequences and
 pools, broadcast and sliced biases, transformers' [B, L, H, D] memory, GQA, a differentiated lse."""

@@ -12,7 +12,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest.py sets it too)
 
 import importlib.util  # noqa: E402
-import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,7 +20,9 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fastprompt.ops import prefix_attention  # noqa: E402
-from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: E402
+from fastprompt.ops import prefix_attention_dispatch as dispatch  # noqa: E402
+from fastprompt.ops.prefix_attention import _forward_op  # noqa: E402
+from fastprompt.ops.prefix_attention_triton import TritonBackend  # noqa: E402
 from fastprompt.ops.attention_dropout import draw_dropout_seed  # noqa: E402
 
 from attention_cases import (Case, assert_compiled_matches_eager, check_against_reference, make_inputs,  # noqa: E402
@@ -107,7 +108,7 @@ def _call(case, inputs, bias, pbias, backend, dropout_p=0.3, grad=True):
 
 
 def test_triton_and_torch_paths_keep_the_same_elements():
-    """Same seed, same mask: the Triton kernels and the torch path (prefix_attention_bias_dropout) give the same
+    """Same seed, same mask: the Triton kernels and the torch path (prefix_attention_torch/dropout.py) give the same
     output and gradients; the no-dropout output differs, so the mask acted."""
     case = Case(batch=2, hq=4, hkv=2, lq=6, lk=9, dim=16, plen=3, mode="pool_slots", padding="holes")
     inputs = make_inputs(case)
@@ -159,39 +160,48 @@ def test_compiled_biased_dropout_triton_call():
 def test_opcheck_biased_op_with_dropout():
     case = Case(batch=2, hq=2, hkv=1, lq=3, lk=4, dim=8, plen=2, mode="pool_slots", padding="holes")
     a = opcheck_args(case)
-    bias, pbias = _biases(case, 1, case.batch)
-    args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
-            a.scale, a.softcap, a.window, bias, pbias, 0.2, draw_dropout_seed("cpu"))
-    torch.library.opcheck(triton_bias._forward_op, args)
+    a.attn_bias, a.prefix_bias = _biases(case, 1, case.batch)
+    a.dropout_p, a.dropout_seed = 0.2, draw_dropout_seed("cpu")
+    torch.library.opcheck(_forward_op, a.op_inputs() + ("triton",))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend choice
 
 
+def _recording_triton_forward(monkeypatch, calls):
+    """TritonBackend.forward, recording each biased call's dropout_p."""
+    real = TritonBackend.forward
+
+    def forward(cls, args):
+        if args.biased:
+            calls.append(args.dropout_p)
+        return real(args)
+
+    monkeypatch.setattr(TritonBackend, "forward", classmethod(forward))
+
+
 def test_auto_routes_biased_dropout_calls_on_cuda_to_triton(monkeypatch):
-    """`auto` asks the Triton checks with the call's dropout_p and picks Triton on CUDA tensors they cover."""
+    """`auto` asks the Triton checks with the call's dropout_p and picks Triton where it is first in line and the
+    checks pass (CUDA tensors; here the CPU under the interpreter, given CUDA's priority list)."""
     seen = []
-
-    def reason(args, attn_bias, prefix_bias, needs_grad, dropout_p=0.0):
-        seen.append(dropout_p)
-        return None
-
-    monkeypatch.setattr(triton_bias, "triton_unsupported_reason", reason)
-    cuda_args = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=True))
-    assert triton_bias.resolve_biased_backend("auto", cuda_args, None, None, True, 0.1) == "triton"
+    real = TritonBackend.not_supported_reasons
+    monkeypatch.setattr(TritonBackend, "not_supported_reasons",
+                        classmethod(lambda cls, args, grad: seen.append(args.dropout_p) or real(args, grad)))
+    case = Case(batch=2, hq=2, hkv=1, lq=3, lk=5, dim=16, plen=2, mode="shared")
+    a = opcheck_args(case)
+    a.attn_bias, a.dropout_p = _biases(case, 1, case.batch)[0], 0.1
+    assert dispatch.resolve_backend("auto", a, True) == "torch"  # the CPU's list: the torch path only
+    monkeypatch.setitem(dispatch.PRIORITY, "cpu", dispatch.PRIORITY["cuda"])
+    assert dispatch.resolve_backend("auto", a, True) == "triton"
     assert seen == [0.1]
-    cpu_args = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=False))
-    assert triton_bias.resolve_biased_backend("auto", cpu_args, None, None, True, 0.1) == "torch"
 
 
 def test_auto_biased_dropout_call_reaches_the_triton_kernels(monkeypatch):
     """End to end through the front door: with Triton chosen (as on CUDA) the biased kernels get the dropout."""
     calls = []
-    real = triton_bias.biased_prefix_attention
-    monkeypatch.setattr(triton_bias, "resolve_biased_backend", lambda *a: "triton")
-    monkeypatch.setattr(triton_bias, "biased_prefix_attention",
-                        lambda args, b, pb, grad, p, seed: calls.append(p) or real(args, b, pb, grad, p, seed))
+    _recording_triton_forward(monkeypatch, calls)
+    monkeypatch.setitem(dispatch.PRIORITY, "cpu", dispatch.PRIORITY["cuda"])
     case = Case(batch=2, hq=2, hkv=1, lq=3, lk=5, dim=16, plen=2, mode="shared")
     inputs = make_inputs(case)
     bias, pbias = _biases(case, 1, case.batch)
@@ -230,10 +240,7 @@ def test_t5_training_step_with_attention_dropout_on_triton_equals_torch_path(mon
     import fastprompt
 
     dropped = []
-    real = triton_bias.biased_prefix_attention
-    monkeypatch.setattr(triton_bias, "biased_prefix_attention",
-                        lambda args, b, pb, grad, p=0.0, seed=None: dropped.append(p) or real(args, b, pb, grad, p,
-                                                                                              seed))
+    _recording_triton_forward(monkeypatch, dropped)
 
     config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
     runs = {}

@@ -11,7 +11,6 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest.py s
 
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
-import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,7 +20,9 @@ if importlib.util.find_spec("triton") is None:
 
 from fastprompt import reference  # noqa: E402
 from fastprompt.ops import prefix_attention  # noqa: E402
-from fastprompt.ops import prefix_attention_triton_bias as triton_bias  # noqa: E402
+from fastprompt.ops import prefix_attention_dispatch as dispatch  # noqa: E402
+from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args  # noqa: E402
+from fastprompt.ops.prefix_attention_triton import TritonBackend  # noqa: E402
 
 from attention_cases import Case, check_against_reference, differentiable, make_inputs, relative_error  # noqa: E402
 
@@ -237,24 +238,27 @@ def test_biased_triton_refuses_a_bad_pool_index(bad):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fake_args(is_cuda: bool):
-    return types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=is_cuda))
-
-
 @pytest.mark.parametrize("is_cuda,triton_reason,expected", [
     (True, None, "triton"),  # a GPU call the kernels cover: Triton
     (True, "triton is not installed", "torch"),  # ... or the exact torch path
     (False, None, "torch"),  # CPU: the torch path (the interpreter is for tests)
 ])
 def test_auto_routes_biased_calls(monkeypatch, is_cuda, triton_reason, expected):
-    monkeypatch.setattr(triton_bias, "triton_unsupported_reason", lambda *a: triton_reason)
-    assert triton_bias.resolve_biased_backend("auto", _fake_args(is_cuda), None, None, True) == expected
+    real = TritonBackend.not_supported_reasons
+    monkeypatch.setattr(TritonBackend, "not_supported_reasons",
+                        classmethod(lambda cls, args, grad: [triton_reason] if triton_reason else real(args, grad)))
+    if is_cuda:  # CPU tensors under the interpreter, walked in CUDA's order
+        monkeypatch.setitem(dispatch.PRIORITY, "cpu", dispatch.PRIORITY["cuda"])
+    q, k = torch.randn(1, 2, 3, 16, requires_grad=True), torch.randn(1, 2, 4, 16)
+    args = check_prefix_attention_args(q, k, k, None, None, None, None, True, None, None, None,
+                                       attn_bias=torch.randn(1, 2, 3, 4))
+    assert dispatch.resolve_backend("auto", args, True) == expected
 
 
 def test_auto_on_cpu_runs_the_torch_path(monkeypatch):
     calls = []
-    real = triton_bias.biased_prefix_attention
-    monkeypatch.setattr(triton_bias, "biased_prefix_attention", lambda *a: calls.append(1) or real(*a))
+    real = TritonBackend.forward
+    monkeypatch.setattr(TritonBackend, "forward", classmethod(lambda cls, args: calls.append(1) or real(args)))
     q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
     bias = torch.randn(1, 2, 3, 4)
     out = prefix_attention(q, k, v, attn_bias=bias)

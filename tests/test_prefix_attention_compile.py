@@ -18,9 +18,7 @@ def test_opcheck(mode):
             inputs[n].requires_grad_()
     a = check_prefix_attention_args(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
                                     inputs["prefix_index"], inputs["key_padding_mask"], True, None, None, None)
-    args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
-            a.scale, a.softcap, a.window, "torch")
-    torch.library.opcheck(_forward_op, args)
+    torch.library.opcheck(_forward_op, a.op_inputs() + ("torch",))
 
 
 def test_torch_compile_forward_backward_matches_eager():

@@ -16,8 +16,10 @@ import torch
 import fastprompt as fp
 from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, opcheck_args, relative_error
 from fastprompt import reference
-from fastprompt.ops import attention_dropout, prefix_attention_torch_dropout
+from fastprompt.ops import attention_dropout
+from fastprompt.ops.prefix_attention_torch import dropout as prefix_attention_torch_dropout
 from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
+from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 _triton_ok = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
@@ -244,13 +246,13 @@ def test_bad_dropout_p_is_refused(bad):
 
 
 def test_cuda_backend_refuses_dropout_so_auto_falls_back():
-    from fastprompt.ops import prefix_attention_cuda
+    from fastprompt.ops.prefix_attention_cuda import CudaBackend
 
     case = Case(batch=1, hq=2, hkv=2, lq=3, lk=3, dim=64, mode="none")
     inputs = make_inputs(case)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    reason = prefix_attention_cuda.supports(q, k, v, None, None, 0, None, True, 0.0, -1, True, dropout_p=0.1)
-    assert reason is not None and "dropout" in reason
+    args = check_prefix_attention_args(q, k, v, None, None, None, None, True, None, None, None, dropout_p=0.1)
+    assert any("dropout" in reason for reason in CudaBackend.not_supported_reasons(args, True))
     with pytest.raises(ValueError, match="cuda"):
         fp.ops.prefix_attention(q, k, v, dropout_p=0.1, backend="cuda")
 
@@ -263,9 +265,8 @@ def test_opcheck_with_dropout():
 
     case = Case(batch=2, hq=2, hkv=1, lq=3, lk=4, dim=8, plen=2, mode="pool_slots", padding="holes")
     a = opcheck_args(case)
-    args = (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_mode, a.key_padding_mask, a.causal,
-            a.scale, a.softcap, a.window, "torch", 0.2, draw_dropout_seed("cpu"))
-    torch.library.opcheck(_forward_op, args)
+    a.dropout_p, a.dropout_seed = 0.2, draw_dropout_seed("cpu")
+    torch.library.opcheck(_forward_op, a.op_inputs() + ("torch",))
 
 
 def test_torch_compile_with_dropout_matches_eager():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from attention_cases import Case, make_inputs
-from fastprompt.ops import dropout_mask_fill, prefix_attention_torch_dropout
+from fastprompt.ops.prefix_attention_torch import dropout as prefix_attention_torch_dropout
+from fastprompt.ops.prefix_attention_torch import dropout_mask_fill
 from fastprompt.ops.attention_dropout import keep_mask_elementwise
-from fastprompt.ops.dropout_mask_fill import KeepMaskFiller, pack_bits, unpack_bits
+from fastprompt.ops.prefix_attention_torch.dropout_mask_fill import KeepMaskFiller, pack_bits, unpack_bits
 from test_prefix_attention_dropout import assert_errors_below, run_with_reference
 
 

@@ -136,3 +136,35 @@ def test_keys_in_bshd_layout_get_a_transpose_hint():
         fp.ops.prefix_attention(q, k, v)
     message = str(info.value)
     assert "must be a multiple" in message and "[B, L, H, D]" in message and "transpose(1, 2)" in message
+
+
+def test_an_explicit_backend_that_cannot_run_the_call_lists_every_backends_reasons():
+    inputs = {k: v.double() for k, v in _inputs().items()}
+    with pytest.raises(ValueError) as info:
+        fp.ops.prefix_attention(*inputs.values(), attn_bias=torch.randn(1, 4, 3, 5), dropout_p=0.1, backend="cuda")
+    message = str(info.value)
+    assert message.startswith("prefix_attention: backend='cuda' cannot run this call: ")
+    for words in ("CUDA kernels take float16 or bfloat16 inputs, got torch.float64",
+                  "the CUDA kernels take no attn_bias / prefix_bias", "the CUDA kernels have no attention dropout",
+                  "\n  triton: ", "triton kernels take float16, bfloat16 or float32 inputs, got torch.float64",
+                  "\n  torch: can run it", "\n  reference: can run it"):
+        assert words in message, words
+
+
+def test_auto_with_no_backend_left_lists_every_backends_reasons(monkeypatch):
+    from fastprompt.ops.prefix_attention_torch import TorchBackend
+
+    monkeypatch.setattr(TorchBackend, "SUPPORTS_SOFTCAP", False)  # a capability the CPU's only auto choice lacks
+    with pytest.raises(ValueError, match=r"no backend can run this call on cpu:(.|\n)*torch: the torch ops have no "
+                                         r"softcap"):
+        _call(softcap=30.0)
+    assert _call().shape == (2, 4, 3, 8)  # what it does declare still runs
+
+
+def test_gather_mix_explicit_backend_that_cannot_run_lists_every_backends_reasons():
+    pool = torch.randn(4, 3)
+    with pytest.raises(RuntimeError) as info:
+        fp.ops.gather_prompts(pool, torch.tensor([0]), backend="cuda")
+    message = str(info.value)
+    assert "backend='cuda' cannot run this call: the CUDA kernels need CUDA tensors, got cpu" in message
+    assert "\n  torch: can run it" in message and "\n  reference: can run it" in message

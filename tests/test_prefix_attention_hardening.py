@@ -158,3 +158,36 @@ def test_empty_batch(backend, mode, lse_grad):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
     if pk is not None:
         assert not pk.grad.any() and not pv.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["none", "shared", "pool_slots"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_empty_batch_with_dropout(backend, mode, biased):
+    # B = 0 with attention dropout (a training step on an empty shard): the same empty results and zero prefix
+    # gradients as the reference, no crash
+    torch.manual_seed(0)
+    q = torch.randn(0, 2, 3, 16)
+    k, v = torch.randn(0, 1, 4, 16), torch.randn(0, 1, 4, 16)
+    pk = pv = index = None
+    if mode == "shared":
+        pk, pv = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    elif mode == "pool_slots":
+        pk, pv = torch.randn(3, 1, 2, 16), torch.randn(3, 1, 2, 16)
+        index = torch.zeros(0, 2, dtype=torch.long)
+    biases = {}
+    if biased:
+        biases["attn_bias"] = torch.randn(1, 2, 3, 4)
+        if pk is not None:
+            biases["prefix_bias"] = torch.randn(1, 2, 3, (1 if index is None else index.shape[1]) * 2)
+    results = []
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((pk, pv) if pk is not None else ())]
+        out, lse = fp.ops.prefix_attention(*leaves[:3], *(leaves[3:] or (None, None)), prefix_index=index,
+                                           dropout_p=0.3, backend=name, return_lse=True, **biases)
+        assert out.shape == q.shape and lse.shape == q.shape[:3]
+        grads = torch.autograd.grad(out.sum() + lse.sum(), leaves, allow_unused=True)
+        results.append([out, lse] + [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)])
+    for got, expected in zip(*results):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -61,10 +61,10 @@ def test_the_recorder_catches_the_reference_path():
 
 def test_triton_backend_builds_no_concat_no_copies_no_mask():
     pytest.importorskip("triton")
-    from fastprompt.ops.prefix_attention import backend_module
+    from fastprompt.ops.prefix_attention_dispatch import backend_class
 
     try:
-        backend_module("triton")
+        backend_class("triton")
     except ImportError as exc:
         pytest.skip(f"triton backend unavailable: {exc}")
     case = Case(batch=3, hq=6, hkv=2, lq=11, lk=13, dim=16, plen=5, mode="shared", padding="holes")

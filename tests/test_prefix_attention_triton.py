@@ -20,7 +20,8 @@ if importlib.util.find_spec("triton") is None:
 
 from fastprompt import reference  # noqa: E402
 from fastprompt.ops import prefix_attention  # noqa: E402
-from fastprompt.ops import prefix_attention_triton as triton_backend  # noqa: E402
+from fastprompt.ops.prefix_attention_inputs import PrefixAttentionArgs  # noqa: E402
+from fastprompt.ops.prefix_attention_triton import TritonBackend  # noqa: E402
 
 from attention_cases import Case, check_against_reference, relative_error  # noqa: E402
 
@@ -96,14 +97,15 @@ def _check_backend(batch=2, hq=4, hkv=2, lq=6, lk=9, dim=32, plen=5, mode=1, dty
     q, k, v, pk, pv, index, kpm = _normalized_problem(batch, hq, hkv, lq, lk, dim, plen, mode, dtype, slots, padding,
                                                       prefix_dtype, transposed)
     scale = dim ** -0.5
-    out, lse = triton_backend.forward(q, k, v, pk, pv, index, mode, kpm, causal, scale, softcap, window)
+    args = PrefixAttentionArgs(q, k, v, pk, pv, index, mode, kpm, causal, scale, softcap, window)
+    out, lse, kept = TritonBackend.forward(args)
+    assert kept is None
     assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
 
     grad_out = torch.randn(out.shape, dtype=torch.float64)
     grad_lse = torch.randn(lse.shape, dtype=torch.float64).masked_fill(torch.isinf(lse), 0.0)
     delta = (grad_out.to(dtype).float() * out.float()).sum(-1) - grad_lse.float()
-    grads = triton_backend.backward(grad_out.to(dtype), q, k, v, pk, pv, index, mode, kpm, lse, delta, causal, scale,
-                                    softcap, window)
+    grads = TritonBackend.backward(args, grad_out.to(dtype), out, lse, delta, None)
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     prefix = [None, None] if pk is None else [t.detach().double().requires_grad_() for t in (pk, pv)]
@@ -209,11 +211,16 @@ def test_op_triton_matches_torch_backend_without_lse_grad():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _args(q, k, kpm=None, prefix_k=None):
+    index = None if prefix_k is None else torch.zeros(q.shape[0], 1, dtype=torch.long)
+    return PrefixAttentionArgs(q, k, k, prefix_k, prefix_k, index, 0 if prefix_k is None else 1, kpm, True, 0.1,
+                               0.0, -1)
+
+
 def _supports(q, k=None, prefix_k=None, **kw):
+    """The backend's reasons joined by "; ", or None when it can run the call."""
     k = torch.randn(q.shape[0], 1, 4, q.shape[-1], dtype=q.dtype) if k is None else k
-    return triton_backend.supports(q, k, k, prefix_k, None if prefix_k is None else torch.zeros(q.shape[0], 1,
-                                   dtype=torch.long), 0 if prefix_k is None else 1, kw.get("kpm"), True, 0.0, -1,
-                                   True)
+    return "; ".join(TritonBackend.not_supported_reasons(_args(q, k, kw.get("kpm"), prefix_k), True)) or None
 
 
 def test_supports_whole_contract_under_interpreter():
@@ -226,9 +233,9 @@ def test_supports_whole_contract_under_interpreter():
 def test_supports_refuses_cpu_tensors_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 2, 3, 32)
-    assert _supports(q) == "triton needs CUDA tensors or TRITON_INTERPRET=1"
+    assert _supports(q) == "triton kernels need CUDA tensors, got cpu (CPU tensors only under TRITON_INTERPRET=1)"
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        triton_backend.forward(q, q[:, :1], q[:, :1], None, None, None, 0, None, True, 0.1, 0.0, -1)
+        TritonBackend.forward(_args(q, q[:, :1]))
 
 
 @pytest.mark.parametrize("what", ["float64", "head_dim_512", "int_mask"])
@@ -237,10 +244,10 @@ def test_supports_refuses_and_forward_raises(what):
                     dtype=torch.float64 if what == "float64" else F32)
     k = q[:, :1].clone()
     kpm = torch.ones(1, 3, dtype=torch.int32) if what == "int_mask" else None
-    reason = triton_backend.supports(q, k, k, None, None, 0, kpm, True, 0.0, -1, False)
-    assert isinstance(reason, str) and reason
+    reasons = TritonBackend.not_supported_reasons(_args(q, k, kpm), False)
+    assert reasons and all(isinstance(reason, str) and reason for reason in reasons)
     with pytest.raises(ValueError, match="triton backend cannot run"):
-        triton_backend.forward(q, k, k, None, None, None, 0, kpm, True, 0.1, 0.0, -1)
+        TritonBackend.forward(_args(q, k, kpm))
     if what != "int_mask":  # the public op turns an int mask into bool itself
         with pytest.raises(ValueError, match="backend='triton' cannot run"):
             prefix_attention(q, k, k, backend="triton")
@@ -254,9 +261,10 @@ def test_backend_reads_pool_index_in_kernel_without_host_sync(monkeypatch):
     q, k, v, pk, pv, index, kpm = _normalized_problem(2, 2, 1, 4, 5, 16, 3, 3, F32, slots=2, padding="holes")
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-    out, lse = triton_backend.forward(q, k, v, pk, pv, index, 3, kpm, True, 0.25, 0.0, -1)
+    args = PrefixAttentionArgs(q, k, v, pk, pv, index, 3, kpm, True, 0.25, 0.0, -1)
+    out, lse, _ = TritonBackend.forward(args)
     delta = torch.zeros_like(lse)
-    triton_backend.backward(torch.ones_like(out), q, k, v, pk, pv, index, 3, kpm, lse, delta, True, 0.25, 0.0, -1)
+    TritonBackend.backward(args, torch.ones_like(out), out, lse, delta, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The shared prefix's CPU backward (prefix_attention_cpu_flash) has four block strategies: the fused kernel over
+"""The shared prefix's CPU backward (prefix_attention_torch/cpu_flash.py) has four block strategies: the fused kernel over
 the whole batch (small score blocks), the fused kernel over chunks of batch rows (each chunk's block within the
 threshold), the written-out per-head / per-GQA-group loop (large blocks), and for one KV head (MQA) in [B, H, L, D]
 memory the fused kernel as one single-head problem over all B·Hq·Lq rows. Each gives the reference's gradients for
@@ -9,7 +9,7 @@ import torch
 
 from fastprompt import reference
 from fastprompt.ops import prefix_attention
-from fastprompt.ops import prefix_attention_cpu_flash as cpu_flash
+from fastprompt.ops.prefix_attention_torch import cpu_flash
 
 BATCH, LQ, LK, DIM, PLEN = 3, 5, 7, 8, 4
 

@@ -22,7 +22,7 @@ unhoisted model draws one mask per row for the virtual tokens), prompts that dep
 `output_attentions`, a caller-supplied KV cache in a PEFT forward, and tasks other than causal LM.
 
 Generation computes the prompt K/V once (no_grad) and the KV cache holds the real tokens only. Each decoding step
-(one query per row) over the shared prompt K/V takes the lean CPU path of ops/prefix_attention_decode.py.
+(one query per row) over the shared prompt K/V takes the lean CPU path of ops/prefix_attention_torch/decode.py.
 Opt out per model with `set_prompt_hoisting(model, False)` (or `patch_model(..., hoist_prompts=False)`).
 """
 from __future__ import annotations

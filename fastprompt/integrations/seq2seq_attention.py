@@ -411,7 +411,7 @@ def _sdpa_with_bias_mask(q, k, kpm, bias, causal):
 
 def _attention_with_dropout(q, k, v, pk, pv, pidx, kpm, causal, scale, attn_bias, prefix_bias, p, backend="auto"):
     """Training with attention dropout: the fused op draws the dropout itself (with T5's biases too: the Triton
-    kernels or ops/prefix_attention_bias_dropout.py), so no concatenated K/V, joined bias or score matrix is built."""
+    kernels or ops/prefix_attention_torch/dropout.py), so no concatenated K/V, joined bias or score matrix is built."""
     return ops.prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=kpm, causal=causal, scale=scale,
                             attn_bias=attn_bias, prefix_bias=prefix_bias, dropout_p=p, backend=backend)
 

@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface  # (also exported at the top level by later 5.x)
 
 from .. import ops  # ops.prefix_attention looked up per call (a test spy may stand in for it)
-from ..ops.prefix_attention_decode import shared_prefix_decode
+from ..ops import shared_prefix_decode
 from ..prompts.layer_prefix import LayerPrefix
 from .call_context import CallLocal
 from .families import ROBERTA, WRAPPERS, FamilyFacts, family_facts

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 PHILOX_ROUNDS = 10
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_MASK32 = 0xFFFFFFFF
 
 
 def check_dropout_p(dropout_p) -> float:
@@ -62,18 +62,18 @@ def _mul_hi_lo(multiplier: int, x: Tensor):
     The product can pass 2**63: int64 multiplication wraps (two's complement on every torch device), which keeps
     all 64 bits of the true product, so both words are exact after masking (the known-answer tests check it)."""
     product = x * multiplier
-    return (product >> 32) & _MASK32, product & _MASK32
+    return (product >> 32) & PHILOX_MASK32, product & PHILOX_MASK32
 
 
 def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0, k1, rounds: int = PHILOX_ROUNDS):
     """Philox4x32 on int64 tensors holding uint32 values (broadcastable); k0, k1 ints or 0-d int64 tensors.
     Returns the four output words, as Random123 and Triton's `philox_impl` define them."""
     for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _KEY_A) & _MASK32
-        k1 = (k1 + _KEY_B) & _MASK32
+        k0 = (k0 + PHILOX_KEY_A) & PHILOX_MASK32
+        k1 = (k1 + PHILOX_KEY_B) & PHILOX_MASK32
     return c0, c1, c2, c3
 
 

@@ -2,9 +2,8 @@
 
 The backward scatter-adds into the pool gradient (index_add semantics) and never builds a [B, N, ...] broadcast.
 Registered as the torch.library custom ops fastprompt::gather_prompts / fastprompt::gather_prompts_backward so it
-traces under torch.compile (fake impls) and has autograd. CUDA extension interface (optional module
-fastprompt/ops/gather_mix_cuda.py), flattened layout: gather_forward(pool [N, F], index [M] int64) -> [M, F];
-gather_backward(grad_out [M, F], index [M], num_entries) -> [num_entries, F].
+traces under torch.compile (fake impls) and has autograd. The backends and their
+interface: fastprompt/ops/gather_mix_backends.py.
 """
 
 from __future__ import annotations
@@ -12,37 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._select_backend import (check_index, check_pool, load_cuda_backend, load_triton_kernels,
-                              plain_torch_path, resolve_backend)
+from .gather_mix_backends import backend_class, plain_torch_path, resolve_backend
+from .gather_mix_inputs import check_index, check_pool
 from .index_range import check_index_values, checked_index
 
 __all__ = ["gather_prompts"]
 
 
-def _torch_forward(pool: Tensor, index: Tensor) -> Tensor:
-    live = index >= 0
-    out = pool.index_select(0, index.clamp_min(0))
-    return out.masked_fill_(~live[:, None], 0)  # out is index_select's fresh result
-
-
-def _torch_backward(grad_out: Tensor, index: Tensor, num_entries: int) -> Tensor:
-    acc_dtype = grad_out.dtype if grad_out.dtype in (torch.float32, torch.float64) else torch.float32
-    # Empty slots (-1) add into a scratch row N that is dropped afterwards: no host sync to filter them out and
-    # no zeroed copy of grad_out.
-    target = torch.where(index >= 0, index, num_entries)
-    dpool = torch.zeros((num_entries + 1, grad_out.shape[1]), dtype=acc_dtype, device=grad_out.device)
-    dpool.index_add_(0, target, grad_out if grad_out.dtype == acc_dtype else grad_out.to(acc_dtype))
-    return dpool[:num_entries].to(grad_out.dtype)
-
-
 @torch.library.custom_op("fastprompt::gather_prompts", mutates_args=())
 def _gather_op(pool: Tensor, index: Tensor, backend: str) -> Tensor:
     check_index_values(index, pool.shape[0], "index")  # runs on real tensors under torch.compile too
-    if backend == "cuda":
-        return load_cuda_backend().gather_forward(pool, index)
-    if backend == "triton":
-        return load_triton_kernels().gather_forward(pool, index)
-    return _torch_forward(pool, index)
+    return backend_class(backend).gather_forward(pool, index)
 
 
 @_gather_op.register_fake
@@ -52,11 +31,7 @@ def _(pool, index, backend):
 
 @torch.library.custom_op("fastprompt::gather_prompts_backward", mutates_args=())
 def _gather_backward_op(grad_out: Tensor, index: Tensor, num_entries: int, backend: str) -> Tensor:
-    if backend == "cuda":
-        return load_cuda_backend().gather_backward(grad_out, index, num_entries)
-    if backend == "triton":
-        return load_triton_kernels().gather_backward(grad_out, index, num_entries)
-    return _torch_backward(grad_out, index, num_entries)
+    return backend_class(backend).gather_backward(grad_out, index, num_entries)
 
 
 @_gather_backward_op.register_fake
@@ -89,10 +64,8 @@ def gather_prompts(pool: Tensor, index: Tensor, *, backend: str = "auto") -> Ten
     check_pool(pool)
     check_index(index, pool, "index", (1, 2))
     backend = resolve_backend(backend, pool, index)
-    if backend == "reference":
-        from fastprompt.reference_prompts import gather_prompts as reference
-
-        return reference(pool, checked_index(index, pool.shape[0], "index"))
+    if backend_class(backend).DIFFERENTIATED_BY_AUTOGRAD:  # the reference
+        return backend_class(backend).gather(pool, checked_index(index, pool.shape[0], "index"))
     if plain_torch_path(backend, pool) and pool.device.type == "cpu" and index.dtype in _SELECT_INDEX_DTYPES:
         return _cpu_gather(pool, index)
     entry_shape = pool.shape[1:]

@@ -3,9 +3,7 @@
 Dense: weights [B, N] -> out[b] = sum_n weights[b, n] * pool[n]  (a matmul on the flattened pool).
 Sparse: weights [B, k], index [B, k] -> out[b] = sum_j weights[b, j] * pool[index[b, j]]  (-1 = empty slot).
 Gradients reach pool and weights. Custom ops fastprompt::mix_prompts / fastprompt::mix_prompts_backward.
-CUDA extension interface (optional fastprompt/ops/gather_mix_cuda.py), flattened layout:
-mix_forward(pool [N, F], weights [B, K], index None | [B, K] int64) -> [B, F];
-mix_backward(grad_out [B, F], pool, weights, index) -> (dpool [N, F], dweights [B, K]).
+The backends and their interface: fastprompt/ops/gather_mix_backends.py.
 """
 
 from __future__ import annotations
@@ -15,45 +13,18 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._select_backend import (check_index, check_pool, load_cuda_backend, load_triton_kernels, plain_torch_path,
-                              resolve_backend)
+from .gather_mix_backends import backend_class, plain_torch_path, resolve_backend
+from .gather_mix_inputs import check_index, check_pool
 from .index_range import check_index_values, checked_index
 
 __all__ = ["mix_prompts"]
-
-
-def _torch_forward(pool: Tensor, weights: Tensor, index: Optional[Tensor]) -> Tensor:
-    if index is None:
-        return weights @ pool
-    live = index >= 0
-    w = weights.masked_fill(~live, 0)
-    picked = pool.index_select(0, index.clamp_min(0).reshape(-1)).reshape(*index.shape, pool.shape[1])
-    return torch.einsum("bk,bkf->bf", w, picked)
-
-
-def _torch_backward(grad_out: Tensor, pool: Tensor, weights: Tensor, index: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    if index is None:
-        return weights.transpose(0, 1) @ grad_out, grad_out @ pool.transpose(0, 1)
-    live = index >= 0
-    safe = index.clamp_min(0)
-    picked = pool.index_select(0, safe.reshape(-1)).reshape(*index.shape, pool.shape[1])
-    dweights = torch.einsum("bf,bkf->bk", grad_out, picked).masked_fill(~live, 0)
-    w = weights.masked_fill(~live, 0)
-    acc_dtype = pool.dtype if pool.dtype in (torch.float32, torch.float64) else torch.float32
-    contrib = (w[:, :, None] * grad_out[:, None, :]).reshape(-1, pool.shape[1]).to(acc_dtype)
-    dpool = torch.zeros(pool.shape, dtype=acc_dtype, device=pool.device).index_add_(0, safe.reshape(-1), contrib)
-    return dpool.to(pool.dtype), dweights
 
 
 @torch.library.custom_op("fastprompt::mix_prompts", mutates_args=())
 def _mix_op(pool: Tensor, weights: Tensor, index: Optional[Tensor], backend: str) -> Tensor:
     if index is not None:  # runs on real tensors under torch.compile too
         check_index_values(index, pool.shape[0], "index")
-    if backend == "cuda":
-        return load_cuda_backend().mix_forward(pool, weights, index)
-    if backend == "triton":
-        return load_triton_kernels().mix_forward(pool, weights, index)
-    return _torch_forward(pool, weights, index)
+    return backend_class(backend).mix_forward(pool, weights, index)
 
 
 @_mix_op.register_fake
@@ -65,13 +36,7 @@ def _(pool, weights, index, backend):
 def _mix_backward_op(
     grad_out: Tensor, pool: Tensor, weights: Tensor, index: Optional[Tensor], backend: str
 ) -> Tuple[Tensor, Tensor]:
-    if backend == "cuda":
-        dpool, dweights = load_cuda_backend().mix_backward(grad_out, pool, weights, index)
-    elif backend == "triton":
-        dpool, dweights = load_triton_kernels().mix_backward(grad_out, pool, weights, index)
-    else:
-        dpool, dweights = _torch_backward(grad_out, pool, weights, index)
-    return dpool, dweights
+    return backend_class(backend).mix_backward(grad_out, pool, weights, index)
 
 
 @_mix_backward_op.register_fake
@@ -124,10 +89,9 @@ def mix_prompts(pool: Tensor, weights: Tensor, index: Optional[Tensor] = None, *
             )
     tensors = (pool, weights) if index is None else (pool, weights, index)
     backend = resolve_backend(backend, *tensors)
-    if backend == "reference":
-        from fastprompt.reference_prompts import mix_prompts as reference
-
-        return reference(pool, weights, None if index is None else checked_index(index, pool.shape[0], "index"))
+    if backend_class(backend).DIFFERENTIATED_BY_AUTOGRAD:  # the reference
+        return backend_class(backend).mix(pool, weights,
+                                          None if index is None else checked_index(index, pool.shape[0], "index"))
     entry_shape = pool.shape[1:]
     flat_pool = pool.reshape(pool.shape[0], -1)
     flat_index = None if index is None else index.long().contiguous()

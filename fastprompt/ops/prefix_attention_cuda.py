@@ -15,12 +15,10 @@ import importlib
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from .._cuda_build_info import arch_covers, extension, extension_error
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+from .prefix_attention_backend import PrefixAttentionBackend
+from .prefix_attention_inputs import PrefixAttentionArgs
 
 _device_ok_cache: dict = {}
 
@@ -36,69 +34,65 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return _device_ok_cache[index]
 
 
-def _triton_backward_reason(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap,
-                            window) -> Optional[str]:
+def _triton_backward_reasons(args: PrefixAttentionArgs) -> list:
     try:
-        triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton")
+        triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton").BACKEND
     except ImportError as exc:
-        return f"the CUDA backend's backward runs on Triton, which is unavailable ({exc})"
-    reason = triton_backend.supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap,
-                                     window, True)
-    return None if reason is None else f"the CUDA backend's backward runs on Triton, which cannot: {reason}"
+        return [f"the CUDA backend's backward runs on Triton, which is unavailable ({exc})"]
+    return [f"the CUDA backend's backward runs on Triton, which cannot: {reason}"
+            for reason in triton_backend.not_supported_reasons(args, True)]
 
 
-def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window,
-             needs_grad, dropout_p: float = 0.0) -> Optional[str]:
-    if dropout_p > 0.0:
-        return "the CUDA kernels have no attention dropout (the Triton backend fuses it)"
-    if extension() is None:
-        return extension_error()
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        return "the CUDA kernels need CUDA tensors"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"the CUDA kernels take float16/bfloat16, got {q.dtype}"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"the CUDA kernels need k and v in q's dtype {q.dtype}, got {k.dtype} and {v.dtype}"
-    if prefix_k is not None and prefix_k.dtype not in (torch.float32,) + SUPPORTED_DTYPES:
-        return f"the CUDA kernels take a float32/float16/bfloat16 prefix, got {prefix_k.dtype}"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} is not compiled (CUDA kernels cover {SUPPORTED_HEAD_DIMS})"
-    if prefix_index is not None and prefix_index.dtype != torch.int64:
-        return f"the CUDA kernels take an int64 prefix_index, got {prefix_index.dtype}"
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        return f"the CUDA kernels take a bool key_padding_mask, got {key_padding_mask.dtype}"
-    if q.shape[0] * k.shape[1] >= 65536:
-        return "batch * kv heads must be < 65536 for the CUDA grid"
-    reason = _device_reason(q.device)
-    if reason is not None:
-        return reason
-    if needs_grad:
-        return _triton_backward_reason(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal,
-                                       softcap, window)
-    return None
+class CudaBackend(PrefixAttentionBackend):
+    NAME = "cuda"
+    DESCRIPTION = "the CUDA kernels"
+    DEVICES = ("cuda",)
+    DTYPES = (torch.float16, torch.bfloat16)
+    HEAD_DIMS = (64, 128, 256)
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        return extension_error() if extension() is None else None
+
+    @classmethod
+    def call_reasons(cls, args: PrefixAttentionArgs, needs_grad: bool) -> list:
+        q = args.q
+        if args.prefix_k is not None and args.prefix_k.dtype not in (torch.float32,) + cls.DTYPES:
+            return [f"the CUDA kernels take a float32/float16/bfloat16 prefix, got {args.prefix_k.dtype}"]
+        if args.prefix_index is not None and args.prefix_index.dtype != torch.int64:
+            return [f"the CUDA kernels take an int64 prefix_index, got {args.prefix_index.dtype}"]
+        if args.key_padding_mask is not None and args.key_padding_mask.dtype != torch.bool:
+            return [f"the CUDA kernels take a bool key_padding_mask, got {args.key_padding_mask.dtype}"]
+        if q.shape[0] * args.k.shape[1] >= 65536:
+            return ["batch * kv heads must be < 65536 for the CUDA grid"]
+        reason = _device_reason(q.device)
+        if reason is not None:
+            return [reason]
+        return _triton_backward_reasons(args) if needs_grad else []
+
+    @classmethod
+    def forward(cls, args: PrefixAttentionArgs, *, num_splits: int = 0, force_config: int = -1):
+        """(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq] float32, None). num_splits=0: heuristic; force_config
+        -1 auto, 0 decode tiles, 1 prefill tiles (tests use the last two to cover every path)."""
+        a = args
+        prefix_k, prefix_v, prefix_index = a.prefix_k, a.prefix_v, a.prefix_index
+        if a.prefix_mode == 0:
+            prefix_k = prefix_v = prefix_index = None
+        elif prefix_k.dtype != a.q.dtype:  # fp32 prefix parameters under bf16 autocast: a small [E, Hkv, P, D] cast
+            prefix_k, prefix_v = prefix_k.to(a.q.dtype), prefix_v.to(a.q.dtype)
+        out, lse = extension().prefix_attention_fwd(
+            a.q, a.k, a.v, prefix_k, prefix_v, prefix_index, a.key_padding_mask, bool(a.causal), float(a.scale),
+            float(a.softcap), int(a.window), int(num_splits), int(force_config))
+        return out, lse, None
+
+    @classmethod
+    def backward(cls, args: PrefixAttentionArgs, grad_out, out, lse, delta, kept):
+        """Delegated to the Triton backward (same lse convention: natural log, fp32, -inf for empty rows)."""
+        triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton").BACKEND
+        return triton_backend.backward(args, grad_out, out, lse, delta, kept)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-            prefix_index: Optional[Tensor], prefix_mode: int, key_padding_mask: Optional[Tensor], causal: bool,
-            scale: float, softcap: float, window: int, *, num_splits: int = 0,
-            force_config: int = -1) -> tuple[Tensor, Tensor]:
-    """(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq] float32). num_splits=0: heuristic; force_config
-    -1 auto, 0 decode tiles, 1 prefill tiles (tests use the last two to cover every path)."""
-    if prefix_mode == 0:
-        prefix_k = prefix_v = prefix_index = None
-    elif prefix_k.dtype != q.dtype:  # e.g. fp32 prefix parameters under bf16 autocast: a small [E, Hkv, P, D] cast
-        prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
-    return tuple(extension().prefix_attention_fwd(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal), float(scale),
-        float(softcap or 0.0), int(window if window is not None else -1), int(num_splits), int(force_config)))
-
-
-def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta, causal,
-             scale, softcap, window):
-    """Delegated to the Triton backward (same lse convention: natural log, fp32, -inf for empty rows)."""
-    triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton")
-    return triton_backend.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                   key_padding_mask, lse, delta, causal, scale, softcap, window)
+BACKEND = CudaBackend
 
 
 def plan(B, Hq, Hkv, Lq, Lk, D, S=0, P=0, num_splits=0, force_config=-1, sm_count=None):

@@ -14,12 +14,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .attention_dropout import check_dropout_p
+
 PREFIX_NONE, PREFIX_SHARED, PREFIX_PER_SAMPLE, PREFIX_POOL = 0, 1, 2, 3
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
 class PrefixAttentionArgs:
+    """One call's checked, normalized arguments: what every backend receives (BACKEND_INTERFACE.md). The fields
+    are, in order, the inputs of the op's custom-op pair (`op_inputs`), so the op rebuilds this from its inputs
+    and a new argument is one field here plus the backends that claim it."""
     q: Tensor
     k: Tensor
     v: Tensor
@@ -32,6 +37,33 @@ class PrefixAttentionArgs:
     scale: float
     softcap: float  # 0.0 = none
     window: int  # -1 = none
+    attn_bias: Optional[Tensor] = None  # [1|B, Hq, Lq, Lk], any float dtype and strides
+    prefix_bias: Optional[Tensor] = None  # [1|B, Hq, Lq, S*P]
+    dropout_p: float = 0.0
+    dropout_seed: Optional[Tensor] = None  # int64 [seed_lo, seed_hi, offset] (attention_dropout.py) when dropout_p > 0
+
+    @property
+    def biased(self) -> bool:
+        return self.attn_bias is not None or self.prefix_bias is not None
+
+    def op_inputs(self) -> tuple:
+        """The fields in order: the leading inputs of the custom ops (PrefixAttentionArgs(*inputs) undoes it)."""
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v, self.prefix_index, self.prefix_mode,
+                self.key_padding_mask, self.causal, self.scale, self.softcap, self.window, self.attn_bias,
+                self.prefix_bias, self.dropout_p, self.dropout_seed)
+
+    def saved(self) -> tuple:
+        """(tensors, everything else), what autograd saves between forward and backward; from_saved undoes it."""
+        return ((self.q, self.k, self.v, self.prefix_k, self.prefix_v, self.prefix_index, self.key_padding_mask,
+                 self.attn_bias, self.prefix_bias, self.dropout_seed),
+                (self.prefix_mode, self.causal, self.scale, self.softcap, self.window, self.dropout_p))
+
+    @classmethod
+    def from_saved(cls, tensors, params) -> "PrefixAttentionArgs":
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias, prefix_bias, dropout_seed = tensors
+        prefix_mode, causal, scale, softcap, window, dropout_p = params
+        return cls(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
+                   window, attn_bias, prefix_bias, dropout_p, dropout_seed)
 
 
 def _shape(t: Tensor) -> str:
@@ -48,7 +80,10 @@ def _require_tensor(name: str, t, dims: int, layout: str) -> None:
 
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
-                                softcap, window) -> PrefixAttentionArgs:
+                                softcap, window, attn_bias=None, prefix_bias=None,
+                                dropout_p=0.0) -> PrefixAttentionArgs:
+    """The checked, normalized arguments of one call, or a clear error naming the argument. The dropout seed is
+    left to the op, which draws it once the call is known to run."""
     _require_tensor("q", q, 4, "[B, Hq, Lq, D]")
     _require_tensor("k", k, 4, "[B, Hkv, Lk, D]")
     _require_tensor("v", v, 4, "[B, Hkv, Lk, D]")
@@ -106,8 +141,37 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, prefix_index, key_p
     elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"prefix_attention: `window` must be a positive int (keys within the window are seen) "
                          f"or None, got {window!r}")
+    dropout_p = check_dropout_p(dropout_p)
+    if attn_bias is not None:
+        attn_bias = _check_bias("attn_bias", attn_bias, q, lk, "[1|B, Hq, Lq, Lk]")
+    if prefix_bias is not None:
+        if mode == PREFIX_NONE:
+            raise ValueError("prefix_attention: `prefix_bias` was given but there is no prefix (prefix_k is None)")
+        keys = prefix_index.shape[1] * prefix_k.shape[2]
+        prefix_bias = _check_bias("prefix_bias", prefix_bias, q, keys, "[1|B, Hq, Lq, S*P]")
     return PrefixAttentionArgs(q, k, v, prefix_k, prefix_v, prefix_index, mode, key_padding_mask, causal,
-                               float(scale), float(softcap), int(window))
+                               float(scale), float(softcap), int(window), attn_bias, prefix_bias, dropout_p)
+
+
+def _check_bias(name: str, bias, q: Tensor, keys: int, layout: str) -> Tensor:
+    """An additive score bias (T5's relative position bias): a float tensor broadcastable over the batch, on q's
+    device, that gets no gradient (T5's relative attention bias belongs to the frozen base model)."""
+    batch, hq, lq, _ = q.shape
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"prefix_attention: `{name}` must be a float tensor {layout} or None, got {type(bias).__name__}")
+    if not bias.dtype.is_floating_point:
+        raise TypeError(f"prefix_attention: `{name}` must be a float tensor, got {bias.dtype}")
+    if bias.dim() != 4 or bias.shape[0] not in (1, batch) or tuple(bias.shape[1:]) != (hq, lq, keys):
+        raise ValueError(f"prefix_attention: `{name}` must be {layout} = [1 or {batch}, {hq}, {lq}, {keys}], "
+                         f"got {list(bias.shape)}")
+    if bias.device != q.device:
+        raise ValueError(f"prefix_attention: `{name}` must be on q's device {q.device}, got {bias.device}")
+    if bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"prefix_attention: `{name}` requires grad, but the op gives no gradient to an attention bias (T5's "
+            "relative attention bias is part of the frozen base model); detach it, or freeze the weights it comes "
+            "from")
+    return bias
 
 
 def _normalize_prefix(q, prefix_k, prefix_v, prefix_index, batch, hkv, dim):

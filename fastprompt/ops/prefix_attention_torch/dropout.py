@@ -9,7 +9,7 @@ them from the saved log-sum-exp. With Z the keep mask and r = 1 / (1 - p):
     forward:  out = r (Z * P) V,  lse as without dropout (the softmax's own)
     backward: dV = r (Z * P)^T dO,  dS = P * (r Z * (dO V^T) - delta),  delta = rowsum(dO * O) - dlse
 
-The mask: forward draws it from the seed (fastprompt.ops.dropout_mask_fill: the Philox mask of
+The mask: forward draws it from the seed (dropout_mask_fill.py: the Philox mask of
 ops.attention_dropout, the same bits as the Triton kernels and the reference) and returns it packed, one bit per
 decision (`kept_mask_bytes`, 1/32 of the float scores); backward unpacks it instead of running Philox again (on the
 CPU, Philox in torch ops costs more than the rest of the attention). Without the packed mask backward regenerates
@@ -30,11 +30,11 @@ import math
 
 import torch
 
-from .attention_dropout import dropout_scale
+from ..attention_dropout import dropout_scale
 from .dropout_mask_fill import KeepMaskFiller, pack_bits, packed_size, unpack_bits
-from .prefix_attention_cpu_flash import hidden_positions
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
-from .prefix_attention_torch import _accumulator_dtype, prefix_grads_per_entry
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+from .cpu_flash import hidden_positions
+from .explicit import accumulator_dtype, prefix_grads_per_entry
 
 NEG_INF = float("-inf")
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are kept in log2 units: exp2 is twice as fast as exp here
@@ -68,7 +68,7 @@ class _Problem:
         self.hkv, self.lk = k.shape[1], k.shape[2]
         self.group = self.hq // self.hkv
         self.rows = self.batch * self.hkv
-        self.acc = _accumulator_dtype(q.dtype)
+        self.acc = accumulator_dtype(q.dtype)
         self.device = q.device
         self.qg = _grouped_rows(q, self.hkv, self.acc)
         self.k = k.to(self.acc).reshape(self.rows, self.lk, self.dim)  # [B*Hkv, Lk, D]
@@ -159,15 +159,17 @@ class _Problem:
             yield start, min(self.lq, start + self.queries_per_chunk)
 
     # -- the chunk's operands in matmul layouts ----------------------------------------------------------------
+    # (every view and reshape names its sizes: with B = 0 a -1 could be anything, and torch refuses it)
 
     def rows_of(self, x, start, stop):
         """`[B, Hkv, G, Lq, D]` -> the chunk's `[B*Hkv, G*m, D]` (a view when the chunk spans all queries)."""
-        return x[:, :, :, start:stop].reshape(self.rows, -1, x.shape[-1])
+        return x[:, :, :, start:stop].reshape(self.rows, self.group * (stop - start), x.shape[-1])
 
     def heads_of(self, x, start, stop):
         """`[B, Hkv, G, Lq, D]` -> the chunk's `[Hkv, B*G*m, D]` (the shared prefix's matmul rows; a copy of the
         chunk's queries, never of the prefix)."""
-        return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, -1, x.shape[-1])
+        return x[:, :, :, start:stop].transpose(0, 1).reshape(self.hkv, self.batch * self.group * (stop - start),
+                                                              x.shape[-1])
 
     def prefix_rows_of(self, x, start, stop, rows=None):
         """The chunk's rows for the prefix matmuls (rows: rows_of's result, reused for a per-row prefix)."""
@@ -232,8 +234,8 @@ class _Problem:
         """A chunk's `[B*Hkv, G*m, N]` block, or a shared prefix's `[Hkv, B*G*m, N]`, as `[B, Hkv, G, m, N]` (a
         view)."""
         if prefix and self.shared:
-            return block.view(self.hkv, self.batch, self.group, m, -1).transpose(0, 1)
-        return block.view(self.batch, self.hkv, self.group, m, -1)
+            return block.view(self.hkv, self.batch, self.group, m, block.shape[-1]).transpose(0, 1)
+        return block.view(self.batch, self.hkv, self.group, m, block.shape[-1])
 
     def prefix_grad_layout(self, grad):
         """A prefix gradient as prefix_grads_per_entry takes it: shared `[Hkv, P, D]`, per sample `[B, Hkv, P, D]`,
@@ -269,7 +271,7 @@ class _Problem:
             unpack_bits(bits, flags.view(torch.uint8))
         decisions = flags[:count].view(torch.uint8).view(self.batch, self.hkv, self.group, m, keys)
         # uint8 -> float copies (the fast cast) into each block's layout
-        keep_seq = self.grouped(self._keep[0][:lines * m * self.lk], m).copy_(decisions[..., self.prefix_keys:])
+        keep_seq = self.grouped(self._block(self._keep[0], m, False), m).copy_(decisions[..., self.prefix_keys:])
         keep_pre = None
         if self.mode != PREFIX_NONE:
             keep_pre = self.grouped(self._block(self._keep[1], m, True), m, prefix=True)
@@ -289,7 +291,7 @@ def _rows_view(x, start, stop, rows):
     one (G > 1 and a chunk shorter than L)."""
     part = x[:, :, :, start:stop]
     try:
-        return part.view(rows, -1, x.shape[-1])
+        return part.view(rows, x.shape[2] * (stop - start), x.shape[-1])
     except RuntimeError:
         return None
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .prefix_attention import _plain_eager  # the same "nothing watching" test as the op's eager paths
+from ..prefix_attention import plain_eager  # the same "nothing watching" test as the op's eager paths
 
 __all__ = ["shared_prefix_decode"]
 
@@ -40,7 +40,7 @@ def _no_observer(tensors) -> bool:
     FlopCounterMode, functorch transforms): those go through the op, which they see and count."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return _plain_eager()
+    return plain_eager()
 
 
 def shared_prefix_decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
@@ -63,7 +63,7 @@ def shared_prefix_decode(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pref
         return None  # the general op says what is wrong
     if not (k.dtype == v.dtype == prefix_k.dtype == prefix_v.dtype == q.dtype):
         return None
-    # the kernel reads each D-row as one contiguous run (see prefix_attention_cpu_flash.kernel_layout)
+    # the kernel reads each D-row as one contiguous run (see cpu_flash.kernel_layout)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or prefix_k.stride(-1) != 1 \
             or prefix_v.stride(-1) != 1:
         return None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention_dropout import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, PHILOX_ROUNDS, dropout_threshold
+from ..attention_dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MASK32, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, dropout_threshold
 
 BLOCK_WORDS = 1 << 16  # Philox counters per block: big enough that the per-op overhead is small, small enough
 # that the six 64-bit work buffers (3 MiB) stay in cache
@@ -180,7 +180,7 @@ class KeepMaskFiller:
     def _philox_block(self, lined: "_LineRounds", start: int, stop: int, rounds: "_GroupRounds", buffers):
         """The four output words (each with its low 32 bits right) for counters (group, query, row, offset) of
         lines [start, stop) times the key groups."""
-        ops, m = self.ops, _MASK32
+        ops, m = self.ops, PHILOX_MASK32
         mask = ops.const(m)
         n, groups = stop - start, rounds.groups
         x0, x1, x2, x3, prod_a, prod_b = (b[:n * groups].reshape(n, groups) for b in buffers)
@@ -188,8 +188,8 @@ class KeepMaskFiller:
         ops.xor(lined.c1[start:stop], rounds.c0_2, x0)  # c0 = hi(c2 * B) ^ c1 ^ k0
         ops.xor(lined.c2_2[start:stop], rounds.c3_1, x2)  # c2 = hi(c0 * A) ^ c3 ^ k1
         # round 3: c1 and c3 are still small pieces, and clean: so is the result where the high words are
-        ops.mul(x2, ops.const(_ROUND_B), prod_b)
-        ops.mul(x0, ops.const(_ROUND_A), prod_a)
+        ops.mul(x2, ops.const(PHILOX_ROUND_B), prod_b)
+        ops.mul(x0, ops.const(PHILOX_ROUND_A), prod_a)
         ops.xor_(ops.high(prod_b, x0), rounds.c1_3_key)
         ops.xor_(ops.high(prod_a, x2), lined.c3_3_key[start:stop])
         if not ops.clean_high:
@@ -199,8 +199,8 @@ class KeepMaskFiller:
         free_a, free_b = x1, x3
         for r in range(3, PHILOX_ROUNDS):  # rounds 4..10, all full size
             k0, k1 = rounds.key(r)
-            ops.mul(c2, ops.const(_ROUND_B), free_b)
-            ops.mul(c0, ops.const(_ROUND_A), free_a)
+            ops.mul(c2, ops.const(PHILOX_ROUND_B), free_b)
+            ops.mul(c0, ops.const(PHILOX_ROUND_A), free_a)
             # the new c0 goes where c2 was, the new c2 where c0 was; the products are the new (unmasked) c1, c3
             ops.and_(ops.xor_(ops.xor_(ops.high(free_b, c2), c1), ops.const(k0)), mask)
             ops.and_(ops.xor_(ops.xor_(ops.high(free_a, c0), c3), ops.const(k1)), mask)
@@ -213,16 +213,16 @@ class _GroupRounds:
     keys."""
 
     def __init__(self, filler: KeepMaskFiller, group: Tensor):
-        m, ops = _MASK32, filler.ops
+        m, ops = PHILOX_MASK32, filler.ops
         self.groups = group.shape[1]
         self._keys = [(filler.k0, filler.k1)]
         for _ in range(PHILOX_ROUNDS - 1):
             k0, k1 = self._keys[-1]
-            self._keys.append(((k0 + _KEY_A) & m, (k1 + _KEY_B) & m))
-        group_a = group * _ROUND_A
+            self._keys.append(((k0 + PHILOX_KEY_A) & m, (k1 + PHILOX_KEY_B) & m))
+        group_a = group * PHILOX_ROUND_A
         c2_1 = ((group_a >> 32) & m) ^ filler.offset ^ filler.k1  # round 1: c2 = hi(c0 * A) ^ c3 ^ k1
         self.c3_1 = ops.array(group_a & m)  # round 1: c3 = lo(c0 * A)
-        group_b = c2_1 * _ROUND_B  # round 2's product of c2
+        group_b = c2_1 * PHILOX_ROUND_B  # round 2's product of c2
         self.c0_2 = ops.array(((group_b >> 32) & m) ^ self.key(1)[0])  # round 2: c0 = this ^ c1 (per line)
         self.c1_3_key = ops.array((group_b & m) ^ self.key(2)[0])  # round 2's c1 = lo(c2 * B), with round 3's k0
 
@@ -236,13 +236,13 @@ class _LineRounds:
     `[lines, 1]` arrays sliced per block."""
 
     def __init__(self, filler: KeepMaskFiller, rows: Tensor, queries: Tensor, rounds: _GroupRounds):
-        m, ops = _MASK32, filler.ops
+        m, ops = PHILOX_MASK32, filler.ops
         line = torch.arange(rows.shape[0] * queries.shape[0], dtype=torch.int64, device=rows.device)[:, None]
         row, query = rows[line // queries.shape[0]], queries[line % queries.shape[0]]
-        line_b = row * _ROUND_B  # round 1, c2 = row, c1 = query
+        line_b = row * PHILOX_ROUND_B  # round 1, c2 = row, c1 = query
         c0_1 = ((line_b >> 32) & m) ^ query ^ filler.k0
         self.c1 = ops.array(line_b & m)  # round 1's c1
-        line_a = c0_1 * _ROUND_A  # round 2's product of c0
+        line_a = c0_1 * PHILOX_ROUND_A  # round 2's product of c0
         self.c2_2 = ops.array(((line_a >> 32) & m) ^ rounds.key(1)[1])  # round 2: c2 = this ^ c3 (per group)
         self.c3_3_key = ops.array((line_a & m) ^ rounds.key(2)[1])  # round 2's c3 = lo(c0 * A), with round 3's k1
 

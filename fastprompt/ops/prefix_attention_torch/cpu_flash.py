@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

@@ -1,7 +1,7 @@
 """Exact PyTorch prefix attention: the CPU path and the fallback for shapes the kernels do not cover.
 
 On the CPU without softcap, forward and backward go to PyTorch's fused flash kernel in two lse-merged parts
-(prefix_attention_cpu_flash). Everywhere else, the explicit composition below:
+(cpu_flash.py). Everywhere else, the explicit composition below:
 
 Prefix scores and sequence scores are computed as two separate blocks and joined by one softmax, so the
 concatenated `[prefix; sequence]` keys never exist. A shared prefix stays `[Hkv, P, D]` (einsum broadcasts it over
@@ -17,18 +17,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from . import cpu_flash
 
 NEG_INF = float("-inf")
 
 
-def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window, needs_grad,
-             dropout_p=0.0):
-    return None  # the torch path is exact for the whole contract
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -95,37 +90,6 @@ def _row_max(seq: Tensor, pre: Optional[Tensor]) -> Tensor:
     return m
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale, softcap,
-            window, dropout_p=0.0, dropout_seed=None):
-    if dropout_p > 0:  # attention dropout: its own chunked path, which also returns the packed keep mask
-        from . import prefix_attention_torch_dropout as with_dropout
-
-        return with_dropout.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
-                                    causal, scale, softcap, window, dropout_p, dropout_seed)
-    if cpu_flash.applicable(q, softcap):
-        return cpu_flash.forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal,
-                                 scale, window)
-    return explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, causal, scale,
-                            softcap, window)
-
-
-def backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask, lse, delta,
-             causal, scale, softcap, window, out=None, dropout_p=0.0, dropout_seed=None, dropout_keep=None):
-    if dropout_p > 0:
-        from . import prefix_attention_torch_dropout as with_dropout
-
-        return with_dropout.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                     key_padding_mask, lse, delta, causal, scale, softcap, window, dropout_p,
-                                     dropout_seed, dropout_keep)
-    if out is not None and cpu_flash.applicable(q, softcap):
-        return cpu_flash.backward(grad_out, q, k, v, out, prefix_k, prefix_v, prefix_index, prefix_mode,
-                                  key_padding_mask, lse, causal, scale, window, delta=delta)
-    if out is not None and delta.numel() == 0:  # the caller left the row term to the fused path; this one needs it
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
-    return explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key_padding_mask,
-                             lse, delta, causal, scale, softcap, window)
-
-
 def _grouped_bias(bias, hkv, mode, slots):
     """An additive bias `[1|B, Hq, Lq, N]` viewed as the grouped scores' `[1|B, Hkv, G, Lq, N]` (pool prefix:
     `[..., S, P]`), a view, in float. None stays None."""
@@ -142,7 +106,7 @@ def explicit_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mode, key
                      softcap, window, attn_bias=None, prefix_bias=None):
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
-    acc = _accumulator_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     qg = q.reshape(batch, hkv, hq // hkv, lq, dim).to(acc)
     kf, vf = k.to(acc), v.to(acc)
     pk = pv = None
@@ -176,7 +140,7 @@ def explicit_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefi
     batch, hq, lq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    acc = _accumulator_dtype(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     qg = q.reshape(batch, hkv, group, lq, dim).to(acc)
     dog = grad_out.reshape(batch, hkv, group, lq, dim).to(acc)
     kf, vf = k.to(acc), v.to(acc)
@@ -234,3 +198,4 @@ def prefix_grads_per_entry(dpk, dpv, prefix_mode, prefix_index, prefix_k, prefix
         dprefix_k.index_add_(0, flat_index, dpk.flatten(0, 1))
         dprefix_v.index_add_(0, flat_index, dpv.flatten(0, 1))
     return dprefix_k.to(prefix_k.dtype), dprefix_v.to(prefix_v.dtype)
+

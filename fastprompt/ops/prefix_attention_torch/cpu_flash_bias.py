@@ -4,7 +4,7 @@ The kernel (`aten::_scaled_dot_product_flash_attention_for_cpu`, forward and bac
 `attn_mask`, so a score bias is just that mask: the sequence part gets `attn_bias` (with padding, causality and
 the window folded in as -inf; plain causality over Lq == Lk is the kernel's own `is_causal`, so the bias goes in
 as it is, a view), the prefix part gets `prefix_bias` (plus -inf over a pool's empty slots). The two parts are
-merged by their log-sum-exp exactly as in prefix_attention_cpu_flash: the `[prefix; sequence]` keys, values and
+merged by their log-sum-exp exactly as in cpu_flash.py: the `[prefix; sequence]` keys, values and
 bias are never concatenated, and a shared prefix is read through a batch-stride-0 view.
 
 Backward: the kernel's backward of each part with the merged out and lse (so its probabilities are the global
@@ -13,7 +13,7 @@ transformers' [B, L, H, D] memory), so its gradient comes out `[1, Hkv, P, D]`, 
 gradient (the op refuses one that requires grad).
 
 Used for float32 / float64 inputs without softcap when the lse output is not differentiated; the explicit
-composition (prefix_attention_torch.explicit_forward/backward) covers everything else.
+composition (explicit.py) covers everything else.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import prefix_attention_cpu_flash as cpu_flash
-from .prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_PER_SAMPLE, PREFIX_POOL, PREFIX_SHARED
+from . import cpu_flash
 
 NEG_INF = float("-inf")
 
