@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from . import interpreter_compat
+
+interpreter_compat.apply()  # triton < 3.8 under numpy >= 2.5 (interpreter_compat.py)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # The same two numbers for use inside @triton.jit code (compiled kernels only read constexpr globals).

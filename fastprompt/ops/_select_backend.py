@@ -8,10 +8,11 @@ CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (exact PyTorch c
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 
 import torch
+
+from fastprompt.kernels import TRITON_INSTALLED
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 
@@ -37,10 +38,6 @@ def load_cuda_backend():
         return None
 
 
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return the concrete backend for these tensors, or raise a clear error."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -50,7 +47,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         if on_cuda:
             if load_cuda_backend() is not None:
                 return "cuda"
-            if _triton_importable():
+            if TRITON_INSTALLED:
                 return "triton"
         return "torch"
     if backend == "cuda":
@@ -59,7 +56,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         if load_cuda_backend() is None:
             raise RuntimeError("backend='cuda' is unavailable: fastprompt.ops.gather_mix_cuda is missing or not built")
     if backend == "triton":
-        if not _triton_importable():
+        if not TRITON_INSTALLED:
             raise RuntimeError("backend='triton' needs the triton package")
         if not on_cuda and not _interpreting():
             raise RuntimeError(

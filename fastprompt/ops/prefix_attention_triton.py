@@ -10,11 +10,12 @@ sizes past the kernels' index arithmetic).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from typing import Optional
 
 import torch
+
+from fastprompt.kernels import TRITON_INSTALLED
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -29,7 +30,7 @@ def _interpreting() -> bool:
 
 def supports(q, k, v, prefix_k, prefix_index, prefix_mode, key_padding_mask, causal, softcap, window,
              needs_grad, dropout_p: float = 0.0) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed"
     if not q.is_cuda and not _interpreting():
         return "triton needs CUDA tensors or TRITON_INTERPRET=1"
