@@ -35,12 +35,12 @@ $PIP download --quiet --no-deps --only-binary=:all: --python-version 3.12 --impl
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$DEST" "${WHEELS[@]}"
 
-count=$(find "$DEST" -name '*.whl' | wc -l)
+count=$(find "$DEST" -type f -name '*.whl' | wc -l)
 if (( count != ${#WHEELS[@]} )); then
   echo "gpu_wheels: expected ${#WHEELS[@]} wheels in $DEST, found $count" >&2
   exit 1
 fi
-total=$(find "$DEST" -name '*.whl' -printf '%s\n' | awk '{s += $1} END {print s}')
+total=$(find "$DEST" -type f -name '*.whl' -printf '%s\n' | awk '{s += $1} END {print s}')
 limit=$(( WHEELS_MAX_MIB * 1024 * 1024 ))
 printf 'gpu_wheels: %d wheels, %.1f MiB in %s (limit %d MiB)\n' "$count" "$(awk -v b="$total" 'BEGIN {print b / 1048576}')" \
   "$DEST" "$WHEELS_MAX_MIB"

@@ -14,19 +14,15 @@ kernels (GPU) never go through this code.
 from __future__ import annotations
 
 import os
-import re
+
+from fastprompt._versions import _release
 
 FIXED_IN = (3, 8)
 
 
-def _release(version: str) -> tuple:
-    parts = re.match(r"(\d+)\.(\d+)", version)
-    return (int(parts.group(1)), int(parts.group(2))) if parts else (0, 0)
-
-
 def needs_patch(triton_version: str) -> bool:
     """True for the triton releases whose interpreter converts scalars with a bare `int(array)`."""
-    return _release(triton_version) < FIXED_IN
+    return _release(triton_version)[:2] < FIXED_IN
 
 
 def _squeezing_index(self):
