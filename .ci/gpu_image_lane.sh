@@ -41,9 +41,21 @@ gpu_image_session_check() {  # label, wheels folder, expected exit status, lines
   done
 }
 
+gpu_image_python() {  # the image's Python 3.12 where this machine has one (a pyenv shim answers even where not)
+  local candidate
+  for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" > /dev/null 2>&1; then
+      echo "$candidate"
+      return
+    fi
+  done
+  echo python3
+}
+
 gpu_image_lane() {
-  local venv=.venv-gpuimage py lane_start=$(date +%s)
-  py=$(command -v python3.12 || command -v python3)
+  local venv=.venv-gpuimage py lane_start
+  lane_start=$(date +%s)
+  py=$(gpu_image_python)
   echo "=== lane gpu-image: torch 2.11.0 / triton 3.6.0 on $("$py" --version), the GPU image's stack, then the wheels gpu_session.sh brings ($(disk_free)) ==="
   rm -rf "$venv" .ci-cache/whl .ci-cache/empty
   mkdir -p .ci-cache/empty
