@@ -19,6 +19,7 @@ _LAZY = {
     "BWD_DPREFIX_CONFIGS": "prefix_attention_common",
     "BIASED_FWD_CONFIGS": "prefix_attention_common",
     "BIASED_BWD_DQ_CONFIGS": "prefix_attention_common",
+    "BIASED_DROPOUT_BWD_DQ_CONFIGS": "prefix_attention_common",
     "pick_config": "prefix_attention_common",
     "fit_block_m": "prefix_attention_common",
 }
