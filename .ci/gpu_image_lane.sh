@@ -19,13 +19,15 @@ GPU_IMAGE_STACK=(transformers==5.17.0 huggingface_hub==1.33.0 tokenizers==0.23.2
 GPU_IMAGE_TESTS=(
   # the op: torch path, torch.compile, prompt selection, dropout
   tests/test_prefix_attention_torch.py tests/test_prefix_attention_compile.py tests/test_gather_mix.py
-  tests/test_prefix_attention_dropout_cpu.py tests/test_prefix_attention_errors.py
-  # the Triton kernels under triton 3.6's interpreter (numpy 2.5: fastprompt/kernels/interpreter_compat.py)
-  tests/test_prefix_attention_triton.py tests/test_prefix_attention_bias_triton.py
+  tests/test_prefix_attention_dropout_cpu.py
+  # the Triton kernels under triton 3.6's interpreter (numpy 2.5: fastprompt/kernels/interpreter_compat.py) ...
+  tests/test_interpreter_compat.py tests/test_prefix_attention_triton.py tests/test_prefix_attention_bias_triton.py
   tests/test_prefix_attention_dropout.py
-  # patched models: PEFT prefix tuning on the Triton backend, PEFT parity, a real MiniLM
-  tests/test_integration_triton.py tests/test_patch_peft_parity.py tests/test_patch_peft_minilm.py
-  tests/test_versions_and_cli.py
+  # ... and compiled for sm_80 / sm_90 with the ptxas triton 3.6 ships (it crashed on one config: see
+  # BIASED_DROPOUT_BWD_DQ_CONFIGS), as they will be on the GPU
+  tests/test_triton_compile.py tests/test_triton_compile_gather_mix.py
+  # patched models: PEFT prefix tuning on the Triton backend, a real MiniLM, the versions fastprompt reports
+  tests/test_integration_triton.py tests/test_patch_peft_minilm.py tests/test_versions_and_cli.py
 )
 
 gpu_image_session_check() {  # label, wheels folder, expected exit status, lines SUMMARY.txt must hold...
