@@ -14,8 +14,8 @@ from typing import Optional
 
 # package -> (oldest tested, newest tested). Keep in sync with pyproject.toml's floors and requirements-lock.txt.
 TESTED_RANGES = {
-    "torch": ("2.13.0", "2.14.1"),
-    "triton": ("3.8.0", "3.9.0"),
+    "torch": ("2.11.0", "2.14.1"),
+    "triton": ("3.6.0", "3.9.0"),
     "transformers": ("5.23.0", "5.25.0"),
     "peft": ("0.20.0", "0.21.2"),
 }

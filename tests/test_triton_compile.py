@@ -165,10 +165,14 @@ def _jobs():
 
 
 def _configs(kernels, job):
-    """The config list the launcher picks from: biased calls have their own for some kernels."""
+    """The config list the launcher picks from: biased calls, and biased calls with dropout, have their own for
+    some kernels."""
     name = KERNELS[job["kernel"]][2]
-    return getattr(kernels, "BIASED_" + name, None) if job.get("bias") and hasattr(kernels, "BIASED_" + name) \
-        else getattr(kernels, name)
+    prefixes = (["BIASED_DROPOUT_"] if job.get("dropout") else []) + ["BIASED_"] if job.get("bias") else []
+    for prefix in prefixes:
+        if hasattr(kernels, prefix + name):
+            return getattr(kernels, prefix + name)
+    return getattr(kernels, name)
 
 
 def _job_config(kernels, job):

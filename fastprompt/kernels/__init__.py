@@ -4,6 +4,11 @@ Submodules import triton when loaded; this package itself does not, so `import f
 and the TRITON_INTERPRET switch (read when kernels are decorated) is honoured whenever a kernel module loads.
 """
 import importlib
+import importlib.util
+
+# Whether the triton package is installed, looked up once: the ops' backend checks run inside torch.compile'd
+# code, and torch 2.11's dynamo refuses to trace importlib.util.find_spec (a graph break, fatal under fullgraph).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 _LAZY = {
     "prefix_attention_forward": "prefix_attention_fwd",
@@ -14,6 +19,7 @@ _LAZY = {
     "BWD_DPREFIX_CONFIGS": "prefix_attention_common",
     "BIASED_FWD_CONFIGS": "prefix_attention_common",
     "BIASED_BWD_DQ_CONFIGS": "prefix_attention_common",
+    "BIASED_DROPOUT_BWD_DQ_CONFIGS": "prefix_attention_common",
     "pick_config": "prefix_attention_common",
     "fit_block_m": "prefix_attention_common",
 }

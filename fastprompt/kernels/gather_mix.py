@@ -12,6 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreter_compat
+
+interpreter_compat.apply()  # triton < 3.8 under numpy >= 2.5 (interpreter_compat.py)
+
 __all__ = ["gather_forward", "gather_backward", "mix_forward", "mix_backward"]
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_common import (BIASED_BWD_DQ_CONFIGS, BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS,
+from .prefix_attention_common import (BIASED_BWD_DQ_CONFIGS, BIASED_DROPOUT_BWD_DQ_CONFIGS, BWD_DKDV_CONFIGS, BWD_DPREFIX_CONFIGS, BWD_DQ_CONFIGS,
                                       LOG2E_C, block_d,
                                       dot_precision, fit_block_m, mma, pick_config, score_log2, sequence_key_range,
                                       sequence_visible, load_sequence_tile, split_range)
@@ -462,7 +462,10 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     else:
         P, S = 0, 0
         pk, pv, pidx = q, q, q
-    dq_configs = BIASED_BWD_DQ_CONFIGS if bias.enabled or pbias.enabled else BWD_DQ_CONFIGS
+    if bias.enabled or pbias.enabled:
+        dq_configs = BIASED_DROPOUT_BWD_DQ_CONFIGS if drop.enabled else BIASED_BWD_DQ_CONFIGS
+    else:
+        dq_configs = BWD_DQ_CONFIGS
     cfg = fit_block_m(pick_config(dq_configs, D, max(q.element_size(), pk.element_size())), Lq * G)
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(Lq * G, cfg.block_m), Hkv, B)](
         q, k, v, pk, pv, pidx, kpm, bias.tensor, pbias.tensor, do, lse, delta, dq, drop.seed,

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from fastprompt._versions import _release
+
+from . import interpreter_compat
+
+interpreter_compat.apply()  # triton < 3.8 under numpy >= 2.5 (interpreter_compat.py)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # The same two numbers for use inside @triton.jit code (compiled kernels only read constexpr globals).
@@ -59,6 +65,11 @@ BWD_DPREFIX_CONFIGS = [
 # ones do not, so biased calls take the 8-warp config there (the same tiles).
 BIASED_FWD_CONFIGS = [dataclasses.replace(FWD_CONFIGS[0], num_warps=8), *FWD_CONFIGS[1:]]
 BIASED_BWD_DQ_CONFIGS = [dataclasses.replace(BWD_DQ_CONFIGS[0], num_warps=8), *BWD_DQ_CONFIGS[1:]]
+# With a bias and attention dropout together (T5 training), the ptxas that triton < 3.8 ships (CUDA 12.8) crashes
+# (SIGSEGV) on the 8-warp dQ config for sm_90, fp16 and bf16 alike; ptxas 12.9 (triton 3.8) and 13.0 compile it.
+# There the dQ kernel keeps the 4-warp config: it compiles, with a small spill (168 bytes of stack per thread).
+BIASED_DROPOUT_BWD_DQ_CONFIGS = (BIASED_BWD_DQ_CONFIGS if _release(triton.__version__)[:2] >= (3, 8)
+                                 else BWD_DQ_CONFIGS)
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest legal tl.dot tile keeps tests fast.
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1, 1 << 30)
 

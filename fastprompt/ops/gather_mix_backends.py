@@ -16,7 +16,6 @@ mix_backward(grad_out [B, F], pool, weights, index) -> (dpool [N, F], dweights [
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -24,11 +23,11 @@ import torch
 from torch import Tensor
 
 from .. import reference_prompts
+from ..kernels import TRITON_INSTALLED  # looked up once, outside traced code
 from .prefix_attention_dispatch import BACKENDS  # every op takes the same backend names
 
 PRIORITY = {"cuda": ("cuda", "triton", "torch")}
 DEFAULT_PRIORITY = ("torch",)
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -136,7 +135,7 @@ class TritonGatherMix(GatherMixBackend):
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        return None if _TRITON_INSTALLED else "backend='triton' needs the triton package"
+        return None if TRITON_INSTALLED else "backend='triton' needs the triton package"
 
     @classmethod
     def devices(cls):

@@ -10,17 +10,16 @@ arithmetic, old GPUs).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 
 import torch
 
+from ..kernels import TRITON_INSTALLED  # looked up once, outside traced code
 from .prefix_attention_backend import PrefixAttentionBackend
 from .prefix_attention_inputs import PrefixAttentionArgs
 
 _MAX_GRID_YZ = 65535  # CUDA grid limit on axes 1 and 2 (heads, batch)
 _INT32_MAX = 2**31 - 1
-_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -40,7 +39,7 @@ class TritonBackend(PrefixAttentionBackend):
 
     @classmethod
     def unavailable(cls):
-        return None if _INSTALLED else "triton is not installed"
+        return None if TRITON_INSTALLED else "triton is not installed"
 
     @classmethod
     def devices(cls):
