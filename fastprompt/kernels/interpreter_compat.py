@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 
-from fastprompt._versions import _release
+from fastprompt._versions import release
 
 FIXED_IN = (3, 8)
 
 
 def needs_patch(triton_version: str) -> bool:
     """True for the triton releases whose interpreter converts scalars with a bare `int(array)`."""
-    return _release(triton_version)[:2] < FIXED_IN
+    return release(triton_version)[:2] < FIXED_IN
 
 
 def _squeezing_index(self):
@@ -32,12 +32,12 @@ def _squeezing_index(self):
 def apply() -> bool:
     """Give triton < 3.8's interpreter the squeezing `__index__` when TRITON_INTERPRET=1 (read, as triton reads it,
     when the kernel modules load). Idempotent; True when the hook is in place."""
-    import triton
+    import triton  # optional dependency
 
     if os.environ.get("TRITON_INTERPRET", "0") != "1" or not needs_patch(triton.__version__):
         return False
     try:
-        from triton.runtime import interpreter
+        from triton.runtime import interpreter  # optional dependency
     except ImportError:  # no interpreter in this build: nothing runs through it
         return False
     original = getattr(interpreter, "_patch_lang_tensor", None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from fastprompt._versions import _release
+from fastprompt._versions import release
 
 from . import interpreter_compat
 
@@ -68,7 +68,7 @@ BIASED_BWD_DQ_CONFIGS = [dataclasses.replace(BWD_DQ_CONFIGS[0], num_warps=8), *B
 # With a bias and attention dropout together (T5 training), the ptxas that triton < 3.8 ships (CUDA 12.8) crashes
 # (SIGSEGV) on the 8-warp dQ config for sm_90, fp16 and bf16 alike; ptxas 12.9 (triton 3.8) and 13.0 compile it.
 # There the dQ kernel keeps the 4-warp config: it compiles, with a small spill (168 bytes of stack per thread).
-BIASED_DROPOUT_BWD_DQ_CONFIGS = (BIASED_BWD_DQ_CONFIGS if _release(triton.__version__)[:2] >= (3, 8)
+BIASED_DROPOUT_BWD_DQ_CONFIGS = (BIASED_BWD_DQ_CONFIGS if release(triton.__version__)[:2] >= (3, 8)
                                  else BWD_DQ_CONFIGS)
 # Under TRITON_INTERPRET=1 every program runs in numpy: the smallest legal tl.dot tile keeps tests fast.
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1, 1 << 30)
