@@ -51,7 +51,7 @@ class _PatchedCausalGenerate:
         return (_PatchedCausalGenerate, (self._model_ref(),))
 
     def __call__(self, *args, **kwargs):
-        from .generate_args import resolve_generate, static_cache_with_room
+        from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate, static_cache_with_room
         from .prompt_attach import _STATE_ATTR
 
         model = self._model_ref()
@@ -60,5 +60,7 @@ class _PatchedCausalGenerate:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
         call = resolve_generate(model, args, kwargs)
+        # a cache without fastprompt's record is told by its length at the first step (prompt_attach)
+        refuse_prompt_cache_sliced_by_length(call, state.prompt.num_input_tokens(), unrecorded_holds_prompt=False)
         kwargs = static_cache_with_room(model, call, kwargs, state.prompt.num_input_tokens())
         return original(*args, **kwargs)

@@ -664,6 +664,10 @@ def _input_generate(self, *args, **kwargs):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
     if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") and \
             _value(config.task_type) == "CAUSAL_LM":
+        from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate
+
+        refuse_prompt_cache_sliced_by_length(resolve_generate(self.get_base_model(), args, kwargs),
+                                             config.num_virtual_tokens, unrecorded_holds_prompt=True)
         return _generate_with_prepare(self, *args, **kwargs)
     return type(self).generate(self, *args, **kwargs)
 
