@@ -581,7 +581,9 @@ EVERY_RULE_ONCE = [
     ("update_weight", dict(index=1, spelling="no_grad", seed=114)),  # T5: the decoder's relative attention bias
     ("forward", dict(batch=2, seq=4, padding="left", seed=115, grad="no_grad")),
     ("update_weight", dict(index=1, spelling="data", seed=116)),
-    ("forward", dict(batch=2, seq=4, padding="left", seed=117, grad="no_grad")),
+    # T5: the bias table rebuilt under inference_mode, then a forward with grad that saves it for backward
+    ("forward", dict(batch=2, seq=4, padding="left", seed=117, grad="inference_mode")),
+    ("backward_once", dict(batch=2, seq=4, padding="left", seed=118, second=False)),
     ("update_weight", dict(index=7, spelling="no_grad", seed=16)),
     ("update_weight", dict(index=3, spelling="replace_data", seed=17)),
     ("update_weight", dict(index=10_000, spelling="no_grad", seed=18)),
