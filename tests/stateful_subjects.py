@@ -390,7 +390,8 @@ class OwnPromptSubject(Subject):
         out.loss = out.loss + aux
         return out
 
-    def greedy_oracle(self, ids, mask, steps, wrap=lambda forward: forward):
+    def greedy_oracle(self, ids, mask, steps, wrap=lambda forward: forward, chosen_from=None):
+        """chosen_from: (ids, mask) a pool's entries are chosen from (a reused cache's prefill), else ids / mask."""
         greedy = integration_helpers.greedy_no_cache
         if not self.patched:
             prompts_helpers.REFERENCE_PREFIXES.clear()
@@ -402,7 +403,7 @@ class OwnPromptSubject(Subject):
             with torch.no_grad():
                 return greedy(wrap(forward), ids, mask, steps, pad=self.pad, eos=self.eos, positions=False)
         with torch.no_grad():  # the pool entries are chosen once, from the prompt the caller gave
-            prefixes, _ = self._pool_prefixes(ids, mask)
+            prefixes, _ = self._pool_prefixes(*(chosen_from or (ids, mask)))
         prompts_helpers.REFERENCE_PREFIXES.update(prefixes)
         try:
             return greedy(wrap(self.twin), ids, mask, steps, pad=self.pad, eos=self.eos)

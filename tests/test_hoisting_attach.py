@@ -154,3 +154,26 @@ def test_sampling_with_a_seed_matches_the_oracle_sampler(cache):
     before_eos = (tokens[:, 5:] == 3).int().cumsum(1) == 0
     assert before_eos.any()
     assert torch.equal(got.sequences[:, 5:][before_eos], tokens[:, 5:][before_eos])
+
+
+@pytest.mark.parametrize("kind", ["prompt", "mpt"])
+def test_unhoisted_static_cache_unpadded_generate_matches_teacher_forcing(kind):
+    """hoist_prompts=False, a static cache, no padding: generate() drops the all-ones mask and its decode steps get
+    the mask transformers builds over the cache's keys, prompt slots included (it was refused as a mismatch before).
+    Every step's logits equal the unpatched twin's teacher-forced logits over [prompt; generated text]."""
+    model, twin, prompt = _setup("llama", kind)
+    fp.unpatch_model(model)
+    fp.patch_model(model, prompt, hoist_prompts=False)
+    ids, mask = make_inputs(batch=2, seq=5, padding="none")
+    task_ids = torch.tensor([1, 0]) if prompt.needs_task_ids else None
+    extra = {"task_ids": task_ids} if task_ids is not None else {}
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+                             cache_implementation="static", **extra)
+        seq = got.sequences
+        num = prompt.num_input_tokens()
+        want = _reference(prompt, twin, seq, torch.ones_like(seq), None, task_ids).logits
+    for step, logits in enumerate(got.logits):
+        reference = want[:, num + ids.shape[1] - 1 + step]
+        assert_rel_close(logits, reference, 1e-5, f"{kind}: logits of new token {step}")

@@ -217,3 +217,27 @@ def test_input_level_generate_static_cache(method):
     extra = _task_ids(method)
     got = _generate(patched, ids, mask, cache_implementation="static", **extra)
     assert_greedy_matches(got.sequences, _oracle_greedy(oracle, method, ids, mask, **extra), f"{method}/static")
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning_mlp", "mpt"])
+def test_input_level_unhoisted_static_cache_unpadded(method):
+    """Unhoisted, static cache, no padding: generate() drops the all-ones mask, so the decode steps' key padding is
+    read back from the mask the base model built over the cache's keys, which already cover the P prompt slots
+    (without trimming them the real keys shift by P: logits off by 1e-2 from the second token on). Every step's
+    logits equal the unpatched model's teacher-forced logits over the generated text."""
+    from fastprompt.integrations.prompt_hoisting import set_prompt_hoisting
+
+    patched, oracle = tiny_peft_pair("llama", method, "CAUSAL_LM", num_virtual_tokens=P)
+    fpp.patch_model(patched)
+    set_prompt_hoisting(patched, False)
+    ids, mask = make_inputs(batch=2, seq=5, padding="none")
+    extra = _task_ids(method, batch=2)
+    got = _generate(patched, ids, mask, cache_implementation="static", output_logits=True, eos_token_id=None,
+                    **extra)
+    seq = got.sequences
+    with torch.no_grad():
+        want = oracle(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False, **extra).logits
+    for step, logits in enumerate(got.logits):
+        reference = want[:, P + ids.shape[1] - 1 + step]
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()),
+                                   msg=lambda m, step=step: f"{method}: logits of new token {step}: {m}")

@@ -189,3 +189,25 @@ def test_peft_hoisted_generate_continues_its_own_cache(reuse):
     assert torch.equal(got, _peft_greedy_oracle(oracle, full, full_mask, 3))
     with pytest.raises(ValueError, match="holds real tokens only"):
         patched(input_ids=more, past_key_values=copy.deepcopy(prompt_cache))
+
+
+@pytest.mark.parametrize("model_kind,hoist", [("own", False), ("peft", True), ("peft", False)])
+def test_prompt_first_cache_and_the_whole_unpadded_sequence_refused_in_generate(model_kind, hoist):
+    """Unpadded, generate() drops the all-ones mask, so no decoding step can see the mismatch: a cache that starts
+    with the prompt (an unhoisted forward filled it; a PEFT forward always does) and the whole sequence are refused
+    before generation starts. Silently, generate() took the new tokens after the cache length, P real ones lost."""
+    ids, mask = make_inputs(batch=2, seq=6, padding="none")
+    if model_kind == "own":
+        model, _, _, extra = _setup("prompt", hoist)
+    else:
+        model, _ = tiny_peft_pair("llama", "prompt", "CAUSAL_LM", num_virtual_tokens=4)
+        fp.patch_model(model)
+        set_prompt_hoisting(model, hoist)
+        extra = {}
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :3], attention_mask=mask[:, :3], use_cache=True, **extra).past_key_values
+        assert cache.get_seq_length() == 4 + 3  # the prompt first
+        for given in ({"attention_mask": mask}, {}):
+            with pytest.raises(ValueError, match="drops 4 of them"):
+                model.generate(ids, past_key_values=copy.deepcopy(cache), max_new_tokens=2, do_sample=False,
+                               pad_token_id=PAD, **given, **extra)

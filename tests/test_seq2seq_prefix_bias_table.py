@@ -125,3 +125,30 @@ def test_table_checked_once_per_call():
         assert len(checks) == 1
     finally:
         seq2seq._built_from = original
+
+
+def test_table_built_under_inference_mode_serves_a_later_training_step():
+    """A forward under torch.inference_mode() (evaluation between training steps) must not leave an inference tensor
+    as the table: the next forward with grad saves the bias for the prefixes' backward ("Inference tensors cannot
+    be saved for backward"). Its loss and prefix gradients equal the unpatched PEFT model's."""
+    peft = pytest.importorskip("peft")
+    import fastprompt
+    from seq2seq_helpers import peft_seq2seq_pair, rel, seq2seq_inputs
+
+    patched, oracle = peft_seq2seq_pair("t5", peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    fastprompt.patch_model(patched)
+    ids, mask, labels, decoder_mask = seq2seq_inputs("t5")
+    call = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    with torch.inference_mode():
+        evaluated = patched(**call).logits
+    assert rel(evaluated, oracle(**call).logits.detach()) < 1e-5
+    got, want = patched(**call).loss, oracle(**call).loss
+    assert rel(got.detach(), want.detach()) < 1e-5
+    got.backward()
+    want.backward()
+    theirs = dict(oracle.named_parameters())
+    trained = [(n, p) for n, p in patched.named_parameters() if p.requires_grad]
+    assert trained
+    scale = max(float(theirs[n].grad.abs().max()) for n, _ in trained)
+    for name, p in trained:
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")

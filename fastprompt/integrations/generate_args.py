@@ -26,7 +26,8 @@ from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEME
 
 from .cache_compat import cache_kwarg, get_cache
 
-__all__ = ["GenerateCall", "resolve_generate", "static_cache_with_room", "STATIC_CACHE_IMPLEMENTATIONS"]
+__all__ = ["GenerateCall", "resolve_generate", "static_cache_with_room", "STATIC_CACHE_IMPLEMENTATIONS",
+           "refuse_prompt_cache_sliced_by_length"]
 
 
 STATIC_CACHE_IMPLEMENTATIONS = tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
@@ -136,3 +137,32 @@ def static_cache_with_room(model, call: GenerateCall, kwargs: dict, extra_tokens
     kwargs[cache_kwarg(type(model).generate)] = StaticCache(config=config, max_cache_len=length + extra_tokens,
                                                             **offloading)
     return kwargs
+
+
+def refuse_prompt_cache_sliced_by_length(call: GenerateCall, virtual_tokens: int, *,
+                                         unrecorded_holds_prompt: bool) -> None:
+    """generate() given a cache that starts with the prompt's P virtual tokens and the whole sequence: transformers
+    takes the new tokens as `input_ids[:, cache_length:]` (when the attention mask is as long as the input, or none
+    is given; always from inputs_embeds), the P virtual tokens counted, so P real tokens would be dropped without a
+    word. Refused, with what works instead. `unrecorded_holds_prompt`: what a cache without fastprompt's record
+    holds (PEFT's rule: a non-empty cache holds the prompt)."""
+    from .cache_compat import cache_length
+    from .prompt_cache import INLINE, prompt_in_cache
+
+    cache = call.user_cache
+    held = cache_length(cache) if cache is not None else 0
+    if held == 0:
+        return
+    record = prompt_in_cache(cache)
+    holds_prompt = record.layout == INLINE if record is not None else unrecorded_holds_prompt
+    if not holds_prompt:
+        return
+    mask = call.model_kwargs.get("attention_mask")
+    if call.input_name == "input_ids" and mask is not None and mask.shape[-1] != call.inputs.shape[1]:
+        return  # only the new tokens given (a longer mask): generate() does not slice them
+    raise ValueError(
+        f"fastprompt: generate() got a KV cache of {held} tokens that starts with the prompt's {virtual_tokens} "
+        f"virtual tokens, and the whole sequence ({call.input_name} of {call.inputs.shape[1]} tokens): generate() "
+        f"slices the new tokens by the cache length, prompt included, and so drops {virtual_tokens} of them. Pass "
+        "only the new tokens as input_ids (with the attention_mask over the cached and the new tokens), or let "
+        "prompt hoisting fill the cache (its caches hold real tokens only)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 
 from .attach_state import attach_state
-from .generate_args import resolve_generate, static_cache_with_room
+from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate, static_cache_with_room
 
 __all__ = ["install_generate", "wants_generate_wrapper"]
 
@@ -50,5 +50,7 @@ class _PatchedCausalGenerate:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
         original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
         call = resolve_generate(model, args, kwargs)
+        # a cache without fastprompt's record is told by its length at the first step (prompt_attach)
+        refuse_prompt_cache_sliced_by_length(call, state.prompt.num_input_tokens(), unrecorded_holds_prompt=False)
         kwargs = static_cache_with_room(model, call, kwargs, state.prompt.num_input_tokens())
         return original(*args, **kwargs)

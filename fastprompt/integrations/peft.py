@@ -516,6 +516,11 @@ def _input_prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.T
         # per layer type, sized without the prompt): PEFT re-creates it over P + S keys; its key padding is read
         # back here and extended past the prompt below, as a 2D mask the model expands itself.
         mask = key_padding_mask(model_kwargs["attention_mask"], past + source.shape[1])
+        if mask is not None and not prefill:
+            # Built over the cache's keys, and in a decode step the cache already holds the prompt in its first P
+            # slots: those columns are the ones the extension below puts back (kept, they would shift every real
+            # key by P: generate() drops an all-ones mask, so a static cache takes this path unpadded).
+            mask = mask[:, num_tokens:]
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError(f"fastprompt: generate() with an input-level prompt takes a 2D attention_mask, got "
@@ -569,6 +574,10 @@ def _input_generate(self, *args, **kwargs):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
     if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") and \
             _value(config.task_type) == "CAUSAL_LM":
+        from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate
+
+        refuse_prompt_cache_sliced_by_length(resolve_generate(self.get_base_model(), args, kwargs),
+                                             config.num_virtual_tokens, unrecorded_holds_prompt=True)
         return _generate_with_prepare(self, *args, **kwargs)
     return type(self).generate(self, *args, **kwargs)
 

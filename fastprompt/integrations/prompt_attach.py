@@ -324,6 +324,12 @@ def _prompt_in_decoding_cache(prompt, kw, past, batch: int) -> Optional[PromptIn
     if mask is not None and mask.dim() == 2:  # the record checked against the mask
         real = mask.shape[1] - seq
         held = cache_length(past)
+        if record.layout == INLINE and held == real and bool(mask.all()):
+            # Every key visible, over the cache's keys, the prompt's slots included: the mask transformers builds
+            # for a static cache when generate() dropped the caller's all-ones mask (generate() given a prompt cache
+            # and the whole sequence is refused before it starts: generate_args). As a real-token mask from here on.
+            kw["attention_mask"] = mask[:, num:]
+            return record
         if held != real + (num if record.layout == INLINE else 0):
             hint = (" generate() reusing a cache that starts with the prompt slices the new tokens by the cache "
                     f"length, prompt included, and so drops {num} of them: pass only the new tokens (with the whole "

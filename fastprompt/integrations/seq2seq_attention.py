@@ -315,10 +315,12 @@ def _prefix_bias(slot, num_prefix: int, query_length: int, past: int, dtype) -> 
         current = weight.detach()
         if entry is None or entry[1].shape[2] < needed or not _built_from(entry[0], current):
             rows = needed if entry is None else max(needed, 2 * entry[1].shape[2])
-            with torch.no_grad():
+            # Built as a normal tensor even under torch.inference_mode(): the table outlives the call, and a later
+            # forward with grad saves it for the prefixes' backward, which an inference tensor cannot be.
+            with torch.inference_mode(False), torch.no_grad():
                 # contiguous: the CPU flash kernel wants a unit-stride last dim (T5's permuted bias, copied per call)
                 built = t5_prefix_bias(bias_module, num_prefix, rows, 0).to(dtype).contiguous()
-            entry = tables[(num_prefix, dtype)] = (current.clone(), built)
+                entry = tables[(num_prefix, dtype)] = (current.clone(), built)
         table = memo[memo_key] = entry[1]
     return table[:, :, past:needed]
 
