@@ -24,7 +24,8 @@ from torch import Tensor
 from transformers import StaticCache
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
-from .cache_compat import cache_kwarg, get_cache
+from .cache_compat import cache_kwarg, cache_length, get_cache
+from .prompt_cache import INLINE, prompt_in_cache
 
 __all__ = ["GenerateCall", "resolve_generate", "static_cache_with_room", "STATIC_CACHE_IMPLEMENTATIONS",
            "refuse_prompt_cache_sliced_by_length"]
@@ -146,9 +147,6 @@ def refuse_prompt_cache_sliced_by_length(call: GenerateCall, virtual_tokens: int
     is given; always from inputs_embeds), the P virtual tokens counted, so P real tokens would be dropped without a
     word. Refused, with what works instead. `unrecorded_holds_prompt`: what a cache without fastprompt's record
     holds (PEFT's rule: a non-empty cache holds the prompt)."""
-    from .cache_compat import cache_length
-    from .prompt_cache import INLINE, prompt_in_cache
-
     cache = call.user_cache
     held = cache_length(cache) if cache is not None else 0
     if held == 0:

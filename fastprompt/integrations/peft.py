@@ -34,7 +34,7 @@ from .peft_config import enum_value as _value
 from .patched_method import PatchedMethod as _PatchedMethod, ReplacedMethods
 from .peft_prompts import check_mpt_task_ids, layer_prefixes_from_kv, prefix_kv, prefix_layer_kv  # noqa: F401
 from .families import MASK_CUMSUM, REFUSED, WRAPPERS, supported_model_types
-from .generate_args import resolve_generate, static_cache_with_room
+from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate, static_cache_with_room
 from .prompt_hoisting import install_peft_hoisting, uninstall_peft_hoisting
 from .seq2seq import check_seq2seq_patchable, seq2seq_prefix_replacements
 from .transformers_attention import (
@@ -574,8 +574,6 @@ def _input_generate(self, *args, **kwargs):
         kwargs = _with_static_cache_for_prompt(self, args, kwargs, config.num_virtual_tokens)
     if _value(config.peft_type) in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") and \
             _value(config.task_type) == "CAUSAL_LM":
-        from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generate
-
         refuse_prompt_cache_sliced_by_length(resolve_generate(self.get_base_model(), args, kwargs),
                                              config.num_virtual_tokens, unrecorded_holds_prompt=True)
         return _generate_with_prepare(self, *args, **kwargs)
