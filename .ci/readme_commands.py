@@ -30,6 +30,9 @@ SKIP = [
     (r"--device cuda", "needs a CUDA GPU (none on CI machines); benchmarks/gpu_session.sh runs it on a lent GPU"),
     (r"gpu_session\.sh", "needs a CUDA GPU; its install step is rehearsed by .ci/gpu_image_lane.sh"),
     (r"^pip -v$", "a flag to add to the install command, not a command"),
+    (r"^fastprompt bench --full$", "the default run's cases plus every sweep and the reference training shape: "
+                                   "more than 15 minutes on 2 cores, past CI's time; the same harness and cases "
+                                   "run here as `fastprompt bench` and `--quick`"),
 ]
 # Commands the locked lane of .ci/run runs verbatim itself (they create .venv from requirements-lock.txt).
 VERBATIM_IN_CI_RUN = [r"^python3 -m venv \.venv && "]

@@ -103,7 +103,9 @@ def provenance(run: dict) -> str:
     load_text = f", load average {load[0]:.1f}" if load else ""
     if load and end:
         load_text += f" at the start, {end[0]:.1f} at the end"
-    return (f"`{run['meta']['command']}`, {run['meta']['date']}, {m['cpu']} {m['cpu_count']} cores, "
+    # the command that made the run is in RESULTS.md's run table, not here: every command the README gives is run
+    # in CI (.ci/readme_commands.py), and the README cites the checked-in result instead of re-running it
+    return (f"{run['meta']['date']}, {m['cpu']} {m['cpu_count']} cores, "
             f"{m['torch_threads']} torch thread{_s(m['torch_threads'])}{load_text}; torch "
             f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}; `{run['file']}`")
 
@@ -164,7 +166,7 @@ def bench_summary(src: dict) -> str:
 def main_job_runtime(src: dict) -> str:
     run = src["default"]
     meta = run["meta"]
-    return wrap(f"The checked-in default run (`{meta['command']}`, {meta['date']}) took {meta['runtime_s'] / 60:.1f} "
+    return wrap(f"The checked-in default run (`{run['file']}`, {meta['date']}; its command in RESULTS.md) took {meta['runtime_s'] / 60:.1f} "
                 f"minutes on {meta['machine']['cpu_count']} CPU cores at load average "
                 f"{meta['machine']['loadavg'][0]:.1f}; the plain command stops timing the sweep cases after 140 s "
                 f"(`--budget`), so on a loaded machine it ends sooner with fewer rows.")
@@ -211,7 +213,7 @@ def query_pass(src: dict) -> str:
     p = full["params"]
     return wrap(f"A full first pass instead costs {100 * (f / base - 1):+.0f}% FLOPs over the query-given step "
                 f"({f / 1e9:.2f} G vs {base / 1e9:.2f} G, Llama {model_label(p)}, B={p['B']}, S={p['S']}; "
-                f"`{run['meta']['command']}`, `{run['file']}`).", width=116)
+                f"`{run['file']}`).", width=116)
 
 
 def pool_example(src: dict) -> str:
