@@ -65,17 +65,7 @@ PENDING = {
     ("fastprompt/bench/runner.py", "function-level import"): 5,
     ("fastprompt/kernels/prefix_attention_bwd.py", "private-name import"): 1,
     ("fastprompt/kernels/prefix_attention_common.py", "function-level import"): 1,
-    ("fastprompt/ops/dropout_mask_fill.py", "private-name import"): 1,
-    ("fastprompt/ops/gather_prompts.py", "function-level import"): 1,
-    ("fastprompt/ops/mix_prompts.py", "function-level import"): 1,
-    ("fastprompt/ops/prefix_attention.py", "function-level import"): 3,
-    ("fastprompt/ops/prefix_attention_bias.py", "function-level import"): 5,
-    ("fastprompt/ops/prefix_attention_decode.py", "private-name import"): 1,
-    ("fastprompt/ops/prefix_attention_torch.py", "function-level import"): 2,
-    ("fastprompt/ops/prefix_attention_torch_dropout.py", "private-name import"): 1,
     ("fastprompt/ops/prefix_attention_triton.py", "function-level import"): 2,
-    ("fastprompt/ops/prefix_attention_triton_bias.py", "function-level import"): 8,
-    ("fastprompt/ops/prefix_attention_triton_bias.py", "private-name import"): 7,
     ("fastprompt/reference.py", "function-level import"): 4,
 }
 
