@@ -24,6 +24,8 @@ from fastprompt.integrations.peft import key_padding_mask
 
 peft = pytest.importorskip("peft")
 
+from fastprompt._versions import release  # noqa: E402
+
 P = 4
 
 
@@ -63,6 +65,9 @@ def _assert_peft_contract(model_kwargs, total):
         assert all(mask.shape[-1] == total for mask in new_mask.values() if mask is not None)
 
 
+@pytest.mark.skipif(release(peft.__version__)[:2] < (0, 21), reason="the contract of PEFT 0.21's test: PEFT 0.20's own "
+                    "prepare_inputs_for_generation raises with a 4D mask on transformers 5.23 (TypeError in "
+                    "create_masks_for_generate), so there is no unpatched behaviour to keep")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_prompt_tuning_prepare_inputs_for_generation_4d_attention_mask(family):
     patched, oracle = _pair(family)
