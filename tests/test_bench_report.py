@@ -39,12 +39,15 @@ def test_the_table_fits_120_columns_with_figures_of_a_loaded_machine():
         results.append(record)
     lines = runner.format_table(results).splitlines()
     assert max(len(line) for line in lines) <= report.WIDTH
-    assert any("…" in line for line in lines[2:])
     start, stop = lines[0].index("case"), lines[0].index(" vs ")  # the case column, from the header
+    cut = False
     for line, case in zip(lines[2:], runner.suite("default", "cpu")):
         label = report.short_case({"group": case.group, "name": case.name, "params": case.params})
         shown = line[start:stop].strip().removesuffix(" …")
         assert label.startswith(shown), (shown, label)
+        cut |= shown != label
+    # a label that had to give way says so (which labels must depends on the suite: seq2seq cases need 5.24)
+    assert cut == any("…" in line for line in lines[2:])
 
 
 def test_the_targets_lines_fit_120_columns_and_keep_every_word():
