@@ -56,6 +56,33 @@ def test_flops_of_a_matmul_and_of_cpu_attention():
     assert counted == 4 * 2 * 4 * 16 * 24 * 8
 
 
+def test_flops_of_grouped_query_attention_forward_and_backward_on_every_torch():
+    # PyTorch's own SDPA formulas refuse GQA shapes before torch 2.13 (torch 2.11 raised in every GQA bench case):
+    # the harness counts every query head, as the kernel broadcasts the key/value heads
+    b, hq, hkv, sq, sk, d, dv = 2, 6, 2, 5, 7, 8, 8
+    q = torch.randn(b, hq, sq, d, requires_grad=True)
+    k, v = torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
+    forward = 2 * b * hq * sq * sk * (d + dv)
+    assert metrics.flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)) \
+        == forward
+
+    def step():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        out.sum().backward()
+
+    assert metrics.flops(step) == forward + 2 * b * hq * sq * sk * (3 * d + 2 * dv)
+
+
+def test_attention_flop_formulas_match_pytorchs_on_equal_heads_and_name_bad_shapes():
+    from torch.utils import flop_counter as fc
+    q, k, v = (2, 4, 5, 8), (2, 4, 7, 8), (2, 4, 7, 16)
+    assert metrics.attention_flops(q, k, v) == fc.sdpa_flop_count(q, k, v)
+    assert metrics.attention_backward_flops((2, 4, 5, 16), q, k, v) == fc.sdpa_backward_flop_count(
+        (2, 4, 5, 16), q, k, v)
+    with pytest.raises(ValueError, match="hq a multiple of hkv"):
+        metrics.attention_flops((2, 3, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8))
+
+
 def _attention_inputs(batch=2, hq=4, hkv=2, seq=16, plen=8, dim=8):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, hq, seq, dim, generator=g)

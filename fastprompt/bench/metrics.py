@@ -7,8 +7,9 @@
   are opened up (their implementation runs under the tracker too), so their internal temporaries count.
 - `saved_bytes`: `torch.autograd.graph.saved_tensors_hooks`, unique storages, excluding storages that existed
   before the step (parameters, inputs): the activation memory a step keeps between forward and backward.
-- `flops`: `torch.utils.flop_counter.FlopCounterMode`; the CPU flash-attention ATen ops, which PyTorch has no
-  formula for, are registered here with SDPA's own formulas so both sides are counted alike.
+- `flops`: `torch.utils.flop_counter.FlopCounterMode`, with this module's formulas for the SDPA ATen ops (the CPU
+  flash kernel has no PyTorch formula; PyTorch's refuse grouped-query shapes before torch 2.13), so both sides are
+  counted alike on every torch.
 On CUDA, `measure_step` also reports the allocator's peak (`cuda_peak_bytes`, above the memory in use at the start).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["AllocationTracker", "SavedTensorsCounter", "StepFigures", "measure_allocations", "saved_bytes",
-           "count_step", "flops", "time_step", "measure_step", "synchronize", "register_cpu_flash_flop_formulas"]
+           "count_step", "flops", "time_step", "measure_step", "synchronize", "attention_flops", "attention_backward_flops",
+           "attention_flop_formulas"]
 
 
 def _tensors(obj) -> list:
@@ -159,37 +161,63 @@ def count_step(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ())
     return tracker.new_bytes, tracker.peak_bytes, counter.nbytes
 
 
-_registered_cpu_flash = False
+def attention_flops(query_shape, key_shape, value_shape) -> int:
+    """The two matmuls of SDPA over (batch, heads, length, dim) shapes, counted dense: 2*b*hq*sq*sk*(dq + dv).
+    Grouped-query attention (fewer key/value heads) counts every query head, as the kernel broadcasts key/value
+    heads. PyTorch's own `sdpa_flop_count` refuses GQA shapes before torch 2.13 (the oldest lane's torch 2.11
+    raised on every GQA model), so the bench counts with this formula on every torch."""
+    b, h_q, s_q, d_q = query_shape
+    b_k, h_kv, s_k, d_k = key_shape
+    b_v, h_v, s_v, d_v = value_shape
+    if not (b == b_k == b_v and h_kv == h_v and d_q == d_k and s_k == s_v and h_kv and h_q % h_kv == 0):
+        raise ValueError(f"attention_flops: incompatible shapes q={tuple(query_shape)}, k={tuple(key_shape)}, "
+                         f"v={tuple(value_shape)} (expected (b, hq, sq, d), (b, hkv, sk, d), (b, hkv, sk, dv) "
+                         "with hq a multiple of hkv)")
+    return 2 * b * h_q * s_q * s_k * (d_q + d_v)
 
 
-def register_cpu_flash_flop_formulas() -> None:
-    """PyTorch counts SDPA's CUDA kernels but not `_scaled_dot_product_flash_attention_for_cpu` (forward and
-    backward), which both the PEFT path and fastprompt's CPU path run: register SDPA's formulas for them."""
-    global _registered_cpu_flash
-    if _registered_cpu_flash:
-        return
-    from torch.utils import flop_counter as fc
+def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape) -> int:
+    """SDPA's backward as PyTorch counts it, one term per matmul (scores recomputed, dP, dV, dQ, dK):
+    2*b*hq*sq*sk*(3*dq + 2*dv), GQA-aware like `attention_flops`."""
+    attention_flops(query_shape, key_shape, value_shape)  # the same shape checks
+    b, h_q, s_q, d_q = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    if tuple(grad_out_shape) != (b, h_q, s_q, d_v):
+        raise ValueError(f"attention_backward_flops: grad_out shape {tuple(grad_out_shape)} is not "
+                         f"{(b, h_q, s_q, d_v)}")
+    per_head = s_q * s_k * d_q + s_q * s_k * d_v + s_k * s_q * d_v + s_q * s_k * d_q + d_q * s_q * s_k
+    return 2 * b * h_q * per_head
 
+
+def _forward_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(query_shape, key_shape, value_shape)
+
+
+def _backward_formula(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def attention_flop_formulas() -> dict:
+    """FlopCounterMode `custom_mapping` for every SDPA ATen op taking (batch, heads, length, dim) tensors: the CPU
+    flash kernel (forward and backward), which PyTorch has no formula for, and the CUDA flash / efficient / cuDNN
+    kernels, whose PyTorch formulas refuse GQA before torch 2.13. Both sides of a pair are counted alike."""
     aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if fwd is not None and fwd not in fc.flop_registry:
-        @fc.register_flop_formula(fwd)
-        def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-    if bwd is not None and bwd not in fc.flop_registry:
-        @fc.register_flop_formula(bwd)
-        def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                                     **kwargs) -> int:
-            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-    _registered_cpu_flash = True
+    mapping = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+        forward = getattr(aten, name, None)
+        backward = getattr(aten, name + "_backward", None)
+        if forward is not None:
+            mapping[forward] = _forward_formula
+        if backward is not None:
+            mapping[backward] = _backward_formula
+    return mapping
 
 
 def flops(step: Callable[[], object]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    register_cpu_flash_flop_formulas()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
         result = step()
         del result
     return int(counter.get_total_flops())
