@@ -27,7 +27,7 @@ LAYERS = [
     ("prompts", ["fastprompt.prompts"]),
     ("model adapters", [f"fastprompt.integrations.{name}" for name in (
         "call_context", "cache_compat", "families", "patched_method", "peft_config", "prompt_cache",
-        "generate_args", "transformers_attention", "seq2seq_attention", "prompt_tasks")]),
+        "generate_args", "transformers_attention", "seq2seq_attention", "prompt_tasks", "timm_vit")]),
     ("techniques", [f"fastprompt.integrations.{name}" for name in (
         "placement", "query_pass", "prompt_hoisting", "peft_prompts", "vision")]),
     ("front ends", [f"fastprompt.integrations.{name}" for name in (

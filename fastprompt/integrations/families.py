@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..prompts.base import TIMM_VIT_MODEL_TYPE
+
 __all__ = ["FamilyFacts", "FAMILIES", "REFUSED", "WRAPPERS", "family_facts", "pixel_model_types", "refusal_reason",
            "supported_model_types", "text_family"]
 
@@ -55,11 +57,12 @@ class FamilyFacts:
     quirks: tuple = ()                  # what the family's parity tests pin down, for readers
     # Vision Transformers (fastprompt.integrations.vision): "pixels" = the model takes pixel_values, not token ids;
     # leading_tokens = the learned tokens before the patches ([CLS], DeiT's distillation token) that input-level
-    # prompts go after.
+    # prompts go after (-1: per instance, read by the adapter).
     inputs: str = "tokens"
     leading_tokens: int = 0
     # where a pixel model's [CLS] pre-logits (the pool query) are: "first_token" = last_hidden_state[:, 0] (the final
-    # norm is inside the model), "pooler_output" (CLIP: post_layernorm of [CLS]; SigLIP: its attention-pooling head)
+    # norm is inside the model), "pooler_output" (CLIP: post_layernorm of [CLS]; SigLIP: its attention-pooling head),
+    # "forward_head" (timm: forward_head(features, pre_logits=True))
     pre_logits: str = "first_token"
 
 
@@ -136,6 +139,15 @@ FAMILIES: dict[str, FamilyFacts] = {
                                        quirks=("no [CLS]: input-level prompts go first",
                                                "the query is the attention-pooling head's output (no [CLS])",
                                                "the pooling head attends to input-level prompts too")),
+    # timm's VisionTransformer (no config; fastprompt.integrations.timm_vit is its adapter: the attention modules of
+    # the instance patched, the pre-logits from forward_head). Keyed by the model_type the prompts record for it.
+    TIMM_VIT_MODEL_TYPE: FamilyFacts(encoder=True, rotary=False, shifts_positions=False, inputs="pixels",
+                                     leading_tokens=-1, pre_logits="forward_head",
+                                     quirks=("no config: sizes from the instance (embed_dim, blocks, Attention)",
+                                             "leading tokens per instance: num_prefix_tokens ([CLS], register "
+                                             "tokens, DeiT's distillation token)",
+                                             "input-level prompts enter norm_pre (after pos / patch dropout)",
+                                             "qk_norm: sequence q/k normed, prefix keys taken as learned")),
 }
 
 # Multimodal wrappers whose text-only forward runs the text model of a family in FAMILIES unchanged (masks from the

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..prompts.base import PromptModule, check_task_ids
 from ..prompts.task_heads import attach_head_outputs
-from . import own_prompt_generate, query_pass, seq2seq_own_prompts, vision
+from . import own_prompt_generate, query_pass, seq2seq_own_prompts, timm_vit, vision
 from .attach_state import PROMPT_ATTR, STATE_ATTR, AttachState, attached_prompt
 from .cache_compat import cache_kwarg, cache_length, get_cache, returned_cache, set_cache
 from .families import family_facts
@@ -40,6 +40,7 @@ from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call, 
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 from .query_pass import compute_query
 from .seq2seq_attention import check_own_prompt_seq2seq, enable_seq2seq_attention, own_prompt_prefixes
+from .timm_vit import enable_timm_attention
 from .transformers_attention import (disable_fastprompt_attention, enable_fastprompt_attention, layer_prefixes,
                                      model_layout, set_backend, text_config)
 
@@ -72,8 +73,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     """Attach `prompt` to `model` in place; returns the model."""
     if not isinstance(prompt, PromptModule):
         raise TypeError(f"prompt must be a fastprompt prompt module (PromptTuning, ...), got {type(prompt).__name__}")
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    timm = timm_vit.is_timm_vit(model)  # timm's VisionTransformer: no config, its own adapter (timm_vit)
+    if not isinstance(model, torch.nn.Module) or not (hasattr(model, "config") or timm):
+        raise TypeError(f"model must be a transformers PreTrainedModel or a timm VisionTransformer, got "
+                        f"{type(model).__name__}")
     if STATE_ATTR in model.__dict__:
         state = model.__dict__[STATE_ATTR]
         if state.prompt is prompt:  # patching twice with the same prompt is a no-op, except that a different
@@ -86,12 +89,12 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     pixels = vision.is_pixel_model(model)
     if pixels:  # ViT / DeiT / DINOv2: pixel_values in (fastprompt.integrations.vision)
         vision.check_vision_prompt(model, prompt)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
         check_own_prompt_seq2seq(model, prompt)
-    if prompt.placement == "input" and model.get_input_embeddings() is None:
+    if prompt.placement == "input" and not timm and model.get_input_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no input embeddings: input-level prompts cannot be placed")
-    if not encoder_decoder:
+    if not encoder_decoder and not timm:
         _check_layer_geometry(model, prompt)
 
     prompt_params = {id(p) for p in prompt.parameters()}
@@ -105,12 +108,14 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     token = None
     if prompt.placement == "prefix":
         kwargs = {} if backend is None else {"backend": backend}
+        enable = enable_timm_attention if timm else (
+            enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)
         try:
-            token = (enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)(model, **kwargs)
+            token = enable(model, **kwargs)
         except Exception:
             _restore_requires_grad(model, requires_grad)
             raise
-    else:  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
+    elif not timm:  # causal LMs: the virtual tokens run once per step (see prompt_hoisting)
         try:
             token = enable_for_attached_prompt(model, prompt, backend)
         except Exception:
@@ -125,12 +130,13 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = AttachState(prompt, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, STATE_ATTR, state)
     state.methods.replace(model, "forward", _PatchedForward(model))
-    query_pass.install(model, prompt)
+    if not timm:  # (vision models refuse query_layer: check_vision_prompt)
+        query_pass.install(model, prompt)
     if pixels:
         vision.install(model, prompt)
     if encoder_decoder:
         seq2seq_own_prompts.install_generate(model, state)
-    else:  # causal LMs with an input-level prompt: static caches get room for it (own_prompt_generate)
+    elif not timm:  # causal LMs with an input-level prompt: static caches get room for it (own_prompt_generate)
         if own_prompt_generate.wants_generate_wrapper(model, prompt):
             own_prompt_generate.install_generate(model, state)
     return model
@@ -143,7 +149,9 @@ def detach(model):
     if state is None:
         return model
     state.methods.restore(model)
-    query_pass.uninstall(model)
+    timm = timm_vit.is_timm_vit(model)
+    if not timm:
+        query_pass.uninstall(model)
     if vision.is_pixel_model(model):
         vision.remove(model)
     set_prompt_hoisting(model, True)  # the default again: patch_model(..., hoist_prompts=False) recorded the opt-out
@@ -151,7 +159,7 @@ def detach(model):
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
     if state.attention_token is not None:
-        disable_fastprompt_attention(model, state.attention_token)
+        (timm_vit.disable_timm_attention if timm else disable_fastprompt_attention)(model, state.attention_token)
     object.__delattr__(model, STATE_ATTR)
     return model
 

@@ -1,22 +1,24 @@
-"""fastprompt's own prompts on Hugging Face Vision Transformers (ViT, DeiT, DINOv2, CLIP's and SigLIP's vision
-towers): pixel inputs, no token ids.
+"""fastprompt's own prompts on Vision Transformers: Hugging Face ViT, DeiT, DINOv2, CLIP's and SigLIP's vision
+towers, and timm's VisionTransformer (its adapter: timm_vit). Pixel inputs, no token ids.
 
 A vision family is an entry of the family table (families.py, `inputs="pixels"`); prefixes reach its attention
 through the same registered attention function as text models (transformers_attention). What differs from text
 models, and lives here:
 
-- the call takes `pixel_values`; the batch size, the query and the input-level prompts come from them;
+- the call takes `pixel_values` (timm: `x`); the batch size, the query and the input-level prompts come from them;
 - input-level prompts (PromptTuning, PromptPool(placement="input")) are inserted into the output of the model's
   embeddings module, i.e. after the position embedding (the prompts get no position) and after the leading tokens
   ([CLS]; DeiT's distillation token): the sequence is [CLS, prompts, patches], the order of l2p-pytorch, so the
   [CLS] head still reads position 0. (l2p-pytorch also adds [CLS]'s frozen position embedding to each prompt: a
   constant shift of the learned prompt, left to its initialization here.) A forward hook on the embeddings module,
   installed at attach and removed at detach, does the insertion; what it inserts travels with the call in a context
-  variable (per thread / task), never as state on the module;
+  variable (per thread / task), never as state on the module. On timm, a forward pre-hook on `norm_pre` inserts
+  them after its `num_prefix_tokens` leading tokens ([CLS], register tokens; timm_vit);
 - the query of a pool is the frozen model's [CLS] pre-logits (the final layer norm's output at [CLS]: timm's
   `forward_head(pre_logits=True)`, which the reference implementations use; CLIP: the pooler output, i.e.
   post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
-  without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean";
+  without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean" (timm:
+  `forward_head(forward_features(x), pre_logits=True)`, or the mean of `forward_features(x)`);
 - the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
   multi-task prompts that need them.
 """
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from fastprompt.prompts.base import check_task_ids
 
+from . import timm_vit
 from .families import family_facts
 from .transformers_attention import layer_prefixes
 
@@ -44,8 +47,22 @@ __all__ = ["is_pixel_model", "check_not_composite", "check_vision_prompt", "inst
 _INSERTS: contextvars.ContextVar = contextvars.ContextVar("fastprompt_vision_inserts", default=None)
 
 
+def _model_type(model) -> str:
+    if timm_vit.is_timm_vit(model):
+        return timm_vit.TIMM_VIT_MODEL_TYPE
+    return getattr(getattr(model, "config", None), "model_type", "")
+
+
 def _facts(model):
-    return family_facts(getattr(model.config, "model_type", ""))
+    return family_facts(_model_type(model))
+
+
+def _pixel_argument(model) -> str:
+    return timm_vit.PIXEL_ARGUMENT if timm_vit.is_timm_vit(model) else "pixel_values"
+
+
+def _leading_tokens(model) -> int:
+    return timm_vit.leading_tokens(model) if timm_vit.is_timm_vit(model) else _facts(model).leading_tokens
 
 
 def is_pixel_model(model) -> bool:
@@ -54,6 +71,8 @@ def is_pixel_model(model) -> bool:
 
 
 def _embeddings_module(model):
+    if timm_vit.is_timm_vit(model):
+        return timm_vit.insertion_module(model)
     base = getattr(model, "base_model", model)
     emb = getattr(base, "embeddings", None)
     if not isinstance(emb, torch.nn.Module):
@@ -84,20 +103,34 @@ def check_vision_prompt(model, prompt) -> None:
     if prompt.needs_query and prompt.query_mode not in ("cls", "mean"):
         raise ValueError(f"fastprompt: {name}(query={prompt.query_mode!r}) does not apply to a Vision Transformer; "
                          "use query='cls' (the [CLS] pre-logits, as L2P / DualPrompt / CODA-Prompt) or 'mean'")
+    if timm_vit.is_timm_vit(model):
+        timm_vit.check_timm_model(model)
     if prompt.placement == "input":
         _embeddings_module(model)
 
 
-def _insert_prompts_hook(module, args, output):
+def _with_prompts(module, tokens):
+    """`tokens` [B, L, d] with the call's prompts for `module` inserted after the leading tokens, or None."""
     inserts = _INSERTS.get()
     entry = inserts.get(id(module)) if inserts else None
     if entry is None:
         return None
     prompts, lead = entry
-    if prompts.shape[0] != output.shape[0]:
-        raise ValueError(f"fastprompt: {prompts.shape[0]} rows of prompts for a batch of {output.shape[0]} images")
-    prompts = prompts.to(output.dtype)
-    return torch.cat([output[:, :lead], prompts, output[:, lead:]], dim=1)
+    if prompts.shape[0] != tokens.shape[0]:
+        raise ValueError(f"fastprompt: {prompts.shape[0]} rows of prompts for a batch of {tokens.shape[0]} images")
+    prompts = prompts.to(tokens.dtype)
+    return torch.cat([tokens[:, :lead], prompts, tokens[:, lead:]], dim=1)
+
+
+def _insert_prompts_hook(module, args, output):
+    """Hugging Face: on the embeddings module's output."""
+    return _with_prompts(module, output)
+
+
+def _insert_prompts_pre_hook(module, args):
+    """timm: on the input of norm_pre."""
+    tokens = _with_prompts(module, args[0])
+    return None if tokens is None else (tokens,) + tuple(args[1:])
 
 
 def install(model, prompt) -> None:
@@ -106,20 +139,30 @@ def install(model, prompt) -> None:
     if prompt.placement != "input":
         return
     emb = _embeddings_module(model)
-    if _insert_prompts_hook not in emb._forward_hooks.values():
+    if timm_vit.is_timm_vit(model):
+        if _insert_prompts_pre_hook not in emb._forward_pre_hooks.values():
+            emb.register_forward_pre_hook(_insert_prompts_pre_hook)
+    elif _insert_prompts_hook not in emb._forward_hooks.values():
         emb.register_forward_hook(_insert_prompts_hook)
 
 
 def remove(model) -> None:
-    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if timm_vit.is_timm_vit(model):
+        emb, hooks, ours = getattr(model, "norm_pre", None), "_forward_pre_hooks", _insert_prompts_pre_hook
+    else:
+        emb, hooks, ours = getattr(getattr(model, "base_model", model), "embeddings", None), "_forward_hooks", \
+            _insert_prompts_hook
     if isinstance(emb, torch.nn.Module):
-        for key, hook in list(emb._forward_hooks.items()):
-            if hook is _insert_prompts_hook:
-                del emb._forward_hooks[key]
+        registered = getattr(emb, hooks)
+        for key, hook in list(registered.items()):
+            if hook is ours:
+                del registered[key]
 
 
 def vision_query(model, state, prompt, kw: Dict[str, Any]) -> Tensor:
     """[B, hidden]: the frozen model's [CLS] pre-logits (or token mean) from a pass without prompts, no_grad."""
+    if timm_vit.is_timm_vit(model):
+        return timm_vit.frozen_query(model, kw[timm_vit.PIXEL_ARGUMENT], prompt.query_mode)
     base = getattr(model, "base_model", model)
     call = state.bound_forward if base is model else base
     params = inspect.signature(call).parameters
@@ -158,9 +201,11 @@ def _task_ids(prompt, task_ids, batch: int, device) -> Optional[Tensor]:
 def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
     """prompt_attach's patched forward for a pixel model."""
     prompt = state.prompt
-    pixels = kw.get("pixel_values")
+    pixels = kw.get(_pixel_argument(model))
     if pixels is None:
-        raise ValueError(f"{type(model).__name__} with a fastprompt prompt needs pixel_values")
+        raise ValueError(f"{type(model).__name__} with a fastprompt prompt needs {_pixel_argument(model)}")
+    if timm_vit.is_timm_vit(model):
+        timm_vit.check_timm_call(model, kw, prompt.placement == "prefix")
     batch = pixels.shape[0]
     task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
     query = None
@@ -174,7 +219,7 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids)
         if prompts.dim() == 2:
             prompts = prompts.unsqueeze(0).expand(batch, -1, -1)  # a shared prompt: a view, not B copies
-        lead = _facts(model).leading_tokens
+        lead = _leading_tokens(model)
         mask = kw.get("attention_mask")
         if mask is not None:  # the prompts are real tokens
             if mask.dim() != 2:

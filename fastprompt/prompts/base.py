@@ -49,8 +49,31 @@ def prompt_class(name: str) -> Type["PromptModule"]:
     return _PROMPT_CLASSES[name]
 
 
+# The model_type of a timm VisionTransformer (it has no config): its family entry's key, recorded in prompt configs.
+TIMM_VIT_MODEL_TYPE = "timm_vision_transformer"
+
+
+def _timm_vit_dims(model) -> Optional[Dict[str, Any]]:
+    """The sizes of a timm VisionTransformer (read from the instance: embed_dim, its blocks and their Attention), or
+    None for anything else. Duck-typed: the prompts layer never imports timm."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if isinstance(blocks, torch.nn.Module) and len(blocks) else None
+    hidden = getattr(model, "embed_dim", None)
+    if attn is None or hidden is None or not hasattr(attn, "num_heads") or not hasattr(attn, "head_dim"):
+        return None
+    return dict(hidden_size=int(hidden), embedding_size=0, num_layers=len(blocks), num_heads=int(attn.num_heads),
+                num_kv_heads=int(attn.num_heads), head_dim=int(attn.head_dim), model_type=TIMM_VIT_MODEL_TYPE)
+
+
 def model_dims(model_or_config) -> Dict[str, Any]:
-    """The sizes a prompt depends on, read from a transformers model or config (GPT-2 names included)."""
+    """The sizes a prompt depends on, read from a transformers model or config (GPT-2 names included), or from a
+    timm VisionTransformer."""
+    if not hasattr(model_or_config, "config"):
+        timm_dims = _timm_vit_dims(model_or_config)
+        if timm_dims is not None:
+            return timm_dims
     config = getattr(model_or_config, "config", model_or_config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
