@@ -1,4 +1,5 @@
-"""The versions of torch / triton / transformers / peft that fastprompt is tested with, and a check against them.
+"""The versions of torch / triton / transformers / peft / timm that fastprompt is tested with, and a check against
+them (timm is optional: the vision extra; a package that is not installed is never warned about).
 
 The ranges below are claims: CI tests each end (`.ci/run`: the locked lane at the upper versions of
 `requirements-lock.txt`, the oldest lane at the floors, the newest lane at whatever the index serves that day).
@@ -18,6 +19,7 @@ TESTED_RANGES = {
     "triton": ("3.6.0", "3.9.0"),
     "transformers": ("5.23.0", "5.25.0"),
     "peft": ("0.20.0", "0.21.2"),
+    "timm": ("0.9.16", "1.0.31"),
 }
 
 _warned = False
@@ -65,7 +67,7 @@ def untested_versions() -> list[str]:
 
 
 def warn_untested_versions_once() -> None:
-    """One UserWarning per process when torch / triton / transformers / peft are outside the tested ranges."""
+    """One UserWarning per process when torch / triton / transformers / peft / timm are outside the tested ranges."""
     global _warned
     if _warned:
         return
