@@ -9,7 +9,8 @@ oracle written out here with the reference implementations' semantics:
 - the pool query: the frozen model's pre-logits without prompts (l2p-pytorch's `original_model(x)['pre_logits']`:
   the final norm at [CLS]; with global_pool='avg', fc_norm of the patch mean);
 - L2P: top-k keys by cosine, the chosen prompts end to end, reduce_sim = sum of the chosen cosines / batch;
-  DualPrompt: G prefix in g_layers, the E entry of the task (training) or of the best key; CODA-Prompt: weights
+  DualPrompt (and the same from a PromptStack of two prompts): G prefix in g_layers, the E entry of the task
+  (training) or of the best key; CODA-Prompt: weights
   cos(q * A_n, K_n), first half key / second half value, earlier slices detached in training, ortho penalty.
 Logits, loss (cross-entropy + the prompt's auxiliary loss, which a timm model's caller adds) and every prompt
 gradient, torch and Triton backends (tests/conftest.py sets TRITON_INTERPRET=1)."""
@@ -164,6 +165,22 @@ def dual_oracle(prompt, P, q, task):
     return prefixes, None, -c.pull_constraint_coeff * reduce_sim
 
 
+def stack_oracle(prompt, P, q, task):
+    """PromptStack(PTuningV2 in the G layers, PromptPool(top_k=1, task_entries=True) in the E layers): DualPrompt's
+    semantics from two prompts; the pool's pull loss is the stack's auxiliary loss."""
+    g, e = prompt.members
+    batch = q.shape[0]
+    sim = cos_rows(q, P["members.1.keys"])
+    index = [task] * batch if task is not None else sim.argmax(dim=-1).tolist()
+    prefixes = {layer: tuple(torch.stack([P["members.0.prefix"][i, kv]] * batch) for kv in (0, 1))
+                for i, layer in enumerate(g.layers)}
+    for i, layer in enumerate(e.layers):
+        prefixes[layer] = tuple(torch.stack([P["members.1.pool"][i, kv, index[b]] for b in range(batch)])
+                                for kv in (0, 1))
+    reduce_sim = sum(sim[b, index[b]] for b in range(batch)) / batch
+    return prefixes, None, -e.config.pull_constraint_coeff * reduce_sim
+
+
 def coda_oracle(prompt, P, q, training):
     """CODA-Prompt zoo.py: slices 0..t (earlier ones detached in training), weights cos(q * A, K), P_ =
     einsum('bk,kld->bld'), first half the key prefix, second half the value prefix; the ortho penalty in training."""
@@ -209,6 +226,12 @@ def make(method, model, layers=None):
     elif method == "dual":
         prompt = fp.DualPrompt(model, g_length=2, e_length=3, pool_size=4, g_layers=deep[:1], e_layers=deep[1:])
         oracle = dual_oracle
+    elif method == "stack":
+        prompt = fp.PromptStack(
+            fp.PTuningV2(model, num_virtual_tokens=2, layers=deep[:1], prefix_dropout=0.0),
+            fp.PromptPool(model, pool_size=4, length=3, top_k=1, placement="prefix", layers=deep[1:], query="cls",
+                          task_entries=True))
+        oracle = stack_oracle
     elif method == "coda":
         prompt = fp.CodaPrompt(model, pool_size=6, num_tasks=3, length=4, layers=deep, ortho_mu=0.1)
         prompt.next_task()  # task 1: slice 0 frozen, slice 1 learning
@@ -232,7 +255,7 @@ def check_against_oracle(method, backend, training, model=None, batch=3):
     model.train(training)  # the attached prompt too (CODA's penalty is a training term)
     x, labels = pixels(batch), labels_for(batch)
     task = 1 if training else None
-    call = {"task_ids": torch.tensor(task)} if (task is not None and method == "dual") else {}
+    call = {"task_ids": torch.tensor(task)} if (task is not None and method in ("dual", "stack")) else {}
     logits = model(x, **call)
     loss = F.cross_entropy(logits, labels)
     if prompt.aux_loss is not None:
@@ -257,7 +280,7 @@ def check_against_oracle(method, backend, training, model=None, batch=3):
     return model, prompt, mine
 
 
-METHODS = ["tuning", "l2p", "l2p-prefix", "dual", "coda"]
+METHODS = ["tuning", "l2p", "l2p-prefix", "dual", "stack", "coda"]
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
