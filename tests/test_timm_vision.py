@@ -15,6 +15,8 @@ oracle written out here with the reference implementations' semantics:
 Logits, loss (cross-entropy + the prompt's auxiliary loss, which a timm model's caller adds) and every prompt
 gradient, torch and Triton backends (tests/conftest.py sets TRITON_INTERPRET=1)."""
 import copy
+import inspect
+import threading
 
 import pytest
 import torch
@@ -358,6 +360,50 @@ def test_a_patched_model_deep_copies_with_its_prompt():
         assert torch.equal(twin(x), want)
         twin.fastprompt_prompt.g_prompt.add_(1.0)  # the copy reads its own prompt
         assert torch.equal(model(x), want) and not torch.equal(twin(x), want)
+
+
+def test_a_patched_model_pickles_and_calls_without_a_prompt_keep_timm_semantics(tmp_path):
+    model = tiny_vit()
+    x = pixels(2)
+    mask = torch.ones(17, 17, dtype=torch.bool).tril()  # timm >= 1.0.1x: a mask through forward_features
+    takes_mask = "attn_mask" in inspect.signature(VisionTransformer.forward_features).parameters
+    with torch.no_grad():
+        plain = model.forward_features(x, attn_mask=mask) if takes_mask else None
+    prompt, _ = make("coda", model)
+    fp.patch_model(model, prompt)
+    with torch.no_grad():
+        want = model(x)
+        if takes_mask:  # no prompt bound: the patched attention hands the mask to timm's own forward
+            assert torch.equal(model.forward_features(x, attn_mask=mask), plain)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    fp.unpatch_model(loaded)
+    assert all("forward" not in block.attn.__dict__ for block in loaded.blocks)
+
+
+def test_calls_from_threads_read_their_own_prefixes():
+    model = tiny_vit()
+    prompt, _ = make("l2p-prefix", model)
+    fp.patch_model(model, prompt)
+    batches = [pixels(b, seed=b) for b in (1, 2, 3, 4)]
+    with torch.no_grad():
+        serial = [model(x) for x in batches]
+    results = {}
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(4):
+                results[i] = model(batches[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(serial):
+        assert torch.allclose(results[i], want, atol=1e-6)
 
 
 def test_the_backend_reaches_every_attention_module(monkeypatch):

@@ -186,13 +186,16 @@ def disable_timm_attention(model, token: Optional[EnableToken]) -> None:
 
 def timm_attention_forward(module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """timm's Attention.forward with the layer's prefix read in place by fastprompt's op."""
-    if attn_mask is not None or is_causal:
-        raise ValueError("fastprompt: timm attention with a prefix takes no attn_mask / is_causal (pass neither)")
     slot = module.__dict__[SLOT_ATTR]
     B, N, _ = x.shape
     call = current_call(slot.state)
     prefixes = resolve_prefixes(call.prefixes, B) if call is not None and call.prefixes is not None else None
     prefix = prefixes.get(slot.layer_idx) if prefixes else None
+    if attn_mask is not None or is_causal:
+        if prefix is not None:
+            raise ValueError("fastprompt: timm attention with a prefix takes no attn_mask / is_causal (pass neither)")
+        # no prompt in this call (the model used on its own, e.g. forward_features(x, attn_mask=...)): timm's own
+        return type(module).forward(module, x, attn_mask=attn_mask, is_causal=is_causal)
 
     gate = getattr(module, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None

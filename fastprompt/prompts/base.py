@@ -56,7 +56,7 @@ TIMM_VIT_MODEL_TYPE = "timm_vision_transformer"
 def _timm_vit_dims(model) -> Optional[Dict[str, Any]]:
     """The sizes of a timm VisionTransformer (read from the instance: embed_dim, its blocks and their Attention), or
     None for anything else. Duck-typed: the prompts layer never imports timm."""
-    if not type(model).__module__.startswith("timm."):
+    if not any(cls.__module__.startswith("timm.") for cls in type(model).__mro__):  # timm's, or a subclass of it
         return None
     blocks = getattr(model, "blocks", None)
     attn = getattr(blocks[0], "attn", None) if isinstance(blocks, torch.nn.Module) and len(blocks) else None
