@@ -12,6 +12,8 @@ fastprompt.prompts (fastprompt's own prompt modules, LayerPrefix), which never i
      ModelLayout, the per-call binding of prefixes (AttentionCall).
    - seq2seq_attention: the same for encoder-decoder models ("fastprompt_seq2seq": encoder, decoder self- and
      cross-attention roles, T5's relative position bias for the prefix, BART's shifted positions) and their checks.
+   - timm_vit: timm's VisionTransformer (no attention interface): its Attention modules patched per instance onto
+     the same op and the same per-call prefix binding; where its input prompts go and where its query comes from.
    - families: the per-family facts table. call_context: state bound to one call. cache_compat, generate_args,
      prompt_cache: transformers' cache and generate() conventions, and what a cache holds of a prompt.
      patched_method: methods bound to one instance and the one record of what a patch replaced (ReplacedMethods).
@@ -22,7 +24,7 @@ fastprompt.prompts (fastprompt's own prompt modules, LayerPrefix), which never i
      reuse of its lower layers.
    - prompt_hoisting: input-level prompts run once per step as a K/V pass (causal LMs).
    - peft_prompts: PEFT's adapters read once per call (prefix K/V, multitask task ids).
-   - vision: Vision Transformers (pixel_values in): input prompts after the leading tokens, the [CLS] query.
+   - vision: Vision Transformers (pixel_values in; timm: x): input prompts after the leading tokens, the [CLS] query.
 3. Front ends: what patch_model drives.
    - peft (PEFT models, decoder-only and encoder-only) and seq2seq (PEFT prefix tuning on SEQ_2_SEQ_LM).
    - prompt_attach (fastprompt's own prompts on any model), with attach_state (what attaching records),
