@@ -39,7 +39,7 @@ from .. import ops  # ops.prefix_attention looked up per call
 from ..prompts.base import TIMM_VIT_MODEL_TYPE
 from .patched_method import PatchedMethod, ReplacedMethods
 from .transformers_attention import (STATE_ATTR, AttentionState, EnableToken, check_backend, current_call,
-                                     finish_enable, join_enabled, resolve_prefixes)
+                                     finish_enable, resolve_prefixes)
 
 __all__ = ["TIMM_VIT_MODEL_TYPE", "PIXEL_ARGUMENT", "is_timm_vit", "check_timm_model", "check_timm_call",
            "leading_tokens", "insertion_module", "frozen_query", "enable_timm_attention", "disable_timm_attention",
@@ -150,9 +150,10 @@ def enable_timm_attention(model, *, backend: str = "auto") -> EnableToken:
     """Patch the Attention modules of THIS timm VisionTransformer to fastprompt's prefix attention; returns the
     token that `disable_timm_attention` restores with (counted users, as enable_fastprompt_attention)."""
     check_backend(backend)
-    joined = join_enabled(model, KIND)
-    if joined is not None:
-        return joined
+    existing = model.__dict__.get(STATE_ATTR)
+    if existing is not None:  # enabled already: one more user
+        existing.users += 1
+        return EnableToken(model, existing)
     check_timm_model(model)
     state = AttentionState(backend, kind=KIND)
     patched = []
