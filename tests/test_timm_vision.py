@@ -311,6 +311,43 @@ def test_variants_qk_norm_registers_and_avg_pool(method):
     check_against_oracle(method, "torch", training=False, model=model)
 
 
+def test_deit_distilled_prompts_follow_both_leading_tokens():
+    """timm's DeiT with a distillation token (a VisionTransformer subclass): input-level prompts after [CLS] and the
+    distillation token; the query its pre-logits, the mean of the two tokens' features; logits the mean of the two
+    heads (eval)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                       num_classes=CLASSES).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "dist_token", "pos_embed"):
+                p.normal_(0.0, 0.5)
+    prompt, oracle = make("l2p", model)
+    twin = twin_of(model)
+    P = {n: p.detach().double().clone().requires_grad_() for n, p in prompt.named_parameters()}
+    fp.patch_model(model, prompt)
+    model.eval()
+    x, labels = pixels(3), labels_for(3)
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels) + prompt.aux_loss
+    loss.backward()
+
+    with torch.no_grad():
+        plain = oracle_features(twin, x)
+    q = (plain[:, 0] + plain[:, 1]) / 2
+    _, inputs, aux = oracle(prompt, P, q, None)
+    feats = oracle_features(twin, x, None, inputs)
+    assert model.num_prefix_tokens == 2
+    ref = (twin.head(feats[:, 0]) + twin.head_dist(feats[:, 1])) / 2
+    ref_loss = F.cross_entropy(ref, labels) + aux
+    ref_loss.backward()
+    assert rel(logits, ref) < 1e-5 and rel(loss, ref_loss) < 1e-5
+    mine = {n: p.grad for n, p in prompt.named_parameters()}
+    assert grads_rel(mine, {n: t.grad for n, t in P.items()}) < 1e-4
+
+
 def test_dual_prompt_training_gives_the_task_entry_and_inference_the_best_key():
     model = tiny_vit()
     _, prompt, grads = check_against_oracle("dual", "torch", training=True)
