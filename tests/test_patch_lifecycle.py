@@ -193,14 +193,31 @@ def test_enabling_attention_twice_nests_the_same_for_every_model_kind(family):
     assert _fastprompt_leftovers(model) == []
 
 
-def test_decoder_and_seq2seq_attention_do_not_mix():
+def test_both_entry_points_enable_one_switch_on_an_encoder_decoder_model():
+    """One attention integration: enable_fastprompt_attention and enable_seq2seq_attention are the same switch on a
+    T5 model (its roles recorded either way, each enable one more user); enable_seq2seq_attention refuses a
+    decoder-only model."""
     _skip_without_seq2seq()
+    from fastprompt.integrations.transformers_attention import SLOT_ATTR, STATE_ATTR
+
     model = seq2seq_helpers.tiny_seq2seq("t5")
-    token = enable_seq2seq_attention(model)
-    with pytest.raises(ValueError, match="already runs fastprompt's seq2seq attention"):
-        enable_fastprompt_attention(model)
-    disable_fastprompt_attention(model, token)
+    before = model.config._attn_implementation
+    first = enable_fastprompt_attention(model)
+    second = enable_seq2seq_attention(model)
+    state = model.__dict__[STATE_ATTR]
+    assert second.state is first.state is state and state.users == 2
+    assert model.config._attn_implementation == "fastprompt_seq2seq"
+    roles = {(slot.role, slot.prefix_key) for slot in (
+        m.__dict__[SLOT_ATTR] for m in model.modules() if SLOT_ATTR in m.__dict__)}
+    assert ("encoder", ("encoder", 0)) in roles and ("self", ("self", 1)) in roles and ("cross", ("cross", 1)) in roles
+    disable_fastprompt_attention(model, second)
+    disable_fastprompt_attention(model, first)
+    assert model.config._attn_implementation == before
     assert _fastprompt_leftovers(model) == []
+    decoder = tiny_model("qwen2", "CAUSAL_LM")
+    with pytest.raises(ValueError, match="enable_seq2seq_attention needs an encoder-decoder model"):
+        enable_seq2seq_attention(decoder)
+    assert _fastprompt_leftovers(decoder) == []
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "own-t5-prompt"])
@@ -240,3 +257,46 @@ def test_unpatch_forgets_hoist_prompts_false(case):
         fastprompt.patch_model(model, prompt, hoist_prompts=False)
     fastprompt.unpatch_model(model)
     _assert_never_patched(model, twin, seq2seq, attn_before)
+
+
+def _switch_story(case):
+    """What a user sees of the one attention switch on the model of `case`, step by step: enabling twice, disabling
+    each token twice, patching twice and patching another prompt. Equal stories: the same semantics."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fastprompt.integrations.transformers_attention import STATE_ATTR, fastprompt_attention_forward
+
+    model, twin, prompt, seq2seq = _case(case)
+    before = model.config._attn_implementation
+    story = []
+    first, second = enable_fastprompt_attention(model), enable_fastprompt_attention(model)
+    state = model.__dict__[STATE_ATTR]
+    name = model.config._attn_implementation
+    story.append(("enabled twice", name.startswith("fastprompt"), state.users, first.state is second.state,
+                  ALL_ATTENTION_FUNCTIONS[name] is fastprompt_attention_forward))
+    for token in (first, first, second, second):  # a token disabled twice counts once; the last user restores
+        disable_fastprompt_attention(model, token)
+        story.append(("disabled", model.config._attn_implementation == before,
+                      STATE_ATTR in model.__dict__, _fastprompt_leftovers(model) == []))
+    assert fastprompt.patch_model(model, prompt) is model
+    snapshot = _snapshot(model)
+    story.append(("patched twice", fastprompt.patch_model(model, prompt) is model, _snapshot(model) == snapshot))
+    other = _own_prompt("prefix", model)
+    with pytest.raises(ValueError) as refused:
+        fastprompt.patch_model(model, other)
+    story.append(("another prompt", str(refused.value)))
+    fastprompt.unpatch_model(model)
+    fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, before)
+    return story
+
+
+def test_the_one_switch_behaves_the_same_for_a_decoder_only_and_a_t5_model():
+    """One attention integration: a decoder-only model and T5 go through the same registered function and the
+    same switch, whose every observable step is the same for both kinds of model."""
+    _skip_without_seq2seq()
+    decoder, t5 = _switch_story("own-decoder-prefix"), _switch_story("own-t5-prefix")
+    assert decoder == t5
+    assert decoder[0] == ("enabled twice", True, 2, True, True)
+    assert [step[1:] for step in decoder[1:5]] == [(False, True, False)] * 2 + [(True, False, True)] * 2
+    assert decoder[5] == ("patched twice", True, True)

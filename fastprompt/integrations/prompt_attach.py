@@ -39,9 +39,9 @@ from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, m
 from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call, set_prompt_hoisting
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 from .query_pass import compute_query
-from .seq2seq_attention import check_own_prompt_seq2seq, enable_seq2seq_attention, own_prompt_prefixes
+from .seq2seq_attention import check_own_prompt_seq2seq
 from .transformers_attention import (disable_fastprompt_attention, enable_fastprompt_attention, layer_prefixes,
-                                     model_layout, set_backend, text_config)
+                                     model_layout, own_prompt_prefixes, set_backend, text_config)
 
 __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
 
@@ -106,7 +106,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     if prompt.placement == "prefix":
         kwargs = {} if backend is None else {"backend": backend}
         try:
-            token = (enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)(model, **kwargs)
+            token = enable_fastprompt_attention(model, **kwargs)  # encoder-decoder models: their roles recorded
         except Exception:
             _restore_requires_grad(model, requires_grad)
             raise
