@@ -85,7 +85,11 @@ def stack_layers(stack) -> torch.nn.ModuleList:
 
 
 def _self_attention(layer):
-    return layer.layer[0].SelfAttention if hasattr(layer, "layer") else layer.self_attn
+    attn = layer.layer[0].SelfAttention if hasattr(layer, "layer") else getattr(layer, "self_attn", None)
+    if attn is None:
+        raise TypeError(f"fastprompt: cannot find the self-attention of {type(layer).__name__} (encoder-decoder "
+                        f"layers laid out as T5's or BART's are: {', '.join(SEQ2SEQ_MODEL_TYPES)})")
+    return attn
 
 
 def _cross_attention(layer):
