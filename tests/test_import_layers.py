@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # (layer name, module prefixes). A module belongs to the layer of its longest matching prefix.
 LAYERS = [
-    # the dropout stream (ops.attention_dropout) is drawn alike by the kernels, the torch backends and the oracle
+    # the dropout stream (fastprompt.attention_dropout) is drawn alike by the kernels, the torch backends and the
+    # oracle, so it sits below all three
     ("base", ["fastprompt._versions", "fastprompt._cuda_build_info", "fastprompt.kernels", "fastprompt.reference",
-              "fastprompt.reference_prompts", "fastprompt.ops.attention_dropout"]),
+              "fastprompt.reference_prompts", "fastprompt.attention_dropout"]),
     ("ops", ["fastprompt.ops"]),
     ("prompts", ["fastprompt.prompts"]),
     ("model adapters", [f"fastprompt.integrations.{name}" for name in (
@@ -44,30 +45,6 @@ OPTIONAL_DEPENDENCIES = {"peft", "triton", "matplotlib", "accelerate"}
 # Modules that must start without torch / transformers (`fastprompt --version`, `fastprompt info`, `import
 # fastprompt`): they import on first use, so any of their imports may sit inside a function.
 LAZY_ENTRY_POINTS = {"fastprompt", "fastprompt.cli", "fastprompt.__main__", "fastprompt._cuda_build_info"}
-
-# Violations that predate these contracts, per (file, rule), in code this change did not reach: fastprompt/ops and
-# fastprompt/kernels (rewritten by the one-op work of issue 20, item 1; the oracle's lazy imports of
-# ops.attention_dropout dodge the cycle reference -> fastprompt.ops/__init__ -> ops.prefix_attention -> reference,
-# which ends when the dropout stream leaves the ops package) and fastprompt/bench. A count may only fall: any
-# violation beyond it fails, with its file and line. Lower or delete an entry when its file is cleaned.
-PENDING = {
-    ("fastprompt/bench/baselines.py", "function-level import"): 4,
-    ("fastprompt/bench/cases.py", "function-level import"): 12,
-    ("fastprompt/bench/cases_dropout.py", "function-level import"): 4,
-    ("fastprompt/bench/cases_dropout.py", "private-name import"): 1,
-    ("fastprompt/bench/cases_hoisting.py", "function-level import"): 5,
-    ("fastprompt/bench/cases_seed.py", "function-level import"): 4,
-    ("fastprompt/bench/cases_seed.py", "private-name import"): 1,
-    ("fastprompt/bench/cases_seq2seq.py", "function-level import"): 3,
-    ("fastprompt/bench/chart.py", "function-level import"): 2,
-    ("fastprompt/bench/metrics.py", "function-level import"): 2,
-    ("fastprompt/bench/models.py", "function-level import"): 5,
-    ("fastprompt/bench/runner.py", "function-level import"): 5,
-    ("fastprompt/kernels/prefix_attention_bwd.py", "private-name import"): 1,
-    ("fastprompt/kernels/prefix_attention_common.py", "function-level import"): 1,
-    ("fastprompt/ops/prefix_attention_triton.py", "function-level import"): 2,
-    ("fastprompt/reference.py", "function-level import"): 4,
-}
 
 
 class Import(NamedTuple):
@@ -187,23 +164,9 @@ def test_every_module_is_in_a_layer():
     assert not unplaced, f"modules in no layer (add them to LAYERS in {Path(__file__).name}): {unplaced}"
 
 
-def _rule_key(line: str) -> tuple:
-    return line.split(":")[0], line.split(": ")[1]
-
-
 def test_imports_follow_the_layers():
     found = violations()
-    counts = {}
-    for line in found:
-        counts[_rule_key(line)] = counts.get(_rule_key(line), 0) + 1
-    new = [line for line in found if counts[_rule_key(line)] > PENDING.get(_rule_key(line), 0)]
-    assert not new, f"{len(new)} import contract violation(s):\n" + "\n".join(new)
-
-
-def test_integrations_prompts_and_patching_have_no_pending_violations():
-    """The layers this change put in order stay in order: nothing of them may enter PENDING."""
-    assert not [key for key in PENDING if key[0].startswith(
-        ("fastprompt/integrations/", "fastprompt/prompts/", "fastprompt/patching.py"))]
+    assert not found, f"{len(found)} import contract violation(s):\n" + "\n".join(found)
 
 
 def test_the_checker_sees_a_back_import():
