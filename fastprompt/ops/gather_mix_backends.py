@@ -126,7 +126,32 @@ class TorchGatherMix(GatherMixBackend):
         return dpool.to(pool.dtype), dweights
 
 
-class TritonGatherMix(GatherMixBackend):
+class KernelGatherMix(GatherMixBackend):
+    """A backend whose four functions live in a kernel module loaded on first use (`kernels()`), which implements
+    the flattened-layout interface of this module's docstring."""
+
+    @classmethod
+    def kernels(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def gather_forward(cls, pool, index):
+        return cls.kernels().gather_forward(pool, index)
+
+    @classmethod
+    def gather_backward(cls, grad_out, index, num_entries):
+        return cls.kernels().gather_backward(grad_out, index, num_entries)
+
+    @classmethod
+    def mix_forward(cls, pool, weights, index):
+        return cls.kernels().mix_forward(pool, weights, index)
+
+    @classmethod
+    def mix_backward(cls, grad_out, pool, weights, index):
+        return cls.kernels().mix_backward(grad_out, pool, weights, index)
+
+
+class TritonGatherMix(KernelGatherMix):
     NAME = "triton"
     DESCRIPTION = "triton kernels"
     DEVICES = ("cuda",)
@@ -141,24 +166,12 @@ class TritonGatherMix(GatherMixBackend):
     def devices(cls):
         return ("cuda", "cpu") if _interpreting() else cls.DEVICES
 
-    @staticmethod
-    def gather_forward(pool, index):
-        return load_triton_kernels().gather_forward(pool, index)
-
-    @staticmethod
-    def gather_backward(grad_out, index, num_entries):
-        return load_triton_kernels().gather_backward(grad_out, index, num_entries)
-
-    @staticmethod
-    def mix_forward(pool, weights, index):
-        return load_triton_kernels().mix_forward(pool, weights, index)
-
-    @staticmethod
-    def mix_backward(grad_out, pool, weights, index):
-        return load_triton_kernels().mix_backward(grad_out, pool, weights, index)
+    @classmethod
+    def kernels(cls):
+        return load_triton_kernels()
 
 
-class CudaGatherMix(GatherMixBackend):
+class CudaGatherMix(KernelGatherMix):
     NAME = "cuda"
     DESCRIPTION = "the CUDA kernels"
     DEVICES = ("cuda",)
@@ -169,21 +182,9 @@ class CudaGatherMix(GatherMixBackend):
             return "backend='cuda' is unavailable: fastprompt.ops.gather_mix_cuda is missing or not built"
         return None
 
-    @staticmethod
-    def gather_forward(pool, index):
-        return load_cuda_backend().gather_forward(pool, index)
-
-    @staticmethod
-    def gather_backward(grad_out, index, num_entries):
-        return load_cuda_backend().gather_backward(grad_out, index, num_entries)
-
-    @staticmethod
-    def mix_forward(pool, weights, index):
-        return load_cuda_backend().mix_forward(pool, weights, index)
-
-    @staticmethod
-    def mix_backward(grad_out, pool, weights, index):
-        return load_cuda_backend().mix_backward(grad_out, pool, weights, index)
+    @classmethod
+    def kernels(cls):
+        return load_cuda_backend()
 
 
 class ReferenceGatherMix(GatherMixBackend):
