@@ -3,8 +3,9 @@ included): every import goes down the layers, prompts never import integrations,
 module's private (underscore) name, and no import sits inside a function except those of optional dependencies
 and of the entry points that must start without torch.
 
-Each module's AST is walked (every `import` / `from ... import`, at any depth); relative imports are resolved
-against the module's package. A violation is reported as `path:line: rule: what`.
+Each module's AST is walked (every `import` / `from ... import`, at any depth, and every
+`importlib.import_module("<name>")` of a literal name, so that a hidden import counts as one); relative imports are
+resolved against the module's package. A violation is reported as `path:line: rule: what`.
 
 The layers, lowest first (a module may import from its own layer and the layers below; see the docstring of
 fastprompt/integrations/__init__.py for what each integration layer owns):
@@ -22,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 LAYERS = [
     # the dropout stream (fastprompt.attention_dropout) is drawn alike by the kernels, the torch backends and the
     # oracle, so it sits below all three
-    ("base", ["fastprompt._versions", "fastprompt._cuda_build_info", "fastprompt.kernels", "fastprompt.reference",
-              "fastprompt.reference_prompts", "fastprompt.attention_dropout"]),
+    ("base", ["fastprompt._versions", "fastprompt._cuda_build_info", "fastprompt._C", "fastprompt.kernels",
+              "fastprompt.reference", "fastprompt.reference_prompts", "fastprompt.attention_dropout"]),
     ("ops", ["fastprompt.ops"]),
     ("prompts", ["fastprompt.prompts"]),
     ("model adapters", [f"fastprompt.integrations.{name}" for name in (
@@ -72,6 +73,19 @@ def _resolve(importer: str, is_package: bool, level: int, module: Optional[str])
     return ".".join(base + ([module] if module else []))
 
 
+def _import_module_call(node) -> Optional[str]:
+    """The module named by `importlib.import_module("<literal>")` / `import_module("<literal>")`, else None."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    first = node.args[0]
+    if name == "import_module" and isinstance(first, ast.Constant) and isinstance(first.value, str) \
+            and not first.value.startswith("."):
+        return first.value
+    return None
+
+
 def imports_of(path: Path, source: Optional[str] = None) -> Iterator[Import]:
     """Every import of the module at `path` (its text, or `source` as if it were its text)."""
     importer = module_name(path)
@@ -88,6 +102,8 @@ def imports_of(path: Path, source: Optional[str] = None) -> Iterator[Import]:
                 target = _resolve(importer, path.name == "__init__.py", child.level, child.module)
                 yield Import(path, child.lineno, importer, target, tuple(a.name for a in child.names), in_function,
                              source)
+            elif _import_module_call(child) is not None:
+                yield Import(path, child.lineno, importer, _import_module_call(child), (), in_function, source)
             yield from walk(child, inside)
 
     yield from walk(tree, False)
@@ -179,3 +195,14 @@ def test_the_checker_sees_a_back_import():
     assert rules == {"function-level import", "layer order", "prompts never import integrations",
                      "private-name import"}, found
     assert all(line.startswith("fastprompt/prompts/base.py:2: ") for line in found), found
+
+
+def test_the_checker_sees_an_import_hidden_in_importlib():
+    """importlib.import_module of a literal name is an import like any other: inside a function, from prompts into
+    integrations, it breaks three rules."""
+    fake = ROOT / "prompts" / "base.py"
+    source = "import importlib\n\n\ndef f():\n    return importlib.import_module('fastprompt.integrations.peft')\n"
+    found = violations(list(imports_of(fake, source)))
+    rules = {line.split(": ")[1] for line in found}
+    assert rules == {"function-level import", "layer order", "prompts never import integrations"}, found
+    assert all(line.startswith("fastprompt/prompts/base.py:5: ") for line in found), found

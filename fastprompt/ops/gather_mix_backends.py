@@ -15,15 +15,16 @@ mix_backward(grad_out [B, F], pool, weights, index) -> (dpool [N, F], dweights [
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import kernels  # its gather_mix module imports triton; the package loads it on first use
 from .. import reference_prompts
 from ..kernels import TRITON_INSTALLED  # looked up once, outside traced code
+from . import gather_mix_cuda
 from .prefix_attention_dispatch import BACKENDS  # every op takes the same backend names
 
 PRIORITY = {"cuda": ("cuda", "triton", "torch")}
@@ -36,17 +37,14 @@ def _interpreting() -> bool:
 
 def load_triton_kernels():
     """fastprompt/kernels/gather_mix.py, imported on first use (it imports triton)."""
-    return importlib.import_module("fastprompt.kernels.gather_mix")
+    return kernels.gather_mix
 
 
 def load_cuda_backend():
-    """The optional CUDA extension wrapper, or None when it is absent or unusable."""
+    """The wrapper of the optional CUDA extension (gather_mix_cuda), or None when the extension is absent or
+    unusable."""
     try:
-        module = importlib.import_module("fastprompt.ops.gather_mix_cuda")
-    except ImportError:
-        return None
-    try:
-        return module if module.available() else None
+        return gather_mix_cuda if gather_mix_cuda.available() else None
     except Exception:  # an extension that fails its own probe is treated as absent
         return None
 
