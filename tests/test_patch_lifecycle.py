@@ -2,6 +2,7 @@
 idempotent and restores exactly what was recorded in any order (also where several patches stack on one model), and
 an unpatched model is its never-patched twin again (same outputs, no fastprompt attribute or hook anywhere)."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,19 +14,23 @@ from integration_helpers import assert_close, make_inputs, tiny_model, tiny_peft
 import fastprompt
 from fastprompt.integrations.seq2seq import enable_seq2seq_attention
 from fastprompt.integrations.transformers_attention import disable_fastprompt_attention, enable_fastprompt_attention
-from fastprompt.prompts import PrefixTuning, PromptTuning
+from fastprompt.prompts import PrefixTuning, PromptPool, PromptTuning
 
 peft = pytest.importorskip("peft")
 seq2seq_helpers = pytest.importorskip("seq2seq_helpers")
 
 CASES = ["peft-decoder-prefix", "peft-decoder-prompt", "peft-t5-prefix", "peft-t5-prompt",
-         "own-decoder-prefix", "own-decoder-prompt", "own-t5-prefix", "own-t5-prompt"]
+         "own-decoder-prefix", "own-decoder-prompt", "own-t5-prefix", "own-t5-prompt", "own-decoder-pool"]
 
 
 def _own_prompt(kind, model):
     c = model.config
-    prompt = (PrefixTuning(c, num_virtual_tokens=3, encoder_hidden_size=16) if kind == "prefix"
-              else PromptTuning(c, num_virtual_tokens=3)).eval()
+    if kind == "pool":  # the query pass (query_layer=1) replaces the forward of layers 0 and 1
+        prompt = PromptPool(c, pool_size=4, length=2, top_k=2, placement="prefix", layers=[1], query_layer=1,
+                            seed=0).eval()
+    else:
+        prompt = (PrefixTuning(c, num_virtual_tokens=3, encoder_hidden_size=16) if kind == "prefix"
+                  else PromptTuning(c, num_virtual_tokens=3)).eval()
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in prompt.parameters():
@@ -300,3 +305,51 @@ def test_the_one_switch_behaves_the_same_for_a_decoder_only_and_a_t5_model():
     assert decoder[0] == ("enabled twice", True, 2, True, True)
     assert [step[1:] for step in decoder[1:5]] == [(False, True, False)] * 2 + [(True, False, True)] * 2
     assert decoder[5] == ("patched twice", True, True)
+
+
+def test_query_pass_layer_forwards_are_in_the_one_record_and_restored_exactly():
+    """A pool with query_layer=k replaces the forward of layers [0, k], recorded in the attach's one record of
+    replaced methods: unpatch gives each layer back exactly the instance forward it had (its own, here a wrapper
+    set before patching as accelerate's hooks do, or none), leaves alone one set after patching, and a second
+    unpatch does nothing. A deep copy's unpatch restores the copy's layers, not the original's."""
+    model = tiny_model("llama", "CAUSAL_LM")
+    twin = copy.deepcopy(model)
+    layers = model.model.layers
+    own_calls = []
+
+    def own_forward(*args, **kwargs):  # the layer's own instance forward, found by the patch
+        own_calls.append(1)
+        return type(layers[1]).forward(layers[1], *args, **kwargs)
+
+    layers[1].__dict__["forward"] = own_forward
+    prompt = _own_prompt("pool", model)
+    fastprompt.patch_model(model, prompt)
+    installed = [layer.__dict__.get("forward") for layer in layers]
+    assert all(type(f).__module__ == "fastprompt.integrations.query_pass" for f in installed), installed
+    with torch.no_grad():
+        patched = _outputs(model, False)
+    assert own_calls  # the query pass runs the layer's own forward, not its class's
+    fastprompt.patch_model(model, prompt)  # twice: nothing nests
+    assert all(layer.__dict__.get("forward") is f for layer, f in zip(layers, installed))
+    with torch.no_grad():
+        assert torch.equal(_outputs(model, False), patched)
+
+    patched_copy = copy.deepcopy(model)
+    fastprompt.unpatch_model(patched_copy)
+    assert "forward" not in patched_copy.model.layers[0].__dict__
+    assert patched_copy.model.layers[1].__dict__["forward"] is own_forward  # what it had (deepcopy keeps functions)
+    assert all(layer.__dict__.get("forward") is f for layer, f in zip(layers, installed))  # the original: patched
+
+    fastprompt.unpatch_model(model)
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is own_forward
+    fastprompt.unpatch_model(model)  # idempotent
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is own_forward
+    del layers[1].__dict__["forward"]
+    _assert_never_patched(model, twin, False, twin.config._attn_implementation)
+
+    # a forward someone sets on a layer after patching is theirs: unpatch leaves it, and restores the rest
+    fastprompt.patch_model(model, prompt)
+    theirs = functools.partial(type(layers[0]).forward, layers[0])
+    layers[0].__dict__["forward"] = theirs
+    fastprompt.unpatch_model(model)
+    assert layers[0].__dict__["forward"] is theirs and "forward" not in layers[1].__dict__

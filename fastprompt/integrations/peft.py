@@ -202,7 +202,7 @@ def unpatch_peft_model(model):
         _remove_prepare_dispatch(model)
     if record.method == "prefix":
         _remove_bridge_hooks(model)
-    record.methods.restore(model)
+    record.methods.restore()
     if record.attention_token is not None:
         disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PATCH_ATTR)

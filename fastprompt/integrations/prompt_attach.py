@@ -125,7 +125,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = AttachState(prompt, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, STATE_ATTR, state)
     state.methods.replace(model, "forward", _PatchedForward(model))
-    query_pass.install(model, prompt)
+    query_pass.install(model, prompt, state.methods)
     if pixels:
         vision.install(model, prompt)
     if encoder_decoder:
@@ -142,8 +142,7 @@ def detach(model):
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         return model
-    state.methods.restore(model)
-    query_pass.uninstall(model)
+    state.methods.restore()  # the model's forward / generate and the query pass's layer forwards
     if vision.is_pixel_model(model):
         vision.remove(model)
     set_prompt_hoisting(model, True)  # the default again: patch_model(..., hoist_prompts=False) recorded the opt-out

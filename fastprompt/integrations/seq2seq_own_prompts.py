@@ -60,7 +60,7 @@ class _PatchedSeq2SeqGenerate:
         state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
-        original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
+        original = state.original_generate(model) or (lambda *a, **k: type(model).generate(model, *a, **k))
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("generate: encoder_outputs cannot be combined with a fastprompt prompt (the prompt is "
                              "placed when the encoder runs); pass input_ids or inputs_embeds")
