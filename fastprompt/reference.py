@@ -5,7 +5,7 @@ in front of the sequence keys/values, GQA heads are repeated, and a dense `[B, H
 is built. Run it in float64 to get a reference that the kernels are measured against.
 
 Attention dropout draws its mask from `dropout_seed` with the counter-based generator every backend uses
-(fastprompt.ops.attention_dropout), one element at a time over the full `[B, Hq, Lq, S*P + Lk]` grid, so a
+(fastprompt.attention_dropout), one element at a time over the full `[B, Hq, Lq, S*P + Lk]` grid, so a
 backend's fused dropout is checked exactly, gradients included.
 """
 from __future__ import annotations
@@ -15,6 +15,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .attention_dropout import dropout_threshold, keep_mask_elementwise
+from .reference_prompts import gather_prompts, mix_prompts  # re-exported: every oracle lives in one namespace
 
 __all__ = ["prefix_attention", "expand_prefix", "sequence_visibility", "gather_prompts", "mix_prompts"]
 
@@ -54,7 +57,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
                      causal=True, scale=None, softcap=None, window=None, dropout_p=0.0, dropout_seed=None,
                      return_lse=False, attn_bias=None, prefix_bias=None):
     """Same contract as `fastprompt.ops.prefix_attention` (DESIGN.md §1), computed in q's dtype. With dropout_p > 0,
-    `dropout_seed` is the int64 `[seed_lo, seed_hi, offset]` the op drew (fastprompt.ops.attention_dropout); lse
+    `dropout_seed` is the int64 `[seed_lo, seed_hi, offset]` the op drew (fastprompt.attention_dropout); lse
     stays the softmax's, before dropout.
 
     attn_bias `[1|B, Hq, Lq, Lk]` / prefix_bias `[1|B, Hq, Lq, S*P]`: added to the (capped) scores of the sequence /
@@ -104,8 +107,6 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
 
 def dropout_keep(seed: Tensor, dropout_p: float, shape) -> Tensor:
     """`[B, Hq, Lq, K]` bool: the keep decision of every (b, h, i, j), keys j over [prefix slots; sequence]."""
-    from .ops.attention_dropout import keep_mask_elementwise
-
     batch, heads, lq, keys = shape
     b, h, i, j = (torch.arange(n, dtype=torch.int64, device=seed.device) for n in shape)
     row = (b[:, None] * heads + h[None, :])[:, :, None, None]
@@ -114,18 +115,5 @@ def dropout_keep(seed: Tensor, dropout_p: float, shape) -> Tensor:
 
 def dropout_p_exact(dropout_p: float) -> float:
     """The drop probability the integer threshold realizes (dropout_p rounded to a multiple of 2**-31)."""
-    from .ops.attention_dropout import dropout_threshold
-
     return dropout_threshold(dropout_p) / 2**31
 
-
-def gather_prompts(pool, index):  # re-exported here so every oracle lives in one namespace
-    from .reference_prompts import gather_prompts as _gather
-
-    return _gather(pool, index)
-
-
-def mix_prompts(pool, weights, index=None):
-    from .reference_prompts import mix_prompts as _mix
-
-    return _mix(pool, weights, index)

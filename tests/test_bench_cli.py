@@ -89,13 +89,10 @@ def _sabotaged_gather(pool, index, **kwargs):
 
 
 def test_bench_exits_nonzero_when_fastprompt_disagrees_with_the_oracle(tmp_path, monkeypatch, capsys):
-    import importlib
-
     from fastprompt import cli
+    from fastprompt.bench import cases
 
-    gather_module = importlib.import_module("fastprompt.ops.gather_prompts")  # the module, not the function
-
-    monkeypatch.setattr(gather_module, "gather_prompts", _sabotaged_gather)
+    monkeypatch.setattr(cases, "gather_prompts", _sabotaged_gather)  # the function the gather case calls
     code = cli.main(["bench", "--smoke", "--filter", "gather", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 1

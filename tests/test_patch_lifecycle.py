@@ -2,6 +2,7 @@
 idempotent and restores exactly what was recorded in any order (also where several patches stack on one model), and
 an unpatched model is its never-patched twin again (same outputs, no fastprompt attribute or hook anywhere)."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,19 +14,23 @@ from integration_helpers import assert_close, make_inputs, tiny_model, tiny_peft
 import fastprompt
 from fastprompt.integrations.seq2seq import enable_seq2seq_attention
 from fastprompt.integrations.transformers_attention import disable_fastprompt_attention, enable_fastprompt_attention
-from fastprompt.prompts import PrefixTuning, PromptTuning
+from fastprompt.prompts import PrefixTuning, PromptPool, PromptTuning
 
 peft = pytest.importorskip("peft")
 seq2seq_helpers = pytest.importorskip("seq2seq_helpers")
 
 CASES = ["peft-decoder-prefix", "peft-decoder-prompt", "peft-t5-prefix", "peft-t5-prompt",
-         "own-decoder-prefix", "own-decoder-prompt", "own-t5-prefix", "own-t5-prompt"]
+         "own-decoder-prefix", "own-decoder-prompt", "own-t5-prefix", "own-t5-prompt", "own-decoder-pool"]
 
 
 def _own_prompt(kind, model):
     c = model.config
-    prompt = (PrefixTuning(c, num_virtual_tokens=3, encoder_hidden_size=16) if kind == "prefix"
-              else PromptTuning(c, num_virtual_tokens=3)).eval()
+    if kind == "pool":  # the query pass (query_layer=1) replaces the forward of layers 0 and 1
+        prompt = PromptPool(c, pool_size=4, length=2, top_k=2, placement="prefix", layers=[1], query_layer=1,
+                            seed=0).eval()
+    else:
+        prompt = (PrefixTuning(c, num_virtual_tokens=3, encoder_hidden_size=16) if kind == "prefix"
+                  else PromptTuning(c, num_virtual_tokens=3)).eval()
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in prompt.parameters():
@@ -193,14 +198,31 @@ def test_enabling_attention_twice_nests_the_same_for_every_model_kind(family):
     assert _fastprompt_leftovers(model) == []
 
 
-def test_decoder_and_seq2seq_attention_do_not_mix():
+def test_both_entry_points_enable_one_switch_on_an_encoder_decoder_model():
+    """One attention integration: enable_fastprompt_attention and enable_seq2seq_attention are the same switch on a
+    T5 model (its roles recorded either way, each enable one more user); enable_seq2seq_attention refuses a
+    decoder-only model."""
     _skip_without_seq2seq()
+    from fastprompt.integrations.transformers_attention import SLOT_ATTR, STATE_ATTR
+
     model = seq2seq_helpers.tiny_seq2seq("t5")
-    token = enable_seq2seq_attention(model)
-    with pytest.raises(ValueError, match="already runs fastprompt's seq2seq attention"):
-        enable_fastprompt_attention(model)
-    disable_fastprompt_attention(model, token)
+    before = model.config._attn_implementation
+    first = enable_fastprompt_attention(model)
+    second = enable_seq2seq_attention(model)
+    state = model.__dict__[STATE_ATTR]
+    assert second.state is first.state is state and state.users == 2
+    assert model.config._attn_implementation == "fastprompt_seq2seq"
+    roles = {(slot.role, slot.prefix_key) for slot in (
+        m.__dict__[SLOT_ATTR] for m in model.modules() if SLOT_ATTR in m.__dict__)}
+    assert ("encoder", ("encoder", 0)) in roles and ("self", ("self", 1)) in roles and ("cross", ("cross", 1)) in roles
+    disable_fastprompt_attention(model, second)
+    disable_fastprompt_attention(model, first)
+    assert model.config._attn_implementation == before
     assert _fastprompt_leftovers(model) == []
+    decoder = tiny_model("qwen2", "CAUSAL_LM")
+    with pytest.raises(ValueError, match="enable_seq2seq_attention needs an encoder-decoder model"):
+        enable_seq2seq_attention(decoder)
+    assert _fastprompt_leftovers(decoder) == []
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "own-t5-prompt"])
@@ -240,3 +262,94 @@ def test_unpatch_forgets_hoist_prompts_false(case):
         fastprompt.patch_model(model, prompt, hoist_prompts=False)
     fastprompt.unpatch_model(model)
     _assert_never_patched(model, twin, seq2seq, attn_before)
+
+
+def _switch_story(case):
+    """What a user sees of the one attention switch on the model of `case`, step by step: enabling twice, disabling
+    each token twice, patching twice and patching another prompt. Equal stories: the same semantics."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fastprompt.integrations.transformers_attention import STATE_ATTR, fastprompt_attention_forward
+
+    model, twin, prompt, seq2seq = _case(case)
+    before = model.config._attn_implementation
+    story = []
+    first, second = enable_fastprompt_attention(model), enable_fastprompt_attention(model)
+    state = model.__dict__[STATE_ATTR]
+    name = model.config._attn_implementation
+    story.append(("enabled twice", name.startswith("fastprompt"), state.users, first.state is second.state,
+                  ALL_ATTENTION_FUNCTIONS[name] is fastprompt_attention_forward))
+    for token in (first, first, second, second):  # a token disabled twice counts once; the last user restores
+        disable_fastprompt_attention(model, token)
+        story.append(("disabled", model.config._attn_implementation == before,
+                      STATE_ATTR in model.__dict__, _fastprompt_leftovers(model) == []))
+    assert fastprompt.patch_model(model, prompt) is model
+    snapshot = _snapshot(model)
+    story.append(("patched twice", fastprompt.patch_model(model, prompt) is model, _snapshot(model) == snapshot))
+    other = _own_prompt("prefix", model)
+    with pytest.raises(ValueError) as refused:
+        fastprompt.patch_model(model, other)
+    story.append(("another prompt", str(refused.value)))
+    fastprompt.unpatch_model(model)
+    fastprompt.unpatch_model(model)
+    _assert_never_patched(model, twin, seq2seq, before)
+    return story
+
+
+def test_the_one_switch_behaves_the_same_for_a_decoder_only_and_a_t5_model():
+    """One attention integration: a decoder-only model and T5 go through the same registered function and the
+    same switch, whose every observable step is the same for both kinds of model."""
+    _skip_without_seq2seq()
+    decoder, t5 = _switch_story("own-decoder-prefix"), _switch_story("own-t5-prefix")
+    assert decoder == t5
+    assert decoder[0] == ("enabled twice", True, 2, True, True)
+    assert [step[1:] for step in decoder[1:5]] == [(False, True, False)] * 2 + [(True, False, True)] * 2
+    assert decoder[5] == ("patched twice", True, True)
+
+
+def test_query_pass_layer_forwards_are_in_the_one_record_and_restored_exactly():
+    """A pool with query_layer=k replaces the forward of layers [0, k], recorded in the attach's one record of
+    replaced methods: unpatch gives each layer back exactly the instance forward it had (its own, here a wrapper
+    set before patching as accelerate's hooks do, or none), leaves alone one set after patching, and a second
+    unpatch does nothing. A deep copy's unpatch restores the copy's layers, not the original's."""
+    model = tiny_model("llama", "CAUSAL_LM")
+    twin = copy.deepcopy(model)
+    layers = model.model.layers
+    own_calls = []
+
+    def own_forward(*args, **kwargs):  # the layer's own instance forward, found by the patch
+        own_calls.append(1)
+        return type(layers[1]).forward(layers[1], *args, **kwargs)
+
+    layers[1].__dict__["forward"] = own_forward
+    prompt = _own_prompt("pool", model)
+    fastprompt.patch_model(model, prompt)
+    installed = [layer.__dict__.get("forward") for layer in layers]
+    assert all(type(f).__module__ == "fastprompt.integrations.query_pass" for f in installed), installed
+    with torch.no_grad():
+        patched = _outputs(model, False)
+    assert own_calls  # the query pass runs the layer's own forward, not its class's
+    fastprompt.patch_model(model, prompt)  # twice: nothing nests
+    assert all(layer.__dict__.get("forward") is f for layer, f in zip(layers, installed))
+    with torch.no_grad():
+        assert torch.equal(_outputs(model, False), patched)
+
+    patched_copy = copy.deepcopy(model)
+    fastprompt.unpatch_model(patched_copy)
+    assert "forward" not in patched_copy.model.layers[0].__dict__
+    assert patched_copy.model.layers[1].__dict__["forward"] is own_forward  # what it had (deepcopy keeps functions)
+    assert all(layer.__dict__.get("forward") is f for layer, f in zip(layers, installed))  # the original: patched
+
+    fastprompt.unpatch_model(model)
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is own_forward
+    fastprompt.unpatch_model(model)  # idempotent
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is own_forward
+    del layers[1].__dict__["forward"]
+    _assert_never_patched(model, twin, False, twin.config._attn_implementation)
+
+    # a forward someone sets on a layer after patching is theirs: unpatch leaves it, and restores the rest
+    fastprompt.patch_model(model, prompt)
+    theirs = functools.partial(type(layers[0]).forward, layers[0])
+    layers[0].__dict__["forward"] = theirs
+    fastprompt.unpatch_model(model)
+    assert layers[0].__dict__["forward"] is theirs and "forward" not in layers[1].__dict__

@@ -23,7 +23,7 @@ from fastprompt.ops import prefix_attention  # noqa: E402
 from fastprompt.ops import prefix_attention_dispatch as dispatch  # noqa: E402
 from fastprompt.ops.prefix_attention import _forward_op  # noqa: E402
 from fastprompt.ops.prefix_attention_triton import TritonBackend  # noqa: E402
-from fastprompt.ops.attention_dropout import draw_dropout_seed  # noqa: E402
+from fastprompt.attention_dropout import draw_dropout_seed  # noqa: E402
 
 from attention_cases import (Case, assert_compiled_matches_eager, check_against_reference, make_inputs,  # noqa: E402
                              op_kwargs, opcheck_args, relative_error)

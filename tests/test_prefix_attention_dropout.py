@@ -1,6 +1,6 @@
 """Fused attention dropout in prefix_attention (dropout_p > 0).
 
-The mask is a pure function of (seed, offset, b, h, i, j) (fastprompt/ops/attention_dropout.py): the float64
+The mask is a pure function of (seed, offset, b, h, i, j) (fastprompt/attention_dropout.py): the float64
 reference rebuilds it from the seed the op drew, so forward and all five gradients are compared exactly, on the
 torch path and on the Triton kernels (interpreted). Plus: the generator against Random123's published answers,
 the Triton generator against the torch one, keep rate and unbiasedness, reproducibility under torch.manual_seed,
@@ -15,10 +15,9 @@ import torch
 
 import fastprompt as fp
 from attention_cases import Case, assert_compiled_matches_eager, make_inputs, op_kwargs, opcheck_args, relative_error
-from fastprompt import reference
-from fastprompt.ops import attention_dropout
+from fastprompt import attention_dropout, reference
 from fastprompt.ops.prefix_attention_torch import dropout as prefix_attention_torch_dropout
-from fastprompt.ops.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
+from fastprompt.attention_dropout import draw_dropout_seed, keep_mask, keep_mask_elementwise, philox4x32
 from fastprompt.ops.prefix_attention_inputs import check_prefix_attention_args
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")

@@ -1,6 +1,6 @@
 """The torch backend's attention dropout on the CPU: the in-place Philox mask, its packed form, and the chunked path.
 
-The mask must be the contract's bit for bit (fastprompt/ops/attention_dropout.py: the reference and the Triton
+The mask must be the contract's bit for bit (fastprompt/attention_dropout.py: the reference and the Triton
 kernels draw the same), whichever ops write it (numpy on the CPU, torch elsewhere), at any key alignment and block
 size; the packed mask forward returns must be what backward uses; chunks shorter than the rest must be right.
 """
@@ -10,7 +10,7 @@ import torch
 from attention_cases import Case, make_inputs
 from fastprompt.ops.prefix_attention_torch import dropout as prefix_attention_torch_dropout
 from fastprompt.ops.prefix_attention_torch import dropout_mask_fill
-from fastprompt.ops.attention_dropout import keep_mask_elementwise
+from fastprompt.attention_dropout import keep_mask_elementwise
 from fastprompt.ops.prefix_attention_torch.dropout_mask_fill import KeepMaskFiller, pack_bits, unpack_bits
 from test_prefix_attention_dropout import assert_errors_below, run_with_reference
 
@@ -49,7 +49,7 @@ def test_pack_unpack_round_trip():
 def test_backward_uses_the_mask_forward_kept():
     """The packed mask forward returns is the seed's mask (backward without it gives the same gradients), and
     backward reads it (flipping its bits changes the gradients)."""
-    from fastprompt.ops.attention_dropout import draw_dropout_seed
+    from fastprompt.attention_dropout import draw_dropout_seed
     from fastprompt.ops.prefix_attention_inputs import PREFIX_SHARED
 
     case = Case(batch=2, hq=4, hkv=2, lq=5, lk=7, dim=8, plen=3, mode="shared", padding="holes")
@@ -90,7 +90,7 @@ def test_dropout_path_with_additive_biases_matches_reference():
     """The dropout path takes T5's attn_bias / prefix_bias (added to the capped scores before the softmax, as the
     reference adds them): forward and all five gradients in float64 against the reference with the same seed."""
     from fastprompt import reference
-    from fastprompt.ops.attention_dropout import draw_dropout_seed
+    from fastprompt.attention_dropout import draw_dropout_seed
     from fastprompt.ops.prefix_attention_inputs import PREFIX_PER_SAMPLE
 
     torch.manual_seed(3)
@@ -126,7 +126,7 @@ def test_public_op_with_biases_and_dropout_matches_reference(dtype, tol):
     that replays the seed the op drew: out, lse and the five gradients (lse's gradient included)."""
     import fastprompt as fp
     from fastprompt import reference
-    from fastprompt.ops.attention_dropout import draw_dropout_seed
+    from fastprompt.attention_dropout import draw_dropout_seed
 
     torch.manual_seed(5)
     b, hq, hkv, lq, lk, d, p = 2, 4, 2, 6, 7, 8, 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastprompt.integrations import seq2seq_attention as seq2seq
-from fastprompt.integrations.transformers_attention import SLOT_ATTR
+from fastprompt.integrations.transformers_attention import SLOT_ATTR, enable_seq2seq_attention
 
 from seq2seq_helpers import requires_seq2seq_transformers, tiny_seq2seq
 
@@ -14,7 +14,7 @@ pytestmark = requires_seq2seq_transformers
 
 def _decoder_slot(model):
     model.requires_grad_(False)  # PEFT freezes the base model, T5's relative attention bias with it
-    seq2seq.enable_seq2seq_attention(model)
+    enable_seq2seq_attention(model)
     attn = model.get_decoder().block[0].layer[0].SelfAttention
     return attn.__dict__[SLOT_ATTR]
 
@@ -29,12 +29,12 @@ def test_table_slices_equal_t5_compute_bias_and_grow():
     plen = 5
     calls = [(1, 0), (1, 1), (3, 0), (1, 7), (1, 30), (4, 2), (1, 31)]  # decode steps, then longer rows
     for lq, past in calls:
-        got = seq2seq._prefix_bias(slot, plen, lq, past, torch.float32)
+        got = seq2seq.prefix_bias_for_call(slot, plen, lq, past, torch.float32)
         want = seq2seq.t5_prefix_bias(slot.bias_module, plen, lq, past)
         assert got.shape == (1, 4, lq, plen) and torch.equal(got, want)
     first = _table(slot, plen)
     assert first.shape[2] >= 32
-    seq2seq._prefix_bias(slot, plen, 1, 5, torch.float32)  # within the table: no recomputation
+    seq2seq.prefix_bias_for_call(slot, plen, 1, 5, torch.float32)  # within the table: no recomputation
     assert _table(slot, plen) is first
 
 
@@ -42,15 +42,15 @@ def test_table_follows_weight_changes_and_is_skipped_when_the_bias_trains():
     model = tiny_seq2seq("t5")
     slot = _decoder_slot(model)
     weight = slot.bias_module.relative_attention_bias.weight
-    before = seq2seq._prefix_bias(slot, 3, 2, 0, torch.float32).clone()
+    before = seq2seq.prefix_bias_for_call(slot, 3, 2, 0, torch.float32).clone()
     with torch.no_grad():
         weight.add_(1.0)  # an in-place update (e.g. a loaded checkpoint) bumps the version
-    assert torch.allclose(seq2seq._prefix_bias(slot, 3, 2, 0, torch.float32), before + 1.0)
+    assert torch.allclose(seq2seq.prefix_bias_for_call(slot, 3, 2, 0, torch.float32), before + 1.0)
     model.double()  # the weight's data replaced in place
-    assert torch.equal(seq2seq._prefix_bias(slot, 3, 2, 0, torch.float64),
+    assert torch.equal(seq2seq.prefix_bias_for_call(slot, 3, 2, 0, torch.float64),
                        seq2seq.t5_prefix_bias(slot.bias_module, 3, 2, 0))
     weight.requires_grad_(True)
-    trained = seq2seq._prefix_bias(slot, 3, 2, 0, torch.float64)
+    trained = seq2seq.prefix_bias_for_call(slot, 3, 2, 0, torch.float64)
     assert trained.requires_grad  # computed afresh: the op then refuses a bias that needs a gradient
 
 
@@ -58,7 +58,7 @@ def test_table_follows_weight_changes_and_is_skipped_when_the_bias_trains():
 def test_table_per_dtype(dtype):
     model = tiny_seq2seq("t5")
     slot = _decoder_slot(model)
-    got = seq2seq._prefix_bias(slot, 4, 3, 1, dtype)
+    got = seq2seq.prefix_bias_for_call(slot, 4, 3, 1, dtype)
     assert got.dtype == dtype
     assert torch.equal(got, seq2seq.t5_prefix_bias(slot.bias_module, 4, 3, 1).to(dtype))
 
@@ -117,11 +117,11 @@ def test_table_checked_once_per_call():
     original = seq2seq._built_from
     seq2seq._built_from = lambda *args: checks.append(1) or original(*args)
     try:
-        seq2seq._prefix_bias(slot, 3, 2, 0, torch.float32)  # builds the table (no check: nothing to compare yet)
+        seq2seq.prefix_bias_for_call(slot, 3, 2, 0, torch.float32)  # builds the table (no check: nothing to compare yet)
         checks.clear()
         with bind_call(slot.state, AttentionCall(prefixes={})):
             for past in range(6):  # six layers / steps of one call
-                seq2seq._prefix_bias(slot, 3, 1, past, torch.float32)
+                seq2seq.prefix_bias_for_call(slot, 3, 1, past, torch.float32)
         assert len(checks) == 1
     finally:
         seq2seq._built_from = original

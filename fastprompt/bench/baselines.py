@@ -14,6 +14,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from transformers import AttentionInterface
+
+try:
+    from transformers import AttentionMaskInterface
+except ImportError:  # older 5.x export it from masking_utils only
+    from transformers.masking_utils import AttentionMaskInterface
+
+from ..ops import prefix_attention
 
 __all__ = ["prefix_rows", "peft_style_attention", "peft_style_decode", "fastprompt_decode"]
 
@@ -30,12 +38,6 @@ def _attention_module(num_heads: int, num_kv_heads: int):
 def _sdpa_functions():
     """transformers' own SDPA attention and mask functions, through the public registries (AttentionInterface /
     AttentionMaskInterface, the objects models dispatch through) rather than their module paths."""
-    from transformers import AttentionInterface
-
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:  # older 5.x export it from masking_utils only
-        from transformers.masking_utils import AttentionMaskInterface
     return AttentionInterface()["sdpa"], AttentionMaskInterface()["sdpa"]
 
 
@@ -85,8 +87,6 @@ def peft_style_decode(q: Tensor, cache_k: Tensor, cache_v: Tensor, k_new: Tensor
 def fastprompt_decode(q: Tensor, cache_k: Tensor, cache_v: Tensor, k_new: Tensor, v_new: Tensor, prefix_k: Tensor,
                       prefix_v: Tensor, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """One decode step the fastprompt way: the cache holds real tokens only; the prefix is read where it lives."""
-    from fastprompt.ops import prefix_attention
-
     keys = torch.cat([cache_k, k_new], dim=2)
     values = torch.cat([cache_v, v_new], dim=2)
     return prefix_attention(q, keys, values, prefix_k, prefix_v, causal=True, scale=scale, backend=backend)

@@ -9,11 +9,19 @@ from typing import Any, Callable
 
 import torch
 
+from .. import reference
+from ..integrations.peft import prefix_layer_kv
+from ..integrations.transformers_attention import LayerPrefix, layer_prefixes
+from ..ops import gather_prompts, mix_prompts, prefix_attention
+from ..patching import patch_model
+from ..prompts import PromptPool
+from ..reference_prompts import gather_prompts as reference_gather, mix_prompts as reference_mix
 from . import baselines
 from .oracle import Oracle, greedy_no_cache
 from .models import ModelShape, build_base, build_peft, explicit_pool_forward, token_batch
 
-__all__ = ["Side", "Case", "attention_case", "gather_case", "mix_case", "train_case", "generate_case", "compared_sides"]
+__all__ = ["Side", "Case", "attention_case", "gather_case", "mix_case", "train_case", "generate_case", "compared_sides",
+           "trainable_parameters", "train_side", "patched_train_sides", "peft_train_sides", "no_prefix_side"]
 
 
 @dataclass
@@ -73,8 +81,6 @@ def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv:
     """prefix attention, kind "fwd" | "fwd+bwd" | "decode" (Lq = 1 over a cache of `seq` tokens)."""
 
     def build(device):
-        from fastprompt import reference
-
         g = torch.Generator().manual_seed(0)
 
         def rnd(*shape, grad=False):
@@ -131,8 +137,6 @@ def attention_case(kind: str, batch: int, seq: int, plen: int, hq: int = 8, hkv:
                 return Side(step_no_grad, check, list(leaves) + [grad_out])
             return Side(step, check, list(leaves) + [grad_out])
 
-        from fastprompt.ops import prefix_attention
-
         names = ("q", "k", "v", "prefix_k", "prefix_v")
         truth = _float64_truth(
             lambda q, k, v, prefix_k, prefix_v: reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True),
@@ -149,8 +153,6 @@ def gather_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -
     """gather_prompts(pool, index) forward + backward vs pool[index] (plain torch)."""
 
     def build(device):
-        from fastprompt.ops.gather_prompts import gather_prompts
-
         g = torch.Generator().manual_seed(0)
         table = torch.randn(pool, length, width, generator=g).to(device).requires_grad_()
         index = torch.randint(0, pool, (batch,), generator=g).to(device)
@@ -165,8 +167,6 @@ def gather_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -
                 return {"out": out.detach(), "dpool": _grads(out, (table,), grad_out)[0]}
             return Side(step, check, [table, index, grad_out])
 
-        from fastprompt.reference_prompts import gather_prompts as reference_gather
-
         truth = _float64_truth(lambda pool, index: reference_gather(pool, index), dict(pool=table, index=index),
                                ("pool",), grad_out)
         return {"fastprompt": side(lambda: gather_prompts(table, index)), "baseline": side(lambda: table[index]),
@@ -180,8 +180,6 @@ def mix_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> C
     """mix_prompts(pool, weights) forward + backward vs einsum (plain torch)."""
 
     def build(device):
-        from fastprompt.ops.mix_prompts import mix_prompts
-
         g = torch.Generator().manual_seed(0)
         table = torch.randn(pool, length, width, generator=g).to(device).requires_grad_()
         weights = torch.softmax(torch.randn(batch, pool, generator=g), -1).to(device).requires_grad_()
@@ -197,8 +195,6 @@ def mix_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> C
                 return {"out": out.detach(), "dpool": d_table, "dweights": d_weights}
             return Side(step, check, [table, weights, grad_out])
 
-        from fastprompt.reference_prompts import mix_prompts as reference_mix
-
         truth = _float64_truth(lambda pool, weights: reference_mix(pool, weights), dict(pool=table, weights=weights),
                                ("pool", "weights"), grad_out)
         return {"fastprompt": side(lambda: mix_prompts(table, weights)),
@@ -213,13 +209,13 @@ def mix_case(batch: int, pool: int, length: int, width: int, reps: int = 5) -> C
 # end to end: one training step (forward + backward + AdamW step)
 
 
-def _trainable(model):
+def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _train_side(model, forward, params_for_check) -> Side:
+def train_side(model, forward, params_for_check) -> Side:
     """forward() -> loss. step = forward + backward + AdamW step; check = loss and gradients, no step."""
-    params = _trainable(model)
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-3)
 
     def step():
@@ -241,21 +237,19 @@ def _train_side(model, forward, params_for_check) -> Side:
 def patched_train_sides(build_model: Callable[[], Any], batch: dict) -> dict:
     """{"baseline": a training step of the model `build_model()` returns, "fastprompt": the same on a second one,
     patched}; the loss is `model(**batch).loss`."""
-    import fastprompt as fp
-
     sides = {}
     for name, patch in (("baseline", False), ("fastprompt", True)):
         model = build_model()
         model.train()
         if patch:
-            fp.patch_model(model)
+            patch_model(model)
 
         def forward(model=model):
             return model(**batch).loss
 
         def named(model=model):
             return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        sides[name] = _train_side(model, forward, named)
+        sides[name] = train_side(model, forward, named)
     return sides
 
 
@@ -293,9 +287,6 @@ def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, 
         if method in ("prefix", "prompt"):
             sides.update(peft_train_sides(shape, method, plen, ids, mask, device))
         elif method == "pool":
-            import fastprompt as fp
-            from fastprompt.prompts import PromptPool
-
             top_k = 4
             length = max(1, plen // top_k)
             query = None
@@ -308,7 +299,7 @@ def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, 
                 pool = PromptPool(model.config, pool_size=10, length=length, top_k=top_k, placement="prefix",
                                   seed=0).to(device)
                 if name == "fastprompt":
-                    fp.patch_model(model, pool)
+                    patch_model(model, pool)
 
                     def forward(model=model):
                         return model(input_ids=ids, attention_mask=mask, labels=ids, prompt_query=query).loss
@@ -322,7 +313,7 @@ def train_case(method: str, shape: ModelShape, batch: int, seq: int, plen: int, 
 
                 def named(pool=pool):
                     return [(n, p) for n, p in pool.named_parameters() if p.requires_grad]
-                sides[name] = _train_side(model, forward, named)
+                sides[name] = train_side(model, forward, named)
         else:
             raise ValueError(f"unknown method {method!r}")
 
@@ -347,10 +338,6 @@ def generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens
     fastprompt runs the whole mixed batch once, each row reading its task's prefix (a prefix pool + task ids)."""
 
     def build(device):
-        import fastprompt as fp
-        from fastprompt.integrations.peft import prefix_layer_kv
-        from fastprompt.integrations.transformers_attention import LayerPrefix, layer_prefixes
-
         ids = token_batch(batch, seq, shape.vocab, device, seed=1)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
         task_ids = torch.arange(batch, device=device) % tasks
@@ -358,7 +345,7 @@ def generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens
 
         peft_model = build_peft(shape, "prefix", plen, device, adapters=tasks).eval()
         fp_model = build_peft(shape, "prefix", plen, device, adapters=tasks).eval()
-        fp.patch_model(fp_model)
+        patch_model(fp_model)
 
         def peft_step():
             with torch.no_grad():

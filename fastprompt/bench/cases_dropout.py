@@ -11,15 +11,16 @@ equality check runs the same models in eval() mode, without dropout.
 from __future__ import annotations
 
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
-from .cases import Case, Side, _trainable
+from ..integrations.cache_compat import cache_kwarg
+from ..patching import patch_model
+from .cases import Case, Side, trainable_parameters
 
 __all__ = ["encoder_dropout_case", "dropout_cases"]
 
 
 def _bert(layers: int, hidden: int, heads: int, dropout: float, seed: int):
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=512, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=2,
@@ -29,7 +30,7 @@ def _bert(layers: int, hidden: int, heads: int, dropout: float, seed: int):
 
 
 def _ptuning_v2(layers, hidden, heads, dropout, plen, seed=0):
-    import peft
+    import peft  # optional dependency (the bench extra)
 
     model = peft.get_peft_model(_bert(layers, hidden, heads, dropout, seed),
                                 peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=plen,
@@ -42,8 +43,6 @@ def _ptuning_v2(layers, hidden, heads, dropout, plen, seed=0):
 
 def _peft_forward(model):
     """PEFT's own forward, or its semantics written out where this PEFT refuses the model."""
-    from fastprompt.integrations.cache_compat import cache_kwarg
-
     def written_out(ids, mask, labels):
         batch, plen = ids.shape[0], model.active_peft_config.num_virtual_tokens
         base = model.get_base_model()
@@ -63,7 +62,7 @@ def _peft_forward(model):
 
 
 def _side(model, forward, ids, mask, labels) -> Side:
-    params = _trainable(model)
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-3)
 
     def step():
@@ -88,8 +87,6 @@ def _side(model, forward, ids, mask, labels) -> Side:
 def encoder_dropout_case(layers: int, hidden: int, heads: int, batch: int, seq: int, plen: int,
                          dropout: float = 0.1, reps: int = 3) -> Case:
     def build(device):
-        import fastprompt as fp
-
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(5, 512, (batch, seq), generator=g).to(device)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
@@ -99,7 +96,7 @@ def encoder_dropout_case(layers: int, hidden: int, heads: int, batch: int, seq: 
         for name, patch in (("baseline", False), ("fastprompt", True)):
             model = _ptuning_v2(layers, hidden, heads, dropout, plen).to(device)
             if patch:
-                fp.patch_model(model)
+                patch_model(model)
             forward = (lambda ids, mask, labels, model=model: model(input_ids=ids, attention_mask=mask,
                                                                       labels=labels)) if patch else _peft_forward(model)
             sides[name] = _side(model, forward, ids, mask, labels)

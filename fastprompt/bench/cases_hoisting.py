@@ -17,7 +17,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+import transformers
+from packaging.version import Version
+from transformers import DynamicCache
 
+from ..patching import patch_model
 from .cases import Case, Side, peft_train_sides
 from .models import ModelShape, build_peft, token_batch
 
@@ -91,8 +95,6 @@ def peft_cached_greedy(model, ids, mask, new_tokens: int):
     """PEFT prompt tuning's generation, written out: [prompt; text] embeddings through the unpatched base model with
     a DynamicCache (P + S entries per row), then greedy one token per step at positions P + S + t (PEFT drops
     position ids); EOS is never chosen (min_new_tokens = max_new_tokens). Returns (tokens [B, S + new], cache)."""
-    from transformers import DynamicCache
-
     base = model.get_base_model()
     config = model.active_peft_config
     batch = ids.shape[0]
@@ -134,13 +136,11 @@ def peft_semantics_generate(model, ids, mask, **gen):
 def hoist_generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens: int, reps: int = 3,
                         tags=()) -> Case:
     def build(device):
-        import fastprompt as fp
-
         ids = token_batch(batch, seq, shape.vocab, device, seed=1)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
         peft_model = build_peft(shape, "prompt", plen, device).eval()
         fp_model = build_peft(shape, "prompt", plen, device).eval()
-        fp.patch_model(fp_model)
+        patch_model(fp_model)
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
         def fp_step():
@@ -169,23 +169,18 @@ def hoist_generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_
 def peft_generate_is_right() -> bool:
     """PEFT's prompt-tuning generate() re-inserts the virtual tokens at every step from transformers 5.24 on (it
     looks for the renamed `past_key_values` argument); before, it is the real baseline."""
-    import transformers
-    from packaging.version import Version
-
     return Version(transformers.__version__) < Version("5.24")
 
 
 def measured_cache_bytes(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens: int,
                          device="cpu") -> dict:
     """Bytes the KV cache holds at the end of generation: hoisted generate() vs PEFT's P + S + new - 1 per row."""
-    import fastprompt as fp
-
     ids = token_batch(batch, seq, shape.vocab, device, seed=1)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     model = build_peft(shape, "prompt", plen, device).eval()
     with torch.no_grad():
         _, peft_cache = peft_cached_greedy(model, ids, mask, new_tokens)
-        fp.patch_model(model)
+        patch_model(model)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
     hoisted = cache_bytes(out.past_key_values)

@@ -17,7 +17,11 @@ from typing import Optional
 
 import torch
 
-from .cases import Case, _train_side, no_prefix_side
+from ..integrations import query_pass
+from ..integrations.attach_state import attach_state
+from ..patching import patch_model
+from ..prompts import PromptPool
+from .cases import Case, no_prefix_side, train_side
 from .models import ModelShape, build_base, token_batch
 
 __all__ = ["query_pass_case", "seed_cases"]
@@ -30,11 +34,6 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
     first = query_layer if query_layer is not None else shape.layers // 2
 
     def build(device):
-        import fastprompt as fp
-        from fastprompt.integrations import query_pass
-        from fastprompt.integrations.attach_state import attach_state
-        from fastprompt.prompts import PromptPool
-
         ids = token_batch(batch, seq, shape.vocab, device)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
         sides, query = {}, None
@@ -44,7 +43,7 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
             pool = PromptPool(model.config, pool_size=10, length=max(1, plen // top_k), top_k=top_k,
                               placement="prefix", layers=range(first, shape.layers), encoder="linear",
                               query_layer=query_layer, seed=0).to(device)
-            fp.patch_model(model, pool)
+            patch_model(model, pool)
             if query is None:
                 query = query_pass.compute(model, attach_state(model), pool,
                                            {"input_ids": ids, "attention_mask": mask})[0]
@@ -55,7 +54,7 @@ def query_pass_case(shape: ModelShape, batch: int, seq: int, query_layer: Option
 
             def named(pool=pool):
                 return [(n, p) for n, p in pool.named_parameters() if p.requires_grad]
-            sides[name] = _train_side(model, forward, named)
+            sides[name] = train_side(model, forward, named)
 
         sides["no_prefix"] = no_prefix_side(shape, ids, mask, device)
         return sides

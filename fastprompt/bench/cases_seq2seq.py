@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 
+from ..patching import patch_model
 from .cases import Case, Side, patched_train_sides
 
 __all__ = ["T5Shape", "seq2seq_train_case", "seq2seq_generate_case", "seq2seq_cases"]
@@ -30,8 +32,7 @@ class T5Shape:
 
 
 def _build_t5_peft(shape: T5Shape, plen: int, device, seed: int = 0):
-    import peft
-    import transformers
+    import peft  # optional dependency (the bench extra)
 
     torch.manual_seed(seed)
     config = transformers.T5Config(vocab_size=shape.vocab, d_model=shape.d_model, d_kv=shape.d_kv, d_ff=shape.d_ff,
@@ -67,13 +68,11 @@ def seq2seq_train_case(shape: T5Shape, batch: int, source: int, target: int, ple
 def seq2seq_generate_case(shape: T5Shape, batch: int, source: int, new_tokens: int, plen: int,
                           reps: int = 2) -> Case:
     def build(device):
-        import fastprompt as fp
-
         ids, mask, _ = _batch(shape, batch, source, 1, device)
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
         peft_model = _build_t5_peft(shape, plen, device).eval()
         fp_model = _build_t5_peft(shape, plen, device).eval()
-        fp.patch_model(fp_model)
+        patch_model(fp_model)
 
         def peft_step():
             with torch.no_grad():

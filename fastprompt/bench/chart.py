@@ -40,10 +40,10 @@ def _log_ratio_axis(values):
 
 
 def chart(results: list[dict], path: str, meta: dict) -> None:
-    import matplotlib
+    import matplotlib  # optional dependency (the bench extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, imported after choosing the Agg backend
 
     pairs = [r for r in results if "skipped" not in r]
     numbered = list(enumerate(pairs, 1))

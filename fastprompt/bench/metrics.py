@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["AllocationTracker", "SavedTensorsCounter", "StepFigures", "measure_allocations", "saved_bytes",
@@ -215,8 +216,6 @@ def attention_flop_formulas() -> dict:
 
 
 def flops(step: Callable[[], object]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
         result = step()
         del result

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from ..integrations.cache_compat import cache_kwarg
 
 __all__ = ["ModelShape", "llama_config", "build_base", "build_peft", "explicit_pool_forward", "token_batch"]
 
@@ -23,8 +26,6 @@ class ModelShape:
 
 
 def llama_config(shape: ModelShape):
-    from transformers import LlamaConfig
-
     return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, attention_dropout=0.0,
@@ -34,8 +35,6 @@ def llama_config(shape: ModelShape):
 
 def build_base(shape: ModelShape, device="cpu", dtype=torch.float32, seed: int = 0):
     """A randomly initialized LlamaForCausalLM (same weights for the same seed), default (SDPA) attention."""
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(shape)).to(device=device, dtype=dtype)
     model.generation_config.pad_token_id = 0
@@ -46,7 +45,7 @@ def build_peft(shape: ModelShape, method: str, num_virtual_tokens: int, device="
                seed: int = 0, adapters: int = 1):
     """A PEFT prompt-learning model ("prefix" or "prompt") on a fresh base; `adapters` > 1 adds adapters
     task0..task{n-1} (prefix tuning), each with its own random prefix."""
-    import peft
+    import peft  # optional dependency (the bench extra)
 
     base = build_base(shape, device, dtype, seed)
     if method == "prefix":
@@ -82,8 +81,6 @@ def explicit_pool_forward(model, prompt, input_ids, query, labels=None):
     entries gathered into per-row prefix K/V `[B, Hkv, k·length, D]` per layer, placed in a DynamicCache, the
     attention mask extended with ones, real tokens at positions 0..S-1 (fastprompt's prefix placement), the
     key-pull loss added like fastprompt does."""
-    from transformers import DynamicCache
-
     batch, seq = input_ids.shape
     index, chosen_sim = prompt.select(query)
     cache = DynamicCache(config=model.config)
@@ -97,8 +94,6 @@ def explicit_pool_forward(model, prompt, input_ids, query, labels=None):
                      values.permute(0, 2, 1, 3, 4).reshape(b, hkv, plen, dim), layer)
     mask = torch.ones(batch, plen + seq, dtype=torch.long, device=input_ids.device)
     positions = torch.arange(seq, device=input_ids.device)[None].expand(batch, -1)
-    from fastprompt.integrations.cache_compat import cache_kwarg
-
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, labels=labels, use_cache=False,
                 **{cache_kwarg(model.forward): cache})  # `cache` from transformers 5.24, `past_key_values` before
     loss = out.loss

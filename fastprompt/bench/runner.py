@@ -9,15 +9,20 @@ import os
 import platform
 import statistics
 import sys
+import time
 from typing import Iterable, Optional
 
 import torch
+from tqdm.auto import tqdm
+
+from ..integrations.seq2seq import check_seq2seq_transformers
 
 from . import metrics
 from .cases import Case, attention_case, compared_sides, gather_case, generate_case, mix_case, train_case
 from .cases_dropout import dropout_cases
 from .cases_hoisting import hoisting_cases
 from .cases_seed import seed_cases
+from .cases_seq2seq import seq2seq_cases  # encoder-decoder rows (T5 prefix tuning), own module
 from .chart import chart
 from .oracle import verdict
 from .report import (diff_text, fmt_bytes, fmt_ratio, fmt_time, format_table, format_targets, legend,
@@ -116,9 +121,6 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
 
 
 def _seq2seq_cases(mode, gpu):
-    from ..integrations.seq2seq import check_seq2seq_transformers
-    from .cases_seq2seq import seq2seq_cases  # encoder-decoder rows (T5 prefix tuning), own module
-
     try:
         check_seq2seq_transformers()
     except ValueError:  # encoder-decoder prompt learning is refused on this transformers: no rows to compare
@@ -170,8 +172,6 @@ def _interleaved_times(sides: dict, device: str, reps: int, warmup: int = 1, min
             side.step()
     metrics.synchronize(device)
     times = {name: [] for name in sides}
-    import time
-
     names = list(sides)
     begin = time.perf_counter()
     turn = 0
@@ -281,15 +281,11 @@ def run_suite(cases: Iterable[Case], device: str = "cpu", progress: bool = True,
     """Run every case. With `budget_s`, once the time spent passes the budget the remaining sweep cases (tags
     "sweep_*") are skipped and the others are timed with one repetition, so a loaded machine still finishes
     about on time; skipped cases are recorded as such."""
-    import time
-
     cases = list(cases)
     results = []
     bar = None
     start = time.perf_counter()
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(cases), desc="fastprompt bench", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in cases:
         if bar is not None:

@@ -7,15 +7,17 @@ package, function-level imports included. Below the integrations: fastprompt.ops
 fastprompt.prompts (fastprompt's own prompt modules, LayerPrefix), which never import the integrations.
 
 1. Model adapters: how a transformers model takes prefixes, whatever placed them.
-   - transformers_attention: the "fastprompt" attention and mask functions of decoder-only and encoder-only models,
-     the per-instance switch (enable / disable, counted users, the last disable restores), layer discovery and
-     ModelLayout, the per-call binding of prefixes (AttentionCall).
-   - seq2seq_attention: the same for encoder-decoder models ("fastprompt_seq2seq": encoder, decoder self- and
-     cross-attention roles, T5's relative position bias for the prefix, BART's shifted positions) and their checks.
+   - transformers_attention: the one attention integration of every model kind: the attention and mask functions
+     (registered as "fastprompt" and, for encoder-decoder models, "fastprompt_seq2seq"), the per-instance switch
+     (enable / disable, counted users, the last disable restores), layer discovery and ModelLayout, the role of
+     each attention module recorded on it as data (AttentionSlot), the per-call binding of prefixes.
+   - seq2seq_attention: encoder-decoder facts it consults (T5 / BART: which module is encoder, decoder self- or
+     cross-attention, T5's relative position bias for the prefix, BART's shifted positions) and their checks.
    - timm_vit: timm's VisionTransformer (no attention interface): its Attention modules patched per instance onto
      the same op and the same per-call prefix binding; where its input prompts go and where its query comes from.
-   - families: the per-family facts table. call_context: state bound to one call. cache_compat, generate_args,
-     prompt_cache: transformers' cache and generate() conventions, and what a cache holds of a prompt.
+   - families: the per-family facts table. call_context: state bound to one call (AttentionCall). cache_compat,
+     generate_args, prompt_cache: transformers' cache and generate() conventions, and what a cache holds of a
+     prompt.
      patched_method: methods bound to one instance and the one record of what a patch replaced (ReplacedMethods).
      peft_config: PEFT enum values. prompt_tasks: per-token task outputs with prompt tokens removed.
 2. Techniques: what prompt learning does on top of an adapter, for either front end.

@@ -24,12 +24,12 @@ class AttachState:
     signature: Optional[inspect.Signature]  # of bound_forward; rebuilt on demand (see __getstate__)
     requires_grad: Dict[str, bool]
     attention_token: Any = None
-    methods: ReplacedMethods = field(default_factory=ReplacedMethods)  # `forward`, `generate`: the one record
+    # the one record of what attach replaced: the model's `forward` / `generate`, the query pass's layer forwards
+    methods: ReplacedMethods = field(default_factory=ReplacedMethods)
 
-    @property
-    def original_generate(self):
-        """The instance's own `generate` attribute before attach, or None."""
-        return self.methods.original("generate")
+    def original_generate(self, model):
+        """The model's own `generate` instance attribute before attach, or None."""
+        return self.methods.original(model, "generate")
 
     def forward_signature(self) -> inspect.Signature:
         if self.signature is None:

@@ -9,15 +9,17 @@ block. A context variable is local to its thread and to its asyncio task, and th
 mutated, so a task that inherited a copy of the context never sees a later call's values.
 
 Keys are objects compared by identity (a model's attention state, a layer module); they are held only while the
-block runs.
+block runs. `AttentionCall` is what one call of a model switched to fastprompt's attention hands that attention,
+bound per model attention state (`bound_call` / `current_call`).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
 
-__all__ = ["CallLocal"]
+__all__ = ["CallLocal", "AttentionCall", "current_call", "bound_call"]
 
 
 class CallLocal:
@@ -48,3 +50,26 @@ class CallLocal:
             yield
         finally:
             self._var.reset(token)
+
+
+@dataclass
+class AttentionCall:
+    """What one call of an enabled model hands its attention, bound to that call."""
+
+    prefixes: Optional[Mapping] = None      # layer key (see transformers_attention.AttentionSlot) -> LayerPrefix
+    capture: Optional[dict] = None          # prompt hoisting: layer -> (key, value) as the attention sees them
+    position_shift: int = 0                 # encoder-decoder: how far the prefix moves learned decoder positions (BART)
+    derived: dict = field(default_factory=dict)  # values derived once per call for every layer (T5's prefix bias)
+
+
+_CALLS = CallLocal("fastprompt_attention_call")
+
+
+def current_call(state) -> Optional[AttentionCall]:
+    """The AttentionCall the current thread / task bound for the model owning the attention `state`, or None."""
+    return _CALLS.get(state)
+
+
+def bound_call(state, call: AttentionCall):
+    """Context manager: inside the block, this thread's / task's calls of the model owning `state` read `call`."""
+    return _CALLS.bound(state, call)

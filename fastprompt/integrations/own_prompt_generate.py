@@ -48,7 +48,7 @@ class _PatchedCausalGenerate:
         state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
-        original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
+        original = state.original_generate(model) or (lambda *a, **k: type(model).generate(model, *a, **k))
         call = resolve_generate(model, args, kwargs)
         # a cache without fastprompt's record is told by its length at the first step (prompt_attach)
         refuse_prompt_cache_sliced_by_length(call, state.prompt.num_input_tokens(), unrecorded_holds_prompt=False)

@@ -37,40 +37,48 @@ class PatchedMethod:
 
 
 class ReplacedMethods:
-    """The one record of the instance attributes a patch replaced on one object: for each name, the object's own
-    attribute before the patch (or that it had none) and what the patch put there.
+    """The one record of the instance attributes a patch replaced: for each (object, name), the object's own
+    attribute before the patch (or that it had none) and what the patch put there. One record covers every object
+    the patch touches (a model and, for the query pass, its decoder layers).
 
-    A name replaced twice by the same patch (PEFT's input-level methods, then prompt hoisting on top) keeps the
-    attribute from before the FIRST replacement. `restore` puts back exactly what was recorded, and only where the
-    attribute is still the one this record installed (an attribute someone set after patching is left alone); it
-    is idempotent. Pickles and deep-copies with the object (identities are preserved within one copy)."""
+    A name replaced twice on one object by the same patch (PEFT's input-level methods, then prompt hoisting on top)
+    keeps the attribute from before the FIRST replacement. `restore` puts back exactly what was recorded, newest
+    first, and only where the attribute is still the one this record installed (an attribute someone set after
+    patching is left alone); it is idempotent. Pickles and deep-copies with the objects (identities are preserved
+    within one copy)."""
 
     def __init__(self):
-        self.originals = {}      # name -> the object's own attribute before the first replacement
-        self.absent = set()      # names the object had no instance attribute for
-        self.installed = {}      # name -> what this record put there last
+        self.entries = []  # [object, name, had its own attribute, that attribute, what this record put there]
+
+    def _entry(self, obj, name: str):
+        for entry in self.entries:
+            if entry[0] is obj and entry[1] == name:
+                return entry
+        return None
 
     def replace(self, obj, name: str, value) -> None:
-        if name not in self.installed:
-            if name in obj.__dict__:
-                self.originals[name] = obj.__dict__[name]
-            else:
-                self.absent.add(name)
+        entry = self._entry(obj, name)
+        if entry is None:
+            entry = [obj, name, name in obj.__dict__, obj.__dict__.get(name), None]
+            self.entries.append(entry)
         object.__setattr__(obj, name, value)
-        self.installed[name] = value
+        entry[4] = value
 
-    def names(self) -> tuple:
-        return tuple(self.installed)
+    def installed(self, obj, name: str):
+        """What this record put on `obj` as `name`, or None when it replaced nothing there."""
+        entry = self._entry(obj, name)
+        return None if entry is None else entry[4]
 
-    def original(self, name: str):
-        """The object's own attribute `name` before patching, or None when it had none."""
-        return self.originals.get(name)
+    def original(self, obj, name: str):
+        """`obj`'s own attribute `name` before patching, or None when it had none (or nothing was replaced)."""
+        entry = self._entry(obj, name)
+        return None if entry is None else entry[3]
 
-    def restore(self, obj) -> None:
-        for name in reversed(list(self.installed)):
-            if obj.__dict__.get(name) is self.installed[name]:
-                if name in self.absent:
-                    del obj.__dict__[name]
+    def restore(self) -> None:
+        for obj, name, had_own, original, installed in reversed(self.entries):
+            if obj.__dict__.get(name) is installed:
+                if had_own:
+                    object.__setattr__(obj, name, original)
                 else:
-                    object.__setattr__(obj, name, self.originals[name])
-        self.originals, self.absent, self.installed = {}, set(), {}
+                    del obj.__dict__[name]
+        self.entries = []

@@ -38,10 +38,10 @@ from .generate_args import refuse_prompt_cache_sliced_by_length, resolve_generat
 from .prompt_hoisting import install_peft_hoisting, uninstall_peft_hoisting
 from .seq2seq import check_seq2seq_patchable, seq2seq_prefix_replacements
 from .transformers_attention import (
-    ATTENTION_NAME,
     PREFIXES_KWARG,
     BridgedPrefixes,
     find_layers,
+    check_attention_still_switched,
     check_supports_attention_interface,
     disable_fastprompt_attention,
     enable_fastprompt_attention,
@@ -202,7 +202,7 @@ def unpatch_peft_model(model):
         _remove_prepare_dispatch(model)
     if record.method == "prefix":
         _remove_bridge_hooks(model)
-    record.methods.restore(model)
+    record.methods.restore()
     if record.attention_token is not None:
         disable_fastprompt_attention(model.get_base_model(), record.attention_token)
     object.__delattr__(model, _PATCH_ATTR)
@@ -305,11 +305,7 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         return original(self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         labels=labels, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=return_dict, task_ids=task_ids, **kwargs)
-    attn = self.get_base_model().config._attn_implementation
-    if attn != ATTENTION_NAME:
-        raise RuntimeError(
-            f"fastprompt: the patched model's attention implementation was changed to {attn!r}; the prefix only "
-            "reaches the attention through fastprompt's. Call unpatch_model(model) before switching it.")
+    check_attention_still_switched(self.get_base_model())
     task = _value(config.task_type)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, seq = source.shape[0], source.shape[1]

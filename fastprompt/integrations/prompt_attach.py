@@ -39,10 +39,10 @@ from .prompt_cache import HOISTED, INLINE, PromptInCache, layout_from_lengths, m
 from .prompt_hoisting import enable_for_attached_prompt, hoisted_attached_call, set_prompt_hoisting
 from .prompt_tasks import per_token_task, real_token_outputs, take_span_targets
 from .query_pass import compute_query
-from .seq2seq_attention import check_own_prompt_seq2seq, enable_seq2seq_attention, own_prompt_prefixes
-from .timm_vit import enable_timm_attention
+from .seq2seq_attention import check_own_prompt_seq2seq
+from .timm_vit import disable_timm_attention, enable_timm_attention
 from .transformers_attention import (disable_fastprompt_attention, enable_fastprompt_attention, layer_prefixes,
-                                     model_layout, set_backend, text_config)
+                                     model_layout, own_prompt_prefixes, set_backend, text_config)
 
 __all__ = ["attach", "detach", "attached_prompt", "compute_query"]
 
@@ -108,8 +108,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     token = None
     if prompt.placement == "prefix":
         kwargs = {} if backend is None else {"backend": backend}
-        enable = enable_timm_attention if timm else (
-            enable_seq2seq_attention if encoder_decoder else enable_fastprompt_attention)
+        enable = enable_timm_attention if timm else enable_fastprompt_attention  # encoder-decoder: roles recorded
         try:
             token = enable(model, **kwargs)
         except Exception:
@@ -131,7 +130,7 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     object.__setattr__(model, STATE_ATTR, state)
     state.methods.replace(model, "forward", _PatchedForward(model))
     if not timm:  # (vision models refuse query_layer: check_vision_prompt)
-        query_pass.install(model, prompt)
+        query_pass.install(model, prompt, state.methods)
     if pixels:
         vision.install(model, prompt)
     if encoder_decoder:
@@ -148,10 +147,8 @@ def detach(model):
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         return model
-    state.methods.restore(model)
+    state.methods.restore()  # the model's forward / generate and the query pass's layer forwards
     timm = timm_vit.is_timm_vit(model)
-    if not timm:
-        query_pass.uninstall(model)
     if vision.is_pixel_model(model):
         vision.remove(model)
     set_prompt_hoisting(model, True)  # the default again: patch_model(..., hoist_prompts=False) recorded the opt-out
@@ -159,7 +156,7 @@ def detach(model):
         del model._modules[PROMPT_ATTR]
     _restore_requires_grad(model, state.requires_grad)
     if state.attention_token is not None:
-        (timm_vit.disable_timm_attention if timm else disable_fastprompt_attention)(model, state.attention_token)
+        (disable_timm_attention if timm else disable_fastprompt_attention)(model, state.attention_token)
     object.__delattr__(model, STATE_ATTR)
     return model
 

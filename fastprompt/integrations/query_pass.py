@@ -10,8 +10,9 @@ prompt's config the query is read from the hidden state entering layer k:
   k would compute exactly what the query pass computed (they see no prompt): for the real pass, layer 0 returns the
   recorded hidden state and layers 1..k-1 pass it through, so layers [0, k) run once per step, not twice.
 
-Both are done by one forward installed on layers [0, k] when the prompt is attached (`install`), which runs the
-layer as usual unless the CURRENT call asked it to stop or to hand on a hidden state. What a call asks is bound to
+Both are done by one forward installed on layers [0, k] when the prompt is attached (`install`, recorded in the
+attach's one record of replaced methods, which detach restores), which runs the layer as usual unless the CURRENT
+call asked it to stop or to hand on a hidden state. What a call asks is bound to
 that call (call_context), never set on the shared layers: a model serving several threads runs each thread's
 query pass and reuse without the others seeing them.
 
@@ -33,14 +34,13 @@ from torch import Tensor
 
 from .cache_compat import get_cache
 from .call_context import CallLocal
-from .patched_method import PatchedMethod
+from .patched_method import ReplacedMethods
 from .transformers_attention import find_layers, hf_model
 
-__all__ = ["compute", "compute_query", "masked_mean", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install", "uninstall"]
+__all__ = ["compute", "compute_query", "masked_mean", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install"]
 
 # layer -> what the current call asks of it: ("stop_before" | "stop_after" | "first" | "through", hidden or None)
 _LAYER_ROLES = CallLocal("fastprompt_query_pass_layer_roles")
-_INNER_ATTR = "_fastprompt_query_pass_inner_forward"  # a forward the layer had as an instance attribute before
 
 
 class _QueryReady(Exception):
@@ -95,49 +95,49 @@ def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[
     return query, reuse
 
 
-def _query_layer_forward(layer, *args, **kwargs):
-    """Installed as the forward of layers [0, k]: the layer's own forward unless the current call asks otherwise."""
-    role = _LAYER_ROLES.get(layer)
-    if role is not None:
-        kind, hidden = role
-        hidden_states = args[0] if args else kwargs.get("hidden_states")
-        if kind == "stop_before":
-            raise _QueryReady(hidden_states)
-        if kind == "first":  # layer 0: what layers [0, k) computed in the query pass
-            return hidden
-        if kind == "through":  # layers 1..k-1: already included
-            return hidden_states
-    inner = layer.__dict__.get(_INNER_ATTR)
-    out = inner(*args, **kwargs) if inner is not None else type(layer).forward(layer, *args, **kwargs)
-    if role is not None and role[0] == "stop_after":
-        raise _QueryReady(out[0] if isinstance(out, (tuple, list)) else out)
-    return out
+class _QueryLayerForward:
+    """Installed as the forward of layers [0, k]: the layer's own forward unless the current call asks otherwise.
+
+    A plain object holding the layer and the forward it stands in front of (the layer's own instance attribute
+    before install, e.g. an accelerate hook, or None for its class's), so the model pickles and deep-copies."""
+
+    def __init__(self, layer, inner):
+        self.layer = layer
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        role = _LAYER_ROLES.get(layer)
+        if role is not None:
+            kind, hidden = role
+            hidden_states = args[0] if args else kwargs.get("hidden_states")
+            if kind == "stop_before":
+                raise _QueryReady(hidden_states)
+            if kind == "first":  # layer 0: what layers [0, k) computed in the query pass
+                return hidden
+            if kind == "through":  # layers 1..k-1: already included
+                return hidden_states
+        out = self.inner(*args, **kwargs) if self.inner is not None else type(layer).forward(layer, *args, **kwargs)
+        if role is not None and role[0] == "stop_after":
+            raise _QueryReady(out[0] if isinstance(out, (tuple, list)) else out)
+        return out
+
+    def __repr__(self):
+        return f"<fastprompt query-pass forward of {type(self.layer).__name__}>"
 
 
-def install(model, prompt) -> None:
-    """At attach time: layers [0, k] of a prompt with `query_layer=k` take `_query_layer_forward` (idle unless a
-    call binds a role to them)."""
+def install(model, prompt, methods: ReplacedMethods) -> None:
+    """At attach time: layers [0, k] of a prompt with `query_layer=k` take a `_QueryLayerForward` (idle unless a
+    call binds a role to them), each replacement recorded in `methods`, the attach's one record (detach restores
+    it). Installing twice changes nothing."""
     k = query_layer_of(prompt)
     if k is None or prompt.query_mode == "embeddings" or k < 0:
         return
     layers = _layers(model)
     for layer in list(layers)[: min(k, len(layers) - 1) + 1]:
-        if isinstance(layer.__dict__.get("forward"), PatchedMethod) and \
-                layer.__dict__["forward"].__func__ is _query_layer_forward:
+        if methods.installed(layer, "forward") is not None:
             continue
-        if "forward" in layer.__dict__:
-            object.__setattr__(layer, _INNER_ATTR, layer.__dict__["forward"])
-        object.__setattr__(layer, "forward", PatchedMethod(_query_layer_forward, layer))
-
-
-def uninstall(model) -> None:
-    for layer in _layers(model):
-        installed = layer.__dict__.get("forward")
-        if isinstance(installed, PatchedMethod) and installed.__func__ is _query_layer_forward:
-            del layer.__dict__["forward"]
-            inner = layer.__dict__.pop(_INNER_ATTR, None)
-            if inner is not None:
-                object.__setattr__(layer, "forward", inner)
+        methods.replace(layer, "forward", _QueryLayerForward(layer, layer.__dict__.get("forward")))
 
 
 def _hidden_entering(model, state, layers, k: int, kw) -> Tensor:

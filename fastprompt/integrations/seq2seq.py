@@ -1,7 +1,7 @@
 """PEFT prefix tuning on SEQ_2_SEQ_LM (T5 / mT5 / BART), patched: the front end peft.patch_peft_model uses for
-encoder-decoder prefix tuning. PEFT's semantics and how the attention keeps them are written down in
-seq2seq_attention (the model adapter this front end drives); its public names are re-exported here under the
-module path they always had."""
+encoder-decoder prefix tuning, and its checks. PEFT's semantics and how the attention keeps them are written down in
+seq2seq_attention (the encoder-decoder facts the one attention integration, transformers_attention, consults); the
+public names of both are re-exported here under the module path they always had."""
 from __future__ import annotations
 
 import torch
@@ -14,17 +14,21 @@ from .seq2seq_attention import (  # noqa: F401 (re-exported: the attention's nam
     MIN_SEQ2SEQ_TRANSFORMERS,
     SEQ2SEQ_ATTENTION_NAME,
     SEQ2SEQ_MODEL_TYPES,
-    SEQ2SEQ_PREFIXES_KWARG,
     check_own_prompt_seq2seq,
-    check_seq2seq_patchable,
     check_seq2seq_transformers,
+    decoder_dims,
+    t5_prefix_bias,
+)
+from .transformers_attention import (  # noqa: F401 (re-exported likewise)
+    PREFIXES_KWARG as SEQ2SEQ_PREFIXES_KWARG,  # one prefixes keyword for every model kind
+    LayerPrefix,
+    check_attention_still_switched,
+    check_supports_attention_interface,
     decoder_prefixes,
     enable_seq2seq_attention,
     own_prompt_prefixes,
     seq2seq_attention_forward,
-    t5_prefix_bias,
 )
-from .transformers_attention import LayerPrefix
 
 __all__ = ["SEQ2SEQ_MODEL_TYPES", "check_seq2seq_patchable", "enable_seq2seq_attention", "seq2seq_prefixes",
            "decoder_prefixes", "peft_seq2seq_layer_prefixes", "t5_prefix_bias", "seq2seq_prefix_replacements"]
@@ -32,6 +36,34 @@ __all__ = ["SEQ2SEQ_MODEL_TYPES", "check_seq2seq_patchable", "enable_seq2seq_att
 
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT prefix tuning on SEQ_2_SEQ_LM
+
+
+def check_seq2seq_patchable(model, config):
+    """The checks of peft.patch_peft_model for SEQ_2_SEQ_LM adapters; returns the adapter config."""
+    check_seq2seq_transformers()
+    hf = model.get_base_model()
+    model_type = getattr(hf.config, "model_type", type(hf).__name__)
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        check_supports_attention_interface(hf)
+        raise ValueError(
+            f"fastprompt: model_type {model_type!r} ({type(hf).__name__}) is not supported for SEQ_2_SEQ_LM by "
+            f"patch_model: its prompt-learning semantics were not validated (supported: "
+            f"{', '.join(SEQ2SEQ_MODEL_TYPES)})")
+    # T5 / mT5 / BART call ALL_ATTENTION_FUNCTIONS.get_interface in their attention (transformers 5) without
+    # declaring _supports_attention_backend; the switch itself is verified when it is enabled.
+    if _value(config.peft_type) == "PREFIX_TUNING":
+        if config.num_transformer_submodules != 2:
+            raise ValueError(
+                "fastprompt: SEQ_2_SEQ_LM prefix tuning needs num_transformer_submodules=2 (PEFT's default for "
+                f"encoder-decoder models), got {config.num_transformer_submodules}")
+        layers, heads, dim = decoder_dims(hf)
+        if (config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads) != (
+                layers, heads, dim):
+            raise ValueError(
+                f"fastprompt: the prefix is shaped for {config.num_layers} layers x {config.num_attention_heads} "
+                f"heads x {config.token_dim // config.num_attention_heads} dims but the decoder of {model_type!r} has "
+                f"{layers} x {heads} x {dim}")
+    return config
 
 
 def peft_seq2seq_layer_prefixes(kv: Tensor) -> dict:
@@ -57,14 +89,6 @@ def _is_active_prefix(model) -> bool:
     return _value(model.active_peft_config.peft_type) == "PREFIX_TUNING"
 
 
-def _check_attention(model):
-    attn = model.get_base_model().config._attn_implementation
-    if attn != SEQ2SEQ_ATTENTION_NAME:
-        raise RuntimeError(
-            f"fastprompt: the patched model's attention implementation was changed to {attn!r}; the prefix only "
-            "reaches the attention through fastprompt's. Call unpatch_model(model) before switching it.")
-
-
 def _seq2seq_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                             decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None,
                             output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
@@ -75,7 +99,7 @@ def _seq2seq_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
                 output_hidden_states=output_hidden_states, return_dict=return_dict)
     if not _is_active_prefix(self):  # the active adapter changed since patching
         return type(self).forward(self, task_ids=task_ids, **call, **kwargs)
-    _check_attention(self)
+    check_attention_still_switched(self.get_base_model())
     config = self.active_peft_config
     self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
     call.update(kwargs)
@@ -103,7 +127,7 @@ def _seq2seq_prefix_generate(self, *args, **kwargs):
         _seq2seq_prefix_prepare_inputs_for_generation
     if not _is_active_prefix(self) or adapter_disabled:
         return type(self).generate(self, *args, **kwargs)
-    _check_attention(self)
+    check_attention_still_switched(self.get_base_model())
     with torch.no_grad():
         prefixes = seq2seq_prefixes(self)  # once per call, shared by every row and beam
     with decoder_prefixes(self, prefixes, position_shift=self.active_peft_config.num_virtual_tokens):

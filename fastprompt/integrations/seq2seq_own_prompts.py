@@ -7,7 +7,7 @@ Where each method's prompt goes (PEFT 0.21.2's SEQ_2_SEQ_LM semantics for the co
   stay as given. Per-row prompts (a pool's selection, a task's prompt) are chosen from the input by the encoder's
   own encoding of it (query_pass.compute_query) or from task_ids, once per call.
 - placement "prefix" (PrefixTuning, PTuningV2, PromptPool(placement="prefix")): the decoder's self-attention, with
-  PEFT's prefix-tuning semantics (seq2seq.own_prompt_prefixes).
+  PEFT's prefix-tuning semantics (transformers_attention.own_prompt_prefixes).
 
 The patched forward places the prompt whenever it runs the encoder. generate() runs the encoder on its own, before
 any forward call, so it is wrapped: the wrapper puts the prompt before the encoder input once per call (as PEFT's
@@ -60,7 +60,7 @@ class _PatchedSeq2SeqGenerate:
         state = None if model is None else attach_state(model)
         if state is None:
             raise RuntimeError("fastprompt: this generate belongs to a model whose prompt was detached")
-        original = state.original_generate or (lambda *a, **k: type(model).generate(model, *a, **k))
+        original = state.original_generate(model) or (lambda *a, **k: type(model).generate(model, *a, **k))
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("generate: encoder_outputs cannot be combined with a fastprompt prompt (the prompt is "
                              "placed when the encoder runs); pass input_ids or inputs_embeds")

@@ -38,8 +38,9 @@ from torch import Tensor
 from .. import ops  # ops.prefix_attention looked up per call
 from ..prompts.base import TIMM_VIT_MODEL_TYPE
 from .patched_method import PatchedMethod, ReplacedMethods
-from .transformers_attention import (STATE_ATTR, AttentionState, EnableToken, check_backend, current_call,
-                                     finish_enable, resolve_prefixes)
+from .call_context import current_call
+from .transformers_attention import (STATE_ATTR, AttentionState, EnableToken, check_backend, finish_enable,
+                                     resolve_prefixes)
 
 __all__ = ["TIMM_VIT_MODEL_TYPE", "PIXEL_ARGUMENT", "is_timm_vit", "check_timm_model", "check_timm_call",
            "leading_tokens", "insertion_module", "frozen_query", "enable_timm_attention", "disable_timm_attention",
@@ -181,7 +182,7 @@ def disable_timm_attention(model, token: Optional[EnableToken]) -> None:
     for attn in state.teardown.slotted:
         slot = attn.__dict__.pop(SLOT_ATTR, None)
         if slot is not None:
-            slot.methods.restore(attn)
+            slot.methods.restore()
     object.__delattr__(model, STATE_ATTR)
 
 

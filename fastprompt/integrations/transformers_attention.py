@@ -1,7 +1,18 @@
 """fastprompt attention inside Hugging Face transformers models: registration, per-instance switch, prefix plumbing.
 
-A model switched to the "fastprompt" attention implementation runs every self-attention call through
-`fastprompt.ops.prefix_attention`. Learned prefixes reach the attention function of decoder layer i as one
+One attention integration for every model kind. A decoder-only or encoder-only model switched to fastprompt's
+attention runs under the implementation name "fastprompt", an encoder-decoder model (T5 / BART) under
+"fastprompt_seq2seq"; both names are registered to the same attention and mask functions, and one switch
+(enable / disable, counted users) serves both. What differs between models is data recorded per attention module
+when the model is enabled (its AttentionSlot): the layer, its role (self-attention; for encoder-decoder models the
+encoder's self-attention, the decoder's self-attention or its cross-attention), the key its prefix is looked up by
+(the layer index; `(role, layer)` on encoder-decoder models) and T5's relative-bias module. The facts of
+encoder-decoder models (which module has which role, T5's prefix bias, BART's shifted positions, PEFT's
+semantics there) are in seq2seq_attention, which this module consults.
+
+Every attention call of an enabled model goes through `fastprompt.ops.prefix_attention` (an encoder-decoder
+model's layers without a prefix run transformers' own SDPA call, see the attention function). Learned prefixes
+reach the attention function of decoder layer i as one
 `LayerPrefix` (K/V stored once, shared / per-sample / pooled), never as cache entries, never concatenated with the
 sequence K/V, never as a 4D mask: the registered mask function hands the attention a 2D key padding mask or None,
 as flash-attention's does (viewed as `[B, 1, 1, Lk]` on models whose KV-shared layers slice the masks' query axis).
@@ -9,12 +20,13 @@ as flash-attention's does (viewed as `[B, 1, 1, Lk]` on models whose KV-shared l
 How a layer finds its prefix: `layer_prefixes(model, prefixes)` binds the mapping to the current call (a context
 variable local to the calling thread / asyncio task, see call_context; never state on the shared model, which other
 threads call at the same time), and a forward pre-hook on each of that instance's layers passes it as the
-`fastprompt_prefixes` keyword, which transformers 5 forwards from the layer to its attention function. The hook runs
+`fastprompt_prefixes` keyword, which transformers 5 forwards from the layer to its attention function
+(encoder-decoder models: `decoder_prefixes(model, {(role, layer): LayerPrefix}, position_shift=P)`). The hook runs
 outside the gradient-checkpointed layer forward, so the backward recompute sees the same prefix tensors; generate()
 and torch.compile see them too. A caller may also pass `fastprompt_prefixes=` to the model's forward itself (the
 PEFT path does). Where a family drops the keyword, the attention function reads the call's binding itself. Nothing
-here touches a class or a module global other than the two interface registrations, which are inert for models
-that did not select "fastprompt".
+here touches a class or a module global other than the interface registrations, which are inert for models that
+did not select "fastprompt" / "fastprompt_seq2seq".
 
 Semantics that differ from PEFT's prefix-as-cache on purpose: prefix keys are always visible, also past a sliding
 window (PEFT's prefix slides out of the window once P + position exceeds it); everything else is identical.
@@ -35,8 +47,18 @@ from transformers.masking_utils import AttentionMaskInterface  # (also exported 
 from .. import ops  # ops.prefix_attention looked up per call (a test spy may stand in for it)
 from ..ops import shared_prefix_decode
 from ..prompts.layer_prefix import LayerPrefix
-from .call_context import CallLocal
+from .call_context import AttentionCall, bound_call, current_call
 from .families import ROBERTA, WRAPPERS, FamilyFacts, family_facts
+from .seq2seq_attention import (
+    CROSS,
+    SELF,
+    SEQ2SEQ_ATTENTION_NAME,
+    AttentionSite,
+    attention_sites,
+    is_encoder_decoder,
+    prefix_bias_for_call,
+    shifted_positions,
+)
 
 ATTENTION_NAME = "fastprompt"
 PREFIXES_KWARG = "fastprompt_prefixes"
@@ -56,6 +78,9 @@ __all__ = [
     "set_backend",
     "fastprompt_attention_forward",
     "fastprompt_attention_mask",
+    "enable_seq2seq_attention",
+    "decoder_prefixes",
+    "own_prompt_prefixes",
 ]
 
 
@@ -258,7 +283,7 @@ class AttentionState:
 
     def __init__(self, backend: str, kind: str = "decoder"):
         self.backend = backend
-        self.kind = kind            # "decoder" (enable_fastprompt_attention) | "seq2seq" (enable_seq2seq_attention)
+        self.kind = kind            # "decoder" (decoder-only / encoder-only models) | "seq2seq" (encoder-decoder)
         self.seq2seq = kind == "seq2seq"
         self.users = 1
         self.teardown = None        # _Teardown: set by the enable that switched the model
@@ -269,31 +294,13 @@ class AttentionState:
         _register_once()
 
 
-@dataclass
-class AttentionCall:
-    """What one call of an enabled model hands its attention, bound to that call (see call_context)."""
-
-    prefixes: Optional[Mapping] = None      # layer (seq2seq: (role, layer)) -> LayerPrefix
-    capture: Optional[dict] = None          # prompt hoisting: layer -> (key, value) as the attention sees them
-    position_shift: int = 0                 # seq2seq: how far the prefix moves learned decoder positions (BART)
-    derived: dict = field(default_factory=dict)  # values derived once per call for every layer (T5's prefix bias)
-
-
-_CALLS = CallLocal("fastprompt_attention_call")
-
-
-def current_call(state) -> Optional[AttentionCall]:
-    """The AttentionCall the current thread / task bound for the model owning `state`, or None."""
-    return _CALLS.get(state)
-
-
 def bind_call(model_or_state, call: AttentionCall):
     """Context manager: inside the block, this thread's / task's calls of the model read `call`."""
     state = model_or_state if isinstance(model_or_state, AttentionState) else getattr(
         hf_model(model_or_state), STATE_ATTR, None)
     if state is None:
         raise ValueError("fastprompt: binding a call needs a model with fastprompt attention enabled")
-    return _CALLS.bound(state, call)
+    return bound_call(state, call)
 
 
 def resolve_prefixes(prefixes, batch: int):
@@ -305,8 +312,17 @@ def resolve_prefixes(prefixes, batch: int):
 
 @dataclass
 class AttentionSlot:
+    """What the attention function knows of one attention module of an enabled model (set by the enable, read per
+    call): the data that tells a decoder's self-attention from an encoder's or a cross-attention."""
     layer_idx: int
     state: AttentionState
+    role: str = SELF                    # seq2seq_attention.ENCODER | SELF | CROSS
+    prefix_key: Any = None              # what the layer's prefix is looked up by: layer_idx, or (role, layer_idx)
+    bias_module: Any = None             # T5: the stack's first self-attention (owner of relative_attention_bias)
+
+    def __post_init__(self):
+        if self.prefix_key is None:
+            self.prefix_key = self.layer_idx
 
 
 @dataclass
@@ -326,15 +342,12 @@ class EnableToken:
     restored: bool = False
 
 
-def join_enabled(hf, kind: str) -> Optional[EnableToken]:
-    """Enabling a model already switched to fastprompt attention of the same `kind` adds one user and returns its
-    token; of the other kind, a clear error; not enabled, None (the caller switches it)."""
+def join_enabled(hf) -> Optional[EnableToken]:
+    """Enabling a model already switched to fastprompt attention adds one user and returns its token (whichever
+    kind of model, whichever entry point enabled it); not enabled, None (the caller switches it)."""
     existing = hf.__dict__.get(STATE_ATTR)
     if existing is None:
         return None
-    if getattr(existing, "kind", "seq2seq" if getattr(existing, "seq2seq", False) else "decoder") != kind:
-        raise ValueError(f"fastprompt: {type(hf).__name__} already runs fastprompt's {existing.kind} attention; "
-                         f"it cannot also take the {kind} one (unpatch it first)")
     existing.users += 1
     return EnableToken(hf, existing)
 
@@ -353,9 +366,27 @@ def _register_once() -> None:
     global _registered
     if _registered:
         return
-    AttentionInterface.register(ATTENTION_NAME, fastprompt_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, fastprompt_attention_mask)
+    for name in (ATTENTION_NAME, SEQ2SEQ_ATTENTION_NAME):  # one function under both names (see the docstring)
+        AttentionInterface.register(name, fastprompt_attention_forward)
+        AttentionMaskInterface.register(name, fastprompt_attention_mask)
     _registered = True
+
+
+def attention_name(hf) -> str:
+    """The attention implementation fastprompt switches `hf` to: "fastprompt_seq2seq" for an encoder-decoder model
+    (the name it always had there), else "fastprompt"."""
+    return SEQ2SEQ_ATTENTION_NAME if is_encoder_decoder(hf) else ATTENTION_NAME
+
+
+def check_attention_still_switched(model) -> None:
+    """Refuse a call of a patched model whose attention implementation was switched away from fastprompt's since:
+    the prefix reaches the attention through fastprompt's only."""
+    hf = hf_model(model)
+    attn = hf.config._attn_implementation
+    if attn != attention_name(hf):
+        raise RuntimeError(
+            f"fastprompt: the patched model's attention implementation was changed to {attn!r}; the prefix only "
+            "reaches the attention through fastprompt's. Call unpatch_model(model) before switching it.")
 
 
 class BridgedPrefixes(dict):
@@ -431,49 +462,96 @@ def is_fastprompt_enabled(model) -> bool:
     return getattr(hf_model(model), STATE_ATTR, None) is not None
 
 
-def enable_fastprompt_attention(model, *, backend: str = "auto") -> EnableToken:
-    """Register (once) and switch THIS model instance to the "fastprompt" attention; returns a restore token.
+def _shift_positions_hook(module, args, kwargs):
+    # Learned decoder positions (BART): with PEFT's P-long cache real tokens start at P; the call says how far
+    state = module.__dict__.get(LAYER_STATE_ATTR)
+    call = current_call(state) if state is not None else None
+    shift = call.position_shift if call is not None and call.prefixes is not None else 0
+    if not shift:
+        return None
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    elif len(args) >= 2:
+        args = (args[0], args[1] + shift, *args[2:])
+    else:
+        kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
+    return args, kwargs
 
-    Enabling an already-enabled model adds one user: the model is restored when every token has been disabled, in
-    any order (disabling a token twice is a no-op).
-    """
-    check_backend(backend)
-    hf = hf_model(model)
-    joined = join_enabled(hf, "decoder")
-    if joined is not None:
-        return joined
-    check_supports_attention_interface(hf)
-    _check_refused_config(hf)
-    _register_once()
-    path, layers = find_layers(hf)
-    previous = hf.config._attn_implementation
-    state = AttentionState(backend)
-    slotted = []
+
+def _layer_sites(hf) -> tuple[list, list]:
+    """The attention modules of a decoder-only or encoder-only model (role SELF), and its layers."""
+    _, layers = find_layers(hf)
+    sites = []
     for idx, layer in enumerate(layers):
         for sub in layer.modules():
             name = type(sub).__name__.lower()
             if "cross" in name:  # cross-attention reads encoder states: prefixes are for self-attention only
                 continue
             if "attention" in name or hasattr(sub, "is_causal"):
-                setattr(sub, SLOT_ATTR, AttentionSlot(idx, state))
-                slotted.append(sub)
-    if not slotted:
+                sites.append(AttentionSite(sub, idx))
+    return sites, list(layers)
+
+
+def enable_fastprompt_attention(model, *, backend: str = "auto") -> EnableToken:
+    """Register (once) and switch THIS model instance to fastprompt's attention; returns a restore token.
+
+    Any model kind: decoder-only and encoder-only models take "fastprompt", encoder-decoder models (T5 / BART)
+    "fastprompt_seq2seq" with each attention module's role recorded on it. Enabling an already-enabled model adds
+    one user: the model is restored when every token has been disabled, in any order (disabling a token twice is a
+    no-op).
+    """
+    check_backend(backend)
+    hf = hf_model(model)
+    joined = join_enabled(hf)
+    if joined is not None:
+        return joined
+    encoder_decoder = is_encoder_decoder(hf)
+    if not encoder_decoder:  # T5 / mT5 / BART call the interface without declaring _supports_attention_backend:
+        check_supports_attention_interface(hf)  # for them the switch itself is the check (below)
+    _check_refused_config(hf)
+    _register_once()
+    sites, layers = attention_sites(hf) if encoder_decoder else _layer_sites(hf)
+    if not sites:
         raise TypeError(f"fastprompt: found no attention module in the layers of {type(hf).__name__}")
-    hf.set_attn_implementation(ATTENTION_NAME)
-    if hf.config._attn_implementation != ATTENTION_NAME:
+    name = attention_name(hf)
+    previous = hf.config._attn_implementation
+    state = AttentionState(backend, "seq2seq" if encoder_decoder else "decoder")
+    slotted = []
+    for site in sites:
+        key = (site.role, site.layer_idx) if encoder_decoder else site.layer_idx
+        object.__setattr__(site.module, SLOT_ATTR, AttentionSlot(site.layer_idx, state, site.role, key,
+                                                                 site.bias_module))
+        slotted.append(site.module)
+    hf.set_attn_implementation(name)
+    if hf.config._attn_implementation != name:
         for sub in slotted:
-            delattr(sub, SLOT_ATTR)
+            object.__delattr__(sub, SLOT_ATTR)
         raise TypeError(
             f"fastprompt: {type(hf).__name__} refused the attention implementation switch "
             f"(still {hf.config._attn_implementation!r})"
         )
     hooks = []
     for layer in layers:
-        if _accepts_var_kwargs(layer.forward):  # else the attention reads the instance state (no checkpointing)
+        if _accepts_var_kwargs(layer.forward):  # else the attention reads the call's binding (no checkpointing)
             object.__setattr__(layer, LAYER_STATE_ATTR, state)
             hooks.append(layer.register_forward_pre_hook(_inject_prefixes_hook, with_kwargs=True))
             slotted.append(layer)
+    positions = shifted_positions(hf) if encoder_decoder else None
+    if positions is not None:
+        object.__setattr__(positions, LAYER_STATE_ATTR, state)
+        hooks.append(positions.register_forward_pre_hook(_shift_positions_hook, with_kwargs=True))
+        slotted.append(positions)
     return finish_enable(hf, state, previous, hooks, slotted)
+
+
+def enable_seq2seq_attention(model, *, backend: str = "auto") -> EnableToken:
+    """enable_fastprompt_attention for an encoder-decoder model (T5 / mT5 / BART), the entry its front ends call;
+    refuses any other model. The same switch: disable_fastprompt_attention undoes it, enabling twice nests."""
+    hf = hf_model(model)
+    if not is_encoder_decoder(hf):
+        raise ValueError(f"fastprompt: enable_seq2seq_attention needs an encoder-decoder model (T5, BART, ...); "
+                         f"{type(hf).__name__} is not one (use enable_fastprompt_attention)")
+    return enable_fastprompt_attention(model, backend=backend)
 
 
 def disable_fastprompt_attention(model, token: EnableToken) -> None:
@@ -537,8 +615,42 @@ def layer_prefixes(model, prefixes: Mapping[int, LayerPrefix]):
     if state is None:
         raise ValueError("fastprompt: layer_prefixes needs enable_fastprompt_attention(model) first")
     normalized = prefixes if hasattr(prefixes, "for_batch") else normalize_prefixes(prefixes)
-    with _CALLS.bound(state, AttentionCall(prefixes=normalized)):
+    with bound_call(state, AttentionCall(prefixes=normalized)):
         yield normalized
+
+
+class decoder_prefixes:
+    """layer_prefixes of an encoder-decoder model: inside the block, decoder layer l's self-attention reads
+    `prefixes[("self", l)]` (and cross-attention `prefixes[("cross", l)]`, encoder layer l `prefixes[("encoder", l)]`
+    where given). `position_shift`: how far the prefix moves learned decoder positions (PEFT: P). Bound to the
+    calling thread / asyncio task (call_context): concurrent calls of the same model each read their own."""
+
+    def __init__(self, model, prefixes: dict, position_shift: int = 0):
+        self.state = getattr(hf_model(model), STATE_ATTR, None)
+        if self.state is None or not getattr(self.state, "seq2seq", False):
+            raise ValueError("fastprompt: decoder_prefixes needs enable_seq2seq_attention(model) first")
+        self.prefixes, self.shift = prefixes, position_shift
+        self._binding = None
+
+    def __enter__(self):
+        self._binding = bind_call(self.state, AttentionCall(prefixes=self.prefixes, position_shift=self.shift))
+        self._binding.__enter__()
+        return self.prefixes
+
+    def __exit__(self, *exc):
+        binding, self._binding = self._binding, None
+        return binding.__exit__(*exc)
+
+
+class own_prompt_prefixes(decoder_prefixes):
+    """`{layer: LayerPrefix}` from a fastprompt prompt module, placed in an encoder-decoder model's decoder
+    self-attention (where PEFT's prefix tuning puts it, see seq2seq_attention)."""
+
+    def __init__(self, model, prefixes):
+        placed = {(SELF, layer): lp for layer, lp in normalize_prefixes(prefixes).items()}
+        shift = max((lp.key.shape[-2] * (lp.index.reshape(lp.index.shape[0], -1).shape[1]
+                                         if lp.index is not None else 1) for lp in placed.values()), default=0)
+        super().__init__(model, placed, position_shift=shift)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,19 +703,22 @@ def _has_kv_shared_layers(config) -> bool:
 
 def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
-    """AttentionInterface function: q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]` → (`[B, Lq, Hq, D]`, None)."""
+    """AttentionInterface function ("fastprompt" and "fastprompt_seq2seq"): q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]`
+    → (`[B, Lq, Hq, D]`, None). What differs between modules (role, prefix key, T5's bias module) is read from the
+    module's AttentionSlot."""
     slot = getattr(module, SLOT_ATTR, None)
     call = current_call(slot.state) if slot is not None else None
     prefixes = kwargs.get(PREFIXES_KWARG)
     if prefixes is None and call is not None:  # a family that drops the layer keyword
         prefixes = call.prefixes
     prefixes = resolve_prefixes(prefixes, query.shape[0]) if prefixes is not None else None
-    layer_idx = slot.layer_idx if slot is not None else getattr(module, "layer_idx", None)
-    prefix = prefixes.get(layer_idx) if prefixes else None
+    role = slot.role if slot is not None else SELF
+    prefix_key = slot.prefix_key if slot is not None else getattr(module, "layer_idx", None)
+    prefix = prefixes.get(prefix_key) if prefixes else None
     backend = slot.state.backend if slot is not None else "auto"
     capture = call.capture if call is not None else None
     if capture is not None:  # prompt hoisting: keep this layer's K/V as the attention sees them (after RoPE)
-        capture[layer_idx] = (key, value)
+        capture[prefix_key] = (key, value)
 
     if attention_mask is not None:
         if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1)
@@ -622,24 +737,50 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    if role == CROSS:  # the encoder's states: every key visible
+        is_causal = False
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
 
+    # T5: position_bias is what T5 computed for the keys it sees (real tokens only here). Its cross-attention has no
+    # relative bias (the bias is zeros): dropped, so the fast paths run.
+    attn_bias = prefix_bias = None
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None and role != CROSS:
+        attn_bias = position_bias[..., : key.shape[2]]
+        if attn_bias.requires_grad and attn_bias.grad_fn is None:
+            attn_bias = attn_bias.detach()  # T5's zeros marked requires_grad for checkpointing: nothing to learn
+
     pk = pv = pidx = None
     if prefix is not None:
         pk, pv, pidx = prefix.key, prefix.value, prefix.index
-        if pk.dtype != query.dtype:
-            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
-        if pk.device != query.device:
-            pk, pv = pk.to(query.device), pv.to(query.device)
+        if pk.dtype != query.dtype or pk.device != query.device:  # the prefix follows the layer's queries
+            pk, pv = pk.to(device=query.device, dtype=query.dtype), pv.to(device=query.device, dtype=query.dtype)
             pidx = pidx.to(query.device) if pidx is not None else None
+        if attn_bias is not None and slot is not None and slot.bias_module is not None:
+            # a pool's S selected entries lie end to end: S*P prefix positions, as a cache of them would hold
+            slots = pidx.reshape(pidx.shape[0], -1).shape[1] if pidx is not None else 1
+            prefix_bias = prefix_bias_for_call(slot, pk.shape[-2] * slots, query.shape[2],
+                                               key.shape[2] - query.shape[2], query.dtype)
 
     # transformers passes the module's attention dropout in training and 0 in eval; the op fuses it
     dropout_p = float(dropout) if dropout and module.training else 0.0
 
-    if pk is not None and pidx is None and query.shape[2] == 1 and backend in ("auto", "torch"):
+    if pk is None and slot is not None and slot.state.seq2seq and query.shape[1] == key.shape[1]:
+        # An encoder-decoder model's layer without a prefix (the encoders, the cross-attention, a decoder without
+        # one): the very SDPA call transformers' own "sdpa" path makes, T5's bias as a float mask. The fused op has
+        # nothing to read in place here, and SDPA skips its per-call machinery (measured: the op costs more than
+        # SDPA for the same prefix-less call). Decoder-only models keep the op (its window, soft-capping and
+        # dropout stream).
+        mask = _sdpa_with_bias_mask(query, key, attention_mask, attn_bias, bool(is_causal))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                               dropout_p=dropout_p, scale=float(scaling))
+        return out.transpose(1, 2), None
+
+    if (pk is not None and pidx is None and attn_bias is None and query.shape[2] == 1
+            and backend in ("auto", "torch")):
         # a generate() step over a shared prefix on the CPU: the lean path (None where it does not apply)
         out = shared_prefix_decode(query, key, value, pk, pv, attention_mask, float(scaling), softcap, window,
                                    dropout_p)
@@ -647,6 +788,29 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
             return out.transpose(1, 2), None
 
     out = ops.prefix_attention(query, key, value, pk, pv, prefix_index=pidx, key_padding_mask=attention_mask,
-                           causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
-                           dropout_p=dropout_p, backend=backend)
+                               causal=bool(is_causal), scale=float(scaling), softcap=softcap, window=window,
+                               dropout_p=dropout_p, backend=backend, attn_bias=attn_bias, prefix_bias=prefix_bias)
     return out.transpose(1, 2), None
+
+
+seq2seq_attention_forward = fastprompt_attention_forward  # its name when encoder-decoder models had their own copy
+
+
+def _sdpa_with_bias_mask(q, k, kpm, bias, causal):
+    """The float mask of SDPA over the sequence keys with an additive bias `[1|B, H, Lq, Lk]` or None: padding and
+    bottom-right causality folded in with the dtype's minimum, as transformers' masks do, by one broadcast add
+    (several times faster than a broadcast masked_fill into the `[B, H, Lq, Lk]` result); None when nothing is
+    hidden and there is no bias."""
+    lq, lk = q.shape[2], k.shape[2]
+    hidden = None
+    if kpm is not None:
+        hidden = ~kpm[:, None, None, :]
+    if causal and lq > 1:  # a single (decode) query sees every key
+        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
+        hidden = future if hidden is None else hidden | future
+    hidden = None if hidden is None else torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        hidden, torch.finfo(q.dtype).min)
+    if bias is None:
+        return hidden
+    bias = bias.to(q.dtype)
+    return bias if hidden is None else bias + hidden

@@ -25,7 +25,13 @@ _LAZY = {
 }
 
 
+# Kernel modules served as attributes of this package, imported on first access (`kernels.gather_mix`).
+_LAZY_SUBMODULES = ("gather_mix",)
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

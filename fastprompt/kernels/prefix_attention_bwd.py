@@ -29,7 +29,7 @@ from .prefix_attention_common import (BIASED_BWD_DQ_CONFIGS, BIASED_DROPOUT_BWD_
                                       sequence_visible, load_sequence_tile, split_range)
 from .prefix_attention_bias import bias_args, bias_tile
 from .prefix_attention_dropout import dropout_args, dropout_keep, load_dropout_seed
-from .prefix_attention_fwd import _last_dim_contiguous, score_constants
+from .prefix_attention_fwd import last_dim_contiguous, score_constants
 
 
 @triton.jit
@@ -418,8 +418,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    do = _last_dim_contiguous(grad_out)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    do = last_dim_contiguous(grad_out)
     lse = lse.contiguous()
     delta = delta.contiguous()  # same [B, Hq, Lq] layout as lse: the kernels share lse's strides for it
     has_kpm = key_padding_mask is not None
@@ -456,7 +456,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_inde
 
     has_prefix = prefix_k is not None
     if has_prefix:
-        prefix_k, prefix_v = _last_dim_contiguous(prefix_k), _last_dim_contiguous(prefix_v)
+        prefix_k, prefix_v = last_dim_contiguous(prefix_k), last_dim_contiguous(prefix_v)
         P, S = prefix_k.shape[2], prefix_index.shape[1]
         pk, pv, pidx = prefix_k, prefix_v, prefix_index
     else:

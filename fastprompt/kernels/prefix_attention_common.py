@@ -9,6 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -112,8 +113,6 @@ UPCAST_DOT = "upcast"
 
 def dot_precision(dtype) -> str:
     """The DOT_PRECISION constexpr for inputs of `dtype` (a torch dtype)."""
-    import torch
-
     if dtype == torch.float32:
         return "ieee"  # fp32 would otherwise run as TF32 on GPU (~1e-3 error)
     if dtype == torch.bfloat16 and interpreting():

@@ -1,6 +1,6 @@
 """Attention dropout inside the prefix-attention kernels: the keep mask regenerated per tile, never stored.
 
-The Triton twin of fastprompt/ops/attention_dropout.py (which defines the mask and documents why): element
+The Triton twin of fastprompt/attention_dropout.py (which defines the mask and documents why): element
 (b, h, i, j) is kept iff word (j & 3) of Philox4x32-10 at counter (j >> 2, i, b*Hq + h, offset) under key
 (seed_lo, seed_hi), shifted right by one, is >= threshold. Forward and the three backward kernels call
 `dropout_keep` on their own tiles, in whatever orientation, and get the same bits for the same element.
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.ops.attention_dropout import dropout_scale, dropout_threshold
+from fastprompt.attention_dropout import dropout_scale, dropout_threshold
 
 PHILOX_ROUNDS = tl.constexpr(10)
 

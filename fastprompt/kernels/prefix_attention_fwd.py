@@ -195,7 +195,7 @@ def _sequence_tile(acc, l_i, m_i, q, a, start_n, offs_n, offs_d, d_ok, k_base, v
                         key_base + offs, EDGE or HAS_KPM, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, HAS_DROPOUT)
 
 
-def _last_dim_contiguous(t):
+def last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -210,17 +210,17 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padd
                              scale: float, softcap: float, window: int, dropout_p: float = 0.0, dropout_seed=None,
                              attn_bias=None, prefix_bias=None):
     """Launch the forward kernel on the normalized layout (BACKEND_INTERFACE.md). Returns (out, lse fp32).
-    With dropout_p > 0, `dropout_seed` is the int64 [seed_lo, seed_hi, offset] tensor (ops/attention_dropout.py).
+    With dropout_p > 0, `dropout_seed` is the int64 [seed_lo, seed_hi, offset] tensor (fastprompt/attention_dropout.py).
     attn_bias `[1|B, Hq, Lq, Lk]` / prefix_bias `[1|B, Hq, Lq, S*P]`: additive score biases, any strides
     (kernels/prefix_attention_bias.py)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     out = torch.empty_like(q)  # q's layout (the kernel takes strides): transformers' [B, L, H, D] stays free
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     has_prefix = prefix_k is not None
     if has_prefix:
-        prefix_k, prefix_v = _last_dim_contiguous(prefix_k), _last_dim_contiguous(prefix_v)
+        prefix_k, prefix_v = last_dim_contiguous(prefix_k), last_dim_contiguous(prefix_v)
         P, S = prefix_k.shape[2], prefix_index.shape[1]
         pk, pv, pidx = prefix_k, prefix_v, prefix_index
     else:

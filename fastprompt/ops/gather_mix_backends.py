@@ -15,15 +15,16 @@ mix_backward(grad_out [B, F], pool, weights, index) -> (dpool [N, F], dweights [
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import kernels  # its gather_mix module imports triton; the package loads it on first use
 from .. import reference_prompts
 from ..kernels import TRITON_INSTALLED  # looked up once, outside traced code
+from . import gather_mix_cuda
 from .prefix_attention_dispatch import BACKENDS  # every op takes the same backend names
 
 PRIORITY = {"cuda": ("cuda", "triton", "torch")}
@@ -36,17 +37,14 @@ def _interpreting() -> bool:
 
 def load_triton_kernels():
     """fastprompt/kernels/gather_mix.py, imported on first use (it imports triton)."""
-    return importlib.import_module("fastprompt.kernels.gather_mix")
+    return kernels.gather_mix
 
 
 def load_cuda_backend():
-    """The optional CUDA extension wrapper, or None when it is absent or unusable."""
+    """The wrapper of the optional CUDA extension (gather_mix_cuda), or None when the extension is absent or
+    unusable."""
     try:
-        module = importlib.import_module("fastprompt.ops.gather_mix_cuda")
-    except ImportError:
-        return None
-    try:
-        return module if module.available() else None
+        return gather_mix_cuda if gather_mix_cuda.available() else None
     except Exception:  # an extension that fails its own probe is treated as absent
         return None
 
@@ -126,7 +124,32 @@ class TorchGatherMix(GatherMixBackend):
         return dpool.to(pool.dtype), dweights
 
 
-class TritonGatherMix(GatherMixBackend):
+class KernelGatherMix(GatherMixBackend):
+    """A backend whose four functions live in a kernel module loaded on first use (`kernels()`), which implements
+    the flattened-layout interface of this module's docstring."""
+
+    @classmethod
+    def kernels(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def gather_forward(cls, pool, index):
+        return cls.kernels().gather_forward(pool, index)
+
+    @classmethod
+    def gather_backward(cls, grad_out, index, num_entries):
+        return cls.kernels().gather_backward(grad_out, index, num_entries)
+
+    @classmethod
+    def mix_forward(cls, pool, weights, index):
+        return cls.kernels().mix_forward(pool, weights, index)
+
+    @classmethod
+    def mix_backward(cls, grad_out, pool, weights, index):
+        return cls.kernels().mix_backward(grad_out, pool, weights, index)
+
+
+class TritonGatherMix(KernelGatherMix):
     NAME = "triton"
     DESCRIPTION = "triton kernels"
     DEVICES = ("cuda",)
@@ -141,24 +164,12 @@ class TritonGatherMix(GatherMixBackend):
     def devices(cls):
         return ("cuda", "cpu") if _interpreting() else cls.DEVICES
 
-    @staticmethod
-    def gather_forward(pool, index):
-        return load_triton_kernels().gather_forward(pool, index)
-
-    @staticmethod
-    def gather_backward(grad_out, index, num_entries):
-        return load_triton_kernels().gather_backward(grad_out, index, num_entries)
-
-    @staticmethod
-    def mix_forward(pool, weights, index):
-        return load_triton_kernels().mix_forward(pool, weights, index)
-
-    @staticmethod
-    def mix_backward(grad_out, pool, weights, index):
-        return load_triton_kernels().mix_backward(grad_out, pool, weights, index)
+    @classmethod
+    def kernels(cls):
+        return load_triton_kernels()
 
 
-class CudaGatherMix(GatherMixBackend):
+class CudaGatherMix(KernelGatherMix):
     NAME = "cuda"
     DESCRIPTION = "the CUDA kernels"
     DEVICES = ("cuda",)
@@ -169,21 +180,9 @@ class CudaGatherMix(GatherMixBackend):
             return "backend='cuda' is unavailable: fastprompt.ops.gather_mix_cuda is missing or not built"
         return None
 
-    @staticmethod
-    def gather_forward(pool, index):
-        return load_cuda_backend().gather_forward(pool, index)
-
-    @staticmethod
-    def gather_backward(grad_out, index, num_entries):
-        return load_cuda_backend().gather_backward(grad_out, index, num_entries)
-
-    @staticmethod
-    def mix_forward(pool, weights, index):
-        return load_cuda_backend().mix_forward(pool, weights, index)
-
-    @staticmethod
-    def mix_backward(grad_out, pool, weights, index):
-        return load_cuda_backend().mix_backward(grad_out, pool, weights, index)
+    @classmethod
+    def kernels(cls):
+        return load_cuda_backend()
 
 
 class ReferenceGatherMix(GatherMixBackend):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .attention_dropout import draw_dropout_seed
+from ..attention_dropout import draw_dropout_seed
 from .index_range import check_index_values
 from .prefix_attention_dispatch import BACKENDS, backend_class, resolve_backend
 from .prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PrefixAttentionArgs, check_prefix_attention_args

@@ -11,7 +11,6 @@ same (out, lse) this forward produces; a CUDA backward is not written yet.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from .._cuda_build_info import arch_covers, extension, extension_error
 from .prefix_attention_backend import PrefixAttentionBackend
 from .prefix_attention_inputs import PrefixAttentionArgs
+from .prefix_attention_triton import BACKEND as TRITON_BACKEND  # runs this backend's backward
 
 _device_ok_cache: dict = {}
 
@@ -35,12 +35,8 @@ def _device_reason(device: torch.device) -> Optional[str]:
 
 
 def _triton_backward_reasons(args: PrefixAttentionArgs) -> list:
-    try:
-        triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton").BACKEND
-    except ImportError as exc:
-        return [f"the CUDA backend's backward runs on Triton, which is unavailable ({exc})"]
     return [f"the CUDA backend's backward runs on Triton, which cannot: {reason}"
-            for reason in triton_backend.not_supported_reasons(args, True)]
+            for reason in TRITON_BACKEND.not_supported_reasons(args, True)]
 
 
 class CudaBackend(PrefixAttentionBackend):
@@ -88,8 +84,7 @@ class CudaBackend(PrefixAttentionBackend):
     @classmethod
     def backward(cls, args: PrefixAttentionArgs, grad_out, out, lse, delta, kept):
         """Delegated to the Triton backward (same lse convention: natural log, fp32, -inf for empty rows)."""
-        triton_backend = importlib.import_module("fastprompt.ops.prefix_attention_triton").BACKEND
-        return triton_backend.backward(args, grad_out, out, lse, delta, kept)
+        return TRITON_BACKEND.backward(args, grad_out, out, lse, delta, kept)
 
 
 BACKEND = CudaBackend

@@ -7,9 +7,8 @@ backend's reasons. BACKEND_INTERFACE.md says what a backend implements and what 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Optional
 
+from . import prefix_attention_cuda, prefix_attention_reference, prefix_attention_torch, prefix_attention_triton
 from .prefix_attention_inputs import PrefixAttentionArgs
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
@@ -17,37 +16,19 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 # path last; on the CPU (and any other device) the torch path (the Triton interpreter is for tests).
 PRIORITY = {"cuda": ("cuda", "triton", "torch")}
 DEFAULT_PRIORITY = ("torch",)
-_MODULES = {"cuda": "fastprompt.ops.prefix_attention_cuda", "triton": "fastprompt.ops.prefix_attention_triton",
-            "torch": "fastprompt.ops.prefix_attention_torch", "reference": "fastprompt.ops.prefix_attention_reference"}
-
-
-def _load(name: str):
-    """The backend class `name`, or the ImportError saying why it is unavailable (e.g. triton not installed)."""
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        return ImportError(f"prefix_attention backend {name!r} is not available: {exc}")
-    return module.BACKEND
-
-
-# Imported once here: backend_class is then a dict lookup, which torch.compile traces (importlib calls it cannot).
-# The modules themselves import nothing heavy (triton and the CUDA extension load on first use).
-_LOADED = {name: _load(name) for name in _MODULES}
+# A dict lookup, which torch.compile traces. The backend modules import nothing heavy (triton and the CUDA extension
+# load on first use); one that cannot run here says so in its reasons (`unavailable`).
+_CLASSES = {"cuda": prefix_attention_cuda.BACKEND, "triton": prefix_attention_triton.BACKEND,
+            "torch": prefix_attention_torch.BACKEND, "reference": prefix_attention_reference.BACKEND}
 
 
 def backend_class(name: str):
-    """The class implementing backend `name`, or raise ImportError saying why it is unavailable."""
-    backend = _LOADED[name]
-    if isinstance(backend, ImportError):
-        raise backend
-    return backend
+    """The class implementing backend `name`."""
+    return _CLASSES[name]
 
 
 def not_supported_reasons(name: str, args: PrefixAttentionArgs, needs_grad: bool) -> list:
-    backend = _LOADED[name]
-    if isinstance(backend, ImportError):
-        return [str(backend)]
-    return backend.not_supported_reasons(args, needs_grad)
+    return _CLASSES[name].not_supported_reasons(args, needs_grad)
 
 
 def _every_reason(args: PrefixAttentionArgs, needs_grad: bool) -> str:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_dropout import check_dropout_p
+from ..attention_dropout import check_dropout_p
 
 PREFIX_NONE, PREFIX_SHARED, PREFIX_PER_SAMPLE, PREFIX_POOL = 0, 1, 2, 3
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,7 +40,7 @@ class PrefixAttentionArgs:
     attn_bias: Optional[Tensor] = None  # [1|B, Hq, Lq, Lk], any float dtype and strides
     prefix_bias: Optional[Tensor] = None  # [1|B, Hq, Lq, S*P]
     dropout_p: float = 0.0
-    dropout_seed: Optional[Tensor] = None  # int64 [seed_lo, seed_hi, offset] (attention_dropout.py) when dropout_p > 0
+    dropout_seed: Optional[Tensor] = None  # int64 [seed_lo, seed_hi, offset] (fastprompt.attention_dropout) when dropout_p > 0
 
     @property
     def biased(self) -> bool:

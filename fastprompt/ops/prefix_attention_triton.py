@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .. import kernels  # its kernel modules import triton; the package loads them on first use
 from ..kernels import TRITON_INSTALLED  # looked up once, outside traced code
 from .prefix_attention_backend import PrefixAttentionBackend
 from .prefix_attention_inputs import PrefixAttentionArgs
@@ -84,26 +85,22 @@ class TritonBackend(PrefixAttentionBackend):
     @classmethod
     def forward(cls, args: PrefixAttentionArgs):
         cls._check(args, False)
-        from fastprompt.kernels.prefix_attention_fwd import prefix_attention_forward
-
         a = args
         batch, hq, lq, _ = a.q.shape
         if batch == 0 or hq == 0:
             return (torch.zeros_like(a.q), torch.full((batch, hq, lq), float("-inf"), dtype=torch.float32,
                                                       device=a.q.device), None)
         with _on_device(a.q):
-            out, lse = prefix_attention_forward(a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index,
-                                                a.key_padding_mask, bool(a.causal), float(a.scale), float(a.softcap),
-                                                _effective_window(a.window, lq, a.k.shape[2]), float(a.dropout_p),
-                                                a.dropout_seed, a.attn_bias, a.prefix_bias)
+            out, lse = kernels.prefix_attention_forward(
+                a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.key_padding_mask, bool(a.causal),
+                float(a.scale), float(a.softcap), _effective_window(a.window, lq, a.k.shape[2]), float(a.dropout_p),
+                a.dropout_seed, a.attn_bias, a.prefix_bias)
         return out, lse, None
 
     @classmethod
     def backward(cls, args: PrefixAttentionArgs, grad_out, out, lse, delta, kept):
         """The kernels regenerate forward's dropout mask from the same seed, tile by tile."""
         cls._check(args, True)
-        from fastprompt.kernels.prefix_attention_bwd import prefix_attention_backward
-
         a = args
         batch, hq, lq, _ = a.q.shape
         if batch == 0 or hq == 0:
@@ -111,11 +108,11 @@ class TritonBackend(PrefixAttentionBackend):
             dpv = None if a.prefix_v is None else torch.zeros_like(a.prefix_v)
             return torch.zeros_like(a.q), torch.zeros_like(a.k), torch.zeros_like(a.v), dpk, dpv
         with _on_device(a.q):
-            return prefix_attention_backward(grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index,
-                                             int(a.prefix_mode), a.key_padding_mask, lse.float(), delta.float(),
-                                             bool(a.causal), float(a.scale), float(a.softcap),
-                                             _effective_window(a.window, lq, a.k.shape[2]), float(a.dropout_p),
-                                             a.dropout_seed, a.attn_bias, a.prefix_bias)
+            return kernels.prefix_attention_backward(
+                grad_out, a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, int(a.prefix_mode),
+                a.key_padding_mask, lse.float(), delta.float(), bool(a.causal), float(a.scale), float(a.softcap),
+                _effective_window(a.window, lq, a.k.shape[2]), float(a.dropout_p), a.dropout_seed, a.attn_bias,
+                a.prefix_bias)
 
 
 def _effective_window(window: int, lq: int, lk: int) -> int:

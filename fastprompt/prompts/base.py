@@ -342,6 +342,22 @@ class PromptModule(nn.Module):
         return f"placement={self.placement!r}"
 
 
+class QueriedPrefixPrompt(PromptModule):
+    """Base of the continual-learning prompts that pick their per-layer prefixes from a query (DualPrompt,
+    CodaPrompt): prefix placement always, a query always, no input-level virtual tokens."""
+
+    @property
+    def placement(self) -> str:
+        return "prefix"
+
+    @property
+    def needs_query(self) -> bool:
+        return True
+
+    def num_input_tokens(self) -> int:
+        return 0
+
+
 def init_normal_(tensor: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
     with torch.no_grad():
         return tensor.normal_(0.0, std, generator=generator)

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from fastprompt.ops.mix_prompts import mix_prompts
 
-from .base import QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, register_prompt
+from .base import (QUERY_MODES, PromptConfig, QueriedPrefixPrompt, layer_prefix_class, normalize_layers,
+                   register_prompt)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _after_load(module, incompatible_keys) -> None:
 
 
 @register_prompt
-class CodaPrompt(PromptModule):
+class CodaPrompt(QueriedPrefixPrompt):
     """`CodaPrompt(model_or_config, pool_size=100, length=8, layers=(0, 1, 2, 3, 4), num_tasks=10, ortho_mu=0.0)`;
     call `prompt.next_task()` between tasks."""
 
@@ -90,19 +91,8 @@ class CodaPrompt(PromptModule):
         self.register_load_state_dict_post_hook(_after_load)
 
     @property
-    def placement(self) -> str:
-        return "prefix"
-
-    @property
-    def needs_query(self) -> bool:
-        return True
-
-    @property
     def task(self) -> int:
         return int(self.task_count)
-
-    def num_input_tokens(self) -> int:
-        return 0
 
     # ---- tasks ---------------------------------------------------------------------------------------------
     def next_task(self) -> int:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, register_prompt
+from .base import (QUERY_MODES, PromptConfig, QueriedPrefixPrompt, layer_prefix_class, normalize_layers,
+                   register_prompt)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DualPromptConfig(PromptConfig):
 
 
 @register_prompt
-class DualPrompt(PromptModule):
+class DualPrompt(QueriedPrefixPrompt):
     """`DualPrompt(model_or_config, g_length=5, g_layers=(0, 1), e_length=5, e_layers=(2, 3, 4), pool_size=10,
     pull_constraint_coeff=1.0)`; call the patched model with `task_ids=` in training (the current task's
     E-prompt), without at inference (key matching)."""
@@ -81,20 +82,9 @@ class DualPrompt(PromptModule):
         self.last_index: Optional[Tensor] = None
 
     @property
-    def placement(self) -> str:
-        return "prefix"
-
-    @property
-    def needs_query(self) -> bool:
-        return True
-
-    @property
     def num_tasks(self) -> int:
         """Task ids index the E-prompt pool: one entry per task."""
         return self.config.pool_size
-
-    def num_input_tokens(self) -> int:
-        return 0
 
     def similarity(self, query: Tensor) -> Tensor:
         """[B, N]: cosine between each row's query and each E-prompt key."""

@@ -10,7 +10,7 @@ them from the saved log-sum-exp. With Z the keep mask and r = 1 / (1 - p):
     backward: dV = r (Z * P)^T dO,  dS = P * (r Z * (dO V^T) - delta),  delta = rowsum(dO * O) - dlse
 
 The mask: forward draws it from the seed (dropout_mask_fill.py: the Philox mask of
-ops.attention_dropout, the same bits as the Triton kernels and the reference) and returns it packed, one bit per
+fastprompt.attention_dropout, the same bits as the Triton kernels and the reference) and returns it packed, one bit per
 decision (`kept_mask_bytes`, 1/32 of the float scores); backward unpacks it instead of running Philox again (on the
 CPU, Philox in torch ops costs more than the rest of the attention). Without the packed mask backward regenerates
 it from the seed, with the same result.
@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..attention_dropout import dropout_scale
+from ...attention_dropout import dropout_scale
 from .dropout_mask_fill import KeepMaskFiller, pack_bits, packed_size, unpack_bits
 from ..prefix_attention_inputs import PREFIX_NONE, PREFIX_POOL, PREFIX_SHARED
 from .cpu_flash import hidden_positions

@@ -1,4 +1,4 @@
-"""The attention-dropout mask of fastprompt.ops.attention_dropout, written in place: the torch path's fast generator.
+"""The attention-dropout mask of fastprompt.attention_dropout, written in place: the torch path's fast generator.
 
 Same decisions, bit for bit, as `attention_dropout.keep_mask` / `keep_mask_elementwise` and the Triton kernels
 (Philox4x32-10, counter (j >> 2, i, b*Hq + h, offset), key (seed_lo, seed_hi), word j & 3): only the way the
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attention_dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MASK32, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, dropout_threshold
+from ...attention_dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MASK32, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, dropout_threshold
 
 BLOCK_WORDS = 1 << 16  # Philox counters per block: big enough that the per-op overhead is small, small enough
 # that the six 64-bit work buffers (3 MiB) stay in cache
