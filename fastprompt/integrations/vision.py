@@ -17,6 +17,8 @@ models, and lives here:
   `forward_head(pre_logits=True)`, which the reference implementations use; CLIP: the pooler output, i.e.
   post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
   without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean";
+  with `query_pass="one_stage"` (OS-Prompt, opt-in) no such pass runs: the query is read inside the prompted pass
+  (one_stage_query);
 - the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
   multi-task prompts that need them.
 """
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from fastprompt.prompts.base import check_task_ids
 
+from . import one_stage_query
 from .families import family_facts
 from .transformers_attention import layer_prefixes
 
@@ -86,6 +89,8 @@ def check_vision_prompt(model, prompt) -> None:
                          "use query='cls' (the [CLS] pre-logits, as L2P / DualPrompt / CODA-Prompt) or 'mean'")
     if prompt.placement == "input":
         _embeddings_module(model)
+    if one_stage_query.is_one_stage(prompt):
+        one_stage_query.check_one_stage(model, prompt, _facts(model).leading_tokens)
 
 
 def _insert_prompts_hook(module, args, output):
@@ -103,6 +108,7 @@ def _insert_prompts_hook(module, args, output):
 def install(model, prompt) -> None:
     """Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
     the copy's hook reads the copy's own entry, keyed by the module it is called on)."""
+    one_stage_query.install(model, prompt)
     if prompt.placement != "input":
         return
     emb = _embeddings_module(model)
@@ -111,6 +117,7 @@ def install(model, prompt) -> None:
 
 
 def remove(model) -> None:
+    one_stage_query.remove(model)
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
     if isinstance(emb, torch.nn.Module):
         for key, hook in list(emb._forward_hooks.items()):
@@ -163,6 +170,8 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         raise ValueError(f"{type(model).__name__} with a fastprompt prompt needs pixel_values")
     batch = pixels.shape[0]
     task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
+    if one_stage_query.is_one_stage(prompt):
+        return _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch)
     query = None
     if prompt.needs_query:
         if prompt_query is not None:
@@ -190,6 +199,22 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
         with layer_prefixes(model, prefixes):
             out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch):
+    """query_pass="one_stage": one prompted pass, whose query layers read the query as they are entered."""
+    if prompt_query is not None:
+        raise ValueError(f"prompt_query= was given, but {type(prompt).__name__}(query_pass='one_stage') reads its "
+                         "query inside the prompted pass; use query_pass='two_pass' to pass a query")
+    prompt.aux_loss = None
+    prefixes = one_stage_query.OneStagePrefixes(prompt, batch, task_ids, prompt.query_mode)
+    with one_stage_query.reading_queries(model, prefixes), layer_prefixes(model, prefixes):
+        out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _add_aux_loss(prompt, out):
     aux = prompt.aux_loss
     if aux is not None and getattr(prompt.config, "add_aux_loss", False):
         loss = out.get("loss") if hasattr(out, "get") else None
