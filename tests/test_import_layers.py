@@ -34,7 +34,7 @@ LAYERS = [
         "attach_state", "peft", "seq2seq", "prompt_attach", "own_prompt_generate", "seq2seq_own_prompts")]
      + ["fastprompt.integrations"]),
     ("entry points", ["fastprompt", "fastprompt.__main__", "fastprompt.patching", "fastprompt.cli",
-                      "fastprompt.bench"]),
+                      "fastprompt.bench", "fastprompt.continual"]),
 ]
 __doc__ += "\n".join(f"  {i}. {name}: {', '.join(prefixes)}" for i, (name, prefixes) in enumerate(LAYERS))
 
