@@ -36,7 +36,7 @@ REGION = re.compile(r"^(?P<indent>[ ]*)(?P<open><!-- figures:(?P<name>[a-z0-9-]+
 
 # the checked-in runs the regions are rendered from
 SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "pool example": "example_prompt_pool.json",
-           "multitask example": "example_multitask.json"}
+           "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json"}
 
 
 def load_sources(results_dir: str = RESULTS_DIR) -> dict:
@@ -256,6 +256,33 @@ def multitask_example(src: dict) -> str:
     return "\n".join(lines)
 
 
+def continual_example(src: dict) -> str:
+    ex = src["continual example"]
+    res, settings, pre = ex["results"], ex["meta"]["settings"], ex["pretrain"]
+    m = ex["meta"]["machine"]
+    lines = [wrap(f"`python examples/train_continual_digits.py` runs class-incremental learning on scikit-learn's "
+                  f"digits (8x8 images, 5 tasks of 2 classes, logits outside the current task masked in training) "
+                  f"with a 6-layer ViT (2x2 patches, hidden 64) pretrained inside the example ({pre['objective']}, "
+                  f"{pre['epochs']} epochs, on {pre['images']} held-out images, {100 * pre['share']:.0f}% of each "
+                  f"class, never seen again) and frozen; each method trains its prompt and the classifier "
+                  f"({settings['epochs']} epochs per task, Adam lr {settings['lr']:g}). Its output, the mean of "
+                  f"{settings['seeds']} seeds (each its own data split, backbone and heads; "
+                  f"{ex['meta']['date']}, {settings['threads']} thread{_s(settings['threads'])}, "
+                  f"{ex['total_s'] / 60:.1f} minutes in all at load average {m['loadavg'][0]:.1f}, "
+                  f"`{ex['file']}`):"), "",
+             "| method | average accuracy | forgetting | per seed (average accuracy) | train s |",
+             "|---|---|---|---|---|"]
+    for name, r in res.items():
+        per_seed = ", ".join(f"{s['average_accuracy']:.2f}" for s in r["seeds"])
+        lines.append(f"| {name} | {r['average_accuracy']:.3f} | {r['forgetting']:.3f} | {per_seed} | "
+                     f"{r['train_s']:.0f} |")
+    lines += ["", wrap("Average accuracy: after the last task, the mean over tasks of the accuracy on each (over the "
+                       "classes seen); forgetting: the mean over the earlier tasks of the drop from their best "
+                       "accuracy to their final one. \"one-stage\" is OS-Prompt's query (`query_pass=\"one_stage\"`), "
+                       "one forward instead of two: a different method, not the two-pass one made faster.")]
+    return "\n".join(lines)
+
+
 def _header_table(run: dict) -> list[str]:
     m, v, meta = run["meta"]["machine"], run["meta"]["versions"], run["meta"]
     end = meta.get("loadavg_end")
@@ -311,6 +338,7 @@ def results_quick(src: dict) -> str:
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "main-job-runtime": main_job_runtime, "bench-summary": bench_summary, "hoisting": hoisting, "t5": t5,
     "query-pass": query_pass, "pool-example": pool_example, "multitask-example": multitask_example,
+    "continual-example": continual_example,
     "results-default": results_default, "results-quick": results_quick,
 }
 

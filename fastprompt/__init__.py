@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # Everything imports on first use: `fastprompt --version` and `fastprompt info` must not pay for torch,
 # transformers or peft up front. `fastprompt.ops` registers the custom ops when it is first imported.
-_SUBMODULES = ("ops", "reference", "prompts", "integrations", "bench")
+_SUBMODULES = ("ops", "reference", "prompts", "integrations", "bench", "continual")
 _LAZY = {
     "patch_model": ("fastprompt.patching", "patch_model"),
     "unpatch_model": ("fastprompt.patching", "unpatch_model"),

@@ -35,11 +35,13 @@ def test_every_region_matches_the_checked_in_results():
 
 def test_the_documents_have_their_regions():
     assert set(render.regions(_read("README.md"))) == {"main-job-runtime", "bench-summary", "hoisting", "t5",
-                                                      "query-pass", "pool-example", "multitask-example"}
+                                                      "query-pass", "pool-example", "multitask-example",
+                                                      "continual-example"}
     assert set(render.regions(_read(os.path.join("benchmarks", "RESULTS.md")))) == {"results-default",
                                                                                     "results-quick"}
     assert set(render.RENDERERS) == {"main-job-runtime", "bench-summary", "hoisting", "t5", "query-pass",
-                                     "pool-example", "multitask-example", "results-default", "results-quick"}
+                                     "pool-example", "multitask-example", "continual-example", "results-default",
+                                     "results-quick"}
 
 
 def test_the_readme_has_no_figure_outside_a_region():

@@ -19,6 +19,8 @@ models, and lives here:
   post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
   without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean" (timm:
   `forward_head(forward_features(x), pre_logits=True)`, or the mean of `forward_features(x)`);
+  with `query_pass="one_stage"` (OS-Prompt, opt-in) no such pass runs: the query is read inside the prompted pass
+  (one_stage_query);
 - the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
   multi-task prompts that need them.
 """
@@ -35,6 +37,7 @@ from torch import Tensor
 from fastprompt.prompts.base import check_task_ids
 
 from . import timm_vit
+from . import one_stage_query
 from .families import family_facts
 from .transformers_attention import layer_prefixes
 
@@ -107,6 +110,9 @@ def check_vision_prompt(model, prompt) -> None:
         timm_vit.check_timm_model(model)
     if prompt.placement == "input":
         _embeddings_module(model)
+    if one_stage_query.is_one_stage(prompt):
+        lead = timm_vit.leading_tokens(model) if timm_vit.is_timm_vit(model) else _facts(model).leading_tokens
+        one_stage_query.check_one_stage(model, prompt, lead)
 
 
 def _with_prompts(module, tokens):
@@ -136,6 +142,7 @@ def _insert_prompts_pre_hook(module, args):
 def install(model, prompt) -> None:
     """Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
     the copy's hook reads the copy's own entry, keyed by the module it is called on)."""
+    one_stage_query.install(model, prompt)
     if prompt.placement != "input":
         return
     emb = _embeddings_module(model)
@@ -147,6 +154,7 @@ def install(model, prompt) -> None:
 
 
 def remove(model) -> None:
+    one_stage_query.remove(model)
     if timm_vit.is_timm_vit(model):
         emb, hooks, ours = getattr(model, "norm_pre", None), "_forward_pre_hooks", _insert_prompts_pre_hook
     else:
@@ -208,6 +216,8 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         timm_vit.check_timm_call(model, kw, prompt.placement == "prefix")
     batch = pixels.shape[0]
     task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
+    if one_stage_query.is_one_stage(prompt):
+        return _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch)
     query = None
     if prompt.needs_query:
         if prompt_query is not None:
@@ -235,6 +245,22 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
         with layer_prefixes(model, prefixes):
             out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch):
+    """query_pass="one_stage": one prompted pass, whose query layers read the query as they are entered."""
+    if prompt_query is not None:
+        raise ValueError(f"prompt_query= was given, but {type(prompt).__name__}(query_pass='one_stage') reads its "
+                         "query inside the prompted pass; use query_pass='two_pass' to pass a query")
+    prompt.aux_loss = None
+    prefixes = one_stage_query.OneStagePrefixes(prompt, batch, task_ids, prompt.query_mode)
+    with one_stage_query.reading_queries(model, prefixes), layer_prefixes(model, prefixes):
+        out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _add_aux_loss(prompt, out):
     aux = prompt.aux_loss
     if aux is not None and getattr(prompt.config, "add_aux_loss", False):
         loss = out.get("loss") if hasattr(out, "get") else None
