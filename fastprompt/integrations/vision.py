@@ -111,7 +111,10 @@ def check_vision_prompt(model, prompt) -> None:
     if prompt.placement == "input":
         _embeddings_module(model)
     if one_stage_query.is_one_stage(prompt):
-        lead = timm_vit.leading_tokens(model) if timm_vit.is_timm_vit(model) else _facts(model).leading_tokens
+        if timm_vit.is_timm_vit(model):  # [CLS] at index 0 only if the model has one: without it, timm's leading
+            lead = int(getattr(model, "cls_token", None) is not None)  # tokens are register tokens, not a query
+        else:
+            lead = _facts(model).leading_tokens
         one_stage_query.check_one_stage(model, prompt, lead)
 
 
