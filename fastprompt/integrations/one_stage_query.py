@@ -10,6 +10,8 @@ detaching it. This is a different method (the query sees the lower layers' promp
 so it is opt-in; the exact two-pass query stays the default.
 
 How it runs here, without a second pass and without touching the shared model's state:
+- the layers are the encoder layers of a Hugging Face ViT, or `model.blocks` of a timm VisionTransformer (called
+  with the hidden state as their first argument; the leading tokens' [CLS] at index 0);
 - at attach, each layer in `prompt.query_layers` gets a forward pre-hook (a module-level function, so the model
   still deep-copies and pickles), idle unless the current call bound a plan to that layer (call_context);
 - per call, a `OneStagePrefixes` mapping is bound as the call's layer prefixes. It starts with the prefixes that need
