@@ -115,8 +115,10 @@ def check_dual(backend, training):
     first = e_layers[0]
     entering = []
     hook = model.blocks[first].register_forward_pre_hook(lambda module, args: entering.append(args[0][:, 0]))
-    with torch.no_grad():  # key n: row n's own part of its [CLS] entering the first E-layer (their common part
-        model(x)  # projected out, as it dominates): in inference rows 0-3 pick entries 0-3 by a margin far above rounding
+    # key n: row n's own part of its [CLS] entering the first E-layer (their common part projected out, as it
+    # dominates): in inference rows 0-3 pick entries 0-3 by a margin far above rounding
+    with torch.no_grad():
+        model(x)
         q = entering[0]
         common = F.normalize(q.mean(dim=0), dim=0)
         own = q[:4] - q.mean(dim=0)
