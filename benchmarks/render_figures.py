@@ -20,6 +20,7 @@ examples with `--json`, copy the outputs over benchmarks/results/ (see RESULTS.m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -36,7 +37,9 @@ REGION = re.compile(r"^(?P<indent>[ ]*)(?P<open><!-- figures:(?P<name>[a-z0-9-]+
 
 # the checked-in runs the regions are rendered from
 SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "pool example": "example_prompt_pool.json",
-           "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json"}
+           "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json",
+           "issue 20 before/after": "before_after_issue20.json",
+           "issue 20 before/after, attention": "before_after_issue20_attention.json"}
 
 
 def load_sources(results_dir: str = RESULTS_DIR) -> dict:
@@ -327,6 +330,55 @@ def _run_section(run: dict) -> list[str]:
     return lines
 
 
+def _before_after_module():
+    """benchmarks/before_after.py, whose table and slowdown test the region reuses (one format, one verdict)."""
+    spec = importlib.util.spec_from_file_location("before_after", os.path.join(ROOT, "benchmarks",
+                                                                               "before_after.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def before_after_region(key: str) -> Callable[[dict], str]:
+    return lambda src: before_after(src[key])
+
+
+def before_after(run: dict) -> str:
+    """A `before_after.py --json` run: where it ran, the table, the rows slower beyond the spread."""
+    ba = _before_after_module()
+    meta, rows = run["meta"], run["rows"]
+    m, v = meta["machine"], meta["versions"]
+    loads = [r["loadavg"][0] for r in meta["runs"]] + [r["loadavg_end"][0] for r in meta["runs"]]
+    turns = ", ".join(f"{r['checkout']} {r['runtime_s']:.0f} s" for r in meta["runs"])
+
+    def tree(side: dict) -> str:
+        return (f"`{side['commit'][:7]}` (fastprompt/ tree `{side['fastprompt_tree'][:7]}`"
+                + (", with uncommitted changes" if side["fastprompt_uncommitted"] else "") + ")")
+
+    lines = ["| | |", "|---|---|",
+             f"| command | `{meta['command']}`, `{run['file']}` |",
+             f"| bench runs | `{meta['runs'][0]['command']}` and the same for each run, in this order: {turns} |",
+             f"| trees | before {tree(meta['before'])}, after {tree(meta['after'])} |",
+             f"| date | {meta['runs'][0]['date']} to {meta['runs'][-1]['date']} (start of the last run) |",
+             f"| machine | {m['cpu']}, {m['cpu_count']} cores shared with other sessions, load average "
+             f"{min(loads):.1f}-{max(loads):.1f} over the runs |",
+             f"| threads | torch {m['torch_threads']} |",
+             "| versions | " + ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "peft"))
+             + f", Python {m['python']} |", ""]
+    lines += ba.table(rows)
+    slow = [(r, ba.slower(r)) for r in rows if ba.slower(r) is not None]
+    one_side = [r for r in rows if not r["before"] or not r["after"]]
+    lines += ["", wrap(f"{meta['runs_per_checkout']} runs per checkout, taken turn about; each cell is the median "
+                       "of the runs' fastprompt / baseline ratios (each run's ratio is itself a ratio of medians over "
+                       "interleaved turns in one process) with the runs' min-max in brackets. Slower after than "
+                       "before by more than the larger of the two checkouts' run-to-run spreads: "
+                       + ("; ".join(f"{r['name']} ({' '.join(f'{k}={x}' for k, x in r['params'].items())}) "
+                                    f"+{gap:.2f}" for r, gap in slow) or "none") + ". Pairs only one checkout "
+                       "ran: " + ("; ".join(f"{r['name']} ({'after' if r['after'] else 'before'})"
+                                            for r in one_side) or "none") + ".")]
+    return "\n".join(lines)
+
+
 def results_default(src: dict) -> str:
     return "\n".join(_run_section(src["default"]))
 
@@ -340,6 +392,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "query-pass": query_pass, "pool-example": pool_example, "multitask-example": multitask_example,
     "continual-example": continual_example,
     "results-default": results_default, "results-quick": results_quick,
+    "issue20-before-after": before_after_region("issue 20 before/after"),
+    "issue20-before-after-attention": before_after_region("issue 20 before/after, attention"),
 }
 
 
