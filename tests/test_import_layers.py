@@ -29,7 +29,7 @@ LAYERS = [
         "call_context", "cache_compat", "families", "patched_method", "peft_config", "prompt_cache",
         "generate_args", "transformers_attention", "seq2seq_attention", "prompt_tasks")]),
     ("techniques", [f"fastprompt.integrations.{name}" for name in (
-        "placement", "query_pass", "prompt_hoisting", "peft_prompts", "vision")]),
+        "placement", "query_pass", "prompt_hoisting", "peft_prompts", "one_stage_query", "vision")]),
     ("front ends", [f"fastprompt.integrations.{name}" for name in (
         "attach_state", "peft", "seq2seq", "prompt_attach", "own_prompt_generate", "seq2seq_own_prompts")]
      + ["fastprompt.integrations"]),

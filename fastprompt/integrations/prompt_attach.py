@@ -86,6 +86,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     pixels = vision.is_pixel_model(model)
     if pixels:  # ViT / DeiT / DINOv2: pixel_values in (fastprompt.integrations.vision)
         vision.check_vision_prompt(model, prompt)
+    elif getattr(prompt, "one_stage", False):
+        raise ValueError(f"fastprompt: {type(prompt).__name__}(query_pass='one_stage') (OS-Prompt's one-stage query) "
+                         f"is offered on Vision Transformers only; {type(model).__name__} takes the two-pass query "
+                         "(query_pass='two_pass', optionally with query_layer=k)")
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     if encoder_decoder:  # T5 / mT5 / BART: their own checks and attention plumbing
         check_own_prompt_seq2seq(model, prompt)

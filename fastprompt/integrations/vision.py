@@ -17,6 +17,8 @@ models, and lives here:
   `forward_head(pre_logits=True)`, which the reference implementations use; CLIP: the pooler output, i.e.
   post_layernorm at [CLS]; SigLIP, which has no [CLS]: its attention-pooling head's output) from a first pass
   without prompts under no_grad, or the mean of the last hidden state over all tokens with query="mean";
+  with `query_pass="one_stage"` (OS-Prompt, opt-in) no such pass runs: the query is read inside the prompted pass
+  (one_stage_query);
 - with `query_layer=k` the query is the same read-out of the model CUT TO ITS FIRST k LAYERS: the hidden state
   entering layer k, through the model's own final norm (and CLIP's / SigLIP's pooling), then [CLS] (or the token
   mean). Unlike text models, whose query_layer reads the raw hidden state, the final norm is applied: a pre-norm
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from fastprompt.prompts.base import check_task_ids
 
-from . import query_pass
+from . import one_stage_query, query_pass
 from .families import family_facts
 from .transformers_attention import layer_prefixes
 
@@ -94,6 +96,8 @@ def check_vision_prompt(model, prompt) -> None:
                          "use query='cls' (the [CLS] pre-logits, as L2P / DualPrompt / CODA-Prompt) or 'mean'")
     if prompt.placement == "input":
         _embeddings_module(model)
+    if one_stage_query.is_one_stage(prompt):
+        one_stage_query.check_one_stage(model, prompt, _facts(model).leading_tokens)
 
 
 def _insert_prompts_hook(module, args, output):
@@ -112,6 +116,7 @@ def install(model, prompt) -> None:
     """query_layer=k: every layer takes query_pass's forward (the query pass cuts off the layers above k).
     Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
     the copy's hook reads the copy's own entry, keyed by the module it is called on)."""
+    one_stage_query.install(model, prompt)
     if prompt.needs_query:
         query_pass.install(model, prompt, every_layer=True)
     if prompt.placement != "input":
@@ -122,6 +127,7 @@ def install(model, prompt) -> None:
 
 
 def remove(model) -> None:
+    one_stage_query.remove(model)
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
     if isinstance(emb, torch.nn.Module):
         for key, hook in list(emb._forward_hooks.items()):
@@ -209,6 +215,8 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         raise ValueError(f"{type(model).__name__} with a fastprompt prompt needs pixel_values")
     batch = pixels.shape[0]
     task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
+    if one_stage_query.is_one_stage(prompt):
+        return _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch)
     query = reuse = None
     if prompt.needs_query:
         if prompt_query is not None:
@@ -236,6 +244,22 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
         with layer_prefixes(model, prefixes), query_pass.skipping_lower_layers(model, reuse):
             out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch):
+    """query_pass="one_stage": one prompted pass, whose query layers read the query as they are entered."""
+    if prompt_query is not None:
+        raise ValueError(f"prompt_query= was given, but {type(prompt).__name__}(query_pass='one_stage') reads its "
+                         "query inside the prompted pass; use query_pass='two_pass' to pass a query")
+    prompt.aux_loss = None
+    prefixes = one_stage_query.OneStagePrefixes(prompt, batch, task_ids, prompt.query_mode)
+    with one_stage_query.reading_queries(model, prefixes), layer_prefixes(model, prefixes):
+        out = state.bound_forward(**kw)
+    return _add_aux_loss(prompt, out)
+
+
+def _add_aux_loss(prompt, out):
     aux = prompt.aux_loss
     if aux is not None and getattr(prompt.config, "add_aux_loss", False):
         loss = out.get("loss") if hasattr(out, "get") else None

@@ -33,6 +33,12 @@ FORMAT_VERSION = 1
 
 PLACEMENTS = ("input", "prefix")
 QUERY_MODES = ("mean", "cls", "last", "embeddings")
+# Where a query-selected prompt (PromptPool, DualPrompt, CodaPrompt) takes its query from. "two_pass" (the default,
+# exact): the frozen model's encoding of the input from a first pass without prompts, as the reference
+# implementations do. "one_stage": OS-Prompt (Kim et al., ECCV 2024), a DIFFERENT method: the [CLS] (or token mean)
+# of the hidden state entering a prompted layer of the prompted pass itself, one forward instead of two
+# (fastprompt.integrations.one_stage_query; Vision Transformers only).
+QUERY_PASSES = ("two_pass", "one_stage")
 
 _PROMPT_CLASSES: Dict[str, Type["PromptModule"]] = {}
 
@@ -180,6 +186,19 @@ def normalize_layers(layers: Optional[Iterable[int]], num_layers: int, name: str
     return tuple(sorted(out))
 
 
+def check_query_pass(config) -> None:
+    """Validate `config.query_pass` (and what one_stage excludes)."""
+    if config.query_pass not in QUERY_PASSES:
+        raise ValueError(f"query_pass must be one of {QUERY_PASSES}, got {config.query_pass!r}")
+    if config.query_pass == "one_stage":
+        if getattr(config, "query_layer", None) is not None:
+            raise ValueError("query_pass='one_stage' reads its query inside the prompted pass; query_layer (a layer "
+                             "of a first pass without prompts) does not apply: leave query_layer=None")
+        if config.query not in ("cls", "mean"):
+            raise ValueError(f"query_pass='one_stage' takes the query from a hidden state: query='cls' (OS-Prompt) "
+                             f"or 'mean', got {config.query!r}")
+
+
 def layer_prefix_class():
     """The LayerPrefix fastprompt's attention reads (fastprompt.prompts.layer_prefix)."""
     return LayerPrefix
@@ -284,6 +303,22 @@ class PromptModule(nn.Module):
                        task_ids: Optional[Tensor] = None) -> Dict[int, Any]:
         """{layer index: LayerPrefix}."""
         raise NotImplementedError(f"{type(self).__name__} has no per-layer prefixes")
+
+    # ---- the one-stage query (query_pass="one_stage", OS-Prompt) -------------------------------------------
+    @property
+    def one_stage(self) -> bool:
+        return getattr(self.config, "query_pass", "two_pass") == "one_stage"
+
+    @property
+    def query_layers(self) -> Tuple[int, ...]:
+        """One-stage: the layers at whose entry the prompted pass's hidden state gives a query."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-stage query")
+
+    def one_stage_prefixes(self, batch_size: int, layer: Optional[int], query: Optional[Tensor], *,
+                           task_ids: Optional[Tensor] = None) -> Dict[int, Any]:
+        """One-stage: layer None -> the prefixes that need no query (set before the pass; resets the per-call
+        results); else {layer index: LayerPrefix} of the prefixes that the query read entering `layer` decides."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-stage query")
 
     # ---- compatibility -------------------------------------------------------------------------------------
     def check_compatible(self, model_or_config) -> None:

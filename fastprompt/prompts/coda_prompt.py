@@ -14,6 +14,13 @@ Semantics of the reference implementation (GT-RIPL/CODA-Prompt, models/zoo.py Co
 - in training the orthogonality penalty ortho_mu * sum_l [o(K_l) + o(A_l) + o(P_l flattened)], with
   o(T) = mean((T T^T - I)^2) over the slices in use, is stored in `aux_loss` (added to outputs.loss by the
   integration).
+`query_pass="one_stage"` (opt-in; OS-Prompt, Kim et al. ECCV 2024, whose code is CODA-Prompt's with this change, a
+different method from the exact two-pass default): layer l's weights take as query the [CLS] of the hidden state
+entering layer l in the prompted pass itself (OS-Prompt's `x_querry = x_block[:, 0, :]`, not detached: the loss
+reaches the lower layers' prompts through it). No frozen first pass runs. At layer 0 that [CLS] is the [CLS] token
+plus its position embedding, the same for every image, so layer 0's mixture is the same for every row, as in
+OS-Prompt's code. (OS-Prompt's weights are cos(q, K) without attention vectors; here they keep CODA's A.)
+`last_weights` holds {layer: [B, f] weights} of the last call, in both modes.
 Each slice is its own parameter, so a frozen slice has requires_grad False and no gradient: an optimizer step
 (momentum, weight decay included) leaves it unchanged. `task_count` is a buffer: save / load keeps the task.
 """
@@ -21,7 +28,7 @@ Each slice is its own parameter, so a frozen slice has requires_grad False and n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +36,8 @@ from torch.nn import functional as F
 
 from fastprompt.ops.mix_prompts import mix_prompts
 
-from .base import QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, register_prompt
+from .base import QUERY_MODES, PromptConfig, PromptModule, check_query_pass, layer_prefix_class, normalize_layers, \
+    register_prompt
 
 
 @dataclass
@@ -42,6 +50,7 @@ class CodaPromptConfig(PromptConfig):
     query: str = "cls"
     add_aux_loss: bool = True
     seed: int = 0
+    query_pass: str = "two_pass"  # or "one_stage" (OS-Prompt; fastprompt.prompts.base.QUERY_PASSES)
 
     prompt_type = "CodaPrompt"
 
@@ -57,6 +66,7 @@ class CodaPromptConfig(PromptConfig):
         self.layers = normalize_layers(tuple(self.layers), self.num_layers)
         if self.query not in QUERY_MODES:
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
+        check_query_pass(self)
 
 
 def _after_load(module, incompatible_keys) -> None:
@@ -135,37 +145,62 @@ class CodaPrompt(PromptModule):
                 new[i].copy_(rows.reshape(new[i].shape).to(new.dtype))
 
     # ---- the prefixes --------------------------------------------------------------------------------------
-    def _in_use(self, slices) -> Tensor:
-        """[L_sel, f, ...]: slices 0..task, the earlier ones without gradient."""
+    def _in_use(self, slices, position: Optional[int] = None) -> Tensor:
+        """[L_sel, f, ...] (or [f, ...] for the layer at `position`): slices 0..task, the earlier ones without
+        gradient."""
         task = self.task
-        parts = [slices[t].detach() if t < task else slices[t] for t in range(task + 1)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        parts = [slices[t] if position is None else slices[t][position] for t in range(task + 1)]
+        parts = [p.detach() if t < task else p for t, p in enumerate(parts)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0 if position is not None else 1)
 
-    def weights(self, query: Tensor) -> Tensor:
-        """[L_sel, B, f]: alpha_bn = cos(q_b * A_n, K_n) per prompted layer."""
-        keys, attention = self._in_use(self.keys), self._in_use(self.attention_vectors)
+    def weights(self, query: Tensor, position: Optional[int] = None) -> Tensor:
+        """[L_sel, B, f] (or [B, f] for the layer at `position`): alpha_bn = cos(q_b * A_n, K_n)."""
+        keys = self._in_use(self.keys, position)
+        attention = self._in_use(self.attention_vectors, position)
         if query is None or query.dim() != 2 or query.shape[1] != keys.shape[-1]:
             raise ValueError(f"CodaPrompt needs a query [B, {keys.shape[-1]}] (the integration computes it), got "
                              f"{getattr(query, 'shape', query)}")
+        if position is not None:
+            keys, attention = keys[None], attention[None]
         q = query.to(keys.dtype)
         attended = F.normalize(q[None, :, None, :] * attention[:, None], dim=-1)  # [L, B, f, d]
-        return (attended * F.normalize(keys, dim=-1)[:, None]).sum(-1)
+        weights = (attended * F.normalize(keys, dim=-1)[:, None]).sum(-1)
+        return weights[0] if position is not None else weights
+
+    def _layer_prefix(self, position: int, weights: Tensor, batch_size: int):
+        """Layer `position`'s prefix from its weights [B, f]."""
+        c = self.config
+        if weights.shape[0] != batch_size:
+            raise ValueError(f"query has {weights.shape[0]} rows, the batch has {batch_size}")
+        components = self._in_use(self.components, position)  # [f, length, Hkv*D]
+        mixed = mix_prompts(components, weights.to(components.dtype))  # [B, length, Hkv*D]
+        heads = mixed.view(batch_size, c.length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        half = c.length // 2
+        return layer_prefix_class()(key=heads[:, :, :half], value=heads[:, :, half:])
 
     def layer_prefixes(self, batch_size, *, query=None, task_ids=None) -> Dict[int, object]:
-        LayerPrefix = layer_prefix_class()
-        c = self.config
         weights = self.weights(query)
-        if weights.shape[1] != batch_size:
-            raise ValueError(f"query has {weights.shape[1]} rows, the batch has {batch_size}")
-        components = self._in_use(self.components)  # [L, f, length, Hkv*D]
-        half = c.length // 2
-        prefixes = {}
-        for i, layer in enumerate(self.layers):
-            mixed = mix_prompts(components[i], weights[i].to(components.dtype))  # [B, length, Hkv*D]
-            heads = mixed.view(batch_size, c.length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            prefixes[layer] = LayerPrefix(key=heads[:, :, :half], value=heads[:, :, half:])
-        self.aux_loss = self.orthogonality_penalty() if (self.training and c.ortho_mu > 0) else None
+        self.last_weights = {layer: weights[i].detach() for i, layer in enumerate(self.layers)}
+        prefixes = {layer: self._layer_prefix(i, weights[i], batch_size) for i, layer in enumerate(self.layers)}
+        self.aux_loss = self.orthogonality_penalty() if (self.training and self.config.ortho_mu > 0) else None
         return prefixes
+
+    @property
+    def query_layers(self) -> Tuple[int, ...]:
+        """One-stage: every prompted layer reads its own query (OS-Prompt)."""
+        return self.layers
+
+    def one_stage_prefixes(self, batch_size, layer, query, *, task_ids=None) -> Dict[int, object]:
+        if layer is None:
+            self.last_weights = {}
+            self.aux_loss = self.orthogonality_penalty() if (self.training and self.config.ortho_mu > 0) else None
+            return {}
+        if layer not in self.layers:
+            raise ValueError(f"CodaPrompt has no prefix in layer {layer} (its layers: {self.layers})")
+        position = self.layers.index(layer)
+        weights = self.weights(query, position)
+        self.last_weights = {**(self.last_weights or {}), layer: weights.detach()}
+        return {layer: self._layer_prefix(position, weights, batch_size)}
 
     def orthogonality_penalty(self) -> Tensor:
         """ortho_mu * sum over layers of o(K) + o(A) + o(P flattened), o(T) = mean((T T^T - I)^2)."""

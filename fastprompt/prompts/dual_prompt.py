@@ -13,6 +13,11 @@ Semantics of the reference implementation (dualprompt-pytorch, use_prefix_tune_f
 - parameters and keys start uniform in [-1, 1] (`prompt_init='uniform'`).
 The pool is handed to attention as it is, with the [B] index of each row's entry (read in place, never gathered).
 G and E layers must not overlap (the published split does not).
+
+`query_pass="one_stage"` (opt-in; OS-Prompt's one-stage query, a different method from the exact two-pass
+default): the query is the [CLS] of the hidden state entering the first E-layer in the prompted pass itself (below
+it only the G-prompt acts), not detached (OS-Prompt's code takes `x_block[:, 0, :]` as it is); the one entry it
+picks serves every E-layer, as the two-pass query's does. No frozen first pass runs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, register_prompt
+from .base import QUERY_MODES, PromptConfig, PromptModule, check_query_pass, layer_prefix_class, normalize_layers, \
+    register_prompt
 
 
 @dataclass
@@ -38,6 +44,7 @@ class DualPromptConfig(PromptConfig):
     pull_constraint_coeff: float = 1.0
     add_aux_loss: bool = True
     seed: int = 0
+    query_pass: str = "two_pass"  # or "one_stage" (OS-Prompt; fastprompt.prompts.base.QUERY_PASSES)
 
     prompt_type = "DualPrompt"
 
@@ -54,6 +61,7 @@ class DualPromptConfig(PromptConfig):
                              "prefix in one of them")
         if self.query not in QUERY_MODES:
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
+        check_query_pass(self)
 
 
 @register_prompt
@@ -110,6 +118,14 @@ class DualPrompt(PromptModule):
         return index, sim.gather(1, index[:, None])[:, 0]
 
     def layer_prefixes(self, batch_size, *, query=None, task_ids=None) -> Dict[int, object]:
+        return {**self._g_prefixes(), **self._e_prefixes(batch_size, query, task_ids)}
+
+    def _g_prefixes(self) -> Dict[int, object]:
+        LayerPrefix = layer_prefix_class()
+        return {layer: LayerPrefix(key=self.g_prompt[i, 0], value=self.g_prompt[i, 1])
+                for i, layer in enumerate(self.config.g_layers)}
+
+    def _e_prefixes(self, batch_size, query, task_ids) -> Dict[int, object]:
         LayerPrefix = layer_prefix_class()
         c = self.config
         index, chosen = self.select(query, task_ids)
@@ -117,8 +133,19 @@ class DualPrompt(PromptModule):
             raise ValueError(f"query has {index.shape[0]} rows, the batch has {batch_size}")
         self.aux_loss = -c.pull_constraint_coeff * chosen.mean()
         self.last_index = index.detach()
-        prefixes = {layer: LayerPrefix(key=self.g_prompt[i, 0], value=self.g_prompt[i, 1])
-                    for i, layer in enumerate(c.g_layers)}
-        for i, layer in enumerate(c.e_layers):
-            prefixes[layer] = LayerPrefix(key=self.e_pool[i, 0], value=self.e_pool[i, 1], index=index)
-        return prefixes
+        return {layer: LayerPrefix(key=self.e_pool[i, 0], value=self.e_pool[i, 1], index=index)
+                for i, layer in enumerate(c.e_layers)}
+
+    @property
+    def query_layers(self) -> Tuple[int, ...]:
+        """One-stage: the first E-layer, whose entering [CLS] picks the E-prompt of every E-layer."""
+        return (self.config.e_layers[0],)
+
+    def one_stage_prefixes(self, batch_size, layer, query, *, task_ids=None) -> Dict[int, object]:
+        if layer is None:
+            self.aux_loss = None
+            self.last_index = None
+            return self._g_prefixes()
+        if layer not in self.query_layers:
+            raise ValueError(f"DualPrompt reads its one-stage query entering layer {self.query_layers[0]}, not {layer}")
+        return self._e_prefixes(batch_size, query, task_ids)

@@ -13,6 +13,9 @@ trained with the pool.
   integration when `add_aux_loss`).
 - Soft mixture (top_k = None, CODA/ATTEMPT style): weights over the whole pool, "softmax" of cosine / temperature,
   or "cosine" (CODA: cos(q ⊙ A_n, key_n) with learnable attention vectors A_n, no normalization).
+`query_pass="one_stage"` (opt-in, prefix placement; OS-Prompt's one-stage query, a different method from the exact
+two-pass default): the query is read from the hidden state entering the first prompted layer in the prompted pass
+itself (not detached, as OS-Prompt's code), and its one selection serves every prompted layer.
 Placement "input": entries [N, length, d]; chosen entries (k·length tokens) or the mixture (length tokens) go
 before the input. Placement "prefix": entries [L_sel, 2, N, Hkv, length, D] per chosen layer; hard selection
 hands the pool itself plus the [B, k] index to attention (read in place, never gathered per row); soft mixing
@@ -31,8 +34,8 @@ from torch.nn import functional as F
 from fastprompt.ops.gather_prompts import gather_prompts
 from fastprompt.ops.mix_prompts import mix_prompts
 
-from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, layer_prefix_class, normalize_layers, \
-    register_prompt
+from .base import PLACEMENTS, QUERY_MODES, PromptConfig, PromptModule, check_query_pass, layer_prefix_class, \
+    normalize_layers, register_prompt
 from .encoder import build_encoder, check_encoder_config, encode_query, split_encoder_arg
 
 SOFT_WEIGHTINGS = ("softmax", "cosine")
@@ -66,6 +69,9 @@ class PromptPoolConfig(PromptConfig):
     encoder_activation: str = "none"
     encoder_class: str = ""  # "custom": the module's class, for the error message on load
     query_layer: Optional[int] = None  # None: the last hidden state; k: the hidden state entering layer k
+    # "two_pass" (exact, the default) or "one_stage" (OS-Prompt: the query is read entering the first prompted
+    # layer of the prompted pass itself; prefix placement, Vision Transformers; fastprompt.prompts.base.QUERY_PASSES)
+    query_pass: str = "two_pass"
 
     prompt_type = "PromptPool"
 
@@ -92,6 +98,10 @@ class PromptPoolConfig(PromptConfig):
                 raise ValueError("layers applies to placement='prefix' only")
             self.layers = normalize_layers(self.layers, self.num_layers)
         check_encoder_config(self)
+        check_query_pass(self)
+        if self.query_pass == "one_stage" and self.placement != "prefix":
+            raise ValueError("query_pass='one_stage' needs placement='prefix': input-level prompts enter before "
+                             "layer 0, where the pass holds no image-dependent query yet")
 
 
 @register_prompt
@@ -229,3 +239,18 @@ class PromptPool(PromptModule):
         entries_first = pool.movedim(2, 0)  # [N, L_sel, 2, Hkv, length, D]
         mixed = mix_prompts(entries_first, values.to(pool.dtype))  # [B, L_sel, 2, Hkv, length, D]
         return {layer: LayerPrefix(key=mixed[:, i, 0], value=mixed[:, i, 1]) for i, layer in enumerate(self.layers)}
+
+    # ---- the one-stage query -------------------------------------------------------------------------------
+    @property
+    def query_layers(self) -> Tuple[int, ...]:
+        """One-stage: the first prompted layer, whose entering hidden state selects for every prompted layer."""
+        return (self.layers[0],)
+
+    def one_stage_prefixes(self, batch_size, layer, query, *, task_ids=None) -> Dict[int, object]:
+        if layer is None:
+            self.aux_loss = None
+            self.last_index = None
+            return {}
+        if layer not in self.query_layers:
+            raise ValueError(f"PromptPool reads its one-stage query entering layer {self.query_layers[0]}, not {layer}")
+        return self.layer_prefixes(batch_size, query=query, task_ids=task_ids)

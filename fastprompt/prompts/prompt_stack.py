@@ -66,6 +66,9 @@ class PromptStack(PromptModule):
                     raise ValueError(f"PromptStack members overlap in layer {layer} ({seen[layer]} and "
                                      f"{type(p).__name__}); each layer takes one member's prefix")
                 seen[layer] = type(p).__name__
+        if any(p.one_stage for p in prompts):
+            raise ValueError("PromptStack members with query_pass='one_stage' cannot be stacked yet (the stack's "
+                             "members share one two-pass query); DualPrompt(query_pass='one_stage') has G and E")
         modes = {p.query_mode for p in prompts if p.needs_query}
         if len(modes) > 1:
             raise ValueError(f"PromptStack members ask for different queries {sorted(modes)}; they share one pass")
