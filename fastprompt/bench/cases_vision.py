@@ -13,6 +13,8 @@ Cases (group "vision CL"), each a fastprompt side and a baseline side on copies 
 - "inference": one batch under no_grad, logits compared;
 - both include the query pass (a frozen forward without prompts, no_grad) as both methods run it;
 - "query pass": that frozen forward alone (fastprompt's attention vs the reference's, no prompts);
+- "attention layer": one E-prompt layer's attention alone, forward + backward (float64 oracle): where the bytes
+  of the steps' difference come from;
 - "one-stage": fastprompt's CODA-Prompt step with OS-Prompt's one-stage query (`query_pass="one_stage"`, one
   forward) vs the same step with the two-pass query: a DIFFERENT method, so the outputs are not compared
   (`Case.same_method=False`; tests/test_one_stage_query.py checks it against OS-Prompt's rule).
@@ -30,7 +32,7 @@ import torch
 
 from .cases import Case, Side, _train_side
 
-__all__ = ["vision_cases", "vision_case", "vit_config", "VISION_GROUP"]
+__all__ = ["vision_cases", "vision_case", "vision_attention_case", "vit_config", "VISION_GROUP"]
 
 VISION_GROUP = "vision CL"
 BASELINES = {"eager": "eager concat", "sdpa": "SDPA concat", "two_pass": "two-pass query"}
@@ -168,6 +170,63 @@ def vision_case(kind: str, method: str, baseline: str, size: str = "vit-b16", ba
                 same_method=kind != "one-stage")
 
 
+def vision_attention_case(size: str = "vit-b16", batch: int = 2, pool: int = 10, length: int = 5,
+                          reps: int = 5, tags=()) -> Case:
+    """One attention layer, forward + backward, as in DualPrompt's E-prompt layers: each row's prefix an entry of
+    a pool [N, H, P, D] picked by index. fastprompt reads the entry in place (prefix_index); the reference
+    gathers it per row, concatenates it before the keys and materializes the scores (vision_reference)."""
+
+    def build(device):
+        from fastprompt import reference
+        from fastprompt.ops import prefix_attention
+
+        from .cases import _float64_truth, _grads
+        from .oracle import Oracle
+
+        config = vit_config(size)
+        heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        seq = (config.image_size // config.patch_size) ** 2 + 1
+        g = torch.Generator().manual_seed(0)
+
+        def rnd(*shape, grad=True):
+            return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+        q, k, v = rnd(batch, heads, seq, dim), rnd(batch, heads, seq, dim), rnd(batch, heads, seq, dim)
+        pool_k, pool_v = rnd(pool, heads, length, dim), rnd(pool, heads, length, dim)
+        index = torch.randint(0, pool, (batch,), generator=g).to(device)
+        grad_out = rnd(batch, heads, seq, dim, grad=False)
+        leaves = (q, k, v, pool_k, pool_v)
+        names = ("q", "k", "v", "prefix_k", "prefix_v")
+
+        def reference_way(q, k, v, pool_k, pool_v):  # the reference implementations' Attention.forward
+            keys = torch.cat([pool_k[index], k], dim=2)
+            values = torch.cat([pool_v[index], v], dim=2)
+            attn = (q @ keys.transpose(-2, -1)) * dim ** -0.5
+            return attn.softmax(dim=-1) @ values
+
+        def side(attend):
+            def step():
+                return _grads(attend(*leaves), leaves, grad_out)
+
+            def check():
+                out = attend(*leaves)
+                return {"out": out.detach(), **{f"d{n}": d for n, d in zip(names, _grads(out, leaves, grad_out))}}
+            return Side(step, check, list(leaves) + [index, grad_out])
+
+        truth = _float64_truth(
+            lambda q, k, v, prefix_k, prefix_v: reference.prefix_attention(q, k, v, prefix_k, prefix_v,
+                                                                           prefix_index=index, causal=False),
+            dict(zip(names, leaves)), names, grad_out)
+        return {"fastprompt": side(lambda *a: prefix_attention(*a, prefix_index=index, causal=False)),
+                "baseline": side(reference_way),
+                "oracle": Oracle(truth, "fastprompt.reference in float64", "the reference attention", 1e-4)}
+
+    heads = vit_config(size).num_attention_heads
+    params = dict(model=_label(size), B=batch, prompts=f"pool {pool}x{length}, {heads} heads, per-row entry")
+    return Case(VISION_GROUP, "attention layer fwd+bwd (E-prompt layer)", params, build, BASELINES["eager"], 1e-4,
+                reps, ("op_level",) + tuple(tags))
+
+
 def vision_cases(mode: str, size: Optional[str] = None) -> list[Case]:
     """The vision rows of a `fastprompt bench` mode: "full" and "vision" run them at ViT-B/16 (B=2 on the CPU),
     "smoke" at a tiny ViT (the tests); the other modes have none."""
@@ -177,6 +236,7 @@ def vision_cases(mode: str, size: Optional[str] = None) -> list[Case]:
     reps = 1 if mode == "smoke" else 3
     cases = []
     reference = size == "vit-b16"  # the targets are judged at the published shapes only
+    cases.append(vision_attention_case(size, reps=5 if reference else 1))
     for method in ("dualprompt", "codaprompt"):
         for kind in ("train", "infer"):
             for baseline in ("eager", "sdpa"):

@@ -87,6 +87,8 @@ def short_case(r: dict) -> str:
     if r["group"] == "vision CL":  # fastprompt/bench/cases_vision.py
         name = r["name"]
         method = "" if name.startswith("query pass") else ("DualPrompt " if name.startswith("DualPrompt") else "CODA ")
+        if name.startswith("attention layer"):
+            return f"vit attn fwd+bwd E-layer {p['model'].replace('ViT-', '')} B{p['B']}"
         kind = ("qpass" if name.startswith("query pass") else "train 1-stage" if "one-stage" in name
                 else "train" if "train" in name else "infer")
         return f"vit {kind} {method}{p['model'].replace('ViT-', '')} B{p['B']}"

@@ -213,7 +213,8 @@ def run_case(case: Case, device: str = "cpu", reps: Optional[int] = None, timing
             record["reason"] = (f"different method: {case.name} vs the {case.baseline} (outputs differ by design, "
                                 "not compared; the row compares their cost)")
         outputs = built = None
-        min_seconds = MIN_TIMED_S if case.group in ("attention", "prompts op") and reps is None else 0.0
+        short = case.group in ("attention", "prompts op") or "op_level" in case.tags  # steps of milliseconds
+        min_seconds = MIN_TIMED_S if short and reps is None else 0.0
         times = (_interleaved_times(sides, device, reps or case.reps, min_seconds=min_seconds) if timing
                  else {n: [] for n in sides})
         figures = {}
