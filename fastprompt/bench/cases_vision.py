@@ -227,23 +227,24 @@ def vision_attention_case(size: str = "vit-b16", batch: int = 2, pool: int = 10,
                 reps, ("op_level",) + tuple(tags))
 
 
-def vision_cases(mode: str, size: Optional[str] = None) -> list[Case]:
-    """The vision rows of a `fastprompt bench` mode: "full" and "vision" run them at ViT-B/16 (B=2 on the CPU),
-    "smoke" at a tiny ViT (the tests); the other modes have none."""
+def vision_cases(mode: str, gpu: bool = False, size: Optional[str] = None) -> list[Case]:
+    """The vision rows of a `fastprompt bench` mode: "full" and "vision" run them at ViT-B/16 (B=2 on the CPU, 32 on
+    a GPU), "smoke" at a tiny ViT (the tests); the other modes have none."""
     if mode not in ("full", "vision", "smoke"):
         return []
     size = size or ("tiny" if mode == "smoke" else "vit-b16")
+    batch = 32 if gpu and size == "vit-b16" else 2
     reps = 1 if mode == "smoke" else 3
     cases = []
     reference = size == "vit-b16"  # the targets are judged at the published shapes only
-    cases.append(vision_attention_case(size, reps=5 if reference else 1))
+    cases.append(vision_attention_case(size, batch, reps=5 if reference else 1))
     for method in ("dualprompt", "codaprompt"):
         for kind in ("train", "infer"):
             for baseline in ("eager", "sdpa"):
                 tags = ("vision_reference",) if baseline == "eager" and reference else ()
-                cases.append(vision_case(kind, method, baseline, size, reps=reps, tags=tags))
-    cases.append(vision_case("qpass", "dualprompt", "eager", size, reps=reps))
-    cases.append(vision_case("qpass", "dualprompt", "sdpa", size, reps=reps))
-    cases.append(vision_case("one-stage", "codaprompt", "two_pass", size, reps=reps,
+                cases.append(vision_case(kind, method, baseline, size, batch, reps=reps, tags=tags))
+    cases.append(vision_case("qpass", "dualprompt", "eager", size, batch, reps=reps))
+    cases.append(vision_case("qpass", "dualprompt", "sdpa", size, batch, reps=reps))
+    cases.append(vision_case("one-stage", "codaprompt", "two_pass", size, batch, reps=reps,
                              tags=("vision_one_stage",) if reference else ()))
     return cases

@@ -42,7 +42,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
     gpu = torch.device(device).type == "cuda"
     cases: list[Case] = []
     if mode == "vision":
-        return vision_cases(mode)
+        return vision_cases(mode, gpu)
     if mode == "smoke":
         tiny = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=128)
         return [
@@ -117,7 +117,7 @@ def suite(mode: str = "default", device: str = "cpu") -> list[Case]:
         for s in (256, 1024):
             sweeps.append(attention_case("decode", 8, s, 32, reps=op_reps * 2))
     # vision rows: --full only (minutes on a CPU); sweeps last: under a time budget they are what gets skipped
-    return (cases + seed_cases(mode) + _seq2seq_cases(mode, gpu) + dropout_cases(mode, gpu) + vision_cases(mode)
+    return (cases + seed_cases(mode) + _seq2seq_cases(mode, gpu) + dropout_cases(mode, gpu) + vision_cases(mode, gpu)
             + sweeps)
 
 
