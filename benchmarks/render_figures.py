@@ -35,8 +35,8 @@ REGION = re.compile(r"^(?P<indent>[ ]*)(?P<open><!-- figures:(?P<name>[a-z0-9-]+
                     r"^(?P=indent)(?P<close><!-- /figures -->)", re.S | re.M)
 
 # the checked-in runs the regions are rendered from
-SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "pool example": "example_prompt_pool.json",
-           "multitask example": "example_multitask.json"}
+SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "vision": "cpu_vision.json",
+           "pool example": "example_prompt_pool.json", "multitask example": "example_multitask.json"}
 
 
 def load_sources(results_dir: str = RESULTS_DIR) -> dict:
@@ -308,10 +308,14 @@ def results_quick(src: dict) -> str:
     return "\n".join(_run_section(src["quick"]))
 
 
+def results_vision(src: dict) -> str:
+    return "\n".join(_run_section(src["vision"]))
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "main-job-runtime": main_job_runtime, "bench-summary": bench_summary, "hoisting": hoisting, "t5": t5,
     "query-pass": query_pass, "pool-example": pool_example, "multitask-example": multitask_example,
-    "results-default": results_default, "results-quick": results_quick,
+    "results-default": results_default, "results-quick": results_quick, "results-vision": results_vision,
 }
 
 

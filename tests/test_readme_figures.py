@@ -37,9 +37,11 @@ def test_the_documents_have_their_regions():
     assert set(render.regions(_read("README.md"))) == {"main-job-runtime", "bench-summary", "hoisting", "t5",
                                                       "query-pass", "pool-example", "multitask-example"}
     assert set(render.regions(_read(os.path.join("benchmarks", "RESULTS.md")))) == {"results-default",
-                                                                                    "results-quick"}
+                                                                                    "results-quick",
+                                                                                    "results-vision"}
     assert set(render.RENDERERS) == {"main-job-runtime", "bench-summary", "hoisting", "t5", "query-pass",
-                                     "pool-example", "multitask-example", "results-default", "results-quick"}
+                                     "pool-example", "multitask-example", "results-default", "results-quick",
+                                     "results-vision"}
 
 
 def test_the_readme_has_no_figure_outside_a_region():
