@@ -418,3 +418,8 @@ def generate_case(shape: ModelShape, batch: int, seq: int, plen: int, new_tokens
     if tasks > 1:
         params["tasks"] = tasks
     return Case("generate", name, params, build, "peft" if tasks == 1 else "peft, 1 batch/task", 0.0, reps)
+
+
+# Public names of the helpers above for case modules in other files (cases_vision); the underscored names stay for
+# the modules that import them already.
+train_side, float64_truth, input_grads = _train_side, _float64_truth, _grads

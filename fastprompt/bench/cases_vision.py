@@ -26,11 +26,23 @@ default run's 140 s budget has no room for them).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
+from transformers import ViTConfig, ViTForImageClassification
 
-from .cases import Case, Side, _train_side
+from fastprompt import reference
+from fastprompt.integrations import vision
+from fastprompt.integrations.attach_state import attach_state
+from fastprompt.ops import prefix_attention
+from fastprompt.patching import patch_model
+from fastprompt.prompts import CodaPrompt, DualPrompt
+
+from .cases import Case, Side, float64_truth, input_grads, train_side
+from .oracle import Oracle
+from .vision_reference import (EAGER, SDPA, ReferenceCodaPrompt, ReferenceDualPrompt, ReferencePromptedViT,
+                               reference_model)
 
 __all__ = ["vision_cases", "vision_case", "vision_attention_case", "vit_config", "VISION_GROUP"]
 
@@ -41,8 +53,6 @@ CLASSES = 100
 
 def vit_config(size: str = "vit-b16"):
     """transformers' ViTConfig defaults (ViT-B/16), or a tiny ViT with the same structure for the tests."""
-    from transformers import ViTConfig
-
     if size == "vit-b16":
         return ViTConfig(num_labels=CLASSES)
     if size == "tiny":
@@ -56,14 +66,12 @@ def _label(size: str) -> str:
 
 
 def _build_prompt(method: str, model, one_stage: bool = False):
-    import fastprompt as fp
-
     query_pass = "one_stage" if one_stage else "two_pass"
     if method == "dualprompt":
-        return fp.DualPrompt(model, g_length=5, g_layers=(0, 1), e_length=5, e_layers=(2, 3, 4), pool_size=10,
+        return DualPrompt(model, g_length=5, g_layers=(0, 1), e_length=5, e_layers=(2, 3, 4), pool_size=10,
                              query_pass=query_pass)
     components = 100 if model.config.hidden_size >= 100 else 20  # the tiny ViT: 20 orthogonal keys in 32 dims
-    prompt = fp.CodaPrompt(model, pool_size=components, length=8, layers=(0, 1, 2, 3, 4), num_tasks=10,
+    prompt = CodaPrompt(model, pool_size=components, length=8, layers=(0, 1, 2, 3, 4), num_tasks=10,
                            query_pass=query_pass)
     while prompt.task < prompt.config.num_tasks - 1:  # the last task: all 100 components in use, 90 frozen
         prompt.next_task()
@@ -71,8 +79,6 @@ def _build_prompt(method: str, model, one_stage: bool = False):
 
 
 def _reference_prompt(method: str, prompt):
-    from .vision_reference import ReferenceCodaPrompt, ReferenceDualPrompt
-
     return ReferenceDualPrompt(prompt) if method == "dualprompt" else ReferenceCodaPrompt(prompt)
 
 
@@ -89,15 +95,6 @@ def vision_case(kind: str, method: str, baseline: str, size: str = "vit-b16", ba
         raise ValueError("the one-stage case is compared with the two-pass query, and only it")
 
     def build(device):
-        import copy
-
-        import fastprompt as fp
-        from fastprompt.integrations import vision
-        from fastprompt.integrations.attach_state import attach_state
-
-        from .vision_reference import EAGER, SDPA, ReferencePromptedViT, reference_model
-        from transformers import ViTForImageClassification
-
         config = vit_config(size)
         torch.manual_seed(0)
         base = ViTForImageClassification(config).to(device)
@@ -110,20 +107,21 @@ def vision_case(kind: str, method: str, baseline: str, size: str = "vit-b16", ba
         def fastprompt_model(one_stage=False):
             model = copy.deepcopy(base)
             prompt = _build_prompt(method, model, one_stage).to(device)
-            fp.patch_model(model, prompt)
+            patch_model(model, prompt)
             model.classifier.requires_grad_(True)
             model.train(train)
             return model, prompt
 
-        def train_side(model, prompt):
+        def fastprompt_step(model, prompt):
             def forward():
                 return model(pixel_values=pixels, labels=labels, task_ids=task_ids).loss
-            return _train_side(model, forward, lambda: _named_trainable(prompt, model.classifier))
+            return train_side(model, forward, lambda: _named_trainable(prompt, model.classifier))
 
         fp_model, fp_prompt = fastprompt_model(one_stage=kind == "one-stage")
         if kind == "one-stage":
             two_model, two_prompt = fastprompt_model()
-            return {"fastprompt": train_side(fp_model, fp_prompt), "baseline": train_side(two_model, two_prompt)}
+            return {"fastprompt": fastprompt_step(fp_model, fp_prompt),
+                    "baseline": fastprompt_step(two_model, two_prompt)}
 
         ref = ReferencePromptedViT(reference_model(base, EAGER if baseline == "eager" else SDPA),
                                    _reference_prompt(method, fp_prompt)).to(device)
@@ -133,8 +131,8 @@ def vision_case(kind: str, method: str, baseline: str, size: str = "vit-b16", ba
         if kind == "train":
             def ref_forward():
                 return ref(pixels, labels, task_ids)[1]
-            return {"fastprompt": train_side(fp_model, fp_prompt),
-                    "baseline": _train_side(ref, ref_forward, lambda: _named_trainable(ref.prompt,
+            return {"fastprompt": fastprompt_step(fp_model, fp_prompt),
+                    "baseline": train_side(ref, ref_forward, lambda: _named_trainable(ref.prompt,
                                                                                         ref.model.classifier))}
         if kind == "infer":
             def fp_infer():
@@ -177,12 +175,6 @@ def vision_attention_case(size: str = "vit-b16", batch: int = 2, pool: int = 10,
     gathers it per row, concatenates it before the keys and materializes the scores (vision_reference)."""
 
     def build(device):
-        from fastprompt import reference
-        from fastprompt.ops import prefix_attention
-
-        from .cases import _float64_truth, _grads
-        from .oracle import Oracle
-
         config = vit_config(size)
         heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
         seq = (config.image_size // config.patch_size) ** 2 + 1
@@ -206,14 +198,14 @@ def vision_attention_case(size: str = "vit-b16", batch: int = 2, pool: int = 10,
 
         def side(attend):
             def step():
-                return _grads(attend(*leaves), leaves, grad_out)
+                return input_grads(attend(*leaves), leaves, grad_out)
 
             def check():
                 out = attend(*leaves)
-                return {"out": out.detach(), **{f"d{n}": d for n, d in zip(names, _grads(out, leaves, grad_out))}}
+                return {"out": out.detach(), **{f"d{n}": d for n, d in zip(names, input_grads(out, leaves, grad_out))}}
             return Side(step, check, list(leaves) + [index, grad_out])
 
-        truth = _float64_truth(
+        truth = float64_truth(
             lambda q, k, v, prefix_k, prefix_v: reference.prefix_attention(q, k, v, prefix_k, prefix_v,
                                                                            prefix_index=index, causal=False),
             dict(zip(names, leaves)), names, grad_out)

@@ -33,6 +33,15 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import eager_mask, sdpa_mask
+
+from fastprompt.integrations.transformers_attention import find_layers
+
+try:
+    from transformers import AttentionMaskInterface
+except ImportError:  # older 5.x export it from masking_utils only
+    from transformers.masking_utils import AttentionMaskInterface
 
 __all__ = ["EAGER", "SDPA", "ReferenceDualPrompt", "ReferenceCodaPrompt", "ReferencePromptedViT", "reference_model"]
 
@@ -80,14 +89,6 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-
-    try:
-        from transformers import AttentionMaskInterface
-    except ImportError:  # older 5.x export it from masking_utils only
-        from transformers.masking_utils import AttentionMaskInterface
-    from transformers.masking_utils import eager_mask, sdpa_mask
-
     AttentionInterface.register(EAGER, concat_eager_attention)
     AttentionInterface.register(SDPA, concat_sdpa_attention)
     AttentionMaskInterface.register(EAGER, eager_mask)
@@ -97,8 +98,6 @@ def _register() -> None:
 
 def reference_model(model, attention: str):
     """A copy of the unpatched `model` running the reference attention (EAGER or SDPA), every weight frozen."""
-    from fastprompt.integrations.transformers_attention import find_layers
-
     _register()
     twin = copy.deepcopy(model)
     twin.set_attn_implementation(attention)
