@@ -30,6 +30,8 @@ SKIP = [
     (r"--device cuda", "needs a CUDA GPU (none on CI machines); benchmarks/gpu_session.sh runs it on a lent GPU"),
     (r"gpu_session\.sh", "needs a CUDA GPU; its install step is rehearsed by .ci/gpu_image_lane.sh"),
     (r"^pip -v$", "a flag to add to the install command, not a command"),
+    (r"^fastprompt bench --vision$", "ViT-B/16 training steps on the CPU, about 15 minutes on 2 cores, past CI's "
+                                     "time; the same cases run at a tiny ViT in tests/test_bench_vision.py"),
     (r"^fastprompt bench --full$", "the default run's cases plus every sweep and the reference training shape: "
                                    "more than 15 minutes on 2 cores, past CI's time; the same harness and cases "
                                    "run here as `fastprompt bench` and `--quick`"),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session in one command of at most 8 minutes on one H100/H200: environment facts, the newer Hugging Face
 # stack from wheels brought along, the CUDA build for the visible GPU, GPU tests (CUDA kernels + the compiled
-# Triton backend vs the float64 oracle), the decode benchmark (cuda vs triton vs the PEFT path) and
-# `fastprompt bench --device cuda --quick`. Everything lands in one folder, $OUT, with SUMMARY.txt saying what ran,
+# Triton backend vs the float64 oracle), the decode benchmark (cuda vs triton vs the PEFT path),
+# `fastprompt bench --device cuda --quick` and its vision rows (`--vision`). Everything lands in one folder, $OUT, with SUMMARY.txt saying what ran,
 # how long each stage took, and what was skipped to fit the budget.
 #
 #   bash benchmarks/gpu_wheels.sh                     # here, where the package index is reachable: fills .whl/
@@ -94,7 +94,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   stage install_fastprompt 60 env FASTPROMPT_CUDA_BUILD=0 "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || { note "STOPPED: fastprompt does not install (install_fastprompt.log)"; exit 2; }
   stage info 30 "$PY" -m fastprompt info
-  note "SKIPPED build, gpu_tests, decode_bench, fastprompt_bench: no CUDA device"
+  note "SKIPPED build, gpu_tests, decode_bench, fastprompt_bench, vision_bench: no CUDA device"
   note "gpu_session: no GPU, install rehearsed in $(( $(date +%s) - START ))s; results in $OUT"
   exit 3
 fi
@@ -114,6 +114,8 @@ rc_tests=$?
 
 stage decode_bench 60 "$PY" benchmarks/bench_decode_cuda.py --out "$OUT" --quick
 stage fastprompt_bench 90 "$PY" -m fastprompt bench --device cuda --quick --no-progress --out "$OUT/bench"
+# the vision continual-learning rows (DualPrompt / CODA-Prompt on ViT-B/16, B=32 on a GPU; fastprompt/bench/cases_vision.py)
+stage vision_bench 60 "$PY" -m fastprompt bench --device cuda --vision --no-progress --out "$OUT/bench_vision"
 note "SKIPPED compile_report: CPU-side facts, produced by CI (benchmarks/cuda_compile_report.md)"
 
 note "gpu_session: tests exit $rc_tests; $(( $(date +%s) - START ))s of ${BUDGET_S}s; results in $OUT"

@@ -36,7 +36,7 @@ REGION = re.compile(r"^(?P<indent>[ ]*)(?P<open><!-- figures:(?P<name>[a-z0-9-]+
                     r"^(?P=indent)(?P<close><!-- /figures -->)", re.S | re.M)
 
 # the checked-in runs the regions are rendered from
-SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "pool example": "example_prompt_pool.json",
+SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "vision": "cpu_vision.json", "pool example": "example_prompt_pool.json",
            "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json",
            "issue 20 before/after": "before_after_issue20.json",
            "issue 20 before/after, attention": "before_after_issue20_attention.json"}
@@ -387,11 +387,15 @@ def results_quick(src: dict) -> str:
     return "\n".join(_run_section(src["quick"]))
 
 
+def results_vision(src: dict) -> str:
+    return "\n".join(_run_section(src["vision"]))
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "main-job-runtime": main_job_runtime, "bench-summary": bench_summary, "hoisting": hoisting, "t5": t5,
     "query-pass": query_pass, "pool-example": pool_example, "multitask-example": multitask_example,
     "continual-example": continual_example,
-    "results-default": results_default, "results-quick": results_quick,
+    "results-default": results_default, "results-quick": results_quick, "results-vision": results_vision,
     "issue20-before-after": before_after_region("issue 20 before/after"),
     "issue20-before-after-attention": before_after_region("issue 20 before/after, attention"),
 }

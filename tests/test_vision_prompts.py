@@ -194,8 +194,8 @@ def test_bad_inputs_are_refused_clearly():
     model = tiny_vision_model("vit")
     with pytest.raises(ValueError, match="query='cls'"):
         fp.patch_model(model, fp.PromptPool(model, pool_size=3, length=2, top_k=1, query="embeddings"))
-    with pytest.raises(ValueError, match="query_layer"):
-        fp.patch_model(model, fp.PromptPool(model, pool_size=3, length=2, top_k=1, query="cls", query_layer=1))
+    with pytest.raises(ValueError, match="query_layer must be"):  # query_layer itself: test_vision_query_layer
+        fp.patch_model(model, fp.PromptPool(model, pool_size=3, length=2, top_k=1, query="cls", query_layer=3))
     fp.patch_model(model, fp.PrefixTuning(model, num_virtual_tokens=2, reparameterize=False))
     with pytest.raises(ValueError, match="pixel_values"):
         model(labels=torch.tensor([0]))

@@ -14,7 +14,8 @@ either side's machinery being unbroken:
 Verdicts: "equal" (the sides agree, and each agrees with the oracle where there is one), "baseline wrong"
 (fastprompt agrees with the oracle, the baseline does not), "fastprompt wrong" (fastprompt disagrees with the
 oracle: `fastprompt bench` exits non-zero), "unequal" (the sides disagree and there is no oracle to say which is
-right), "error" (the case raised).
+right), "error" (the case raised), "different method" (a row that compares the cost of two methods whose outputs
+differ by design: not compared).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ VERDICTS = {
     "fastprompt wrong": "fastprompt does not match the oracle: a fastprompt bug; the command exits 1",
     "unequal": "the sides disagree and the pair has no oracle to say which is right",
     "error": "the case raised an exception (message in bench.md / bench.json)",
+    "different method": "the sides run different methods on purpose (OS-Prompt's one-stage query vs the two-pass "
+                        "query): outputs differ by design and are not compared; the row compares their cost",
 }
 
 

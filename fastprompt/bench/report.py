@@ -15,7 +15,7 @@ __all__ = ["WIDTH", "format_table", "legend", "markdown_report", "short_case", "
 WIDTH = 120  # the console table and legend fit this many columns
 
 _VERDICT_CELL = {"equal": "yes", "baseline wrong": "BASE WRONG", "fastprompt wrong": "FP WRONG", "unequal": "NO",
-                 "error": "ERROR"}
+                 "error": "ERROR", "different method": "n/a method"}
 
 # (header, what it means); the console table has these columns in this order
 COLUMNS = (
@@ -24,13 +24,18 @@ COLUMNS = (
              "head dim D), gather / mix = prompt-pool ops, train = one training step (forward + backward + AdamW), "
              "qpass = a prompt-pool step with its own query pass (full first pass, or the layers below k reused), "
              "hoisted = prompt tuning with the virtual tokens run once per step, "
-             "generate = greedy batched generation (new = new tokens; tasks = a mixed-task batch); B batch, "
-             "S sequence, P prefix length, L layers, h hidden size"),
+             "generate = greedy batched generation (new = new tokens; tasks = a mixed-task batch); "
+             "vit = continual learning on a Vision Transformer (DualPrompt / CODA-Prompt at their published "
+             "settings; train step, inference batch, qpass = the frozen query forward alone, 1-stage = OS-Prompt's "
+             "one-stage query); B batch, S sequence, P prefix length, L layers, h hidden size"),
     ("vs", "the baseline: peft = the PEFT + transformers path (real PEFT models end to end); torch = plain torch "
            "indexing / einsum; explicit = the same prompt pool run the PEFT way (per-row prefixes in a "
            "DynamicCache); peft/task = one PEFT generate per task adapter; query given = the same prompt-pool step "
            "with its query given (no query pass); PEFT semantics = PEFT's prompt tuning written out through the base "
-           "model's generate (the hoisting cases; PEFT's own generate is wrong on transformers 5.24)"),
+           "model's generate (the hoisting cases; PEFT's own generate is wrong on transformers 5.24); eager concat = "
+           "the reference implementations of L2P / DualPrompt / CODA-Prompt (prefix K/V concatenated, scores "
+           "materialized, plain softmax; their second frozen forward for the query); SDPA concat = the same with "
+           "PyTorch's fused attention; two-pass query = the same fastprompt step with the exact two-pass query"),
     ("fp ms", "fastprompt's median step time, milliseconds (sides timed turn about: A, B, A, B, ...)"),
     ("base ms", "the baseline's median step time, milliseconds"),
     ("time", "fp ms / base ms (below 1.00x: fastprompt faster)"),
@@ -79,6 +84,14 @@ def short_case(r: dict) -> str:
         return f"attn {p['kind']} B{p['B']} S{p['S']} P{p['P']} {p['Hq']}q{p['Hkv']}kv D{p['D']}"
     if r["group"] == "prompts op":
         return f"{r['name'].split('_')[0]} fwd+bwd B{p['B']} N{p['N']} L{p['L']} d{p['d']}"
+    if r["group"] == "vision CL":  # fastprompt/bench/cases_vision.py
+        name = r["name"]
+        method = "" if name.startswith("query pass") else ("DualPrompt " if name.startswith("DualPrompt") else "CODA ")
+        if name.startswith("attention layer"):
+            return f"vit attn fwd+bwd E-layer {p['model'].replace('ViT-', '')} B{p['B']}"
+        kind = ("qpass" if name.startswith("query pass") else "train 1-stage" if "one-stage" in name
+                else "train" if "train" in name else "infer")
+        return f"vit {kind} {method}{p['model'].replace('ViT-', '')} B{p['B']}"
     shape = f"{_model(p['model'])} B{p['B']} S{p['S']} P{p['P']}"
     if r["group"] == "train step":
         name = r["name"]
@@ -261,6 +274,8 @@ def summary_line(results: list[dict]) -> str:
     for v in ("fastprompt wrong", "unequal", "error"):
         if counts.get(v):
             extra.append(f"{counts[v]} {v}")
+    if counts.get("different method"):
+        extra.append(f"{counts['different method']} comparing two methods (outputs not compared)")
     skipped = len(results) - len(run)
     if skipped:
         extra.append(f"{skipped} sweep cases skipped (time budget)")
@@ -284,7 +299,8 @@ def _markdown_table(results: list[dict]) -> str:
             odiff = f"{oracle['fastprompt_diff']:.1e} / {oracle['baseline_diff']:.1e}" if oracle else "no oracle"
             cells = [str(n), r["group"], r["name"], short_params(r["params"]), r["baseline"], row[3], row[4], row[5],
                      spread, row[7], fmt_bytes(r["figures"]["fastprompt"]["new_bytes"]), row[8], row[9], row[10],
-                     _VERDICT_CELL[verdict_of(r)], f"{r['max_rel_diff']:.1e}", odiff]
+                     _VERDICT_CELL[verdict_of(r)],
+                     "-" if r.get("max_rel_diff") is None else f"{r['max_rel_diff']:.1e}", odiff]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

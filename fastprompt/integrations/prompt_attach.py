@@ -133,10 +133,10 @@ def attach(model, prompt: PromptModule, *, freeze_base: bool = True, backend: Op
     state = AttachState(prompt, bound, inspect.signature(bound), requires_grad, token)
     object.__setattr__(model, STATE_ATTR, state)
     state.methods.replace(model, "forward", _PatchedForward(model))
-    if not timm:  # (vision models refuse query_layer: check_vision_prompt)
+    if pixels:  # vision: query_layer's forward on every layer (its query pass cuts off the layers above k)
+        vision.install(model, prompt, state.methods)
+    else:
         query_pass.install(model, prompt, state.methods)
-    if pixels:
-        vision.install(model, prompt)
     if encoder_decoder:
         seq2seq_own_prompts.install_generate(model, state)
     elif not timm:  # causal LMs with an input-level prompt: static caches get room for it (own_prompt_generate)

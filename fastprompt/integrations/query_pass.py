@@ -20,12 +20,17 @@ The reuse is exact, and taken only when it is: no cache is being filled (past_ke
 the call then runs with use_cache=False so no cache misses the skipped layers), no hidden states / attentions are
 requested, nothing below layer k needs a gradient (frozen embeddings and lower layers, inputs_embeds without
 grad), and the query came from the pass (not from `prompt_query=`). Otherwise the lower layers are recomputed.
+
+Vision Transformers (fastprompt.integrations.vision) take the query from the model's own output instead of the
+raw hidden state: their query pass runs with layers >= k handing their input on ("through", the hidden state
+entering layer k recorded by layer k, "tap"), so the model's final norm / pooling head turn it into the pre-logits
+of the model cut to its first k layers (`truncated_at`); the forward is then installed on every layer.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,9 +42,11 @@ from .call_context import CallLocal
 from .patched_method import ReplacedMethods
 from .transformers_attention import find_layers, hf_model
 
-__all__ = ["compute", "compute_query", "masked_mean", "reusing_lower_layers", "LowerLayers", "query_layer_of", "install"]
+__all__ = ["compute", "compute_query", "masked_mean", "reusing_lower_layers", "skipping_lower_layers", "truncated_at",
+           "LowerLayers", "query_layer_of", "layers_of", "install"]
 
-# layer -> what the current call asks of it: ("stop_before" | "stop_after" | "first" | "through", hidden or None)
+# layer -> what the current call asks of it: ("stop_before" | "stop_after" | "first" | "through" | "tap", hidden,
+# a list that "tap" appends the layer's input to, or None)
 _LAYER_ROLES = CallLocal("fastprompt_query_pass_layer_roles")
 
 
@@ -65,6 +72,9 @@ def query_layer_of(prompt) -> Optional[int]:
 
 def _layers(model):
     return find_layers(hf_model(model))[1]
+
+
+layers_of = _layers
 
 
 def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[LowerLayers]]:
@@ -115,7 +125,10 @@ class _QueryLayerForward:
                 raise _QueryReady(hidden_states)
             if kind == "first":  # layer 0: what layers [0, k) computed in the query pass
                 return hidden
-            if kind == "through":  # layers 1..k-1: already included
+            if kind == "through":  # layers 1..k-1: already included (vision query pass: layers above k, cut off)
+                return hidden_states
+            if kind == "tap":  # vision query pass: layer k records the hidden state entering it, and is cut off
+                hidden.append(hidden_states)
                 return hidden_states
         out = self.inner(*args, **kwargs) if self.inner is not None else type(layer).forward(layer, *args, **kwargs)
         if role is not None and role[0] == "stop_after":
@@ -126,15 +139,17 @@ class _QueryLayerForward:
         return f"<fastprompt query-pass forward of {type(self.layer).__name__}>"
 
 
-def install(model, prompt, methods: ReplacedMethods) -> None:
-    """At attach time: layers [0, k] of a prompt with `query_layer=k` take a `_QueryLayerForward` (idle unless a
-    call binds a role to them), each replacement recorded in `methods`, the attach's one record (detach restores
-    it). Installing twice changes nothing."""
+def install(model, prompt, methods: ReplacedMethods, *, every_layer: bool = False) -> None:
+    """At attach time: layers [0, k] of a prompt with `query_layer=k` (every layer with `every_layer`: a vision
+    model's query pass cuts off the layers above k) take a `_QueryLayerForward` (idle unless a call binds a role to
+    them), each replacement recorded in `methods`, the attach's one record (detach restores it). Installing twice
+    changes nothing."""
     k = query_layer_of(prompt)
     if k is None or prompt.query_mode == "embeddings" or k < 0:
         return
     layers = _layers(model)
-    for layer in list(layers)[: min(k, len(layers) - 1) + 1]:
+    count = len(layers) if every_layer else min(k, len(layers) - 1) + 1
+    for layer in list(layers)[:count]:
         if methods.installed(layer, "forward") is not None:
             continue
         methods.replace(layer, "forward", _QueryLayerForward(layer, layer.__dict__.get("forward")))
@@ -209,6 +224,23 @@ def reusing_lower_layers(model, reuse: Optional[LowerLayers], kw: Dict[str, Any]
 def _skip_lower_layers(layers, reuse: LowerLayers):
     roles = {layers[i]: ("first", reuse.hidden) if i == 0 else ("through", None) for i in range(reuse.k)}
     return _LAYER_ROLES.bound_many(roles)
+
+
+def skipping_lower_layers(model, reuse: Optional[LowerLayers]):
+    """Context for a real pass that takes no use_cache (vision): layers [0, k) hand on `reuse.hidden`."""
+    return nullcontext() if reuse is None else _skip_lower_layers(_layers(model), reuse)
+
+
+@contextmanager
+def truncated_at(model, k: int):
+    """Context for a vision query pass: layers >= k hand their input on unchanged, so the model's output is that of
+    the model cut to layers [0, k) (its final norm / pooling head still applied). Yields a list that holds the
+    hidden state entering layer k once the pass has run (empty when k = num_layers)."""
+    layers = _layers(model)
+    entering: list = []
+    roles = {layers[i]: ("tap", entering) if i == k else ("through", None) for i in range(k, len(layers))}
+    with _LAYER_ROLES.bound_many(roles):
+        yield entering
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,16 @@ models, and lives here:
   `forward_head(forward_features(x), pre_logits=True)`, or the mean of `forward_features(x)`);
   with `query_pass="one_stage"` (OS-Prompt, opt-in) no such pass runs: the query is read inside the prompted pass
   (one_stage_query);
+- with `query_layer=k` the query is the same read-out of the model CUT TO ITS FIRST k LAYERS: the hidden state
+  entering layer k, through the model's own final norm (and CLIP's / SigLIP's pooling), then [CLS] (or the token
+  mean). Unlike text models, whose query_layer reads the raw hidden state, the final norm is applied: a pre-norm
+  ViT's residual stream is unnormalized between layers (its scale and mean drift with depth), the reference
+  methods match keys against normalized pre-logits, and so query_layer=num_layers is exactly the default query.
+  The query pass runs the embeddings and layers [0, k) only (the layers above hand their input on:
+  query_pass.truncated_at); where every prompt enters at layer >= k (prefix placement) the real pass reuses what
+  it computed, layers [0, k) running once per step, under the text models' conditions (frozen embeddings and
+  lower layers, pixel_values without grad, no hidden states / attentions asked for, the query not given by
+  `prompt_query=`);
 - the prompt may take optional task ids (`accepts_task_ids`, DualPrompt's E-prompt in training), besides the
   multi-task prompts that need them.
 """
@@ -29,15 +39,14 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fastprompt.prompts.base import check_task_ids
 
-from . import timm_vit
-from . import one_stage_query
+from . import one_stage_query, query_pass, timm_vit
 from .families import family_facts
 from .transformers_attention import layer_prefixes
 
@@ -100,14 +109,15 @@ def check_vision_prompt(model, prompt) -> None:
     if getattr(prompt, "heads", None) is not None:
         raise ValueError(f"fastprompt: {name} has task heads, which read token-level outputs of text models; on "
                          f"{type(model).__name__} put a classifier on the model's own outputs instead")
-    if getattr(prompt.config, "query_layer", None) is not None and prompt.needs_query:
-        raise ValueError(f"fastprompt: {name}(query_layer=...) is not supported on Vision Transformers yet; the "
-                         "query is the frozen model's [CLS] pre-logits (query_layer=None)")
     if prompt.needs_query and prompt.query_mode not in ("cls", "mean"):
         raise ValueError(f"fastprompt: {name}(query={prompt.query_mode!r}) does not apply to a Vision Transformer; "
                          "use query='cls' (the [CLS] pre-logits, as L2P / DualPrompt / CODA-Prompt) or 'mean'")
     if timm_vit.is_timm_vit(model):
         timm_vit.check_timm_model(model)
+        if prompt.needs_query and getattr(prompt.config, "query_layer", None) is not None:
+            raise ValueError(f"fastprompt: {name}(query_layer=...) is offered on Hugging Face Vision Transformers; "
+                             f"on timm's {type(model).__name__} the query is the full model's "
+                             "forward_head(pre_logits=True) (query_layer=None), or query_pass='one_stage'")
     if prompt.placement == "input":
         _embeddings_module(model)
     if one_stage_query.is_one_stage(prompt):
@@ -142,10 +152,13 @@ def _insert_prompts_pre_hook(module, args):
     return None if tokens is None else (tokens,) + tuple(args[1:])
 
 
-def install(model, prompt) -> None:
-    """Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
+def install(model, prompt, methods) -> None:
+    """query_layer=k: every layer takes query_pass's forward (the query pass cuts off the layers above k).
+    Input placement: the embeddings module's hook (a module-level function, so the model pickles / deep-copies;
     the copy's hook reads the copy's own entry, keyed by the module it is called on)."""
     one_stage_query.install(model, prompt)
+    if prompt.needs_query and not timm_vit.is_timm_vit(model):
+        query_pass.install(model, prompt, methods, every_layer=True)
     if prompt.placement != "input":
         return
     emb = _embeddings_module(model)
@@ -168,6 +181,41 @@ def remove(model) -> None:
         for key, hook in list(registered.items()):
             if hook is ours:
                 del registered[key]
+
+
+def query_and_reuse(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[query_pass.LowerLayers]]:
+    """(query [B, hidden], the hidden state entering layer k for the real pass to reuse, or None). query_layer=k:
+    the query of the model cut to layers [0, k) (see the module docstring)."""
+    k = query_pass.query_layer_of(prompt)
+    if k is None:
+        return vision_query(model, state, prompt, kw), None
+    with query_pass.truncated_at(model, k) as entering:
+        query = vision_query(model, state, prompt, kw)
+    if not entering or not _can_reuse(model, prompt, k, kw):
+        return query, None
+    return query, query_pass.LowerLayers(k, entering[0])
+
+
+def _can_reuse(model, prompt, k: int, kw: Dict[str, Any]) -> bool:
+    """Layers [0, k) of the real pass would compute exactly what the query pass did, and nothing needs them run."""
+    if k < 1 or prompt.placement != "prefix":
+        return False
+    layers = getattr(prompt, "layers", ())
+    if not layers or min(layers) < k:
+        return False  # a prefix below k changes what the lower layers compute
+    if kw.get("output_hidden_states") or kw.get("output_attentions"):
+        return False  # the skipped layers' own outputs are asked for
+    if kw["pixel_values"].requires_grad:
+        return False
+    if torch.is_grad_enabled():
+        # a trainable base-model weight outside layers [k, L) (embeddings, CLIP's pre-norm; the final norm too, to
+        # stay on the safe side) needs the real pass through the lower layers for its gradient
+        upper = {id(p) for layer in query_pass.layers_of(model)[k:] for p in layer.parameters()}
+        upper |= {id(p) for p in prompt.parameters()}  # the prompt is a submodule of the model (no base_model: CLIP)
+        base = getattr(model, "base_model", model)
+        if any(p.requires_grad and id(p) not in upper for p in base.parameters()):
+            return False
+    return True
 
 
 def vision_query(model, state, prompt, kw: Dict[str, Any]) -> Tensor:
@@ -221,12 +269,12 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
     task_ids = _task_ids(prompt, task_ids, batch, pixels.device)
     if one_stage_query.is_one_stage(prompt):
         return _one_stage_call(model, state, prompt, kw, task_ids, prompt_query, batch)
-    query = None
+    query = reuse = None
     if prompt.needs_query:
         if prompt_query is not None:
             query = prompt_query
         else:
-            query = vision_query(model, state, prompt, kw)
+            query, reuse = query_and_reuse(model, state, prompt, kw)
     prompt.aux_loss = None
     if prompt.placement == "input":
         prompts = prompt.input_prompts(batch, query=query, task_ids=task_ids)
@@ -246,7 +294,7 @@ def patched_call(model, state, kw: Dict[str, Any], task_ids, prompt_query):
             _INSERTS.reset(token)
     else:
         prefixes = prompt.layer_prefixes(batch, query=query, task_ids=task_ids)
-        with layer_prefixes(model, prefixes):
+        with layer_prefixes(model, prefixes), query_pass.skipping_lower_layers(model, reuse):
             out = state.bound_forward(**kw)
     return _add_aux_loss(prompt, out)
 
