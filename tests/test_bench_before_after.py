@@ -1,22 +1,15 @@
 """benchmarks/before_after.py: the rows it compares, the slowdown it reports, and the import layout it runs a
 checkout under (an old tree's top-level kernels/ folder must not shadow the `kernels` distribution)."""
-import importlib.util
 import os
 import subprocess
 import sys
 
+from script_modules import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("before_after", os.path.join(ROOT, "benchmarks",
-                                                                               "before_after.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ba = _module()
+ba = load_script("benchmarks/before_after.py")
 
 
 def _payload(times: dict) -> dict:

@@ -16,7 +16,7 @@ import transformers
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import ORACLE, NUM_LABELS, cos_rows, grads_rel, oracle_twin, pixels, rel, run_oracle, \
+from vision_helpers import ORACLE, NUM_LABELS, assert_threads_match_serial, cos_rows, grads_rel, oracle_twin, pixels, rel, run_oracle, \
     tiny_vision_model
 
 LAYERS = 5
@@ -384,26 +384,9 @@ def test_one_stage_refuses_what_it_cannot_do():
 
 
 def test_one_stage_calls_from_threads_stay_with_their_call():
-    import threading
-
     model = tiny_vision_model("vit", "cls", layers=3)
     prompt = fp.CodaPrompt(model, pool_size=4, num_tasks=2, length=2, layers=(0, 1, 2), query_pass="one_stage")
     _perturb(prompt)
     fp.patch_model(model, prompt)
     batches = [pixels(b, seed=b) for b in (1, 2, 3, 4)]
-    with torch.no_grad():
-        serial = [model(pixel_values=x).logits for x in batches]
-    results = {}
-
-    def run(i):
-        with torch.no_grad():
-            for _ in range(5):
-                results[i] = model(pixel_values=batches[i]).logits
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(4):
-        assert torch.equal(results[i], serial[i])
+    assert_threads_match_serial(lambda x: model(pixel_values=x).logits, batches, repeats=5)

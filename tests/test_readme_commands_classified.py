@@ -1,16 +1,14 @@
 """Every command README.md gives is run by CI (in one lane) or skipped for a written reason (.ci/readme_commands.py);
 a program the README shows twice (inside the locked install line and bare) runs once."""
-import importlib.util
 from pathlib import Path
+
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("readme_commands", ROOT / ".ci" / "readme_commands.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/readme_commands.py")
 
 
 def test_every_readme_command_is_run_in_exactly_one_lane_or_skipped_for_a_reason():

@@ -2,24 +2,17 @@
 benchmarks/render_figures.py into marked regions: a figure edited by hand, or results re-run without re-rendering,
 fail here. The headline byte figure is also re-counted (byte counts are deterministic), so the checked-in run
 must be one that the tree reproduces."""
-import importlib.util
 import os
 import re
 
 import pytest
 
+from script_modules import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _render_module():
-    spec = importlib.util.spec_from_file_location("render_figures", os.path.join(ROOT, "benchmarks",
-                                                                                 "render_figures.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _render_module()
+render = load_script("benchmarks/render_figures.py")
 
 
 def _read(name):

@@ -16,7 +16,6 @@ Logits, loss (cross-entropy + the prompt's auxiliary loss, which a timm model's 
 gradient, torch and Triton backends (tests/conftest.py sets TRITON_INTERPRET=1)."""
 import copy
 import inspect
-import threading
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import fastprompt as fp  # noqa: E402
 from prompts_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
+from vision_helpers import assert_threads_match_serial  # noqa: E402
 
 CLASSES = 10
 
@@ -425,22 +425,7 @@ def test_calls_from_threads_read_their_own_prefixes():
     prompt, _ = make("l2p-prefix", model)
     fp.patch_model(model, prompt)
     batches = [pixels(b, seed=b) for b in (1, 2, 3, 4)]
-    with torch.no_grad():
-        serial = [model(x) for x in batches]
-    results = {}
-
-    def run(i):
-        with torch.no_grad():
-            for _ in range(4):
-                results[i] = model(batches[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, want in enumerate(serial):
-        assert torch.allclose(results[i], want, atol=1e-6)
+    assert_threads_match_serial(model, batches, repeats=4)
 
 
 def test_the_backend_reaches_every_attention_module(monkeypatch):

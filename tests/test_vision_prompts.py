@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, cos_rows, grads_rel, oracle_query, oracle_twin,
+from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, assert_threads_match_serial, cos_rows, grads_rel, oracle_query, oracle_twin,
                             pixels, readout, rel, run_oracle, tiny_vision_model)
 
 INPUT_KINDS = ["tuning", "pool-input-hard", "pool-input-soft"]
@@ -231,28 +231,11 @@ def test_image_text_models_take_the_prompt_in_their_vision_tower():
 
 
 def test_input_prompts_from_threads_stay_with_their_call():
-    import threading
-
     model = tiny_vision_model("vit")
     prompt = make_prompt("pool-input-hard", model)
     fp.patch_model(model, prompt)
     batches = [pixels(b, seed=b) for b in (1, 2, 3, 4)]
-    with torch.no_grad():
-        serial = [model(pixel_values=x).logits for x in batches]
-    results = {}
-
-    def run(i):
-        with torch.no_grad():
-            for _ in range(5):
-                results[i] = model(pixel_values=batches[i]).logits
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(4):
-        assert torch.equal(results[i], serial[i])
+    assert_threads_match_serial(lambda x: model(pixel_values=x).logits, batches, repeats=5)
 
 
 @pytest.mark.parametrize("kind", ["pool-input-hard", "pool-prefix-hard"])

@@ -169,3 +169,26 @@ def cos_rows(q, keys, attention=None):
         qa = [q[b] * attention[n] if attention is not None else q[b] for n in range(keys.shape[0])]
         rows.append(torch.stack([F.cosine_similarity(qa[n], keys[n], dim=0) for n in range(keys.shape[0])]))
     return torch.stack(rows)
+
+
+def assert_threads_match_serial(call, batches, repeats: int = 5) -> None:
+    """`call(x)` from 4 threads at once, each on its own batch, `repeats` times: every thread gets exactly what a
+    serial call gives (prompts, queries and prefixes travel with the call, never as state on the shared model)."""
+    import threading
+
+    with torch.no_grad():
+        serial = [call(x) for x in batches]
+    results = {}
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(repeats):
+                results[i] = call(batches[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(serial):
+        assert torch.equal(results[i], want), i
