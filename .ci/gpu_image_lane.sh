@@ -66,7 +66,7 @@ gpu_image_rehearsal() {  # venv: the oldest lane's (Python 3.12, torch 2.11.0, t
     "^STOPPED: installed versions are older than fastprompt's floors" || fail gpu-image "$venv"
   DEST=.ci-cache/whl PIP="$venv/bin/python -m pip" bash benchmarks/gpu_wheels.sh || fail gpu-image "$venv"
   gpu_image_session_check wheels .ci-cache/whl 3 "^install_wheels: exit 0" "^install_fastprompt: exit 0" \
-    "^info: exit 0" "^SKIPPED build, gpu_tests, decode_bench, fastprompt_bench: no CUDA device" \
+    "^info: exit 0" "^SKIPPED build, gpu_tests, decode_bench, fastprompt_bench, vision_bench: no CUDA device" \
     || fail gpu-image "$venv"
   echo "gpu-image rehearsal, after the wheels: $(lane_versions "$venv")"
 
