@@ -22,6 +22,9 @@ TESTED_RANGES = {
     "timm": ("0.9.16", "1.0.31"),
 }
 
+# Packages fastprompt runs without (timm: the vision extra). Not installed is fine; installed, its range applies.
+OPTIONAL_PACKAGES = ("timm",)
+
 _warned = False
 
 
@@ -53,6 +56,19 @@ def range_status(package: str, version: Optional[str]) -> str:
     if release(version)[:2] > release(high)[:2]:
         return "newer than tested"
     return "tested"
+
+
+def below_floors(versions: Optional[dict] = None) -> list[str]:
+    """What stops a GPU session (benchmarks/gpu_session.sh): each package older than its floor, or a required one
+    not installed, as 'transformers 5.17.0 (fastprompt needs >= 5.23.0)'. An optional package (OPTIONAL_PACKAGES)
+    that is not installed is not a blocker: the GPU image has no timm."""
+    versions = installed_versions() if versions is None else versions
+    blockers = []
+    for name, version in versions.items():
+        status = range_status(name, version)
+        if status == "older than tested" or (status == "not installed" and name not in OPTIONAL_PACKAGES):
+            blockers.append(f"{name} {version or 'not installed'} (fastprompt needs >= {TESTED_RANGES[name][0]})")
+    return blockers
 
 
 def untested_versions() -> list[str]:

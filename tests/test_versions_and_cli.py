@@ -119,3 +119,13 @@ def test_every_place_that_states_the_tested_versions_says_the_same():
         assert oldest[name] == low, f".ci/oldest.txt pins {name} {oldest[name]}, the tested floor is {low}"
         assert _versions.range_status(name, locked[name]) == "tested", f"the locked {name} {locked[name]}"
     assert set(readme_rows) == set(_versions.TESTED_RANGES)
+
+
+def test_a_gpu_session_stops_on_a_package_below_its_floor_or_a_missing_required_one_not_on_missing_timm():
+    from fastprompt._versions import below_floors
+
+    image = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.25.0", "peft": "0.21.2", "timm": None}
+    assert below_floors(image) == []  # the GPU image after the wheels: no timm, and that is fine
+    assert below_floors(dict(image, transformers="5.17.0")) == ["transformers 5.17.0 (fastprompt needs >= 5.23.0)"]
+    assert below_floors(dict(image, peft=None)) == ["peft not installed (fastprompt needs >= 0.20.0)"]
+    assert below_floors(dict(image, timm="0.6.13")) == ["timm 0.6.13 (fastprompt needs >= 0.9.16)"]
