@@ -22,6 +22,10 @@
 # build failed, or the versions are older than fastprompt's floors. The benchmarks never fail the session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# This checkout's fastprompt for every stage, installed or not: with a carried, prebuilt fastprompt._C nothing is
+# pip-installed, and `python benchmarks/bench_decode_cuda.py` puts benchmarks/, not the root, on sys.path (the H100
+# session of 2026-12-05 lost its decode stage to that).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$PWD/bench_out/gpu_session}
 PY=${PYTHON:-python3}  # the image's python3 is the one that holds torch
 WHEELS=${WHEELS:-$PWD/.whl}
@@ -97,7 +101,9 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 # The build: setup.py compiles for the visible GPU's architecture only (a few minutes less than sm_80 + sm_90).
-if ! "$PY" -c "import fastprompt._C" > /dev/null 2>&1; then
+# (torch first: the extension links against libc10, which only `import torch` loads. A _C built elsewhere for this
+# image's torch, e.g. here with TORCH_CUDA_ARCH_LIST=9.0 and carried, saves the build's minutes of device time.)
+if ! "$PY" -c "import torch, fastprompt._C" > /dev/null 2>&1; then
   stage build 120 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || { note "BUILD FAILED (see build.log)"; exit 2; }
 fi
@@ -105,8 +111,12 @@ fi
 cat "$OUT/cuda_info.txt"
 
 # TRITON_INTERPRET=0: the tests' conftest defaults it to 1 for the CPU lanes; here the Triton kernels compile.
+# Compiling them is CPU-bound and one process compiles one kernel at a time: with pytest-xdist (the image has it)
+# GPU_TEST_WORKERS processes share the 16 cores and the one GPU.
+workers=()
+if "$PY" -c "import xdist" > /dev/null 2>&1; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
 stage gpu_tests 90 env TRITON_INTERPRET=0 "$PY" -m pytest tests/test_cuda_build.py tests/test_cuda_kernels.py \
-  tests/test_integration_cuda.py -m "not slow" -q -rs -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
+  tests/test_integration_cuda.py -m "not slow" -q -rs -p no:cacheprovider "${workers[@]}" --junitxml "$OUT/gpu_tests.xml"
 rc_tests=$?
 
 stage decode_bench 60 "$PY" benchmarks/bench_decode_cuda.py --out "$OUT" --quick

@@ -39,7 +39,8 @@ REGION = re.compile(r"^(?P<indent>[ ]*)(?P<open><!-- figures:(?P<name>[a-z0-9-]+
 SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "vision": "cpu_vision.json", "pool example": "example_prompt_pool.json",
            "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json",
            "issue 20 before/after": "before_after_issue20.json",
-           "issue 20 before/after, attention": "before_after_issue20_attention.json"}
+           "issue 20 before/after, attention": "before_after_issue20_attention.json",
+           "h100 quick": "h100_quick.json", "h100 vision": "h100_vision.json"}
 
 
 def load_sources(results_dir: str = RESULTS_DIR) -> dict:
@@ -292,7 +293,8 @@ def _header_table(run: dict) -> list[str]:
     return ["| | |", "|---|---|",
             f"| command | `{meta['command']}` (mode {meta['mode']}), `{run['file']}` |",
             f"| date | {meta['date']}, {meta['runtime_s']:.0f} s |",
-            f"| machine | {m['cpu']}, {m['cpu_count']} cores, load average {m['loadavg'][0]:.1f} at the start"
+            f"| machine | {m['gpu'] + ' (device cuda), host ' if m.get('gpu') else ''}"
+            f"{m['cpu']}, {m['cpu_count']} cores, load average {m['loadavg'][0]:.1f} at the start"
             + (f", {end[0]:.1f} at the end" if end else "") + " |",
             f"| threads | torch {m['torch_threads']} |",
             "| versions | " + ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "peft",
@@ -391,6 +393,50 @@ def results_vision(src: dict) -> str:
     return "\n".join(_run_section(src["vision"]))
 
 
+def _span(values: list) -> str:
+    lo, hi = min(values), max(values)
+    return x(lo) if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+
+
+def eager_rows(run: dict) -> list:
+    """The vision rows of `run` against the reference implementations' eager attention."""
+    return [r for r in run["results"] if r["group"] == "vision CL" and r["baseline"] == "eager concat"
+            and "skipped" not in r and "error" not in r]
+
+
+def h100_findings(src: dict) -> str:
+    """The H100 session's fp32 findings (RESULTS.md), read off its two runs."""
+    vision, quick = src["h100 vision"], src["h100 quick"]
+    layer = find(vision, "vision CL", "attention layer fwd+bwd (E-prompt layer)")
+    methods = [r for r in vision["results"] if r["group"] == "vision CL" and "skipped" not in r
+               and r["baseline"] in ("eager concat", "SDPA concat") and ("step" in r["name"] or "inference" in r["name"])
+               and "one-stage" not in r["name"]]
+    eager = [r for r in methods if r["baseline"] == "eager concat"]
+    qpass, = [r for r in eager_rows(vision) if r["name"] == "query pass (frozen forward)"]
+    fwd = find(quick, "attention", "prefix attention fwd", kind="fwd")
+    decode = find(quick, "attention", "prefix attention decode", kind="decode")
+    mixed = find(quick, "generate", "generate, mixed-task batch")
+    steps = [r for r in quick["results"] if r["group"] == "train step" and r["baseline"] == "peft" and "skipped" not in r]
+    return "\n".join([
+        wrap(f"- **fp32 on this GPU.** At ViT-B/16's E-prompt layer (B={layer['params']['B']}) fastprompt's fp32 "
+             f"attention takes {ratio(layer, 'time_s')} the time of the reference's eager fp32 attention (cuBLAS "
+             f"matmuls), at {ratio(layer, 'new_bytes')} of its new bytes; whole DualPrompt / CODA-Prompt steps and "
+             f"inference batches take {_span([r['ratios']['time_s'] for r in methods])} the time of the eager and SDPA "
+             f"references, at {_span([r['ratios']['new_bytes'] for r in eager])} of the eager reference's new bytes. "
+             f"Even the query pass, which has no prompts, takes {ratio(qpass, 'time_s')} the eager reference's time."),
+        wrap(f"- **The text rows** (tiny fp32 models: 4 layers of hidden 256). The prefix-attention forward and "
+             f"decode take {ratio(fwd, 'time_s')} and {ratio(decode, 'time_s')} of PEFT's time, at "
+             f"{_span([fwd['ratios']['new_bytes'], decode['ratios']['new_bytes']])} of its new bytes; the mixed-task "
+             f"generate {ratio(mixed, 'time_s')} of one PEFT generate per task; the training steps "
+             f"{_span([r['ratios']['time_s'] for r in steps])} of PEFT's time."),
+    ])
+
+
+def run_region(key: str) -> Callable[[dict], str]:
+    """The region of one checked-in `fastprompt bench` run (its header, table, targets and verdicts)."""
+    return lambda src: "\n".join(_run_section(src[key]))
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "main-job-runtime": main_job_runtime, "bench-summary": bench_summary, "hoisting": hoisting, "t5": t5,
     "query-pass": query_pass, "pool-example": pool_example, "multitask-example": multitask_example,
@@ -398,6 +444,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "results-default": results_default, "results-quick": results_quick, "results-vision": results_vision,
     "issue20-before-after": before_after_region("issue 20 before/after"),
     "issue20-before-after-attention": before_after_region("issue 20 before/after, attention"),
+    "results-h100-quick": run_region("h100 quick"), "results-h100-vision": run_region("h100 vision"),
+    "h100-findings": h100_findings,
 }
 
 

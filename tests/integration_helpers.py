@@ -392,7 +392,7 @@ class HandWrittenPeftPrefix:
         source = input_ids if input_ids is not None else inputs_embeds
         batch = source.shape[0]
         if attention_mask is not None:
-            attention_mask = torch.cat([torch.ones(batch, num, dtype=attention_mask.dtype), attention_mask], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones(batch, num), attention_mask], dim=1)
         if position_ids is not None:
             position_ids = position_ids + num
         base = model.get_base_model()

@@ -33,11 +33,15 @@ def test_the_documents_have_their_regions():
     assert set(render.regions(_read(os.path.join("benchmarks", "RESULTS.md")))) == {"results-default",
                                                                                     "results-quick",
                                                                                     "issue20-before-after",
-                                                                                    "issue20-before-after-attention", "results-vision"}
+                                                                                    "issue20-before-after-attention", "results-vision",
+                                                                                    "results-h100-quick",
+                                                                                    "results-h100-vision",
+                                                                                    "h100-findings"}
     assert set(render.RENDERERS) == {"main-job-runtime", "bench-summary", "hoisting", "t5", "query-pass",
                                      "pool-example", "multitask-example", "continual-example", "results-default",
                                      "results-quick", "issue20-before-after",
-                                     "issue20-before-after-attention", "results-vision"}
+                                     "issue20-before-after-attention", "results-vision", "results-h100-quick",
+                                     "results-h100-vision", "h100-findings"}
 
 
 def test_the_readme_has_no_figure_outside_a_region():
