@@ -80,7 +80,7 @@ def coda_rule(prompt, P, training):
         return prefix
 
     aux = None
-    if training:
+    if training and c.ortho_mu > 0:  # as CodaPrompt: no penalty (aux_loss None) without its weight
         aux = 0.0
         for i in range(len(c.layers)):
             for T in (used("keys", i), used("attention_vectors", i), used("components", i).reshape(

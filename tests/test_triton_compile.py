@@ -161,7 +161,22 @@ def _jobs():
             jobs.append(dict(kernel=ki, config=-1, arch=90, dtype="bf16", head_dim=64, decode=True, t5=True,
                              bias=True))
         jobs.append(dict(kernel=ki, config=1, arch=90, dtype="fp16", head_dim=128, bias=True))
+    if os.environ.get("FASTPROMPT_COMPILE_SUBSET") == "1":
+        jobs = [job for job in jobs if _in_subset(kernels, job)]
     return jobs
+
+
+def _in_subset(kernels, job) -> bool:
+    """The jobs the version lanes of CI compile (FASTPROMPT_COMPILE_SUBSET=1; .ci/run's newest and oldest lanes):
+    each kernel once per arch at its largest config with every feature, its decode and plain variants, and on sm_90
+    the biased T5 training variant (biases + dropout) at the first biased config, the biased decode step and every
+    feature plus the biases: each code path of each kernel on each arch, compiled by that lane's Triton and ptxas,
+    about a third of the matrix. The locked lane (the README's command) compiles every job."""
+    if job.get("decode") or job.get("plain"):
+        return True
+    if job.get("bias"):
+        return (job.get("dropout", False) and job["config"] == 0) or not job.get("t5")
+    return job["config"] == len(getattr(kernels, KERNELS[job["kernel"]][2])) - 1
 
 
 def _configs(kernels, job):
