@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import (NUM_LABELS, cos_rows, grads_rel, oracle_query, oracle_twin, pixels, rel, run_oracle,
+from vision_helpers import (NUM_LABELS, assert_grads_match, cos_rows, oracle_query, oracle_twin, pixels, rel, run_oracle,
                             tiny_vision_model)
 
 LAYERS = 5  # the published prompt layers 0-4 need five
@@ -96,9 +96,7 @@ def _run_both(model, prompt, twin, P, x, labels, oracle, **call):
     ref_loss.backward()
     assert rel(out.logits, ref.logits) < 1e-5
     assert rel(out.loss, ref_loss) < 1e-5
-    mine = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in prompt.named_parameters()}
-    theirs = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4
+    mine, theirs = assert_grads_match(prompt, P)
     return mine
 
 

@@ -16,7 +16,7 @@ import transformers
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import ORACLE, NUM_LABELS, assert_threads_match_serial, cos_rows, grads_rel, oracle_twin, pixels, rel, run_oracle, \
+from vision_helpers import ORACLE, NUM_LABELS, assert_grads_match, assert_threads_match_serial, cos_rows, oracle_twin, pixels, rel, run_oracle, \
     tiny_vision_model
 
 LAYERS = 5
@@ -112,9 +112,7 @@ def _compare(model, prompt, twin, P, x, labels, rule, fixed=None, aux=None, **ca
     ref_loss.backward()
     assert rel(out.logits, ref.logits) < 1e-5
     assert rel(out.loss, ref_loss) < 1e-5
-    mine = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in prompt.named_parameters()}
-    theirs = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4
+    mine, theirs = assert_grads_match(prompt, P)
     return mine, theirs
 
 
@@ -189,9 +187,7 @@ def test_coda_one_stage_on_other_families(family, head):
     assert rel(got, want) < 1e-5
     got.square().mean().backward()
     want.square().mean().backward()
-    mine = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in prompt.named_parameters()}
-    theirs = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4
+    mine, theirs = assert_grads_match(prompt, P)
 
 
 # ---------------------------------------------------------------------------------------------------------------

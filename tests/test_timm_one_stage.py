@@ -17,8 +17,8 @@ timm = pytest.importorskip("timm")
 import fastprompt as fp  # noqa: E402
 from prompts_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
 from test_one_stage_query import coda_rule, dual_rule  # noqa: E402
-from test_timm_vision import _block, cos_rows, grads_rel, labels_for, oracle_logits, pixels, rel, tiny_vit, \
-    twin_of  # noqa: E402
+from test_timm_vision import _block, cos_rows, labels_for, oracle_logits, pixels, tiny_vit, twin_of  # noqa: E402
+from vision_helpers import assert_grads_match, rel  # noqa: E402
 
 DEPTH = 5
 
@@ -60,9 +60,7 @@ def _compare(model, prompt, twin, P, x, labels, rule, fixed=None, aux=None, **ca
     assert (prompt.aux_loss is None) == (aux is None)
     assert rel(logits, ref) < 1e-5
     assert rel(loss, ref_loss) < 1e-5
-    mine = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in prompt.named_parameters()}
-    theirs = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4
+    mine, theirs = assert_grads_match(prompt, P)
     assert any(float(g.abs().sum()) > 0 for g in mine.values())
     return mine, theirs
 

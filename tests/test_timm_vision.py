@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import fastprompt as fp  # noqa: E402
 from prompts_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
-from vision_helpers import assert_threads_match_serial  # noqa: E402
+from vision_helpers import assert_grads_match, assert_threads_match_serial, grads_rel, rel  # noqa: E402,F401
 
 CLASSES = 10
 
@@ -48,18 +48,6 @@ def pixels(batch=3, seed=0):
 
 def labels_for(batch):
     return torch.randint(0, CLASSES, (batch,), generator=torch.Generator().manual_seed(1))
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def grads_rel(got, want):
-    """max over parameters of ||g - g_ref|| / ||all of g_ref||."""
-    assert set(got) == set(want)
-    total = torch.sqrt(sum((w.double() ** 2).sum() for w in want.values()))
-    return max(float((got[n].double() - want[n].double()).norm() / total) for n in want)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,9 +263,7 @@ def check_against_oracle(method, backend, training, model=None, batch=3):
     assert (prompt.aux_loss is None) == (aux is None)
     assert rel(logits, ref) < 1e-5, (method, backend)
     assert rel(loss, ref_loss) < 1e-5
-    mine = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in prompt.named_parameters()}
-    theirs = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4, (method, backend)
+    mine, theirs = assert_grads_match(prompt, P, what=(method, backend))
     assert any(float(g.abs().sum()) > 0 for g in mine.values())
     return model, prompt, mine
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
-from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, assert_threads_match_serial, cos_rows, grads_rel, oracle_query, oracle_twin,
+from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, assert_grads_match, assert_threads_match_serial, cos_rows, oracle_query, oracle_twin,
                             pixels, readout, rel, run_oracle, tiny_vision_model)
 
 INPUT_KINDS = ["tuning", "pool-input-hard", "pool-input-soft"]
@@ -111,9 +111,7 @@ def check_against_oracle(name, family, head, kind, backend="torch", batch=3):
     assert got.shape == want.shape
     assert rel(got, want) < 1e-5, (name, kind, backend)
     assert rel(loss.detach(), ref_loss.detach()) < 1e-5
-    mine = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in prompt.named_parameters()}
-    theirs = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in P.items()}
-    assert grads_rel(mine, theirs) < 1e-4, (name, kind, backend)
+    mine, theirs = assert_grads_match(prompt, P, what=(name, kind, backend))
     assert any(float(g.abs().sum()) > 0 for g in mine.values())
     return model, prompt
 

@@ -15,7 +15,7 @@ import torch
 import fastprompt as fp
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from test_vision_prompts import oracle_prompts
-from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, _layers, grads_rel, oracle_query, oracle_twin, pixels,
+from vision_helpers import (LEADING_TOKENS, MODELS, NUM_LABELS, _layers, grads_of, grads_rel, oracle_query, oracle_twin, pixels,
                             readout, rel, run_oracle, tiny_vision_model)
 
 LAYERS = 3
@@ -85,8 +85,7 @@ def run_both(family, head, kind="hard", layers=(1, 2), query_layer=1, query="cls
     if aux is not None:
         ref_loss = ref_loss + aux
     ref_loss.backward()
-    mine = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in prompt.named_parameters()}
-    theirs = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in P.items()}
+    mine, theirs = grads_of(prompt.named_parameters()), grads_of(P.items())
     return (got, loss), (want, ref_loss), (mine, theirs), calls
 
 

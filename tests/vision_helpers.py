@@ -162,6 +162,19 @@ def grads_rel(got: dict, want: dict) -> float:
     return max(float((got[n].double() - want[n].double()).norm() / total) for n in want)
 
 
+def grads_of(named) -> dict:
+    """name -> gradient of each (name, parameter), zeros where no gradient reached it."""
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named}
+
+
+def assert_grads_match(prompt, oracle_params: dict, tol: float = 1e-4, what=None) -> tuple:
+    """Every prompt parameter's gradient equals the oracle copy's, relative to the whole gradient's scale
+    (grads_rel); returns (mine, theirs)."""
+    mine, theirs = grads_of(prompt.named_parameters()), grads_of(oracle_params.items())
+    assert grads_rel(mine, theirs) < tol, what
+    return mine, theirs
+
+
 def cos_rows(q, keys, attention=None):
     """[B, N] cosine similarities, row by row (attention: CODA's cos(q * A_n, K_n))."""
     rows = []

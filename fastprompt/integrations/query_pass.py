@@ -70,11 +70,9 @@ def query_layer_of(prompt) -> Optional[int]:
     return getattr(prompt.config, "query_layer", None)
 
 
-def _layers(model):
+def layers_of(model):
+    """The model's transformer layers (the ModuleList the query pass runs a prefix of)."""
     return find_layers(hf_model(model))[1]
-
-
-layers_of = _layers
 
 
 def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[LowerLayers]]:
@@ -85,7 +83,7 @@ def compute(model, state, prompt, kw: Dict[str, Any]) -> Tuple[Tensor, Optional[
         query = compute_query(model, state, mode, kw.get("input_ids"), kw.get("attention_mask"),
                               kw.get("inputs_embeds"), kw.get("token_type_ids"))
         return query, None
-    layers = _layers(model)
+    layers = layers_of(model)
     hidden = _hidden_entering(model, state, layers, k, kw)
     mask = kw.get("attention_mask")
     if mode == "mean":
@@ -147,7 +145,7 @@ def install(model, prompt, methods: ReplacedMethods, *, every_layer: bool = Fals
     k = query_layer_of(prompt)
     if k is None or prompt.query_mode == "embeddings" or k < 0:
         return
-    layers = _layers(model)
+    layers = layers_of(model)
     count = len(layers) if every_layer else min(k, len(layers) - 1) + 1
     for layer in list(layers)[:count]:
         if methods.installed(layer, "forward") is not None:
@@ -218,7 +216,7 @@ def reusing_lower_layers(model, reuse: Optional[LowerLayers], kw: Dict[str, Any]
     if "use_cache" in signature.parameters or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         kw["use_cache"] = False
-    return _skip_lower_layers(_layers(model), reuse)
+    return _skip_lower_layers(layers_of(model), reuse)
 
 
 def _skip_lower_layers(layers, reuse: LowerLayers):
@@ -228,7 +226,7 @@ def _skip_lower_layers(layers, reuse: LowerLayers):
 
 def skipping_lower_layers(model, reuse: Optional[LowerLayers]):
     """Context for a real pass that takes no use_cache (vision): layers [0, k) hand on `reuse.hidden`."""
-    return nullcontext() if reuse is None else _skip_lower_layers(_layers(model), reuse)
+    return nullcontext() if reuse is None else _skip_lower_layers(layers_of(model), reuse)
 
 
 @contextmanager
@@ -236,7 +234,7 @@ def truncated_at(model, k: int):
     """Context for a vision query pass: layers >= k hand their input on unchanged, so the model's output is that of
     the model cut to layers [0, k) (its final norm / pooling head still applied). Yields a list that holds the
     hidden state entering layer k once the pass has run (empty when k = num_layers)."""
-    layers = _layers(model)
+    layers = layers_of(model)
     entering: list = []
     roles = {layers[i]: ("tap", entering) if i == k else ("through", None) for i in range(k, len(layers))}
     with _LAYER_ROLES.bound_many(roles):
