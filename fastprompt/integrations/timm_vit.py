@@ -212,8 +212,13 @@ def timm_attention_forward(module, x: Tensor, attn_mask: Optional[Tensor] = None
             pk, pv = pk.to(device=q.device, dtype=q.dtype), pv.to(device=q.device, dtype=q.dtype)
             pidx = pidx.to(q.device) if pidx is not None else None
     dropout_p = float(module.attn_drop.p) if module.training else 0.0
-    out = ops.prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=None, causal=False,
-                               scale=float(module.scale), dropout_p=dropout_p, backend=slot.state.backend)
+    if pk is None and dropout_p == 0 and slot.state.backend == "auto":
+        # a block without a prompt: plain attention, the SDPA call timm's fused path makes (as the transformers
+        # integration does for its prompt-free layers, `_plain_sdpa_call`)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=float(module.scale))
+    else:
+        out = ops.prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=None, causal=False,
+                                   scale=float(module.scale), dropout_p=dropout_p, backend=slot.state.backend)
     out = out.transpose(1, 2).reshape(B, N, module.num_heads * module.head_dim)
     norm = getattr(module, "norm", None)
     if norm is not None:
