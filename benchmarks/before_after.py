@@ -58,7 +58,8 @@ def _run(tree: str, out: str, bench_args: list) -> dict:
 
 
 def _key(r: dict) -> tuple:
-    return r["group"], r["name"], tuple(sorted((k, str(v)) for k, v in r["params"].items()))
+    # the baseline too: a case compared with two baselines (the vision rows: eager and SDPA concat) is two pairs
+    return r["group"], r["name"], r["baseline"], tuple(sorted((k, str(v)) for k, v in r["params"].items()))
 
 
 def _fmt(values: list, digits: int = 2) -> str:

@@ -40,7 +40,8 @@ SOURCES = {"default": "cpu_default.json", "quick": "cpu_quick.json", "vision": "
            "multitask example": "example_multitask.json", "continual example": "example_continual_digits.json",
            "issue 20 before/after": "before_after_issue20.json",
            "issue 20 before/after, attention": "before_after_issue20_attention.json",
-           "h100 quick": "h100_quick.json", "h100 vision": "h100_vision.json"}
+           "h100 quick": "h100_quick.json", "h100 vision": "h100_vision.json",
+           "prompt-free sdpa before/after": "before_after_prompt_free_sdpa.json"}
 
 
 def load_sources(results_dir: str = RESULTS_DIR) -> dict:
@@ -446,6 +447,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "issue20-before-after-attention": before_after_region("issue 20 before/after, attention"),
     "results-h100-quick": run_region("h100 quick"), "results-h100-vision": run_region("h100 vision"),
     "h100-findings": h100_findings,
+    "prompt-free-sdpa-before-after": before_after_region("prompt-free sdpa before/after"),
 }
 
 

@@ -26,6 +26,18 @@ def test_rows_pair_by_label_and_a_case_one_side_lacks_stays_one_sided():
     assert ba.slower(rows["old name"]) is None and ba.slower(rows["new name"]) is None
 
 
+def test_one_case_against_two_baselines_is_two_rows():
+    """The vision rows compare one case with the eager and the SDPA reference: two pairs, never averaged."""
+    def payload(eager, sdpa):
+        return {"results": [dict(r, group="vision CL", name="query pass", params={"B": 2}, verdict="equal")
+                            for r in ({"baseline": "eager concat", "ratios": {"time_s": eager, "new_bytes": 0.58}},
+                                      {"baseline": "SDPA concat", "ratios": {"time_s": sdpa, "new_bytes": 1.0}})]}
+
+    rows = ba.compare({"before": [payload(0.9, 1.1)], "after": [payload(0.8, 1.2)]})
+    assert [(r["baseline"], [x["new_bytes"] for x in r["after"]]) for r in rows] == [("eager concat", [0.58]),
+                                                                                     ("SDPA concat", [1.0])]
+
+
 def test_slower_only_beyond_the_larger_spread():
     runs = {"before": [_payload({"tie": t, "slow": s}) for t, s in ((1.0, 1.0), (1.2, 1.02), (1.1, 1.01))],
             "after": [_payload({"tie": t, "slow": s}) for t, s in ((1.25, 1.2), (1.05, 1.22), (1.15, 1.21))]}

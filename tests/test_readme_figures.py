@@ -36,12 +36,13 @@ def test_the_documents_have_their_regions():
                                                                                     "issue20-before-after-attention", "results-vision",
                                                                                     "results-h100-quick",
                                                                                     "results-h100-vision",
-                                                                                    "h100-findings"}
+                                                                                    "h100-findings",
+                                                                                    "prompt-free-sdpa-before-after"}
     assert set(render.RENDERERS) == {"main-job-runtime", "bench-summary", "hoisting", "t5", "query-pass",
                                      "pool-example", "multitask-example", "continual-example", "results-default",
                                      "results-quick", "issue20-before-after",
                                      "issue20-before-after-attention", "results-vision", "results-h100-quick",
-                                     "results-h100-vision", "h100-findings"}
+                                     "results-h100-vision", "h100-findings", "prompt-free-sdpa-before-after"}
 
 
 def test_the_readme_has_no_figure_outside_a_region():
