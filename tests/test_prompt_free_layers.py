@@ -10,7 +10,7 @@ import torch
 
 import fastprompt as fp
 from fastprompt import ops
-from fastprompt.integrations.transformers_attention import _plain_sdpa_call
+from fastprompt.integrations.transformers_attention import plain_sdpa_call
 from prompts_helpers import single_thread  # noqa: F401 (autouse fixture)
 from vision_helpers import _layers, pixels, tiny_vision_model
 
@@ -95,7 +95,7 @@ def test_which_calls_are_plain_attention(change, plain):
     q, k = _qk(**change.get("shape", {}))
     kpm = torch.ones(2, k.shape[2], dtype=torch.bool) if change.get("kpm") else None
     bias = torch.zeros(1, q.shape[1], q.shape[2], k.shape[2]) if change.get("bias") else None
-    assert _plain_sdpa_call(q, k, kpm, bias, change.get("dropout_p", 0.0), change.get("softcap"),
+    assert plain_sdpa_call(q, k, kpm, bias, change.get("dropout_p", 0.0), change.get("softcap"),
                             change.get("window"), change.get("causal", False)) is plain
 
 

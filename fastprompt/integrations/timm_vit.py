@@ -40,7 +40,7 @@ from ..prompts.base import TIMM_VIT_MODEL_TYPE
 from .patched_method import PatchedMethod, ReplacedMethods
 from .call_context import current_call
 from .transformers_attention import (STATE_ATTR, AttentionState, EnableToken, check_backend, finish_enable,
-                                     resolve_prefixes)
+                                     plain_sdpa_call, resolve_prefixes)
 
 __all__ = ["TIMM_VIT_MODEL_TYPE", "PIXEL_ARGUMENT", "is_timm_vit", "check_timm_model", "check_timm_call",
            "leading_tokens", "insertion_module", "frozen_query", "enable_timm_attention", "disable_timm_attention",
@@ -212,9 +212,9 @@ def timm_attention_forward(module, x: Tensor, attn_mask: Optional[Tensor] = None
             pk, pv = pk.to(device=q.device, dtype=q.dtype), pv.to(device=q.device, dtype=q.dtype)
             pidx = pidx.to(q.device) if pidx is not None else None
     dropout_p = float(module.attn_drop.p) if module.training else 0.0
-    if pk is None and dropout_p == 0 and slot.state.backend == "auto":
-        # a block without a prompt: plain attention, the SDPA call timm's fused path makes (as the transformers
-        # integration does for its prompt-free layers, `_plain_sdpa_call`)
+    if pk is None and slot.state.backend == "auto" and plain_sdpa_call(q, k, None, None, dropout_p, None, None, False):
+        # a block without a prompt and without dropout: the SDPA call timm's fused path makes (the transformers
+        # integration's rule for its prompt-free layers)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=float(module.scale))
     else:
         out = ops.prefix_attention(q, k, v, pk, pv, prefix_index=pidx, key_padding_mask=None, causal=False,

@@ -77,6 +77,7 @@ __all__ = [
     "layer_prefixes",
     "model_layout",
     "is_fastprompt_enabled",
+    "plain_sdpa_call",
     "set_backend",
     "fastprompt_attention_forward",
     "fastprompt_attention_mask",
@@ -781,7 +782,7 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
                                                                dropout_p=dropout_p, scale=float(scaling))
         return out.transpose(1, 2), None
 
-    if pk is None and backend == "auto" and _plain_sdpa_call(query, key, attention_mask, attn_bias, dropout_p,
+    if pk is None and backend == "auto" and plain_sdpa_call(query, key, attention_mask, attn_bias, dropout_p,
                                                             softcap, window, bool(is_causal)):
         # A layer without a prefix and with nothing but plain attention to do (no padding, bias, dropout,
         # soft-capping or window; equal heads; every query sees a key): the SDPA call transformers' own "sdpa" path
@@ -809,7 +810,7 @@ def fastprompt_attention_forward(module, query: Tensor, key: Tensor, value: Tens
 seq2seq_attention_forward = fastprompt_attention_forward  # its name when encoder-decoder models had their own copy
 
 
-def _plain_sdpa_call(q, k, kpm, bias, dropout_p, softcap, window, causal) -> bool:
+def plain_sdpa_call(q, k, kpm, bias, dropout_p, softcap, window, causal) -> bool:
     """Whether SDPA computes this prefix-less call as the op would: no key padding mask, bias, dropout, soft-capping
     or window, as many key as query heads, and causal only where SDPA's top-left causality is the op's bottom-right
     one (Lq = Lk) or does not apply (a single query, which sees every key)."""
